@@ -1,0 +1,24 @@
+//! dspex_core: the engine behind dspex_bridge. Sessions of typed, versioned
+//! variables, and the machinery around them, with no knowledge of Erlang.
+//! The NIF crate (`dspex_nif`) and the port program (`dspex_port`) are thin
+//! shells over this crate.
+
+pub mod caller;
+pub mod error;
+pub mod glob;
+pub mod limits;
+pub mod session;
+pub mod snapshot;
+pub mod store;
+pub mod time;
+pub mod types;
+pub mod value;
+pub mod variable;
+
+pub use caller::{Caller, Permission};
+pub use error::{Error, Result};
+pub use session::{RegisterOpts, Session, SessionOpts, Update};
+pub use store::Store;
+pub use types::VarType;
+pub use value::Value;
+pub use variable::{HistoryEntry, Variable, WriteMeta};

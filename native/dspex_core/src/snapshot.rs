@@ -1,0 +1,273 @@
+//! MessagePack snapshots of a whole session: export, import, and the unit
+//! that migration moves between nodes.
+//!
+//! Fields are written by name (`to_vec_named`) so later releases can add
+//! fields with `#[serde(default)]` and still read old snapshots. Import trusts
+//! nothing: every value is re-validated against its type and constraints.
+
+use serde::{Deserialize, Serialize};
+
+use crate::caller::Caller;
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::session::{Session, SessionOpts};
+use crate::types::{validate, Constraints, VarType};
+use crate::value::Value;
+use crate::variable::{HistoryEntry, Variable};
+
+pub const FORMAT: u32 = 1;
+/// Deepest nesting the decoder follows (values themselves allow 64).
+const MAX_DECODE_DEPTH: usize = 96;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub format: u32,
+    pub session_id: String,
+    pub created_at: i64,
+    pub ttl_ms: Option<u64>,
+    pub max_history: u64,
+    pub metadata: Value,
+    pub variables: Vec<VarSnapshot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VarSnapshot {
+    pub id: String,
+    pub name: Value,
+    pub var_type: String,
+    pub constraints: Value,
+    pub value: Value,
+    pub version: u64,
+    pub metadata: Value,
+    pub description: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_write: Value,
+    pub history: Vec<HistorySnapshot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistorySnapshot {
+    pub version: u64,
+    pub value: Value,
+    pub updated_at: i64,
+    pub metadata: Value,
+}
+
+impl Snapshot {
+    pub fn of(session: &Session) -> Snapshot {
+        Snapshot {
+            format: FORMAT,
+            session_id: session.id.to_string(),
+            created_at: session.created_at,
+            ttl_ms: session.opts.ttl_ms,
+            max_history: session.opts.max_history as u64,
+            metadata: session.opts.metadata.clone(),
+            variables: session
+                .variables(&Caller::OWNER)
+                .iter()
+                .map(VarSnapshot::of)
+                .collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|e| Error::InvalidSnapshot(e.to_string()))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot> {
+        let mut de = rmp_serde::Deserializer::new(bytes);
+        de.set_max_depth(MAX_DECODE_DEPTH);
+        let snapshot =
+            Snapshot::deserialize(&mut de).map_err(|e| Error::InvalidSnapshot(e.to_string()))?;
+        if snapshot.format != FORMAT {
+            return Err(Error::InvalidSnapshot(format!(
+                "unsupported format {}",
+                snapshot.format
+            )));
+        }
+        Ok(snapshot)
+    }
+
+    pub fn session_opts(&self, limits: &Limits) -> Result<SessionOpts> {
+        limits.check_value(&self.metadata).map_err(bad)?;
+        Ok(SessionOpts {
+            ttl_ms: self.ttl_ms,
+            max_history: limits
+                .check_history(i64::try_from(self.max_history).unwrap_or(-1))
+                .map_err(bad)?,
+            metadata: self.metadata.clone(),
+        })
+    }
+
+    /// Rebuilds and re-validates every variable, with its index key.
+    pub fn variables(&self, limits: &Limits) -> Result<Vec<(Box<str>, Variable)>> {
+        let max_history = self.max_history as usize;
+        self.variables
+            .iter()
+            .map(|v| v.restore(limits, max_history).map_err(bad))
+            .collect()
+    }
+}
+
+fn bad(e: Error) -> Error {
+    match e {
+        Error::InvalidSnapshot(_) => e,
+        other => Error::InvalidSnapshot(other.to_string()),
+    }
+}
+
+impl VarSnapshot {
+    fn of(v: &Variable) -> VarSnapshot {
+        VarSnapshot {
+            id: v.id.to_string(),
+            name: v.name.clone(),
+            var_type: v.var_type.name().to_string(),
+            constraints: v.constraints.source.clone(),
+            value: v.value.clone(),
+            version: v.version,
+            metadata: v.metadata.clone(),
+            description: v.description.as_deref().map(str::to_string),
+            created_at: v.created_at,
+            updated_at: v.updated_at,
+            last_write: v.write_metadata(),
+            history: v
+                .history
+                .iter()
+                .map(|h| HistorySnapshot {
+                    version: h.version,
+                    value: h.value.clone(),
+                    updated_at: h.updated_at,
+                    metadata: h
+                        .metadata
+                        .as_deref()
+                        .cloned()
+                        .unwrap_or_else(Value::empty_map),
+                })
+                .collect(),
+        }
+    }
+
+    fn restore(&self, limits: &Limits, max_history: usize) -> Result<(Box<str>, Variable)> {
+        let key: Box<str> = limits.check_name(&self.name)?.into();
+        if self.id.is_empty() || self.id.len() > 2 * limits.max_name_bytes {
+            return Err(Error::invalid_arg("bad_variable_id"));
+        }
+        let var_type = VarType::parse(&self.var_type)?;
+        let constraints = Constraints::compile(var_type, &self.constraints)?;
+        for v in [&self.value, &self.metadata, &self.last_write] {
+            limits.check_value(v)?;
+        }
+        let value = validate(var_type, &constraints, self.value.clone())?;
+        if self.history.len() > max_history {
+            return Err(Error::InvalidSnapshot(
+                "history longer than max_history".into(),
+            ));
+        }
+        let mut history = std::collections::VecDeque::with_capacity(self.history.len());
+        let mut newer = self.version;
+        for h in &self.history {
+            if h.version >= newer {
+                return Err(Error::InvalidSnapshot(
+                    "history versions out of order".into(),
+                ));
+            }
+            newer = h.version;
+            limits.check_value(&h.value)?;
+            limits.check_value(&h.metadata)?;
+            if !h.value.all_finite() {
+                return Err(Error::InvalidValue(Value::atom("not_finite")));
+            }
+            history.push_back(HistoryEntry {
+                version: h.version,
+                value: h.value.clone(),
+                updated_at: h.updated_at,
+                metadata: non_empty(&h.metadata),
+            });
+        }
+        let var = Variable {
+            id: self.id.as_str().into(),
+            name: self.name.clone(),
+            var_type,
+            constraints: Box::new(constraints),
+            value,
+            version: self.version,
+            metadata: self.metadata.clone(),
+            description: self.description.as_deref().map(Into::into),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            last_write: non_empty(&self.last_write),
+            history,
+            max_history,
+        };
+        Ok((key, var))
+    }
+}
+
+fn non_empty(v: &Value) -> Option<Box<Value>> {
+    match v {
+        Value::Nil => None,
+        Value::Map(pairs) if pairs.is_empty() => None,
+        v => Some(Box::new(v.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::session::SessionOpts;
+    use crate::store::Store;
+    use crate::types::VarType;
+    use crate::value::Value;
+    use crate::variable::WriteMeta;
+    use crate::Error;
+
+    #[test]
+    fn export_import_round_trip() {
+        let store = Store::new();
+        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        s.register(
+            Value::atom("t"),
+            VarType::Float,
+            Value::Float(0.1),
+            Default::default(),
+        )
+        .unwrap();
+        s.update(
+            "t",
+            Value::Float(0.2),
+            WriteMeta::default(),
+            &crate::Caller::OWNER,
+        )
+        .unwrap();
+        let bytes = store.export_session("a").unwrap();
+        let id = store.import_session(&bytes, Some("b")).unwrap();
+        assert_eq!(&*id, "b");
+        let b = store.session("b").unwrap();
+        let t = b.get("t", &crate::Caller::OWNER).unwrap();
+        assert_eq!(t.value, Value::Float(0.2));
+        assert_eq!(t.version, 1);
+        assert_eq!(t.history.len(), 1);
+        assert_eq!(t.name, Value::atom("t"));
+        assert_eq!(
+            store.import_session(&bytes, None),
+            Err(Error::AlreadyExists)
+        );
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        let store = Store::new();
+        for bytes in [
+            &b""[..],
+            b"\x00\x01garbage",
+            b"\x81\xa1a\x01",
+            &[0xdd, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            assert!(matches!(
+                store.import_session(bytes, None),
+                Err(Error::InvalidSnapshot(_))
+            ));
+        }
+        assert!(store.is_empty());
+    }
+}
