@@ -59,6 +59,37 @@ pub enum Error {
     /// A write carried a fencing token older than the current lock's. `:stale_lock_token`
     #[error("stale lock token")]
     StaleLockToken,
+    /// A variable named in an operation on other variables does not exist.
+    /// `{:not_found, name}`
+    #[error("variable {0} not found")]
+    MissingVariable(Value),
+    /// The edge would close a cycle; carries the offending path.
+    /// `{:would_create_cycle, path}`
+    #[error("would create a cycle: {0}")]
+    WouldCreateCycle(Value),
+    /// A variable cannot depend on itself. `:self_dependency`
+    #[error("a variable cannot depend on itself")]
+    SelfDependency,
+    /// The lock is held by another optimizer. `{:lock_held_by, optimizer_id}`
+    #[error("lock held by {0}")]
+    LockHeldBy(String),
+    /// Release or renew by someone who does not hold the lock. `:not_lock_owner`
+    #[error("not the lock owner")]
+    NotLockOwner,
+    /// `stop_optimization` on a variable nobody optimizes. `:not_optimizing`
+    #[error("not optimizing")]
+    NotOptimizing,
+    /// The variable is already being optimized; carries the status.
+    /// `{:already_optimizing, status}`
+    #[error("already optimizing: {0}")]
+    AlreadyOptimizing(Value),
+    /// A wait ran out of time. `:timeout`
+    #[error("timed out")]
+    Timeout,
+    /// A request the protocol cannot decode or does not know.
+    /// `{:bad_request, reason}`
+    #[error("bad request: {0}")]
+    BadRequest(String),
 }
 
 impl Error {
@@ -80,6 +111,15 @@ impl Error {
             Error::RateLimited => "rate_limited",
             Error::LockedBy(_) => "locked_by",
             Error::StaleLockToken => "stale_lock_token",
+            Error::MissingVariable(_) => "not_found",
+            Error::WouldCreateCycle(_) => "would_create_cycle",
+            Error::SelfDependency => "self_dependency",
+            Error::LockHeldBy(_) => "lock_held_by",
+            Error::NotLockOwner => "not_lock_owner",
+            Error::NotOptimizing => "not_optimizing",
+            Error::AlreadyOptimizing(_) => "already_optimizing",
+            Error::Timeout => "timeout",
+            Error::BadRequest(_) => "bad_request",
         }
     }
 
@@ -89,10 +129,16 @@ impl Error {
             Error::InvalidValue(d)
             | Error::ConstraintViolation(d)
             | Error::InvalidArgument(d)
-            | Error::ValidationFailed(d) => Some(d.clone()),
+            | Error::ValidationFailed(d)
+            | Error::MissingVariable(d)
+            | Error::WouldCreateCycle(d)
+            | Error::AlreadyOptimizing(d) => Some(d.clone()),
             Error::VersionMismatch(v) => Some(Value::Int(*v as i64)),
             Error::TooLarge(n) => Some(Value::Int(*n as i64)),
-            Error::InvalidSnapshot(s) | Error::LockedBy(s) => Some(Value::str(s)),
+            Error::InvalidSnapshot(s)
+            | Error::LockedBy(s)
+            | Error::LockHeldBy(s)
+            | Error::BadRequest(s) => Some(Value::str(s)),
             _ => None,
         }
     }
