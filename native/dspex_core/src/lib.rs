@@ -6,7 +6,10 @@
 pub mod caller;
 pub mod error;
 pub mod glob;
+pub mod histogram;
 pub mod limits;
+pub mod metrics;
+pub mod prometheus;
 pub mod session;
 pub mod snapshot;
 pub mod store;
