@@ -106,6 +106,7 @@ defmodule DSPex.Bridge.Analytics do
   }
 
   @minute_us 60_000_000
+  @max_us 9_223_372_036_854_775_808
   @hour_us 3_600_000_000
 
   ## Lifecycle
@@ -144,9 +145,9 @@ defmodule DSPex.Bridge.Analytics do
   @doc """
   Records one sample of `metric_type` now. `metadata` is accepted for
   compatibility and not stored: per-sample rows are what this module avoids.
+  Returns `{:error, :not_running}` when Analytics is not started.
 
-      iex> DSPex.Bridge.Analytics.record_metric(:model_loss, 0.25)
-      {:error, :not_running}
+      :ok = DSPex.Bridge.Analytics.record_metric(:model_loss, 0.25)
   """
   @spec record_metric(metric_type, number, map) :: :ok | {:error, term}
   def record_metric(metric_type, value, metadata \\ %{})
@@ -269,7 +270,62 @@ defmodule DSPex.Bridge.Analytics do
   @spec prometheus_text() :: iodata
   def prometheus_text do
     native = Native.metrics_prometheus(metrics(), "dspex_analytics_", now(), @minute_us)
-    [DSPex.Bridge.Observability.beam_metrics_text(), native]
+    [beam_metrics_text(), native]
+  end
+
+  # The BEAM side of the exposition: gauges read now.
+  defp beam_metrics_text do
+    memory = :erlang.memory()
+
+    [
+      gauge("dspex_up", "1 while the library runs.", [{"", 1}]),
+      gauge("dspex_analytics_running", "1 while Analytics is started.", [
+        {"", if(running?(), do: 1, else: 0)}
+      ]),
+      gauge("dspex_sessions", "Live sessions in the store.", [{"", active_sessions()}]),
+      gauge("dspex_native_memory_bytes", "Bytes held by the Rust engine.", [
+        {"", native_memory()}
+      ]),
+      gauge(
+        "dspex_beam_memory_bytes",
+        "VM memory by kind (erlang:memory/0).",
+        for(
+          k <- [:total, :processes, :binary, :ets, :atom, :code],
+          do: {~s(kind="#{k}"), memory[k]}
+        )
+      ),
+      gauge("dspex_beam_processes", "Processes in the VM.", [
+        {"", :erlang.system_info(:process_count)}
+      ]),
+      gauge("dspex_beam_run_queue", "Processes ready to run, all schedulers.", [
+        {"", :erlang.statistics(:total_run_queue_lengths)}
+      ]),
+      "# HELP dspex_native_log_dropped_total Engine log records dropped on a full queue.\n",
+      "# TYPE dspex_native_log_dropped_total counter\n",
+      "dspex_native_log_dropped_total #{native_log_dropped()}\n"
+    ]
+  end
+
+  defp gauge(name, help, samples) do
+    [
+      "# HELP #{name} #{help}\n# TYPE #{name} gauge\n"
+      | for({labels, v} <- samples, do: sample_line(name, labels, v))
+    ]
+  end
+
+  defp sample_line(name, "", v), do: "#{name} #{v}\n"
+  defp sample_line(name, labels, v), do: "#{name}{#{labels}} #{v}\n"
+
+  defp native_memory do
+    DSPex.Bridge.Backend.Native.memory()
+  rescue
+    _ -> 0
+  end
+
+  defp native_log_dropped do
+    Native.log_dropped()
+  rescue
+    _ -> 0
   end
 
   @doc "Size of the store: `%{metrics: n, buckets: n, bytes: n, late_samples: n}`."
@@ -361,7 +417,9 @@ defmodule DSPex.Bridge.Analytics do
   ## Helpers
 
   defp validate_opts!(opts) do
-    unless Keyword.keyword?(opts), do: raise(ArgumentError, "expected a keyword list, got: #{inspect(opts)}")
+    unless Keyword.keyword?(opts),
+      do: raise(ArgumentError, "expected a keyword list, got: #{inspect(opts)}")
+
     interval = Keyword.get(opts, :aggregation_interval, 1_000)
     retention = Keyword.get(opts, :retention_period, 86_400_000)
 
@@ -396,7 +454,11 @@ defmodule DSPex.Bridge.Analytics do
          {:ok, values} <- Native.metrics_query(ref, names, from, to, aggs) do
       values
     else
-      _ -> Enum.map(aggs, fn :count -> 0; _ -> nil end)
+      _ ->
+        Enum.map(aggs, fn
+          :count -> 0
+          _ -> nil
+        end)
     end
   end
 
@@ -419,7 +481,7 @@ defmodule DSPex.Bridge.Analytics do
     |> Enum.group_by(fn {start, width, _, _, _, _} -> {start, width} end)
     |> Enum.map(fn {{start, width}, group} ->
       Enum.reduce(group, {start, width, 0, 0.0, nil, nil}, fn {_, _, c, s, mn, mx},
-                                                               {st, w, c0, s0, mn0, mx0} ->
+                                                              {st, w, c0, s0, mn0, mx0} ->
         {st, w, c0 + c, s0 + s, min_nil(mn0, mn), max_nil(mx0, mx)}
       end)
     end)
@@ -450,7 +512,7 @@ defmodule DSPex.Bridge.Analytics do
   end
 
   defp to_us(%DateTime{} = dt), do: {:ok, DateTime.to_unix(dt, :microsecond)}
-  defp to_us(t) when is_integer(t), do: {:ok, t}
+  defp to_us(t) when is_integer(t) and t >= -@max_us and t < @max_us, do: {:ok, t}
   defp to_us(t), do: {:error, {:invalid_argument, {:bad_time, t}}}
 
   defp aggregation(a) when a in @aggregations, do: {:ok, a}

@@ -4,6 +4,8 @@
 mod alloc;
 mod atoms;
 mod error;
+mod log;
+mod metrics;
 mod store;
 mod term;
 mod variable;

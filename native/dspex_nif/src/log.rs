@@ -151,14 +151,7 @@ fn run() {
         let _ = env.send_and_clear(&pid, |env| {
             let list: Vec<Term> = records
                 .iter()
-                .map(|r| {
-                    (
-                        level_atom(r.level),
-                        r.target.as_str(),
-                        r.message.as_str(),
-                    )
-                        .encode(env)
-                })
+                .map(|r| (level_atom(r.level), r.target.as_str(), r.message.as_str()).encode(env))
                 .collect();
             (atoms::dspex_log(), list).encode(env)
         });

@@ -52,7 +52,12 @@ fn record_one(m: &MetricsRef, name: Term, value: Term) -> Result<(), Error> {
 
 /// Records `value` (a number) under `name` (an atom or a string), now.
 #[rustler::nif(name = "metrics_record")]
-fn record<'a>(env: Env<'a>, m: ResourceArc<MetricsRef>, name: Term<'a>, value: Term<'a>) -> Term<'a> {
+fn record<'a>(
+    env: Env<'a>,
+    m: ResourceArc<MetricsRef>,
+    name: Term<'a>,
+    value: Term<'a>,
+) -> Term<'a> {
     unit_or(env, record_one(&m, name, value))
 }
 
@@ -210,7 +215,13 @@ fn stats(env: Env, m: ResourceArc<MetricsRef>) -> Term {
 /// (not `nil`), of every analytics series named `prefix <> name`, quantiles
 /// over the last `window_us`.
 #[rustler::nif(name = "metrics_prometheus", schedule = "DirtyCpu")]
-fn prometheus<'a>(env: Env<'a>, m: Term<'a>, prefix: String, now_us: i64, window_us: i64) -> Term<'a> {
+fn prometheus<'a>(
+    env: Env<'a>,
+    m: Term<'a>,
+    prefix: String,
+    now_us: i64,
+    window_us: i64,
+) -> Term<'a> {
     let mut out = PromText::new();
     PromRecorder::global().render(&mut out);
     if let Ok(m) = m.decode::<ResourceArc<MetricsRef>>() {
