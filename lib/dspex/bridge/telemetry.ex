@@ -39,6 +39,20 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
   | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
 
+  ### Observability (`DSPex.Bridge.Analytics`)
+
+  Analytics emits no events of its own: it consumes the events of this
+  catalogue (its moduledoc maps each to a metric type). The Rust engine
+  does not emit telemetry either: its warnings and errors reach `Logger`
+  through `DSPex.Bridge.NativeLog`, and its counters and histograms the
+  Prometheus text of `DSPex.Bridge.Analytics.prometheus_text/0`.
+
+  Every row of the tables above is checked by
+  `test/dspex/bridge/telemetry_catalogue_test.exs`, which runs a code path
+  emitting the event and checks its measurement and metadata keys: a
+  component that adds events adds their code paths in
+  `test/support/telemetry_emitters/`.
+
   ## Glossary
 
   - *principal*: the session on whose behalf a call is made (`principal:`
