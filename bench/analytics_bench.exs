@@ -1,0 +1,267 @@
+# Analytics: recording cost and memory of the Rust time-bucketed store
+# (DSPex.Bridge.Analytics) against the seed's ETS row per event
+# (../shared/seeds/002, section 4), in one run; and what Analytics costs the
+# store's hot read path.
+#
+#   MIX_ENV=prod mix run bench/analytics_bench.exs            # full run, 10M events
+#   EVENTS=1000000 MIX_ENV=prod mix run bench/analytics_bench.exs
+Code.require_file("harness.exs", __DIR__)
+
+defmodule AnalyticsBench.SeedAnalytics do
+  @moduledoc """
+  The seed's storage, verbatim: one ETS `:set` row per sample under
+  `{type, System.monotonic_time(:microsecond)}` holding a map of type, value,
+  metadata and timestamp. Two samples of a type in one microsecond overwrite
+  each other; the bench counts how many are lost.
+  """
+  def new do
+    :ets.new(:seed_analytics, [
+      :set,
+      :public,
+      {:write_concurrency, true},
+      {:read_concurrency, true}
+    ])
+  end
+
+  def record_metric(table, metric_type, value, metadata) do
+    timestamp = System.monotonic_time(:microsecond)
+    metric = %{type: metric_type, value: value, metadata: metadata, timestamp: timestamp}
+    :ets.insert(table, {{metric_type, timestamp}, metric})
+  end
+
+  # The seed's handler: a read event is two rows (count and latency).
+  def handle_event(_event, measurements, metadata, table) do
+    record_metric(table, :variable_read, 1, metadata)
+    record_metric(table, :read_latency, measurements.duration_us, metadata)
+  end
+
+  def memory_bytes(table), do: :ets.info(table, :memory) * :erlang.system_info(:wordsize)
+end
+
+defmodule AnalyticsBench do
+  alias DSPex.Bench
+  alias DSPex.Bridge.{Analytics, Native, SessionStore, Telemetry}
+  alias AnalyticsBench.SeedAnalytics, as: Seed
+
+  @read [:dspex, :bridge, :variable, :read]
+  @meta %{session_id: "bench", variable_id: "var1"}
+
+  def run do
+    events = String.to_integer(System.get_env("EVENTS", "10000000"))
+    IO.puts("# Analytics bench (#{System.schedulers_online()} schedulers)")
+    recording()
+    end_to_end()
+    hot_path()
+    memory(events)
+  end
+
+  defp latency, do: rem(System.monotonic_time(), 4_999) + 1
+
+  defp recording do
+    {:ok, _} = Analytics.start_link()
+    seed = Seed.new()
+
+    results =
+      Bench.run(
+        %{
+          "record: Analytics (Rust buckets)" => fn ->
+            Analytics.record_metric(:read_latency, latency())
+          end,
+          "record: seed ETS row per event" => fn ->
+            Seed.record_metric(seed, :read_latency, latency(), @meta)
+          end,
+          "record x2 procs: Analytics (Rust buckets)" =>
+            {fn -> Analytics.record_metric(:read_latency, latency()) end, parallel: 2},
+          "record x2 procs: seed ETS row per event" =>
+            {fn -> Seed.record_metric(seed, :read_latency, latency(), @meta) end, parallel: 2}
+        },
+        title: "recording one sample",
+        time: 3
+      )
+
+    Bench.ratio(results, "record: Analytics (Rust buckets)", "record: seed ETS row per event")
+
+    Bench.ratio(
+      results,
+      "record x2 procs: Analytics (Rust buckets)",
+      "record x2 procs: seed ETS row per event"
+    )
+
+    :ets.delete(seed)
+    GenServer.stop(Analytics)
+  end
+
+  # A read event through the dispatcher into each storage, handler included.
+  defp end_to_end do
+    {:ok, _} = Analytics.start_link()
+
+    ours =
+      Bench.run(
+        %{
+          "event -> Analytics handler" => fn ->
+            Telemetry.execute(@read, %{duration_us: latency()}, @meta)
+          end
+        },
+        title: "one read event through DSPex.Bridge.Telemetry (Analytics attached)",
+        time: 3
+      )
+
+    GenServer.stop(Analytics)
+    seed = Seed.new()
+    :ok = Telemetry.attach("seed-analytics", [@read], &Seed.handle_event/4, seed)
+
+    theirs =
+      Bench.run(
+        %{
+          "event -> seed handler (2 ETS rows)" => fn ->
+            Telemetry.execute(@read, %{duration_us: latency()}, @meta)
+          end
+        },
+        title: "one read event through DSPex.Bridge.Telemetry (seed handler attached)",
+        time: 3
+      )
+
+    Telemetry.detach("seed-analytics")
+    :ets.delete(seed)
+
+    Bench.ratio(
+      Map.merge(ours, theirs),
+      "event -> Analytics handler",
+      "event -> seed handler (2 ETS rows)"
+    )
+  end
+
+  # What Analytics costs SessionStore.get_variable_value/2.
+  defp hot_path do
+    {:ok, sid} = SessionStore.create_session("analytics-bench")
+    {:ok, _} = SessionStore.register_variable(sid, :x, :float, 0.5)
+    read = fn -> SessionStore.get_variable_value(sid, :x) end
+
+    off = Bench.run(%{"read, Analytics off" => read}, title: "hot read path", time: 3)
+    {:ok, _} = Analytics.start_link()
+    on = Bench.run(%{"read, Analytics on" => read}, title: "hot read path", time: 3)
+    GenServer.stop(Analytics)
+    SessionStore.delete_session(sid)
+
+    off_ns = off["read, Analytics off"].average_ns
+    on_ns = on["read, Analytics on"].average_ns
+
+    IO.puts(
+      "Analytics on adds #{Float.round(on_ns - off_ns, 1)} ns per read " <>
+        "(#{Float.round(on_ns / off_ns, 2)}x the read without it)"
+    )
+  end
+
+  defp memory(events) do
+    IO.puts("\n## memory after #{events} events\n")
+    checkpoints = Enum.uniq([div(events, 10), div(events, 2), events])
+
+    # Ours, a burst: every sample now (few buckets, the histogram cells fill).
+    {:ok, _} = Analytics.start_link()
+    native0 = Native.store_memory()
+
+    ours =
+      fill(
+        checkpoints,
+        fn n -> times(n, fn -> Analytics.record_metric(:read_latency, latency()) end) end,
+        fn ->
+          {:ok, s} = Analytics.stats()
+          {s.bytes, Native.store_memory() - native0, s.buckets}
+        end
+      )
+
+    GenServer.stop(Analytics)
+
+    # Ours, the same events spread over 24 hours of timestamps (1 s buckets, 24 h
+    # retention): the most buckets the retention allows.
+    {:ok, m} = Native.metrics_new(1_000_000, 86_400_000_000)
+    t0 = System.os_time(:microsecond) - 86_400_000_000
+    step = div(86_400_000_000, events)
+    native1 = Native.store_memory()
+
+    spread =
+      fill(
+        checkpoints,
+        fn n, done ->
+          Enum.each(done..(done + n - 1), fn i ->
+            Native.metrics_record_at(m, :read_latency, latency(), t0 + i * step)
+          end)
+
+          Native.metrics_maintain(m, t0 + (done + n) * step)
+        end,
+        fn ->
+          s = Native.metrics_stats(m)
+          {s.bytes, Native.store_memory() - native1, s.buckets}
+        end
+      )
+
+    # The seed, a burst.
+    seed = Seed.new()
+
+    theirs =
+      fill(
+        checkpoints,
+        fn n -> times(n, fn -> Seed.record_metric(seed, :read_latency, latency(), @meta) end) end,
+        fn ->
+          {Seed.memory_bytes(seed), :ets.info(seed, :size)}
+        end
+      )
+
+    :ets.delete(seed)
+
+    IO.puts(
+      String.pad_trailing("events", 12) <>
+        pad("ours burst") <>
+        pad("ours 24 h") <> pad("buckets") <> pad("seed ETS") <> pad("seed rows")
+    )
+
+    for {{n, {b1, _a1, _k1}}, {{_, {b2, _a2, k2}}, {_, {b3, rows}}}} <-
+          Enum.zip(ours, Enum.zip(spread, theirs)) do
+      IO.puts(
+        String.pad_trailing(Integer.to_string(n), 12) <>
+          pad(Bench.fmt_bytes(b1)) <>
+          pad(Bench.fmt_bytes(b2)) <>
+          pad(Integer.to_string(k2)) <>
+          pad(Bench.fmt_bytes(b3)) <> pad("#{rows} (#{events_lost(n, rows)} lost)")
+      )
+    end
+
+    {_, {_, alloc_burst, _}} = List.last(ours)
+    {_, {_, alloc_spread, _}} = List.last(spread)
+
+    IO.puts(
+      "engine allocator delta after #{events}: burst #{Bench.fmt_bytes(alloc_burst)}, " <>
+        "24 h spread #{Bench.fmt_bytes(alloc_spread)}"
+    )
+  end
+
+  defp events_lost(n, rows), do: n - rows
+
+  defp times(0, _fun), do: :ok
+
+  defp times(n, fun) do
+    fun.()
+    times(n - 1, fun)
+  end
+
+  # Records up to each checkpoint, probing after each: [{events, probe}].
+  defp fill(checkpoints, record, probe) do
+    {out, _} =
+      Enum.map_reduce(checkpoints, 0, fn target, done ->
+        n = target - done
+
+        cond do
+          is_function(record, 1) -> record.(n)
+          is_function(record, 2) -> record.(n, done)
+        end
+
+        {{target, probe.()}, target}
+      end)
+
+    out
+  end
+
+  defp pad(s), do: String.pad_leading(s, 16)
+end
+
+AnalyticsBench.run()
