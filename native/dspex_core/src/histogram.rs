@@ -54,21 +54,49 @@ pub fn cell_of(v: f64) -> i32 {
     }
 }
 
-/// The midpoint of a cell, the value a quantile falling in it reports.
-pub fn cell_midpoint(idx: i32) -> f64 {
-    if idx == 0 {
-        return 0.0;
-    }
+/// The magnitudes `[lo, hi)` a non-zero cell covers.
+fn cell_bounds(idx: i32) -> (f64, f64) {
     let i = idx.unsigned_abs() as i32 - 1;
     let exp = (i >> SUB_BITS) + MIN_EXP;
     let mant = (i & ((1 << SUB_BITS) - 1)) as f64;
     let scale = 2f64.powi(exp);
     let sub = (1u64 << SUB_BITS) as f64;
-    let mid = scale * (1.0 + (mant + 0.5) / sub);
+    (
+        scale * (1.0 + mant / sub),
+        scale * (1.0 + (mant + 1.0) / sub),
+    )
+}
+
+fn signed(idx: i32, magnitude: f64) -> f64 {
     if idx < 0 {
-        -mid
+        -magnitude
     } else {
-        mid
+        magnitude
+    }
+}
+
+/// The midpoint of a cell, the value a quantile falling in it reports.
+pub fn cell_midpoint(idx: i32) -> f64 {
+    if idx == 0 {
+        return 0.0;
+    }
+    let (lo, hi) = cell_bounds(idx);
+    signed(idx, (lo + hi) / 2.0)
+}
+
+/// What a cell reports: the only integer it holds when every sample was an
+/// integer and the cell holds exactly one (so small integer latencies come
+/// back exact), else its midpoint.
+fn cell_estimate(idx: i32, integral: bool) -> f64 {
+    if idx == 0 || !integral {
+        return cell_midpoint(idx);
+    }
+    let (lo, hi) = cell_bounds(idx);
+    let k = lo.ceil();
+    if k < hi && k + 1.0 >= hi {
+        signed(idx, k)
+    } else {
+        cell_midpoint(idx)
     }
 }
 
@@ -79,6 +107,8 @@ pub struct Summary {
     pub sum: f64,
     pub min: f64,
     pub max: f64,
+    /// Every sample was a whole number.
+    pub integral: bool,
 }
 
 impl Default for Summary {
@@ -88,6 +118,7 @@ impl Default for Summary {
             sum: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
+            integral: true,
         }
     }
 }
@@ -99,6 +130,7 @@ impl Summary {
         self.sum += v;
         self.min = self.min.min(v);
         self.max = self.max.max(v);
+        self.integral &= v.fract() == 0.0;
     }
 
     pub fn merge(&mut self, other: &Summary) {
@@ -106,6 +138,7 @@ impl Summary {
         self.sum += other.sum;
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
+        self.integral &= other.integral;
     }
 
     pub fn avg(&self) -> Option<f64> {
@@ -196,8 +229,8 @@ impl DenseCells {
         for (i, &n) in self.counts.iter().enumerate() {
             seen += n;
             if seen >= rank {
-                let mid = cell_midpoint(self.lo + i as i32);
-                return Some(mid.clamp(summary.min, summary.max));
+                let estimate = cell_estimate(self.lo + i as i32, summary.integral);
+                return Some(estimate.clamp(summary.min, summary.max));
             }
         }
         Some(summary.max)
@@ -296,6 +329,20 @@ mod tests {
         }
         assert_eq!(h.summary.avg(), Some(150.0));
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn small_integers_come_back_exact() {
+        let mut h = Histogram::default();
+        for v in [3.0, 20.0, 10.0, 30.0, 127.0, -5.0] {
+            h.record(v);
+        }
+        assert_eq!(h.quantile(0.5), Some(10.0));
+        assert_eq!(h.quantile(0.8), Some(30.0));
+        assert_eq!(h.quantile(0.1), Some(-5.0));
+        // One fractional sample and cells report midpoints again.
+        h.record(20.5);
+        assert_ne!(h.quantile(0.5), Some(20.0));
     }
 
     #[test]
