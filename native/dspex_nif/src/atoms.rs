@@ -54,4 +54,6 @@ rustler::atoms! {
     debug,
     dspex_log,
     bad_level,
+    not_registered,
+    native_log = "Elixir.DSPex.Bridge.NativeLog",
 }

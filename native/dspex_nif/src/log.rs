@@ -158,10 +158,15 @@ fn run() {
     }
 }
 
-/// Makes `pid` the receiver of forwarded records (replacing the previous
-/// one) and starts the forwarding thread on first use.
+/// Makes `pid` the receiver of forwarded records and starts the forwarding
+/// thread on first use. Only the process registered as
+/// `DSPex.Bridge.NativeLog` may subscribe, so no caller can divert the
+/// engine's logs to itself: `{:error, :not_registered}` otherwise.
 #[rustler::nif(name = "log_subscribe")]
-fn subscribe(pid: LocalPid) -> Atom {
+fn subscribe(env: Env, pid: LocalPid) -> Term {
+    if env.whereis_pid(atoms::native_log()) != Some(pid) {
+        return (atoms::error(), atoms::not_registered()).encode(env);
+    }
     static THREAD: OnceLock<()> = OnceLock::new();
     install();
     let f = forwarder();
@@ -172,7 +177,7 @@ fn subscribe(pid: LocalPid) -> Atom {
             .spawn(run);
     });
     f.ready.notify_one();
-    atoms::ok()
+    atoms::ok().encode(env)
 }
 
 /// Records dropped because the queue was full.

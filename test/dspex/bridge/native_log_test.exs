@@ -19,6 +19,12 @@ defmodule DSPex.Bridge.NativeLogTest do
     assert log =~ "engine says hello"
   end
 
+  test "only the registered NativeLog process may subscribe" do
+    assert {:error, :not_registered} = Native.log_subscribe(self())
+    log = wait_for_log(fn -> :ok = Native.log_emit(:warning, "still delivered") end)
+    assert log =~ "still delivered"
+  end
+
   test "errors are forwarded at error level; bad levels are refused" do
     log = wait_for_log(fn -> :ok = Native.log_emit(:error, "engine is unhappy") end)
     assert log =~ "[error]"
