@@ -4,6 +4,7 @@
 //! shells over this crate.
 
 pub mod caller;
+pub mod command;
 pub mod error;
 pub mod glob;
 pub mod limits;
@@ -16,6 +17,7 @@ pub mod value;
 pub mod variable;
 
 pub use caller::{Caller, Permission};
+pub use command::{Answer, Command, Reply, UpdateSpec};
 pub use error::{Error, Result};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};
 pub use store::Store;
