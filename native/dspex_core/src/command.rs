@@ -38,7 +38,7 @@ use crate::variable::{HistoryEntry, Variable, WriteMeta};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
-    /// `{:ok, session_id}`
+    /// `:ok`; `ttl_ms` must be positive, `metadata` a map.
     SessionCreate {
         session: String,
         #[serde(default)]
@@ -65,7 +65,7 @@ pub enum Command {
         #[serde(default)]
         session: Option<String>,
     },
-    /// `{:ok, var_id}`
+    /// `{:ok, var_id}`; only the session itself may register.
     VarRegister {
         session: String,
         name: Value,
@@ -77,6 +77,8 @@ pub enum Command {
         metadata: Value,
         #[serde(default)]
         description: Option<String>,
+        #[serde(default)]
+        principal: Option<String>,
     },
     /// `{:ok, variable}`, see [`variable_value`].
     VarGet {
@@ -112,7 +114,7 @@ pub enum Command {
     },
     /// Atomic: `{:ok, [new_version]}` in input order, or
     /// `{:error, {:validation_failed, %{ident => reason}}}` with nothing written.
-    /// Not atomic: `{:ok, [{ident, {:ok, version} | {:error, reason}}]}`.
+    /// Not atomic: `{:ok, [{:ok, version} | {:error, reason}]}` in input order.
     VarSetMany {
         session: String,
         updates: Vec<UpdateSpec>,
@@ -166,9 +168,11 @@ pub enum Command {
         #[serde(default)]
         context: Option<Value>,
     },
-    /// `{:ok, [{name, var_id}]}` sorted by name.
+    /// `{:ok, [name]}` sorted, names as registered; `pattern` as in `VarList`.
     VarNames {
         session: String,
+        #[serde(default)]
+        pattern: Option<String>,
         #[serde(default)]
         principal: Option<String>,
         #[serde(default)]
@@ -283,20 +287,19 @@ impl Store {
                 max_history,
                 metadata,
             } => {
-                let mut opts = SessionOpts {
-                    ttl_ms,
-                    ..Default::default()
-                };
+                let mut opts = SessionOpts::default();
+                match ttl_ms {
+                    None => {}
+                    Some(ms) if ms > 0 && ms <= i64::MAX as u64 => opts.ttl_ms = Some(ms),
+                    Some(_) => return Err(Error::invalid_arg("bad_ttl")),
+                }
                 if let Some(n) = max_history {
                     opts.max_history = self
                         .limits()
                         .check_history(i64::try_from(n).unwrap_or(-1))?;
                 }
-                if !metadata.is_nil() {
-                    opts.metadata = metadata;
-                }
-                let s = self.create_session(&session, opts)?;
-                Ok(V(Value::str(&s.id)))
+                opts.metadata = metadata_map(metadata)?;
+                self.create_session(&session, opts).map(|_| Done)
             }
             Command::SessionInfo { session } => self.with_session(&session, |s| V(session_info(s))),
             Command::SessionDelete { session } => self.delete_session(&session).map(|_| Done),
@@ -316,16 +319,22 @@ impl Store {
                 constraints,
                 metadata,
                 description,
+                principal,
             } => {
-                let var_type = VarType::parse(text(&var_type, "bad_type")?)?;
+                let s = self.session(&session)?;
+                if principal.as_deref().is_some_and(|p| p != &*s.id) {
+                    return Err(Error::AccessDenied);
+                }
+                let var_type = match &var_type {
+                    Value::Atom(t) => VarType::parse(t)?,
+                    _ => return Err(Error::invalid_arg("type_must_be_an_atom")),
+                };
                 let opts = RegisterOpts {
                     constraints,
-                    metadata,
+                    metadata: metadata_map(metadata)?,
                     description: description.map(Into::into),
                 };
-                let id = self
-                    .session(&session)?
-                    .register(name, var_type, initial, opts)?;
+                let id = s.register(name, var_type, initial, opts)?;
                 Ok(V(Value::str(&id)))
             }
             Command::VarGet {
@@ -335,7 +344,8 @@ impl Store {
                 context,
             } => {
                 let caller = caller(&principal, &context);
-                let var = self.session(&session)?.get(ident_text(&ident)?, &caller)?;
+                let ident = ident_text(&ident)?;
+                let var = self.with_session(&session, |s| s.get(ident, &caller))??;
                 Ok(V(variable_value(&var)))
             }
             Command::VarGetValue {
@@ -361,7 +371,7 @@ impl Store {
                 let caller = caller(&principal, &context);
                 let ident = ident_text(&ident)?;
                 let meta = WriteMeta {
-                    metadata,
+                    metadata: metadata_map(metadata)?,
                     expected_version,
                 };
                 let version =
@@ -376,8 +386,27 @@ impl Store {
                 context,
             } => {
                 let caller = caller(&principal, &context);
+                let updates = updates
+                    .into_iter()
+                    .map(UpdateSpec::into_update)
+                    .collect::<Result<Vec<_>>>()?;
                 let s = self.session(&session)?;
-                set_many(&s, updates, atomic, &caller).map(V)
+                if atomic {
+                    let versions = s.update_atomic(updates, &caller)?;
+                    return Ok(V(Value::List(
+                        versions.into_iter().map(version_value).collect(),
+                    )));
+                }
+                let results = s.update_each(updates, &caller);
+                Ok(V(Value::List(
+                    results
+                        .into_iter()
+                        .map(|(_, r)| match r {
+                            Ok(v) => Value::tagged("ok", version_value(v)),
+                            Err(e) => Value::tagged("error", e.to_value()),
+                        })
+                        .collect(),
+                )))
             }
             Command::VarHistory {
                 session,
@@ -388,9 +417,9 @@ impl Store {
             } => {
                 let caller = caller(&principal, &context);
                 let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+                let ident = ident_text(&ident)?;
                 let entries =
-                    self.session(&session)?
-                        .history(ident_text(&ident)?, limit, &caller)?;
+                    self.with_session(&session, |s| s.history(ident, limit, &caller))??;
                 Ok(V(Value::List(entries.iter().map(history_value).collect())))
             }
             Command::VarRollback {
@@ -402,12 +431,10 @@ impl Store {
                 context,
             } => {
                 let caller = caller(&principal, &context);
-                let v = self.session(&session)?.rollback(
-                    ident_text(&ident)?,
-                    version,
-                    metadata,
-                    &caller,
-                )?;
+                let ident = ident_text(&ident)?;
+                let metadata = metadata_map(metadata)?;
+                let v = self
+                    .with_session(&session, |s| s.rollback(ident, version, metadata, &caller))??;
                 Ok(V(version_value(v)))
             }
             Command::VarDelete {
@@ -417,8 +444,8 @@ impl Store {
                 context,
             } => {
                 let caller = caller(&principal, &context);
-                self.session(&session)?
-                    .delete(ident_text(&ident)?, &caller)
+                let ident = ident_text(&ident)?;
+                self.with_session(&session, |s| s.delete(ident, &caller))?
                     .map(|_| Done)
             }
             Command::VarList {
@@ -429,33 +456,41 @@ impl Store {
             } => {
                 let caller = caller(&principal, &context);
                 let glob = pattern.as_deref().map(Glob::new);
-                let vars = self.session(&session)?.variables(&caller);
-                Ok(V(Value::List(
-                    vars.iter()
-                        .filter(|v| match (&glob, v.name.as_text()) {
-                            (Some(g), Some(name)) => g.matches(name),
-                            (Some(_), None) => false,
-                            (None, _) => true,
-                        })
-                        .map(variable_value)
-                        .collect(),
-                )))
+                let mut vars = self.session(&session)?.variables(&caller);
+                vars.retain(|v| name_matches(&glob, &v.name));
+                Ok(V(Value::List(vars.iter().map(variable_value).collect())))
             }
             Command::VarNames {
                 session,
+                pattern,
                 principal,
                 context,
             } => {
                 let caller = caller(&principal, &context);
+                let glob = pattern.as_deref().map(Glob::new);
                 let names = self.session(&session)?.names(&caller);
                 Ok(V(Value::List(
                     names
                         .into_iter()
-                        .map(|(name, id)| Value::Tuple(vec![name, Value::str(&id)].into()))
+                        .map(|(name, _)| name)
+                        .filter(|name| name_matches(&glob, name))
                         .collect(),
                 )))
             }
         }
+    }
+}
+
+impl UpdateSpec {
+    fn into_update(self) -> Result<Update> {
+        Ok(Update {
+            ident: ident_text(&self.ident)?.into(),
+            value: self.value,
+            meta: WriteMeta {
+                metadata: metadata_map(self.metadata)?,
+                expected_version: self.expected_version,
+            },
+        })
     }
 }
 
@@ -466,12 +501,31 @@ fn caller<'a>(principal: &'a Option<String>, context: &'a Option<Value>) -> Call
     }
 }
 
-fn text<'a>(v: &'a Value, what: &str) -> Result<&'a str> {
-    v.as_text().ok_or_else(|| Error::invalid_arg(what))
+/// The lookup text of a name or id. A binary that is not UTF-8 cannot name
+/// anything; anything but an atom or a binary is a caller's mistake.
+fn ident_text(v: &Value) -> Result<&str> {
+    match v {
+        Value::Atom(s) | Value::Str(s) => Ok(s),
+        Value::Bytes(_) => Err(Error::NotFound),
+        _ => Err(Error::invalid_arg("name_must_be_atom_or_string")),
+    }
 }
 
-fn ident_text(v: &Value) -> Result<&str> {
-    text(v, "bad_identifier")
+/// Metadata is a map; `nil` means none.
+fn metadata_map(v: Value) -> Result<Value> {
+    match v {
+        Value::Nil => Ok(Value::empty_map()),
+        m @ Value::Map(_) => Ok(m),
+        _ => Err(Error::invalid_arg("metadata_must_be_a_map")),
+    }
+}
+
+fn name_matches(glob: &Option<Glob>, name: &Value) -> bool {
+    match (glob, name.as_text()) {
+        (None, _) => true,
+        (Some(g), Some(text)) => g.matches(text),
+        (Some(_), None) => false,
+    }
 }
 
 fn version_value(v: u64) -> Value {
@@ -480,47 +534,6 @@ fn version_value(v: u64) -> Value {
 
 fn id_list(ids: Vec<std::sync::Arc<str>>) -> Value {
     Value::List(ids.iter().map(|id| Value::str(id)).collect())
-}
-
-fn set_many(
-    session: &Session,
-    specs: Vec<UpdateSpec>,
-    atomic: bool,
-    caller: &Caller,
-) -> Result<Value> {
-    let mut idents = Vec::with_capacity(specs.len());
-    let mut updates = Vec::with_capacity(specs.len());
-    for spec in specs {
-        updates.push(Update {
-            ident: ident_text(&spec.ident)?.into(),
-            value: spec.value,
-            meta: WriteMeta {
-                metadata: spec.metadata,
-                expected_version: spec.expected_version,
-            },
-        });
-        idents.push(spec.ident);
-    }
-    if atomic {
-        let versions = session.update_atomic(updates, caller)?;
-        return Ok(Value::List(
-            versions.into_iter().map(version_value).collect(),
-        ));
-    }
-    let results = session.update_each(updates, caller);
-    Ok(Value::List(
-        idents
-            .into_iter()
-            .zip(results)
-            .map(|(ident, (_, r))| {
-                let r = match r {
-                    Ok(v) => Value::tagged("ok", version_value(v)),
-                    Err(e) => Value::tagged("error", e.to_value()),
-                };
-                Value::Tuple(vec![ident, r].into())
-            })
-            .collect(),
-    ))
 }
 
 fn map(pairs: Vec<(&str, Value)>) -> Value {
@@ -532,14 +545,11 @@ fn map(pairs: Vec<(&str, Value)>) -> Value {
     )
 }
 
-fn opt_str(s: Option<&str>) -> Value {
-    s.map_or(Value::Nil, Value::str)
-}
-
 /// A variable as the API returns it: a map with atom keys `id name type value
 /// version constraints metadata description created_at updated_at
-/// write_metadata` (times in microseconds since the epoch; `name` in the form
-/// it was registered).
+/// last_write` (times in microseconds since the epoch; `name` in the form
+/// it was registered; `last_write` the metadata of the current version's
+/// write).
 pub fn variable_value(v: &Variable) -> Value {
     map(vec![
         ("id", Value::str(&v.id)),
@@ -549,10 +559,13 @@ pub fn variable_value(v: &Variable) -> Value {
         ("version", version_value(v.version)),
         ("constraints", v.constraints.source.clone()),
         ("metadata", v.metadata.clone()),
-        ("description", opt_str(v.description.as_deref())),
+        (
+            "description",
+            v.description.as_deref().map_or(Value::Nil, Value::str),
+        ),
         ("created_at", Value::Int(v.created_at)),
         ("updated_at", Value::Int(v.updated_at)),
-        ("write_metadata", v.write_metadata()),
+        ("last_write", v.write_metadata()),
     ])
 }
 
@@ -572,22 +585,20 @@ pub fn history_value(h: &HistoryEntry) -> Value {
     ])
 }
 
-/// A session's settings and size: `%{id, created_at, last_access, ttl_ms,
-/// max_history, metadata, variable_count}`.
+/// A session's settings and size: `%{session_id, created_at, last_access,
+/// ttl_ms, max_history, variable_count, metadata}`.
 pub fn session_info(s: &Session) -> Value {
     map(vec![
-        ("id", Value::str(&s.id)),
+        ("session_id", Value::str(&s.id)),
         ("created_at", Value::Int(s.created_at)),
         ("last_access", Value::Int(s.last_access())),
         (
             "ttl_ms",
-            s.opts.ttl_ms.map_or(Value::Nil, |t| {
-                Value::Int(i64::try_from(t).unwrap_or(i64::MAX))
-            }),
+            s.opts.ttl_ms.map_or(Value::Nil, |t| version_value(t)),
         ),
         ("max_history", version_value(s.opts.max_history as u64)),
-        ("metadata", s.opts.metadata.clone()),
         ("variable_count", version_value(s.len() as u64)),
+        ("metadata", s.opts.metadata.clone()),
     ])
 }
 
@@ -630,6 +641,7 @@ mod tests {
             constraints: Value::Nil,
             metadata: Value::Nil,
             description: None,
+            principal: None,
         }
     }
 
@@ -657,7 +669,7 @@ mod tests {
     #[test]
     fn session_lifecycle() {
         let store = Store::new();
-        assert_eq!(run(&store, create("s")), ok(Value::str("s")));
+        assert_eq!(run(&store, create("s")), Value::atom("ok"));
         assert_eq!(run(&store, create("s")), err(Value::atom("already_exists")));
         assert_eq!(
             run(&store, Command::SessionList {}),
@@ -829,9 +841,35 @@ mod tests {
             run(&store, bad_ident),
             err(Value::tagged(
                 "invalid_argument",
-                Value::atom("bad_identifier")
+                Value::atom("name_must_be_atom_or_string")
             ))
         );
+        let mut bad_meta = set("s", "t", Value::Int(1));
+        if let Command::VarSet { metadata, .. } = &mut bad_meta {
+            *metadata = Value::Int(1);
+        }
+        assert_eq!(
+            run(&store, bad_meta),
+            err(Value::tagged(
+                "invalid_argument",
+                Value::atom("metadata_must_be_a_map")
+            ))
+        );
+        let zero_ttl = Command::SessionCreate {
+            session: "z".into(),
+            ttl_ms: Some(0),
+            max_history: None,
+            metadata: Value::Nil,
+        };
+        assert_eq!(
+            run(&store, zero_ttl),
+            err(Value::tagged("invalid_argument", Value::atom("bad_ttl")))
+        );
+        let mut foreign = register("s", "u", "integer", Value::Int(0));
+        if let Command::VarRegister { principal, .. } = &mut foreign {
+            *principal = Some("other".into());
+        }
+        assert_eq!(run(&store, foreign), err(Value::atom("access_denied")));
         let bad_history = Command::SessionCreate {
             session: "h".into(),
             ttl_ms: None,
@@ -896,14 +934,8 @@ mod tests {
             each,
             ok(Value::List(
                 vec![
-                    Value::Tuple(vec![Value::atom("a"), Value::tagged("ok", Value::Int(2))].into()),
-                    Value::Tuple(
-                        vec![
-                            Value::atom("zz"),
-                            Value::tagged("error", Value::atom("not_found"))
-                        ]
-                        .into()
-                    ),
+                    Value::tagged("ok", Value::Int(2)),
+                    Value::tagged("error", Value::atom("not_found")),
                 ]
                 .into()
             ))
@@ -941,15 +973,12 @@ mod tests {
             &store,
             Command::VarNames {
                 session: "s".into(),
+                pattern: Some("*_b".into()),
                 principal: None,
                 context: None,
             },
         );
-        let Value::Tuple(parts) = names else { panic!() };
-        let Value::List(pairs) = &parts[1] else {
-            panic!()
-        };
-        assert_eq!(pairs.len(), 3);
+        assert_eq!(names, ok(Value::List(vec![Value::atom("temp_b")].into())));
     }
 
     #[test]

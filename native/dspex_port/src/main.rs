@@ -12,7 +12,9 @@
 //! answered as `{:error, {:internal_error, _}}`. End of input (the BEAM closed
 //! the port or died) lets in-flight heavy work finish, then exits 0.
 //!
-//! Usage: `dspex_port [--max-frame-bytes N] [--workers N]`
+//! Usage: `dspex_port [--max-frame-bytes N] [--workers N] [--max-value-bytes N]
+//! [--max-name-bytes N] [--max-variables N] [--max-history N]
+//! [--max-snapshot-bytes N]` (the store limits default as in `Limits`).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -23,6 +25,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use dspex_core::limits::Limits;
 use dspex_core::{Answer, Command, Error, Reply, Store};
 use dspex_port::protocol::{
     decode_request, encode_reply, peek_id, Frame, FrameReader, Request, DEFAULT_MAX_FRAME,
@@ -31,9 +34,14 @@ use dspex_port::protocol::{
 /// Replies buffered past this size are written even if more frames wait.
 const FLUSH_BYTES: usize = 256 << 10;
 
+const USAGE: &str = "usage: dspex_port [--max-frame-bytes N] [--workers N] \
+    [--max-value-bytes N] [--max-name-bytes N] [--max-variables N] [--max-history N] \
+    [--max-snapshot-bytes N]";
+
 struct Config {
     max_frame: usize,
     workers: usize,
+    limits: Limits,
 }
 
 impl Config {
@@ -41,6 +49,7 @@ impl Config {
         let mut config = Config {
             max_frame: DEFAULT_MAX_FRAME,
             workers: 2,
+            limits: Limits::default(),
         };
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -50,6 +59,11 @@ impl Config {
             match flag.as_str() {
                 "--max-frame-bytes" => config.max_frame = n,
                 "--workers" => config.workers = n.max(1),
+                "--max-value-bytes" => config.limits.max_value_bytes = n,
+                "--max-name-bytes" => config.limits.max_name_bytes = n,
+                "--max-variables" => config.limits.max_variables = n,
+                "--max-history" => config.limits.max_history = n,
+                "--max-snapshot-bytes" => config.limits.max_snapshot_bytes = n,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -115,7 +129,7 @@ fn work(store: &Store, out: &Output, rx: &Mutex<Receiver<Job>>) {
 fn serve(config: &Config) -> io::Result<()> {
     let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
     let output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
-    let store = Arc::new(Store::new());
+    let store = Arc::new(Store::with_limits(config.limits.clone()));
     let out = Arc::new(Output(Mutex::new(output)));
     let workers = start_workers(config.workers, &store, &out)?;
     let mut reader = FrameReader::new(input, config.max_frame);
@@ -158,7 +172,7 @@ fn main() -> ExitCode {
     let config = match Config::from_args(std::env::args().skip(1)) {
         Ok(config) => config,
         Err(why) => {
-            eprintln!("dspex_port: {why}\nusage: dspex_port [--max-frame-bytes N] [--workers N]");
+            eprintln!("dspex_port: {why}\n{USAGE}");
             return ExitCode::from(2);
         }
     };

@@ -104,6 +104,7 @@ fn register_int(session: &str, name: &str) -> Command {
         constraints: Value::Nil,
         metadata: Value::Nil,
         description: None,
+        principal: None,
     }
 }
 
@@ -131,7 +132,7 @@ fn get_value(session: &str, name: &str) -> Command {
 #[test]
 fn serves_sessions_and_variables() {
     let mut port = Port::spawn(&[]);
-    assert_eq!(port.call(1, &create("s")), ok(Value::str("s")));
+    assert_eq!(port.call(1, &create("s")), Value::atom("ok"));
     assert!(matches!(
         port.call(2, &register_int("s", "n")),
         Value::Tuple(_)
@@ -271,10 +272,41 @@ fn bad_frames_get_error_replies_and_the_port_lives_on() {
     );
 
     // And it still serves.
-    assert_eq!(port.call(15, &create("alive")), ok(Value::str("alive")));
+    assert_eq!(port.call(15, &create("alive")), Value::atom("ok"));
 
     // A frame cut off by the end of input: a clean exit.
     port.send_raw(&[0, 0, 0, 50, 0x92, 0x01]);
+    port.finish();
+}
+
+#[test]
+fn limits_come_from_the_command_line() {
+    let mut port = Port::spawn(&["--max-value-bytes", "64", "--max-history", "60"]);
+    assert_eq!(port.call(1, &create("s")), Value::atom("ok"));
+    port.call(2, &register_int("s", "n"));
+    let big = Command::VarSet {
+        session: "s".into(),
+        ident: Value::atom("n"),
+        value: Value::str(&"x".repeat(100)),
+        metadata: Value::Nil,
+        expected_version: None,
+        principal: None,
+        context: None,
+    };
+    assert_eq!(
+        port.call(3, &big),
+        Value::tagged("error", Value::tagged("too_large", Value::Int(64)))
+    );
+    let deep_history = Command::SessionCreate {
+        session: "h".into(),
+        ttl_ms: None,
+        max_history: Some(61),
+        metadata: Value::Nil,
+    };
+    assert_eq!(
+        error_kind(&port.call(4, &deep_history)),
+        Some("invalid_argument")
+    );
     port.finish();
 }
 
