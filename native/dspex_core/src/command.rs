@@ -592,10 +592,7 @@ pub fn session_info(s: &Session) -> Value {
         ("session_id", Value::str(&s.id)),
         ("created_at", Value::Int(s.created_at)),
         ("last_access", Value::Int(s.last_access())),
-        (
-            "ttl_ms",
-            s.opts.ttl_ms.map_or(Value::Nil, |t| version_value(t)),
-        ),
+        ("ttl_ms", s.opts.ttl_ms.map_or(Value::Nil, version_value)),
         ("max_history", version_value(s.opts.max_history as u64)),
         ("variable_count", version_value(s.len() as u64)),
         ("metadata", s.opts.metadata.clone()),
