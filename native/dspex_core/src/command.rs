@@ -42,14 +42,16 @@ pub enum Command {
     SessionCreate {
         session: String,
         #[serde(default)]
-        ttl_ms: Option<u64>,
+        ttl_ms: Option<i64>,
         #[serde(default)]
-        max_history: Option<u64>,
+        max_history: Option<i64>,
         #[serde(default)]
         metadata: Value,
     },
     /// `{:ok, info}`, see [`session_info`].
     SessionInfo { session: String },
+    /// Heap bytes held by the session's variables: `{:ok, bytes}`.
+    SessionMemory { session: String },
     /// `:ok`
     SessionDelete { session: String },
     /// `{:ok, [session_id]}`, sorted.
@@ -198,6 +200,7 @@ impl Command {
         match self {
             Command::SessionCreate { .. } => "session_create",
             Command::SessionInfo { .. } => "session_info",
+            Command::SessionMemory { .. } => "session_memory",
             Command::SessionDelete { .. } => "session_delete",
             Command::SessionList {} => "session_list",
             Command::SessionSweep {} => "session_sweep",
@@ -223,6 +226,7 @@ impl Command {
         match self {
             Command::SessionList {}
             | Command::SessionSweep {}
+            | Command::SessionMemory { .. }
             | Command::SessionExport { .. }
             | Command::SessionImport { .. }
             | Command::VarList { .. }
@@ -290,18 +294,19 @@ impl Store {
                 let mut opts = SessionOpts::default();
                 match ttl_ms {
                     None => {}
-                    Some(ms) if ms > 0 && ms <= i64::MAX as u64 => opts.ttl_ms = Some(ms),
+                    Some(ms) if ms > 0 => opts.ttl_ms = Some(ms as u64),
                     Some(_) => return Err(Error::invalid_arg("bad_ttl")),
                 }
                 if let Some(n) = max_history {
-                    opts.max_history = self
-                        .limits()
-                        .check_history(i64::try_from(n).unwrap_or(-1))?;
+                    opts.max_history = self.limits().check_history(n)?;
                 }
                 opts.metadata = metadata_map(metadata)?;
                 self.create_session(&session, opts).map(|_| Done)
             }
             Command::SessionInfo { session } => self.with_session(&session, |s| V(session_info(s))),
+            Command::SessionMemory { session } => {
+                self.with_session(&session, |s| V(version_value(s.heap_size() as u64)))
+            }
             Command::SessionDelete { session } => self.delete_session(&session).map(|_| Done),
             Command::SessionList {} => Ok(V(id_list(self.session_ids()))),
             Command::SessionSweep {} => Ok(V(id_list(self.sweep_expired()))),
@@ -870,7 +875,7 @@ mod tests {
         let bad_history = Command::SessionCreate {
             session: "h".into(),
             ttl_ms: None,
-            max_history: Some(u64::MAX),
+            max_history: Some(-1),
             metadata: Value::Nil,
         };
         assert!(matches!(
@@ -1075,7 +1080,7 @@ mod tests {
     fn arb_command() -> impl Strategy<Value = Command> {
         let text = "[a-z_]{1,12}";
         prop_oneof![
-            (text, proptest::option::of(0u64..1_000_000)).prop_map(|(s, ttl)| {
+            (text, proptest::option::of(-10i64..1_000_000)).prop_map(|(s, ttl)| {
                 Command::SessionCreate {
                     session: s,
                     ttl_ms: ttl,

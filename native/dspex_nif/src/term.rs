@@ -63,7 +63,10 @@ fn decode(term: Term, depth: usize, left: &mut usize, budget: usize) -> Result<V
             let len = term.list_length().map_err(|_| invalid("improper_list"))?;
             charge(left, len.saturating_mul(slot), budget)?;
             let mut items = Vec::with_capacity(len);
-            for item in term.into_list_iterator().map_err(|_| invalid("improper_list"))? {
+            for item in term
+                .into_list_iterator()
+                .map_err(|_| invalid("improper_list"))?
+            {
                 items.push(decode(item, depth + 1, left, budget)?);
             }
             Ok(Value::List(items.into()))
@@ -119,7 +122,9 @@ pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
             .map(IdentText::Owned)
             .map_err(|_| Error::NotFound);
     }
-    Err(Error::InvalidArgument(Value::atom("name_must_be_atom_or_string")))
+    Err(Error::InvalidArgument(Value::atom(
+        "name_must_be_atom_or_string",
+    )))
 }
 
 pub enum IdentText<'a> {
@@ -161,8 +166,7 @@ pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
         Value::Map(pairs) => {
             let keys: Vec<Term> = pairs.iter().map(|(k, _)| encode_value(env, k)).collect();
             let vals: Vec<Term> = pairs.iter().map(|(_, v)| encode_value(env, v)).collect();
-            Term::map_from_term_arrays(env, &keys, &vals)
-                .unwrap_or_else(|_| Term::map_new(env))
+            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
         }
     }
 }

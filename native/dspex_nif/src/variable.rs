@@ -2,7 +2,9 @@
 //! Every function takes the principal (`nil` = the session itself) last.
 
 use dspex_core::glob::Glob;
-use dspex_core::{Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta};
+use dspex_core::{
+    Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta,
+};
 use rustler::types::tuple::get_tuple;
 use rustler::{Encoder, Env, ResourceArc, Term};
 
@@ -77,7 +79,11 @@ fn encode_entry<'a>(env: Env<'a>, e: &HistoryEntry) -> Term<'a> {
         atoms::updated_at().encode(env),
         atoms::metadata().encode(env),
     ];
-    let meta = e.metadata.as_deref().cloned().unwrap_or_else(Value::empty_map);
+    let meta = e
+        .metadata
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(Value::empty_map);
     let vals = [
         e.version.encode(env),
         encode_value(env, &e.value),
