@@ -428,7 +428,10 @@ defmodule DSPex.Bridge.Backend.Port do
     limits = Keyword.get(config, :limits) || Application.get_env(:dspex_bridge, :limits, %{})
 
     limit_args =
-      for {key, flag} <- @limit_flags, n = limits[key], is_integer(n), n > 0,
+      for {key, flag} <- @limit_flags,
+          n = limits[key],
+          is_integer(n),
+          n > 0,
           do: [flag, Integer.to_string(n)]
 
     frame_args =

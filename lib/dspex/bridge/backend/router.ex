@@ -125,104 +125,147 @@ defmodule DSPex.Bridge.Backend.Router do
   @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
   def session_memory(sid) do
     case Native.session_memory(sid) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.session_memory(sid) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.session_memory(sid) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def delete_session(sid) do
     case Native.delete_session(sid) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.delete_session(sid) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.delete_session(sid) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def export_session(sid) do
     case Native.export_session(sid) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.export_session(sid) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.export_session(sid) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def register_variable(sid, name, type, initial, opts, principal) do
     case Native.register_variable(sid, name, type, initial, opts, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.register_variable(sid, name, type, initial, opts, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn ->
+          Port.register_variable(sid, name, type, initial, opts, principal)
+        end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def get_variable(sid, ident, principal) do
     case Native.get_variable(sid, ident, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.get_variable(sid, ident, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.get_variable(sid, ident, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def get_value(sid, ident, principal) do
     case Native.get_value(sid, ident, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.get_value(sid, ident, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.get_value(sid, ident, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def set_value(sid, ident, value, metadata, expected, principal) do
     case Native.set_value(sid, ident, value, metadata, expected, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.set_value(sid, ident, value, metadata, expected, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn ->
+          Port.set_value(sid, ident, value, metadata, expected, principal)
+        end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def set_values(sid, updates, atomic, principal) do
     case Native.set_values(sid, updates, atomic, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.set_values(sid, updates, atomic, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.set_values(sid, updates, atomic, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def history(sid, ident, limit, principal) do
     case Native.history(sid, ident, limit, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.history(sid, ident, limit, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.history(sid, ident, limit, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def rollback(sid, ident, version, principal) do
     case Native.rollback(sid, ident, version, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.rollback(sid, ident, version, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.rollback(sid, ident, version, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def delete_variable(sid, ident, principal) do
     case Native.delete_variable(sid, ident, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.delete_variable(sid, ident, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.delete_variable(sid, ident, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def list_variables(sid, pattern, principal) do
     case Native.list_variables(sid, pattern, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.list_variables(sid, pattern, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.list_variables(sid, pattern, principal) end)
+
+      result ->
+        result
     end
   end
 
   @impl true
   def variable_names(sid, pattern, principal) do
     case Native.variable_names(sid, pattern, principal) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.variable_names(sid, pattern, principal) end)
-      result -> result
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.variable_names(sid, pattern, principal) end)
+
+      result ->
+        result
     end
   end
 end
