@@ -59,6 +59,7 @@ defmodule DSPex.Bridge.MsgPack do
   defp value(false, _), do: <<0xC2>>
   defp value(true, _), do: <<0xC3>>
   defp value(_, depth) when depth > @max_depth, do: throw({:invalid_value, :nested_too_deeply})
+
   defp value(n, _) when is_integer(n) and n >= 0x8000000000000000,
     do: throw({:invalid_value, :integer_out_of_range})
 
