@@ -18,8 +18,10 @@ defmodule DSPex.Bridge.SessionStoreImportTest do
         <<0x81, 0xA1, ?a, 0x01>>
       ]
 
-      for bin <- garbage do
-        assert {:error, {:invalid_snapshot, msg}} = SessionStore.import_session(bin)
+      for backend <- DSPex.Bridge.Conformance.backends(), bin <- garbage do
+        assert {:error, {:invalid_snapshot, msg}} =
+                 SessionStore.import_session(bin, backend: backend)
+
         assert is_binary(msg)
       end
 

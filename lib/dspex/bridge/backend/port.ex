@@ -376,15 +376,13 @@ defmodule DSPex.Bridge.Backend.Port do
   # missed a session in the NIF store learns in one lookup whether to ask
   # here. An id is claimed before it is created, so a concurrent create of
   # the same id in the other backend sees it (see Backend.Router).
-  @doc false
-  def claim(sid) do
+  defp claim(sid) do
     if :ets.insert_new(@sessions, {sid}), do: :ok, else: {:error, :already_exists}
   rescue
     ArgumentError -> {:error, :backend_unavailable}
   end
 
-  @doc false
-  def release(sid) do
+  defp release(sid) do
     :ets.delete(@sessions, sid)
     :ok
   rescue
