@@ -5,17 +5,19 @@ defmodule DSPex.Bridge.Health do
 
   - *live*: the VM answers; `live/0` is always `:ok`.
   - *ready*: the NIF is loaded, the store is up (its resource answers and
-    the `DSPex.Bridge.SessionStore` server runs), and the configured
-    backend answers when it is not the in-VM NIF (for example a port
-    program), within `:timeout` ms (default 1000).
+    the `DSPex.Bridge.SessionStore` server runs), and, when the port program
+    is the default backend (`config :dspex_bridge, backend: :port`), it
+    answers within `:timeout` ms (default 1000). Otherwise the port is
+    `:not_configured` and does not count: it may die and restart without
+    making a NIF node unready.
 
-      {:ok, %{nif: :ok, store: :ok, backend: :ok}} = DSPex.Bridge.Health.ready()
+      {:ok, %{nif: :ok, store: :ok, port: :not_configured}} = DSPex.Bridge.Health.ready()
   """
 
   alias DSPex.Bridge.{Backend, Native, SessionStore}
 
-  @type check :: :ok | {:error, term}
-  @type checks :: %{nif: check, store: check, backend: check}
+  @type check :: :ok | :not_configured | {:error, term}
+  @type checks :: %{nif: check, store: check, port: check}
 
   @doc "Always `:ok`: if this runs, the VM is alive."
   @spec live() :: :ok
@@ -27,9 +29,9 @@ defmodule DSPex.Bridge.Health do
     timeout = Keyword.get(opts, :timeout, 1_000)
     nif = check_nif()
     store = if nif == :ok, do: check_store(), else: {:error, :nif_not_loaded}
-    checks = %{nif: nif, store: store, backend: check_backend(timeout)}
+    checks = %{nif: nif, store: store, port: check_port(timeout)}
 
-    if Enum.all?(Map.values(checks), &(&1 == :ok)),
+    if Enum.all?(Map.values(checks), &(&1 in [:ok, :not_configured])),
       do: {:ok, checks},
       else: {:error, checks}
   end
@@ -54,26 +56,31 @@ defmodule DSPex.Bridge.Health do
     _ -> {:error, :store_not_initialized}
   end
 
-  defp check_backend(timeout) do
-    case SessionStore.backend() do
-      Backend.Native ->
-        :ok
+  # The port program is checked when it is the default backend: it is allowed
+  # to die and be restarted, which must not make a NIF-only node unready.
+  defp check_port(timeout) do
+    if Backend.Router.default_kind() == :port do
+      ask_port(timeout)
+    else
+      :not_configured
+    end
+  end
 
-      backend ->
-        # A monitored process, so a crashing or hanging backend becomes a
-        # failed check rather than an exit in the caller.
-        {pid, ref} = spawn_monitor(fn -> exit({:answer, backend.list_sessions()}) end)
+  defp ask_port(timeout) do
+    # A monitored process, so a crashing or hanging port becomes a failed
+    # check rather than an exit in the caller.
+    {pid, ref} =
+      spawn_monitor(fn -> exit({:answer, Backend.Port.request("session_list", [], timeout)}) end)
 
-        receive do
-          {:DOWN, ^ref, :process, _, {:answer, list}} when is_list(list) -> :ok
-          {:DOWN, ^ref, :process, _, {:answer, other}} -> {:error, {:backend_error, other}}
-          {:DOWN, ^ref, :process, _, reason} -> {:error, {:backend_down, reason}}
-        after
-          timeout ->
-            Process.demonitor(ref, [:flush])
-            Process.exit(pid, :kill)
-            {:error, :backend_timeout}
-        end
+    receive do
+      {:DOWN, ^ref, :process, _, {:answer, {:ok, ids}}} when is_list(ids) -> :ok
+      {:DOWN, ^ref, :process, _, {:answer, other}} -> {:error, {:port_error, other}}
+      {:DOWN, ^ref, :process, _, reason} -> {:error, {:port_down, reason}}
+    after
+      timeout + 100 ->
+        Process.demonitor(ref, [:flush])
+        Process.exit(pid, :kill)
+        {:error, :port_timeout}
     end
   end
 end

@@ -4,6 +4,7 @@
 //! shells over this crate.
 
 pub mod caller;
+pub mod command;
 pub mod error;
 pub mod glob;
 pub mod histogram;
@@ -23,6 +24,7 @@ pub mod variable;
 pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 
 pub use caller::{Caller, Permission};
+pub use command::{Answer, Command, Reply, UpdateSpec};
 pub use error::{Error, Result};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};
 pub use store::Store;

@@ -170,6 +170,7 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   end
 
   defp format_check(:ok), do: "ok"
+  defp format_check(:not_configured), do: "not configured"
   defp format_check({:error, reason}), do: "error #{inspect(reason)}"
 
   defp reply(status, type, body, length \\ nil) do

@@ -29,12 +29,38 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
   end
 
   test "GET /health/ready answers 200 with each check", %{base: base} do
-    assert {:ok, %{nif: :ok, store: :ok, backend: :ok}} = Health.ready()
+    assert {:ok, %{nif: :ok, store: :ok, port: :not_configured}} = Health.ready()
     assert {200, _, body} = get(~c"#{base}/health/ready")
     assert body =~ "ready\n"
     assert body =~ "nif: ok"
     assert body =~ "store: ok"
-    assert body =~ "backend: ok"
+    assert body =~ "port: not configured"
+  end
+
+  test "with the port as default backend, ready asks the port program", %{base: base} do
+    Application.put_env(:dspex_bridge, :backend, :port)
+
+    try do
+      assert {:ok, %{port: :ok}} = Health.ready()
+      assert {200, _, body} = get(~c"#{base}/health/ready")
+      assert body =~ "port: ok"
+
+      # The port server stopped: not ready, 503.
+      sup = DSPex.Bridge.Backend.Port.Supervisor
+      :ok = Supervisor.terminate_child(sup, DSPex.Bridge.Backend.Port)
+      assert {:error, %{port: {:error, _}}} = Health.ready(timeout: 200)
+      assert {503, _, body} = get(~c"#{base}/health/ready")
+      assert body =~ "port: error"
+      {:ok, _} = Supervisor.restart_child(sup, DSPex.Bridge.Backend.Port)
+      assert {:ok, _} = Health.ready()
+
+      # The port program killed: ready again once its supervisor restarts it.
+      os_pid = DSPex.Bridge.Backend.Port.os_pid()
+      System.cmd("kill", ["-9", to_string(os_pid)])
+      assert wait_until(fn -> match?({:ok, _}, Health.ready()) end)
+    after
+      Application.delete_env(:dspex_bridge, :backend)
+    end
   end
 
   test "GET /health/ready answers 503 when the store is down", %{base: base} do
@@ -77,6 +103,14 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
     |> Enum.map(fn _ -> Task.async(fn -> get(~c"#{base}/metrics") end) end)
     |> Task.await_many(20_000)
     |> Enum.each(fn result -> assert {200, _, _} = result end)
+  end
+
+  defp wait_until(fun, tries \\ 50) do
+    cond do
+      fun.() -> true
+      tries == 0 -> false
+      true -> Process.sleep(100) && wait_until(fun, tries - 1)
+    end
   end
 
   test "start_link validates its options" do
