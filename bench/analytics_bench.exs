@@ -206,6 +206,8 @@ defmodule AnalyticsBench do
 
         Native.metrics_maintain(m, now)
         s = Native.metrics_stats(m)
+        # Keep each store alive so no free lands in the next row's allocator delta.
+        Process.put(:stores, [m | Process.get(:stores, [])])
         {n, {s.bytes, Native.store_memory() - native1, s.buckets}}
       end
 
