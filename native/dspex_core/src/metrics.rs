@@ -802,29 +802,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore]
-    fn record_cost() {
-        let m = super::Metrics::new(super::MetricsConfig::default()).unwrap();
-        let n = 5_000_000;
-        let t = std::time::Instant::now();
-        for i in 0..n {
-            m.record("read_latency", (i % 5000) as f64).unwrap();
-        }
-        println!("record: {:?}/op", t.elapsed() / n);
-        let t = std::time::Instant::now();
-        for i in 0..n {
-            m.record_at("read_latency", (i % 5000) as f64, 1_000_000_000)
-                .unwrap();
-        }
-        println!("record_at: {:?}/op", t.elapsed() / n);
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(crate::time::now_us());
-        }
-        println!("now_us: {:?}/op", t.elapsed() / n);
-    }
-}
