@@ -463,35 +463,10 @@ defmodule DSPex.Bridge.Analytics do
   end
 
   defp buckets(ref, names, from, to) do
-    Enum.reduce_while(names, {:ok, []}, fn name, {:ok, acc} ->
-      case Native.metrics_buckets(ref, name, from, to) do
-        {:ok, bs} -> {:cont, {:ok, acc ++ bs}}
-        error -> {:halt, error}
-      end
-    end)
-    |> case do
-      {:ok, bs} -> {:ok, bs |> merge_buckets() |> Enum.map(&bucket_map/1)}
-      error -> error
+    with {:ok, buckets} <- Native.metrics_buckets(ref, names, from, to) do
+      {:ok, Enum.map(buckets, &bucket_map/1)}
     end
   end
-
-  # Buckets of derived types come from several series: same start, same width -> one.
-  defp merge_buckets(bs) do
-    bs
-    |> Enum.group_by(fn {start, width, _, _, _, _} -> {start, width} end)
-    |> Enum.map(fn {{start, width}, group} ->
-      Enum.reduce(group, {start, width, 0, 0.0, nil, nil}, fn {_, _, c, s, mn, mx},
-                                                              {st, w, c0, s0, mn0, mx0} ->
-        {st, w, c0 + c, s0 + s, min_nil(mn0, mn), max_nil(mx0, mx)}
-      end)
-    end)
-    |> Enum.sort()
-  end
-
-  defp min_nil(nil, b), do: b
-  defp min_nil(a, b), do: min(a, b)
-  defp max_nil(nil, b), do: b
-  defp max_nil(a, b), do: max(a, b)
 
   defp bucket_map({start, width, count, sum, min, max}) do
     %{

@@ -42,7 +42,7 @@ defmodule DSPex.Bridge.Native do
   def metrics_record(_metrics, _name, _value), do: err()
   def metrics_record_at(_metrics, _name, _value, _t_us), do: err()
   def metrics_query(_metrics, _names, _from_us, _to_us, _aggregations), do: err()
-  def metrics_buckets(_metrics, _name, _from_us, _to_us), do: err()
+  def metrics_buckets(_metrics, _names, _from_us, _to_us), do: err()
   def metrics_maintain(_metrics, _now_us), do: err()
   def metrics_reset(_metrics), do: err()
   def metrics_stats(_metrics), do: err()

@@ -441,9 +441,27 @@ impl Metrics {
         self.query(name, from_us, to_us).get(agg)
     }
 
-    /// The buckets of `name` overlapping `[from_us, to_us]`, oldest first,
-    /// open buckets of different threads merged with their closed twins.
-    pub fn buckets(&self, name: &str, from_us: i64, to_us: i64) -> Vec<BucketView> {
+    /// The buckets of the series `names` overlapping `[from_us, to_us]`,
+    /// oldest first; buckets of equal start and width (an open bucket and
+    /// its closed twin, or the same second of two series) are merged.
+    pub fn buckets(&self, names: &[&str], from_us: i64, to_us: i64) -> Vec<BucketView> {
+        let mut out: Vec<BucketView> = names.iter().flat_map(|n| self.views(n)).collect();
+        out.retain(|b| b.start_us <= to_us && b.start_us.saturating_add(b.width_us) > from_us);
+        out.sort_by_key(|b| (b.start_us, std::cmp::Reverse(b.width_us)));
+        let mut merged: Vec<BucketView> = Vec::with_capacity(out.len());
+        for b in out {
+            match merged.last_mut() {
+                Some(last) if last.start_us == b.start_us && last.width_us == b.width_us => {
+                    last.summary.merge(&b.summary)
+                }
+                _ => merged.push(b),
+            }
+        }
+        merged
+    }
+
+    /// Every bucket of one series, open and closed, unmerged.
+    fn views(&self, name: &str) -> Vec<BucketView> {
         let Some(series) = self.registry.lock().get(name).cloned() else {
             return Vec::new();
         };
@@ -466,19 +484,7 @@ impl Metrics {
             width_us: b.width,
             summary: b.summary,
         }));
-        drop(series);
-        out.retain(|b| b.start_us <= to_us && b.start_us.saturating_add(b.width_us) > from_us);
-        out.sort_by_key(|b| (b.start_us, std::cmp::Reverse(b.width_us)));
-        let mut merged: Vec<BucketView> = Vec::with_capacity(out.len());
-        for b in out {
-            match merged.last_mut() {
-                Some(last) if last.start_us == b.start_us && last.width_us == b.width_us => {
-                    last.summary.merge(&b.summary)
-                }
-                _ => merged.push(b),
-            }
-        }
-        merged
+        out
     }
 
     /// Lifetime count and sum of `name` (every sample recorded, including
@@ -689,9 +695,14 @@ mod tests {
             m.aggregate("x", 0, i64::MAX, Aggregation::Sum),
             Some((0..600).sum::<i64>() as f64)
         );
-        let views = m.buckets("x", 0, i64::MAX);
+        let views = m.buckets(&["x"], 0, i64::MAX);
         assert!(views.windows(2).all(|w| w[0].start_us < w[1].start_us));
         assert_eq!(views.iter().map(|b| b.summary.count).sum::<u64>(), 600);
+        // Two series merge bucket by bucket.
+        m.record_at("y", 1.0, t0 + 599 * SEC).unwrap();
+        let both = m.buckets(&["x", "y"], t0 + 599 * SEC, t0 + 599 * SEC);
+        assert_eq!(both.len(), 1);
+        assert_eq!(both[0].summary.count, 2);
     }
 
     #[test]

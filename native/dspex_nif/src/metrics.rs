@@ -188,26 +188,32 @@ fn query<'a>(
     }
 }
 
-/// The buckets of `name` over `[from_us, to_us]`, oldest first:
+/// The buckets of the series `names` over `[from_us, to_us]`, oldest first,
+/// same-time buckets of different series merged:
 /// `{:ok, [{start_us, width_us, count, sum, min, max}]}`.
 #[rustler::nif(name = "metrics_buckets", schedule = "DirtyCpu")]
 fn buckets<'a>(
     env: Env<'a>,
     m: ResourceArc<MetricsRef>,
-    name: Term<'a>,
+    names: Vec<Term<'a>>,
     from_us: i64,
     to_us: i64,
 ) -> Term<'a> {
-    let r = ident_text(name).map(|name| {
-        m.metrics
-            .buckets(&name, from_us, to_us)
-            .into_iter()
-            .map(|b| {
-                let s = b.summary;
-                (b.start_us, b.width_us, s.count, s.sum, s.min, s.max)
-            })
-            .collect::<Vec<_>>()
-    });
+    let r = names
+        .into_iter()
+        .map(ident_text)
+        .collect::<Result<Vec<_>, _>>()
+        .map(|names| {
+            let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+            m.metrics
+                .buckets(&names, from_us, to_us)
+                .into_iter()
+                .map(|b| {
+                    let s = b.summary;
+                    (b.start_us, b.width_us, s.count, s.sum, s.min, s.max)
+                })
+                .collect::<Vec<_>>()
+        });
     ok_or(env, r)
 }
 

@@ -294,6 +294,13 @@ defmodule DSPex.Bridge.AnalyticsTest do
       assert d.p50 == 20.0
       assert [%{start: %DateTime{}, width_ms: 1000} | _] = d.buckets
       assert d.buckets |> Enum.map(& &1.count) |> Enum.sum() == 3
+
+      # A derived type merges its sources bucket by bucket.
+      :ok = Analytics.record_metric(:variable_read, 5)
+      assert {:ok, ops} = Analytics.get_detailed_metrics(:operation_latency, from, to)
+      assert %{count: 4, min: 5.0, max: 30.0} = ops
+      assert ops.buckets |> Enum.map(& &1.count) |> Enum.sum() == 4
+      assert Enum.map(ops.buckets, & &1.start) == Enum.uniq(Enum.map(ops.buckets, & &1.start))
     end
   end
 
