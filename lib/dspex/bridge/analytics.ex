@@ -244,18 +244,13 @@ defmodule DSPex.Bridge.Analytics do
   def get_detailed_metrics(metric_type, from, to) do
     with {:ok, ref} <- fetch_metrics(),
          {:ok, from_us, to_us} <- range(from, to),
+         {:ok, from_dt} <- to_datetime(from_us),
+         {:ok, to_dt} <- to_datetime(to_us),
          names = names(metric_type),
          {:ok, values} <- Native.metrics_query(ref, names, from_us, to_us, @aggregations),
          {:ok, buckets} <- buckets(ref, names, from_us, to_us) do
       summary = @aggregations |> Enum.zip(values) |> Map.new()
-
-      {:ok,
-       Map.merge(summary, %{
-         type: metric_type,
-         from: DateTime.from_unix!(from_us, :microsecond),
-         to: DateTime.from_unix!(to_us, :microsecond),
-         buckets: buckets
-       })}
+      {:ok, Map.merge(summary, %{type: metric_type, from: from_dt, to: to_dt, buckets: buckets})}
     end
   end
 
@@ -483,6 +478,13 @@ defmodule DSPex.Bridge.Analytics do
   defp range(from, to) do
     with {:ok, from} <- to_us(from), {:ok, to} <- to_us(to) do
       if from <= to, do: {:ok, from, to}, else: {:error, {:invalid_argument, :from_after_to}}
+    end
+  end
+
+  defp to_datetime(us) do
+    case DateTime.from_unix(us, :microsecond) do
+      {:ok, dt} -> {:ok, dt}
+      {:error, _} -> {:error, {:invalid_argument, {:bad_time, us}}}
     end
   end
 

@@ -160,6 +160,9 @@ defmodule DSPex.Bridge.AnalyticsTest do
       assert {:error, {:invalid_argument, _}} = Analytics.get_metrics(:x, "yesterday", 0, :avg)
       assert {:error, {:invalid_argument, _}} = Analytics.get_metrics(:x, 0, 10.5, :avg)
       assert {:ok, nil} = Analytics.get_metrics(:x, -1, 1 <<< 62, :avg)
+      assert {:error, {:invalid_argument, _}} = Analytics.get_detailed_metrics(:x, 0, 1 <<< 62)
+      assert {:error, {:invalid_argument, _}} = Analytics.get_detailed_metrics(:x, :yesterday, 0)
+      assert {:ok, %{count: 0, avg: nil, buckets: []}} = Analytics.get_detailed_metrics(:x, 0, 10)
       assert {:error, {:invalid_argument, _}} = Analytics.get_metrics(:x, 0, 1 <<< 64, :avg)
       # Past the limit on distinct types (1024), recording says so.
       results = for i <- 1..1100, do: Analytics.record_metric("t#{i}", 1)
