@@ -193,10 +193,14 @@ defmodule DSPex.Bridge.Telemetry do
     end
   end
 
-  @doc "Microseconds elapsed since `start` (a `System.monotonic_time/0` reading)."
-  @spec since_us(integer) :: non_neg_integer
+  @doc """
+  Microseconds elapsed since `start` (a `System.monotonic_time/0` reading),
+  as a float: NIF reads take well under a microsecond, and a whole number
+  would round them to zero.
+  """
+  @spec since_us(integer) :: float
   def since_us(start) do
-    System.convert_time_unit(System.monotonic_time() - start, :native, :microsecond)
+    System.convert_time_unit(System.monotonic_time() - start, :native, :nanosecond) / 1000
   end
 
   @doc "Handlers of the built-in dispatcher attached to `event`: `[{id, fun, config}]`."

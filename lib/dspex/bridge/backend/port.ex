@@ -472,6 +472,25 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    exited(state, status)
+  end
+
+  # Writing to a program that was just killed can close the port (epipe)
+  # before the exit status is reaped; the status follows shortly.
+  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
+    status =
+      receive do
+        {^port, {:exit_status, status}} -> status
+      after
+        1_000 -> nil
+      end
+
+    exited(state, status)
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  defp exited(state, status) do
     fail_pending(state)
 
     Telemetry.execute(
@@ -482,13 +501,6 @@ defmodule DSPex.Bridge.Backend.Port do
 
     {:stop, {:shutdown, {:port_exited, status}}, %{state | pending: %{}, port: nil}}
   end
-
-  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
-    fail_pending(state)
-    {:stop, {:shutdown, :port_closed}, %{state | pending: %{}, port: nil}}
-  end
-
-  def handle_info(_other, state), do: {:noreply, state}
 
   @impl GenServer
   def terminate(_reason, state) do
