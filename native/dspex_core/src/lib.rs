@@ -7,6 +7,7 @@ pub mod caller;
 pub mod error;
 pub mod glob;
 pub mod limits;
+pub mod locks;
 pub mod session;
 pub mod snapshot;
 pub mod store;
