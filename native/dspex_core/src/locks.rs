@@ -105,14 +105,27 @@ pub struct Request<H> {
 /// How an acquire went.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Acquired {
-    /// The key was free.
-    Granted { token: u64 },
+    /// The key was free. `started`: this began the optimizer's optimization.
+    Granted { token: u64, started: bool },
     /// The optimizer already held the key; its lease was renewed.
     AlreadyHeld { token: u64 },
     /// The holder was preempted; it is in [`Effects::ended`] too.
-    Preempted { token: u64, previous: OptimizerId },
+    Preempted {
+        token: u64,
+        previous: OptimizerId,
+        started: bool,
+    },
     /// Queued: wait for a [`Grant`] with this waiter id, or cancel.
     Queued { waiter: u64, position: usize },
+}
+
+/// A release that went through.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Released {
+    pub optimizer: OptimizerId,
+    pub token: u64,
+    /// The optimizer holds no other lock: its optimization is over.
+    pub finished: bool,
 }
 
 /// A waiter that was given the lock.
@@ -340,32 +353,42 @@ where
 
     /// Releases `key` if `optimizer` holds it and grants it to the first live
     /// waiter.
-    pub fn release(&self, key: &K, optimizer: &str, now: u64) -> Outcome<(), K, H> {
-        let mut effects = Effects::default();
-        let mut inner = self.inner.lock();
-        inner.expire_key(key, now, &mut effects);
-        let result = match inner.holder_of(key) {
-            Some(h) if &*h.optimizer == optimizer => {
-                inner.end_holder(key, EndReason::Released, now, &mut effects);
-                Ok(())
-            }
-            _ => Err(Error::NotLockOwner),
-        };
-        Outcome { result, effects }
+    pub fn release(&self, key: &K, optimizer: &str, now: u64) -> Outcome<Released, K, H> {
+        self.release_if(key, now, Error::NotLockOwner, |h| {
+            &*h.optimizer == optimizer
+        })
     }
 
     /// Releases `key` whoever holds it (an administrative stop).
-    pub fn release_any(&self, key: &K, now: u64) -> Outcome<OptimizerId, K, H> {
+    pub fn release_any(&self, key: &K, now: u64) -> Outcome<Released, K, H> {
+        self.release_if(key, now, Error::NotOptimizing, |_| true)
+    }
+
+    fn release_if(
+        &self,
+        key: &K,
+        now: u64,
+        otherwise: Error,
+        allowed: impl FnOnce(&Holder<H>) -> bool,
+    ) -> Outcome<Released, K, H> {
         let mut effects = Effects::default();
         let mut inner = self.inner.lock();
         inner.expire_key(key, now, &mut effects);
         let result = match inner.holder_of(key) {
-            Some(h) => {
-                let optimizer = h.optimizer.clone();
+            Some(h) if allowed(h) => {
                 inner.end_holder(key, EndReason::Released, now, &mut effects);
-                Ok(optimizer)
+                // end_holder's own record is the last one: promotion ends no one.
+                effects
+                    .ended
+                    .last()
+                    .map(|e| Released {
+                        optimizer: e.optimizer.clone(),
+                        token: e.token,
+                        finished: e.finished,
+                    })
+                    .ok_or(otherwise)
             }
-            None => Err(Error::NotOptimizing),
+            _ => Err(otherwise),
         };
         Outcome { result, effects }
     }
@@ -637,8 +660,9 @@ where
         let holder = match self.holder_of(key) {
             Some(h) => h.optimizer.clone(),
             None => {
+                let started = !self.optimizations.contains_key(&req.optimizer);
                 let token = self.grant(key, Pending::at_once(req, lease), None, now);
-                return Ok(Acquired::Granted { token });
+                return Ok(Acquired::Granted { token, started });
             }
         };
         if holder == req.optimizer {
@@ -655,10 +679,12 @@ where
                 if let Some(old) = self.slot_mut(key).holder.take() {
                     self.finish(key, old, EndReason::Preempted, effects);
                 }
+                let started = !self.optimizations.contains_key(&req.optimizer);
                 let token = self.grant(key, Pending::at_once(req, lease), Some(&holder), now);
                 Ok(Acquired::Preempted {
                     token,
                     previous: holder,
+                    started,
                 })
             }
             Conflict::Wait | Conflict::Preempt => {
@@ -982,7 +1008,7 @@ mod tests {
 
     fn token(a: &Outcome<Acquired, u8, u32>) -> u64 {
         match a.result {
-            Ok(Acquired::Granted { token })
+            Ok(Acquired::Granted { token, .. })
             | Ok(Acquired::AlreadyHeld { token })
             | Ok(Acquired::Preempted { token, .. }) => token,
             ref other => panic!("not granted: {other:?}"),
@@ -1003,7 +1029,7 @@ mod tests {
         let r = t.acquire(&1, req("opt2", 2, Conflict::Abort), 0);
         assert_eq!(r.result, Err(Error::LockHeldBy("opt1".into())));
         assert_eq!(t.release(&1, "opt2", 0).result, Err(Error::NotLockOwner));
-        assert_eq!(t.release(&1, "opt1", 0).result, Ok(()));
+        assert!(t.release(&1, "opt1", 0).result.is_ok());
         assert!(t.is_empty());
         token(&t.acquire(&1, req("opt2", 2, Conflict::Abort), 0));
         t.check_invariants(0).unwrap();
@@ -1372,7 +1398,7 @@ mod tests {
                         let out = t.acquire(&key, r, m.now);
                         m.apply(&out.effects)?;
                         match out.result {
-                            Ok(Acquired::Granted { token }) | Ok(Acquired::Preempted { token, .. }) => {
+                            Ok(Acquired::Granted { token, .. }) | Ok(Acquired::Preempted { token, .. }) => {
                                 m.granted(key, owner, token)?;
                             }
                             Ok(Acquired::AlreadyHeld { .. }) => {

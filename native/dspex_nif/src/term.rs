@@ -4,8 +4,9 @@
 //! and nesting is bounded, so a hostile term costs little and never overflows
 //! the scheduler's stack.
 
+use dspex_core::locks::LockClaim;
 use dspex_core::value::MAX_DEPTH;
-use dspex_core::{Error, Value};
+use dspex_core::{Caller, Error, Value};
 use rustler::types::tuple::{get_tuple, make_tuple};
 use rustler::{Atom, Binary, Encoder, Env, MapIterator, OwnedBinary, Term, TermType};
 
@@ -63,7 +64,10 @@ fn decode(term: Term, depth: usize, left: &mut usize, budget: usize) -> Result<V
             let len = term.list_length().map_err(|_| invalid("improper_list"))?;
             charge(left, len.saturating_mul(slot), budget)?;
             let mut items = Vec::with_capacity(len);
-            for item in term.into_list_iterator().map_err(|_| invalid("improper_list"))? {
+            for item in term
+                .into_list_iterator()
+                .map_err(|_| invalid("improper_list"))?
+            {
                 items.push(decode(item, depth + 1, left, budget)?);
             }
             Ok(Value::List(items.into()))
@@ -119,7 +123,9 @@ pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
             .map(IdentText::Owned)
             .map_err(|_| Error::NotFound);
     }
-    Err(Error::InvalidArgument(Value::atom("name_must_be_atom_or_string")))
+    Err(Error::InvalidArgument(Value::atom(
+        "name_must_be_atom_or_string",
+    )))
 }
 
 pub enum IdentText<'a> {
@@ -161,8 +167,7 @@ pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
         Value::Map(pairs) => {
             let keys: Vec<Term> = pairs.iter().map(|(k, _)| encode_value(env, k)).collect();
             let vals: Vec<Term> = pairs.iter().map(|(_, v)| encode_value(env, v)).collect();
-            Term::map_from_term_arrays(env, &keys, &vals)
-                .unwrap_or_else(|_| Term::map_new(env))
+            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
         }
     }
 }
@@ -200,6 +205,36 @@ pub fn decode_principal<'a>(term: Term<'a>) -> Result<Option<&'a str>, Error> {
     std::str::from_utf8(bin.as_slice())
         .map(Some)
         .map_err(|_| Error::invalid_arg("bad_principal"))
+}
+
+/// Who a variable operation is for: `nil` (the session itself), a binary
+/// principal, or `{principal, lock_token, optimizer_id}` (each may be `nil`)
+/// for a write made under an optimizer lock.
+pub fn decode_caller<'a>(term: Term<'a>) -> Result<Caller<'a>, Error> {
+    let Ok((principal, token, optimizer)) = term.decode::<(Term, Term, Term)>() else {
+        return Ok(Caller {
+            principal: decode_principal(term)?,
+            ..Caller::OWNER
+        });
+    };
+    let optimizer = if is_nil(optimizer) {
+        None
+    } else {
+        let bin =
+            Binary::from_term(optimizer).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
+        Some(
+            std::str::from_utf8(bin.as_slice())
+                .map_err(|_| Error::invalid_arg("bad_optimizer_id"))?,
+        )
+    };
+    Ok(Caller {
+        principal: decode_principal(principal)?,
+        lock: LockClaim {
+            token: decode_opt_u64(token).map_err(|_| Error::invalid_arg("bad_lock_token"))?,
+            optimizer,
+        },
+        ..Caller::OWNER
+    })
 }
 
 /// A session id: a non-empty UTF-8 binary.

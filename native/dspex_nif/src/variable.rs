@@ -2,7 +2,9 @@
 //! Every function takes the principal (`nil` = the session itself) last.
 
 use dspex_core::glob::Glob;
-use dspex_core::{Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta};
+use dspex_core::{
+    Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta,
+};
 use rustler::types::tuple::get_tuple;
 use rustler::{Encoder, Env, ResourceArc, Term};
 
@@ -10,8 +12,8 @@ use crate::atoms;
 use crate::error::{error, ok_or, reason, unit_or};
 use crate::store::StoreRef;
 use crate::term::{
-    decode_name, decode_opt_u64, decode_principal, decode_sid, decode_value, encode_value,
-    ident_text, is_nil,
+    decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value, ident_text,
+    is_nil,
 };
 
 /// Runs `f` on the session with the decoded caller.
@@ -22,10 +24,7 @@ fn with_session<'a, T>(
     f: impl FnOnce(&Session, &Caller) -> Result<T, Error>,
 ) -> Result<T, Error> {
     let sid = decode_sid(sid)?;
-    let caller = Caller {
-        principal: decode_principal(principal)?,
-        context: None,
-    };
+    let caller = decode_caller(principal)?;
     store.store.with_session(sid, |s| f(s, &caller))?
 }
 
@@ -77,7 +76,11 @@ fn encode_entry<'a>(env: Env<'a>, e: &HistoryEntry) -> Term<'a> {
         atoms::updated_at().encode(env),
         atoms::metadata().encode(env),
     ];
-    let meta = e.metadata.as_deref().cloned().unwrap_or_else(Value::empty_map);
+    let meta = e
+        .metadata
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(Value::empty_map);
     let vals = [
         e.version.encode(env),
         encode_value(env, &e.value),
