@@ -14,7 +14,8 @@ defmodule DSPex.Bridge.Application do
     children = [
       DSPex.Context.Registry,
       {DSPex.Bridge.SessionStore,
-       sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
+       sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
+      DSPex.Bridge.OptimizerCoordinator
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPex.Bridge.Supervisor)

@@ -258,7 +258,8 @@ fn listen(res: ResourceArc<LockTableRef>, pid: LocalPid) -> Atom {
 }
 
 /// `{:ok, :granted, token, started}`, `{:ok, :already_held, token}`,
-/// `{:ok, :preempted, token, started, previous_optimizer, previous_pid}`,
+/// `{:ok, :preempted, token, started, {previous_optimizer, previous_pid,
+/// previous_token, previous_finished}}`,
 /// `{:wait, waiter_id}` (then wait for `{:dspex_lock_granted, waiter_id,
 /// token, started}` or call `lock_cancel`), or `{:error, reason}`.
 #[rustler::nif(name = "lock_acquire")]
@@ -325,7 +326,8 @@ fn acquire<'a>(
         .effects
         .ended
         .iter()
-        .find_map(|e| (e.reason == EndReason::Preempted).then_some(e.owner.pid));
+        .find(|e| e.reason == EndReason::Preempted)
+        .map(|e| (e.owner.pid, e.token, e.finished));
     settle(env, &res, &out.effects);
     match out.result {
         Ok(Acquired::Granted { token, started }) => {
@@ -339,8 +341,11 @@ fn acquire<'a>(
             previous: id,
             started,
         }) => {
-            let pid = previous.map_or_else(|| atoms::nil().encode(env), |p| p.encode(env));
-            (atoms::ok(), atoms::preempted(), token, started, &*id, pid).encode(env)
+            let previous = match previous {
+                Some((pid, old_token, finished)) => (&*id, pid, old_token, finished).encode(env),
+                None => (&*id, atoms::nil(), 0, false).encode(env),
+            };
+            (atoms::ok(), atoms::preempted(), token, started, previous).encode(env)
         }
         Ok(Acquired::Queued { waiter, .. }) => (atoms::wait(), waiter).encode(env),
         Err(e) => error(env, &e),
