@@ -74,6 +74,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @type reason :: atom | {atom, term}
 
   @table_key {__MODULE__, :table}
+  @lock_acquired [:dspex, :optimization, :lock_acquired]
   @never 18_446_744_073_709_551_615
   @acquire_opts [:timeout, :conflict_resolution, :session_id, :principal, :lease]
 
@@ -111,7 +112,18 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @spec acquire_lock(key, optimizer_id, pid, keyword) ::
           {:ok, :lock_acquired | :lock_acquired_after_wait}
           | {:error, {:lock_held_by, String.t()} | :timeout | reason}
-  def acquire_lock(var_id, optimizer_id, pid \\ self(), opts \\ []) do
+  def acquire_lock(var_id, optimizer_id, pid \\ self(), opts \\ [])
+
+  # The common call, with no options to parse; the NIF checks the rest.
+  def acquire_lock(var_id, optimizer_id, pid, [])
+      when is_binary(optimizer_id) and is_pid(pid) and node(pid) == node() do
+    case run_acquire(var_id, var_id, optimizer_id, pid, :wait, 5_000, nil, nil) do
+      {:ok, how, _token} -> {:ok, how}
+      error -> error
+    end
+  end
+
+  def acquire_lock(var_id, optimizer_id, pid, opts) do
     case acquire(var_id, optimizer_id, pid, opts) do
       {:ok, how, _token} -> {:ok, how}
       error -> error
@@ -123,18 +135,27 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   it. Options: `session_id:`, `principal:`.
   """
   @spec release_lock(key, optimizer_id, keyword) :: :ok | {:error, :not_lock_owner | reason}
-  def release_lock(var_id, optimizer_id, opts \\ []) do
+  def release_lock(var_id, optimizer_id, opts \\ [])
+
+  def release_lock(var_id, optimizer_id, []) when is_binary(optimizer_id),
+    do: release(var_id, optimizer_id)
+
+  def release_lock(var_id, optimizer_id, opts) do
     with {:ok, opts} <- validate(opts, [:session_id, :principal]),
          {:ok, optimizer_id} <- optimizer(optimizer_id),
          {:ok, key} <- key(var_id, opts) do
-      case Native.lock_release(table(), key, optimizer_id) do
-        {:ok, token, finished} ->
-          released(key, optimizer_id, token, finished, :released)
-          :ok
+      release(key, optimizer_id)
+    end
+  end
 
-        error ->
-          error
-      end
+  defp release(key, optimizer_id) do
+    case Native.lock_release(table(), key, optimizer_id) do
+      {:ok, token, finished} ->
+        ended(key, optimizer_id, token, finished, :released)
+        :ok
+
+      error ->
+        error
     end
   end
 
@@ -266,7 +287,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
       case result do
         {:ok, token, finished, id} ->
-          released(key, id, token, finished, :released)
+          ended(key, id, token, finished, :released)
           :ok
 
         {:error, :not_lock_owner} = error ->
@@ -288,45 +309,47 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
          {:ok, lease} <- lease(opts[:lease]),
          :ok <- check_pid(pid),
          {:ok, key} <- key(var_id, opts) do
-      start = System.monotonic_time()
-      table = table()
-      fence = fence(key, opts)
-
       if lease, do: hint_lease(lease)
+      run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence(key, opts))
+    end
+  end
 
-      case Native.lock_acquire(table, key, optimizer_id, pid, mode, timeout, lease, fence) do
-        {:ok, :granted, token, started} ->
-          acquired(key, optimizer_id, pid, token, started, :immediate, start)
-          {:ok, :lock_acquired, token}
+  defp run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence) do
+    start = start_time()
+    table = table()
 
-        {:ok, :already_held, token} ->
-          {:ok, :lock_acquired, token}
+    case Native.lock_acquire(table, key, optimizer_id, pid, mode, timeout, lease, fence) do
+      {:ok, :granted, token, started} ->
+        acquired(key, optimizer_id, pid, token, started, :immediate, start)
+        {:ok, :lock_acquired, token}
 
-        {:ok, :preempted, token, started, {_, previous_pid, _, _} = previous} ->
-          if is_pid(previous_pid), do: send(previous_pid, {:optimization_preempted, var_id})
-          preempted(key, previous, optimizer_id)
-          acquired(key, optimizer_id, pid, token, started, :preempted, start)
-          {:ok, :lock_acquired, token}
+      {:ok, :already_held, token} ->
+        {:ok, :lock_acquired, token}
 
-        {:wait, waiter} ->
-          conflict_event(key, optimizer_id, mode)
+      {:ok, :preempted, token, started, {_, previous_pid, _, _} = previous} ->
+        if is_pid(previous_pid), do: send(previous_pid, {:optimization_preempted, var_id})
+        preempted(key, previous, optimizer_id)
+        acquired(key, optimizer_id, pid, token, started, :preempted, start)
+        {:ok, :lock_acquired, token}
 
-          case await_grant(table, key, waiter, timeout) do
-            {:ok, token, started} ->
-              acquired(key, optimizer_id, pid, token, started, :after_wait, start)
-              {:ok, :lock_acquired_after_wait, token}
+      {:wait, waiter} ->
+        conflict_event(key, optimizer_id, mode)
 
-            error ->
-              error
-          end
+        case await_grant(table, key, waiter, timeout) do
+          {:ok, token, started} ->
+            acquired(key, optimizer_id, pid, token, started, :after_wait, start)
+            {:ok, :lock_acquired_after_wait, token}
 
-        {:error, {:lock_held_by, _}} = error ->
-          conflict_event(key, optimizer_id, mode)
-          error
+          error ->
+            error
+        end
 
-        error ->
-          error
-      end
+      {:error, {:lock_held_by, _}} = error ->
+        conflict_event(key, optimizer_id, mode)
+        error
+
+      error ->
+        error
     end
   end
 
@@ -422,26 +445,13 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   end
 
   def handle_info({:dspex_lock_ended, reason, key, optimizer_id, pid, token, finished}, state) do
-    meta = %{key: key, optimizer_id: optimizer_id, token: token}
-    now = %{system_time: System.system_time()}
-
     if reason == :expired do
-      Telemetry.execute([:dspex, :optimization, :lock_expired], now, Map.put(meta, :pid, pid))
+      emit([:dspex, :optimization, :lock_expired], fn ->
+        {now(), %{key: key, optimizer_id: optimizer_id, pid: pid, token: token}}
+      end)
     end
 
-    Telemetry.execute(
-      [:dspex, :optimization, :lock_released],
-      now,
-      Map.put(meta, :reason, reason)
-    )
-
-    if finished do
-      Telemetry.execute(
-        [:dspex, :optimization, :failed],
-        now,
-        %{optimizer_id: optimizer_id, key: key, reason: reason}
-      )
-    end
+    ended(key, optimizer_id, token, finished, reason)
 
     {:noreply, state}
   end
@@ -454,6 +464,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
     :persistent_term.get(@table_key, nil) ||
       raise ArgumentError, "DSPex.Bridge.OptimizerCoordinator is not started"
   end
+
+  defp validate([], _allowed), do: {:ok, []}
 
   defp validate(opts, allowed) when is_list(opts) do
     case Keyword.validate(opts, allowed) do
@@ -525,68 +537,77 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   defp datetime(us), do: DateTime.from_unix!(us, :microsecond)
 
   ## Telemetry
+  #
+  # Events are built only when a handler may see them: the uncontended
+  # acquire/release cycle costs less than the clock reads they need.
+
+  defp emit(event, build) do
+    if Telemetry.enabled?(event) do
+      {measurements, metadata} = build.()
+      Telemetry.execute(event, measurements, metadata)
+    end
+
+    :ok
+  end
+
+  defp now, do: %{system_time: System.system_time()}
+
+  defp start_time do
+    if Telemetry.enabled?(@lock_acquired), do: System.monotonic_time()
+  end
 
   defp acquired(key, optimizer_id, pid, token, started, how, start) do
-    meta = %{key: key, optimizer_id: optimizer_id, pid: pid, token: token, how: how}
-
-    Telemetry.execute(
-      [:dspex, :optimization, :lock_acquired],
-      %{wait_us: Telemetry.since_us(start)},
-      meta
-    )
+    if start do
+      Telemetry.execute(@lock_acquired, %{wait_us: Telemetry.since_us(start)}, %{
+        key: key,
+        optimizer_id: optimizer_id,
+        pid: pid,
+        token: token,
+        how: how
+      })
+    end
 
     if started do
-      Telemetry.execute(
-        [:dspex, :optimization, :started],
-        %{system_time: System.system_time()},
-        %{optimizer_id: optimizer_id, key: key, pid: pid}
-      )
+      emit([:dspex, :optimization, :started], fn ->
+        {now(), %{optimizer_id: optimizer_id, key: key, pid: pid}}
+      end)
     end
   end
 
   defp conflict_event(key, optimizer_id, mode) do
-    Telemetry.execute(
-      [:dspex, :optimization, :lock_conflict],
-      %{system_time: System.system_time()},
-      %{key: key, optimizer_id: optimizer_id, resolution: mode}
-    )
+    emit([:dspex, :optimization, :lock_conflict], fn ->
+      {now(), %{key: key, optimizer_id: optimizer_id, resolution: mode}}
+    end)
   end
 
   defp preempted(key, {previous, pid, token, finished}, by) do
-    now = %{system_time: System.system_time()}
-    meta = %{key: key, optimizer_id: previous, pid: pid, token: token, preempted_by: by}
-    Telemetry.execute([:dspex, :optimization, :preempted], now, meta)
+    emit([:dspex, :optimization, :preempted], fn ->
+      {now(), %{key: key, optimizer_id: previous, pid: pid, token: token, preempted_by: by}}
+    end)
 
-    Telemetry.execute(
-      [:dspex, :optimization, :lock_released],
-      now,
-      %{key: key, optimizer_id: previous, token: token, reason: :preempted}
-    )
-
-    if finished do
-      Telemetry.execute(
-        [:dspex, :optimization, :failed],
-        now,
-        %{optimizer_id: previous, key: key, reason: :preempted}
-      )
-    end
+    ended(key, previous, token, finished, :preempted)
   end
 
-  defp released(key, optimizer_id, token, finished, reason) do
-    now = %{system_time: System.system_time()}
+  # A holder lost its lock: `:lock_released`, and when it held no other
+  # lock `:completed` (released) or `:failed` (anything else).
+  defp ended(key, optimizer_id, token, finished, reason) do
+    emit([:dspex, :optimization, :lock_released], fn ->
+      {now(), %{key: key, optimizer_id: optimizer_id, token: token, reason: reason}}
+    end)
 
-    Telemetry.execute(
-      [:dspex, :optimization, :lock_released],
-      now,
-      %{key: key, optimizer_id: optimizer_id, token: token, reason: reason}
-    )
+    cond do
+      not finished ->
+        :ok
 
-    if finished do
-      Telemetry.execute(
-        [:dspex, :optimization, :completed],
-        now,
-        %{optimizer_id: optimizer_id, key: key}
-      )
+      reason == :released ->
+        emit([:dspex, :optimization, :completed], fn ->
+          {now(), %{optimizer_id: optimizer_id, key: key}}
+        end)
+
+      true ->
+        emit([:dspex, :optimization, :failed], fn ->
+          {now(), %{optimizer_id: optimizer_id, key: key, reason: reason}}
+        end)
     end
   end
 end

@@ -36,11 +36,13 @@
 //!    least one lock, with those keys.
 
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use crate::error::{Error, Result};
 use crate::time::now_us;
@@ -251,7 +253,8 @@ struct Holder<H> {
     optimizer: OptimizerId,
     owner: H,
     token: u64,
-    acquired_at: i64,
+    /// Monotonic milliseconds, like every internal time.
+    acquired_at: u64,
     lease_until: u64,
     fence: Option<Arc<dyn Fence>>,
     /// The waiter id this grant answered (0 when granted at once).
@@ -297,19 +300,24 @@ struct Slot<H> {
 
 struct Optimization<K, H> {
     owner: H,
-    keys: Vec<K>,
+    keys: Keys<K>,
     iteration: u64,
     reports: u64,
     best: Option<Best>,
-    started_at: i64,
-    last_update: i64,
+    started_at: u64,
+    last_update: u64,
 }
 
+/// Hash maps seeded per table: fast, and not predictable from outside.
+type Map<K, V> = HashMap<K, V, RandomState>;
+/// The keys of one owner or optimization: usually one, without allocating.
+type Keys<K> = SmallVec<[K; 2]>;
+
 struct Inner<K, H> {
-    slots: HashMap<K, Slot<H>>,
+    slots: Map<K, Slot<H>>,
     /// Keys each owner holds or waits on, once per entry.
-    owners: BTreeMap<H, Vec<K>>,
-    optimizations: HashMap<OptimizerId, Optimization<K, H>>,
+    owners: Map<H, Keys<K>>,
+    optimizations: Map<OptimizerId, Optimization<K, H>>,
     next_token: u64,
     next_waiter: u64,
 }
@@ -323,14 +331,14 @@ pub struct LockTable<K, H> {
 impl<K, H> LockTable<K, H>
 where
     K: Eq + Hash + Clone,
-    H: Ord + Clone,
+    H: Eq + Hash + Clone,
 {
     pub fn new(config: LockConfig) -> Self {
         LockTable {
             inner: Mutex::new(Inner {
-                slots: HashMap::new(),
-                owners: BTreeMap::new(),
-                optimizations: HashMap::new(),
+                slots: Map::default(),
+                owners: Map::default(),
+                optimizations: Map::default(),
                 next_token: 1,
                 next_waiter: 1,
             }),
@@ -375,19 +383,14 @@ where
         let mut inner = self.inner.lock();
         inner.expire_key(key, now, &mut effects);
         let result = match inner.holder_of(key) {
-            Some(h) if allowed(h) => {
-                inner.end_holder(key, EndReason::Released, now, &mut effects);
-                // end_holder's own record is the last one: promotion ends no one.
-                effects
-                    .ended
-                    .last()
-                    .map(|e| Released {
-                        optimizer: e.optimizer.clone(),
-                        token: e.token,
-                        finished: e.finished,
-                    })
-                    .ok_or(otherwise)
-            }
+            Some(h) if allowed(h) => inner
+                .end_holder(key, EndReason::Released, now, &mut effects)
+                .map(|e| Released {
+                    optimizer: e.optimizer,
+                    token: e.token,
+                    finished: e.finished,
+                })
+                .ok_or(otherwise),
             _ => Err(otherwise),
         };
         Outcome { result, effects }
@@ -455,7 +458,8 @@ where
             if slot.holder.as_ref().is_some_and(|h| h.owner == *owner) {
                 // The owner's index entry is already gone, so end_holder's
                 // unindex is a no-op for it.
-                inner.end_holder(key, EndReason::OwnerDown, now, &mut effects);
+                let ended = inner.end_holder(key, EndReason::OwnerDown, now, &mut effects);
+                effects.ended.extend(ended);
             } else {
                 inner.drop_if_idle(key);
             }
@@ -517,7 +521,7 @@ where
             .ok_or(Error::NotOptimizing)?;
         opt.iteration = iteration;
         opt.reports += 1;
-        opt.last_update = now_us();
+        opt.last_update = now;
         let score = score(&metrics);
         let better = match &opt.best {
             None => true,
@@ -552,28 +556,28 @@ where
             optimizer: h.optimizer.clone(),
             owner: h.owner.clone(),
             token: h.token,
-            acquired_at: h.acquired_at,
+            acquired_at: wall_clock(h.acquired_at, now),
             lease_left_ms: h.lease_until.saturating_sub(now),
             iteration: inner.iteration_of(&h.optimizer),
             waiters: slot.queue.iter().filter(|w| w.deadline > now).count(),
         })
     }
 
-    pub fn status(&self, optimizer: &str) -> Option<Status<K, H>> {
+    pub fn status(&self, optimizer: &str, now: u64) -> Option<Status<K, H>> {
         let inner = self.inner.lock();
         inner
             .optimizations
             .get_key_value(optimizer)
-            .map(|(id, o)| o.status(id))
+            .map(|(id, o)| o.status(id, now))
     }
 
     /// Every active optimization, sorted by optimizer id.
-    pub fn active(&self) -> Vec<Status<K, H>> {
+    pub fn active(&self, now: u64) -> Vec<Status<K, H>> {
         let inner = self.inner.lock();
         let mut all: Vec<_> = inner
             .optimizations
             .iter()
-            .map(|(id, o)| o.status(id))
+            .map(|(id, o)| o.status(id, now))
             .collect();
         all.sort_by(|a, b| a.optimizer.cmp(&b.optimizer));
         all
@@ -592,7 +596,7 @@ where
     #[doc(hidden)]
     pub fn check_invariants(&self, now: u64) -> std::result::Result<(), String> {
         let inner = self.inner.lock();
-        let mut index: BTreeMap<H, Vec<K>> = BTreeMap::new();
+        let mut index: HashMap<H, Vec<K>> = HashMap::new();
         let mut held: HashMap<OptimizerId, usize> = HashMap::new();
         for (key, slot) in &inner.slots {
             if slot.holder.is_none() && slot.queue.is_empty() {
@@ -638,7 +642,7 @@ where
 impl<K, H> Inner<K, H>
 where
     K: Eq + Hash + Clone,
-    H: Ord + Clone,
+    H: Eq + Hash + Clone,
 {
     fn holder_of(&self, key: &K) -> Option<&Holder<H>> {
         self.slots.get(key).and_then(|s| s.holder.as_ref())
@@ -660,8 +664,7 @@ where
         let holder = match self.holder_of(key) {
             Some(h) => h.optimizer.clone(),
             None => {
-                let started = !self.optimizations.contains_key(&req.optimizer);
-                let token = self.grant(key, Pending::at_once(req, lease), None, now);
+                let (token, started) = self.grant(key, Pending::at_once(req, lease), None, now);
                 return Ok(Acquired::Granted { token, started });
             }
         };
@@ -677,10 +680,11 @@ where
             Conflict::Abort => Err(Error::LockHeldBy(holder.to_string())),
             Conflict::Preempt if self.iteration_of(&holder) >= config.preempt_after => {
                 if let Some(old) = self.slot_mut(key).holder.take() {
-                    self.finish(key, old, EndReason::Preempted, effects);
+                    let ended = self.finish(key, old, EndReason::Preempted);
+                    effects.ended.push(ended);
                 }
-                let started = !self.optimizations.contains_key(&req.optimizer);
-                let token = self.grant(key, Pending::at_once(req, lease), Some(&holder), now);
+                let pending = Pending::at_once(req, lease);
+                let (token, started) = self.grant(key, pending, Some(&holder), now);
                 Ok(Acquired::Preempted {
                     token,
                     previous: holder,
@@ -711,6 +715,8 @@ where
         }
     }
 
+    /// The slot of `key`, created when missing. (Keys are cheap to clone:
+    /// the NIF's are reference counted.)
     fn slot_mut(&mut self, key: &K) -> &mut Slot<H> {
         self.slots.entry(key.clone()).or_insert_with(|| Slot {
             holder: None,
@@ -719,31 +725,39 @@ where
     }
 
     /// Installs a holder on `key`, whose holder slot must be empty.
-    fn grant(&mut self, key: &K, p: Pending<H>, preempted: Option<&OptimizerId>, now: u64) -> u64 {
+    /// Returns the token, and whether this began the optimizer's optimization.
+    fn grant(
+        &mut self,
+        key: &K,
+        p: Pending<H>,
+        preempted: Option<&OptimizerId>,
+        now: u64,
+    ) -> (u64, bool) {
         let token = self.next_token;
         self.next_token += 1;
         if let Some(f) = &p.fence {
             f.granted(&p.optimizer, token, preempted);
         }
-        let wall = now_us();
-        match self.optimizations.entry(p.optimizer.clone()) {
+        let started = match self.optimizations.entry(p.optimizer.clone()) {
             MapEntry::Occupied(mut o) => {
                 let o = o.get_mut();
                 o.keys.push(key.clone());
                 o.owner = p.owner.clone();
+                false
             }
             MapEntry::Vacant(v) => {
                 v.insert(Optimization {
                     owner: p.owner.clone(),
-                    keys: vec![key.clone()],
+                    keys: smallvec::smallvec![key.clone()],
                     iteration: 0,
                     reports: 0,
                     best: None,
-                    started_at: wall,
-                    last_update: wall,
+                    started_at: now,
+                    last_update: now,
                 });
+                true
             }
-        }
+        };
         self.index(p.owner.clone(), key);
         let slot = self.slot_mut(key);
         debug_assert!(slot.holder.is_none());
@@ -751,50 +765,59 @@ where
             optimizer: p.optimizer,
             owner: p.owner,
             token,
-            acquired_at: wall,
+            acquired_at: now,
             lease_until: now.saturating_add(p.lease_ms),
             fence: p.fence,
             waiter: p.waiter,
         });
-        token
+        (token, started)
     }
 
-    /// Ends the current holder of `key` and passes the lock on.
-    fn end_holder(&mut self, key: &K, reason: EndReason, now: u64, effects: &mut Effects<K, H>) {
-        let Some(old) = self.slots.get_mut(key).and_then(|s| s.holder.take()) else {
-            return;
-        };
-        self.finish(key, old, reason, effects);
+    /// Ends the current holder of `key` and passes the lock on. The record
+    /// of the end is returned, not added to `effects` (a release reports it
+    /// as its result).
+    fn end_holder(
+        &mut self,
+        key: &K,
+        reason: EndReason,
+        now: u64,
+        effects: &mut Effects<K, H>,
+    ) -> Option<Ended<K, H>> {
+        let old = self.slots.get_mut(key).and_then(|s| s.holder.take())?;
+        let ended = self.finish(key, old, reason);
         self.promote(key, now, effects);
         self.drop_if_idle(key);
+        Some(ended)
     }
 
     /// Bookkeeping for a holder taken off `key`: fence, index, registry.
-    fn finish(&mut self, key: &K, old: Holder<H>, reason: EndReason, effects: &mut Effects<K, H>) {
+    fn finish(&mut self, key: &K, old: Holder<H>, reason: EndReason) -> Ended<K, H> {
         if let Some(f) = &old.fence {
             f.released(old.token);
         }
         self.unindex(&old.owner, key);
-        let finished = match self.optimizations.get_mut(&old.optimizer) {
-            Some(o) => {
-                if let Some(i) = o.keys.iter().position(|k| k == key) {
-                    o.keys.swap_remove(i);
+        let finished = match self.optimizations.entry(old.optimizer.clone()) {
+            MapEntry::Occupied(mut o) => {
+                let keys = &mut o.get_mut().keys;
+                if let Some(i) = keys.iter().position(|k| k == key) {
+                    keys.swap_remove(i);
                 }
-                o.keys.is_empty()
+                let finished = keys.is_empty();
+                if finished {
+                    o.remove();
+                }
+                finished
             }
-            None => true,
+            MapEntry::Vacant(_) => true,
         };
-        if finished {
-            self.optimizations.remove(&old.optimizer);
-        }
-        effects.ended.push(Ended {
+        Ended {
             key: key.clone(),
             optimizer: old.optimizer,
             owner: old.owner,
             token: old.token,
             reason,
             finished,
-        });
+        }
     }
 
     /// Grants a free `key` to its first waiter whose deadline has not passed.
@@ -815,7 +838,6 @@ where
                 effects.dropped.push(w.owner);
                 continue;
             }
-            let started = !self.optimizations.contains_key(&w.optimizer);
             let pending = Pending {
                 optimizer: w.optimizer.clone(),
                 owner: w.owner.clone(),
@@ -823,7 +845,7 @@ where
                 fence: w.fence,
                 waiter: w.id,
             };
-            let token = self.grant(key, pending, None, now);
+            let (token, started) = self.grant(key, pending, None, now);
             effects.grants.push(Grant {
                 key: key.clone(),
                 optimizer: w.optimizer,
@@ -840,7 +862,8 @@ where
     /// Ends the holder of `key` if its lease has passed.
     fn expire_key(&mut self, key: &K, now: u64, effects: &mut Effects<K, H>) {
         if self.holder_of(key).is_some_and(|h| h.lease_until <= now) {
-            self.end_holder(key, EndReason::Expired, now, effects);
+            let ended = self.end_holder(key, EndReason::Expired, now, effects);
+            effects.ended.extend(ended);
         }
     }
 
@@ -875,30 +898,38 @@ where
     }
 
     fn unindex(&mut self, owner: &H, key: &K) {
-        if let Some(keys) = self.owners.get_mut(owner) {
+        if let MapEntry::Occupied(mut e) = self.owners.entry(owner.clone()) {
+            let keys = e.get_mut();
             if let Some(i) = keys.iter().position(|k| k == key) {
                 keys.swap_remove(i);
             }
             if keys.is_empty() {
-                self.owners.remove(owner);
+                e.remove();
             }
         }
     }
 }
 
 impl<K: Clone, H: Clone> Optimization<K, H> {
-    fn status(&self, id: &OptimizerId) -> Status<K, H> {
+    fn status(&self, id: &OptimizerId, now: u64) -> Status<K, H> {
         Status {
             optimizer: id.clone(),
             owner: self.owner.clone(),
-            keys: self.keys.clone(),
+            keys: self.keys.to_vec(),
             iteration: self.iteration,
             reports: self.reports,
             best: self.best.clone(),
-            started_at: self.started_at,
-            last_update: self.last_update,
+            started_at: wall_clock(self.started_at, now),
+            last_update: wall_clock(self.last_update, now),
         }
     }
+}
+
+/// The wall-clock time (microseconds since the Unix epoch) of the monotonic
+/// instant `at`, given that it is `now` on the same clock.
+fn wall_clock(at: u64, now: u64) -> i64 {
+    let ago_us = now.saturating_sub(at).saturating_mul(1000);
+    now_us().saturating_sub(i64::try_from(ago_us).unwrap_or(i64::MAX))
 }
 
 /// `:primary_metric`, else `:loss`, when it is a finite number.
@@ -1119,7 +1150,7 @@ mod tests {
         ));
         assert_eq!(late.effects.ended[0].reason, EndReason::Preempted);
         assert_eq!(late.effects.ended[0].owner, 1);
-        assert!(t.status("old").is_none());
+        assert!(t.status("old", 0).is_none());
         assert_eq!(t.info(&1, 0).unwrap().optimizer.as_ref(), "new");
         t.check_invariants(0).unwrap();
     }
@@ -1154,7 +1185,7 @@ mod tests {
         assert_eq!(p(3, 30, m("primary_metric", 0.1)), Ok(true));
         assert_eq!(p(4, 40, Value::Nil), Ok(false));
         assert_eq!(p(5, 50, m("loss", f64::NAN)), Ok(false));
-        let s = t.status("a").unwrap();
+        let s = t.status("a", 50).unwrap();
         assert_eq!(s.iteration, 5);
         assert_eq!(s.best.unwrap().value, Value::Int(30));
         assert!(t.expire(120).is_empty(), "progress renewed the lease");
@@ -1364,9 +1395,18 @@ mod tests {
         }
 
         fn apply(&mut self, fx: &Effects<u8, u32>) -> Result<(), TestCaseError> {
+            self.apply_ended(fx)?;
+            self.apply_grants(fx)
+        }
+
+        fn apply_ended(&mut self, fx: &Effects<u8, u32>) -> Result<(), TestCaseError> {
             for e in &fx.ended {
                 prop_assert_eq!(self.holders.remove(&e.key), Some(e.owner));
             }
+            Ok(())
+        }
+
+        fn apply_grants(&mut self, fx: &Effects<u8, u32>) -> Result<(), TestCaseError> {
             for g in &fx.grants {
                 let q = self.queued.entry(g.key).or_default();
                 let pos = q.iter().position(|w| w.0 == g.waiter);
@@ -1416,9 +1456,16 @@ mod tests {
                     }
                     Op::Release { key, owner } => {
                         let out = t.release(&key, &opt(owner), m.now);
-                        m.apply(&out.effects)?;
+                        // A lease that passed ends first, then the release.
+                        m.apply_ended(&out.effects)?;
                         let held = m.holders.get(&key) == Some(&owner);
-                        prop_assert_eq!(out.result.is_ok(), held || out.effects.ended.iter().any(|e| e.owner == owner && e.reason == EndReason::Released));
+                        prop_assert_eq!(out.result.is_ok(), held);
+                        if let Ok(r) = &out.result {
+                            prop_assert_eq!(&*r.optimizer, opt(owner));
+                            prop_assert_eq!(Some(r.token), m.last_token.get(&key).copied());
+                            m.holders.remove(&key);
+                        }
+                        m.apply_grants(&out.effects)?;
                     }
                     Op::Cancel { key, nth } => {
                         let q = m.queued.entry(key).or_default();

@@ -1,18 +1,21 @@
 //! The optimizer lock table resource and its NIFs (`lock_*`).
 //!
 //! Acquire and release are one NIF call from the caller's process. Every
-//! holder and waiter is watched by a resource monitor, so when its process
-//! dies `down` passes the lock on at once: the next waiter gets
-//! `{:dspex_lock_granted, waiter_id, token, started}`, and the listener (the
-//! `OptimizerCoordinator` process) gets a `{:dspex_lock_ended, ...}` event for
-//! telemetry. Grants made while releasing are announced the same way by the
-//! releasing NIF. Messages are sent only after the table's lock is dropped.
+//! process that ever held or waited for a lock is watched by one resource
+//! monitor for the rest of its life (a set of pids, not a monitor per
+//! acquire: creating and cancelling a monitor would cost more than the
+//! whole uncontended cycle). When it dies, `down` passes its locks on at
+//! once: the next waiter gets `{:dspex_lock_granted, waiter_id, token,
+//! started}`, and the listener (the `OptimizerCoordinator` process) gets a
+//! `{:dspex_lock_ended, ...}` event for telemetry. Grants made by a release
+//! are announced the same way by the releasing NIF. Messages are sent only
+//! after the table's lock is dropped.
 //!
 //! Keys are any term, stored in the external term format. Times are
 //! milliseconds of a monotonic clock private to this library.
 
-use std::cmp::Ordering;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -27,41 +30,49 @@ use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
 use crate::atoms;
 use crate::error::error;
 use crate::store::StoreRef;
-use crate::term::{decode_principal, decode_sid, decode_value, encode_value, ident_text, is_nil};
+use crate::term::{
+    bytes as bytes_term, decode_principal, decode_sid, decode_value, encode_value, ident_text,
+    is_nil,
+};
 
-type Key = Box<[u8]>;
+/// A key in the external term format, or for a binary key `b"b" ++ bytes`
+/// (no external term starts with `b`): the common case skips encoding.
+type Key = Arc<[u8]>;
 type Table = LockTable<Key, Owner>;
 type Effects = dspex_core::locks::Effects<Key, Owner>;
+type RandomState = foldhash::fast::RandomState;
 
 /// Progress values and metrics larger than this are refused.
 const MAX_PROGRESS_BYTES: usize = 1 << 20;
 
-/// A process that holds or waits for a lock, with the monitor watching it
-/// for that one entry. Ordered by pid alone: the table indexes owners by
-/// process.
+/// A local process, hashable: pids have no `Hash`, so the VM's hash of the
+/// pid term goes beside it.
 #[derive(Clone, Copy)]
 pub struct Owner {
     pid: LocalPid,
-    monitor: Option<Monitor>,
+    hash: u32,
+}
+
+impl Owner {
+    fn new(env: Env, pid: LocalPid) -> Self {
+        Owner {
+            pid,
+            hash: pid.encode(env).hash_internal(0),
+        }
+    }
 }
 
 impl PartialEq for Owner {
     fn eq(&self, other: &Self) -> bool {
-        self.pid == other.pid
+        self.hash == other.hash && self.pid == other.pid
     }
 }
 
 impl Eq for Owner {}
 
-impl PartialOrd for Owner {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Owner {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.pid.cmp(&other.pid)
+impl Hash for Owner {
+    fn hash<S: Hasher>(&self, state: &mut S) {
+        state.write_u32(self.hash);
     }
 }
 
@@ -69,46 +80,50 @@ pub struct LockTableRef {
     table: Table,
     /// Told of holders that died or whose lease ran out.
     listener: Mutex<Option<LocalPid>>,
-    /// Monitors `down` could not cancel (it has no `ResourceArc`); the next
-    /// NIF call on the table cancels them.
-    stale_monitors: Mutex<Vec<Monitor>>,
-    has_stale: AtomicBool,
+    /// Processes with a live monitor from this resource.
+    watched: Mutex<HashSet<Owner, RandomState>>,
 }
 
 #[rustler::resource_impl]
 impl rustler::Resource for LockTableRef {
-    // Runs on the VM's own thread with the VM's locks held: must not panic
+    // Runs on the VM's own thread during the process's exit: must not panic
     // and may only send with `env`. Nothing here unwraps or indexes.
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
-        let fx = self
-            .table
-            .owner_down(&Owner { pid, monitor: None }, now_ms());
-        if fx.is_empty() {
-            return;
-        }
-        let stale: Vec<Monitor> = fx
-            .dropped
-            .iter()
-            .filter(|o| o.pid != pid)
-            .filter_map(|o| o.monitor)
-            .collect();
-        if !stale.is_empty() {
-            if let Ok(mut pending) = self.stale_monitors.lock() {
-                pending.extend(stale);
-                self.has_stale.store(true, AtomicOrdering::Release);
-            }
+        let owner = Owner::new(env, pid);
+        let fx = self.table.owner_down(&owner, now_ms());
+        if let Ok(mut w) = self.watched.lock() {
+            w.remove(&owner);
         }
         self.announce(env, &fx);
     }
 }
 
 impl LockTableRef {
+    /// Makes sure `pid` is monitored; false when it is not alive.
+    fn watch(res: &ResourceArc<Self>, env: Env, owner: Owner) -> bool {
+        if res.watched.lock().is_ok_and(|w| w.contains(&owner)) {
+            return true;
+        }
+        // Monitor outside the set's lock: `down` takes it.
+        let Some(monitor) = env.monitor(res, &owner.pid) else {
+            return false;
+        };
+        let fresh = res.watched.lock().map_or(true, |mut w| w.insert(owner));
+        if !fresh {
+            env.demonitor(res, &monitor);
+        }
+        true
+    }
+
     /// Sends the grants of `fx` to their waiters and the holders that died or
     /// expired to the listener.
     fn announce(&self, env: Env, fx: &Effects) {
         for g in &fx.grants {
             let grant = (atoms::dspex_lock_granted(), g.waiter, g.token, g.started);
             let _ = env.send(&g.notify.pid, grant);
+        }
+        if fx.ended.is_empty() {
+            return;
         }
         let listener = self.listener.lock().ok().and_then(|l| *l);
         let Some(listener) = listener else {
@@ -135,56 +150,46 @@ impl LockTableRef {
     }
 }
 
-/// Cancels the monitors of entries that left the table.
-fn unwatch(env: Env, res: &ResourceArc<LockTableRef>, fx: &Effects) {
-    let ended = fx.ended.iter().map(|e| &e.owner);
-    for owner in ended.chain(fx.dropped.iter()) {
-        if let Some(m) = &owner.monitor {
-            env.demonitor(res, m);
-        }
-    }
-    if res.has_stale.swap(false, AtomicOrdering::Acquire) {
-        let stale = res
-            .stale_monitors
-            .lock()
-            .map(|mut s| std::mem::take(&mut *s))
-            .unwrap_or_default();
-        for m in &stale {
-            env.demonitor(res, m);
-        }
-    }
-}
-
-/// Applies the effects of an operation made from a NIF call.
-fn settle(env: Env, res: &ResourceArc<LockTableRef>, fx: &Effects) {
-    if !fx.is_empty() || res.has_stale.load(AtomicOrdering::Relaxed) {
-        unwatch(env, res, fx);
-        res.announce(env, fx);
-    }
-}
-
 fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 fn key_of(term: Term) -> Key {
-    term.to_binary().as_slice().into()
+    match Binary::from_term(term) {
+        Ok(bin) if bin.len() < 256 => {
+            let mut key = [0u8; 256];
+            key[0] = b'b';
+            key[1..=bin.len()].copy_from_slice(bin.as_slice());
+            Arc::from(&key[..=bin.len()])
+        }
+        Ok(bin) => [b"b", bin.as_slice()].concat().into(),
+        Err(_) => term.to_binary().as_slice().into(),
+    }
 }
 
 fn key_term<'a>(env: Env<'a>, key: &[u8]) -> Term<'a> {
-    env.binary_to_term(key)
-        .map(|(t, _)| t)
-        .unwrap_or_else(|| atoms::nil().encode(env))
+    match key.split_first() {
+        Some((b'b', bytes)) => bytes_term(env, bytes),
+        _ => env
+            .binary_to_term(key)
+            .map(|(t, _)| t)
+            .unwrap_or_else(|| atoms::nil().encode(env)),
+    }
 }
 
-/// An optimizer id: a non-empty binary (atoms are converted in Elixir).
-fn decode_optimizer(term: Term) -> Result<OptimizerId, Error> {
+/// An optimizer id: a non-empty UTF-8 binary of at most 255 bytes (atoms
+/// are converted in Elixir).
+fn optimizer_text<'a>(term: Term<'a>) -> Result<&'a str, Error> {
     let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
     match std::str::from_utf8(bin.as_slice()) {
-        Ok(s) if !s.is_empty() && s.len() <= 255 => Ok(s.into()),
+        Ok(s) if !s.is_empty() && s.len() <= 255 => Ok(s),
         _ => Err(Error::invalid_arg("bad_optimizer_id")),
     }
+}
+
+fn decode_optimizer(term: Term) -> Result<OptimizerId, Error> {
+    optimizer_text(term).map(Into::into)
 }
 
 /// `nil` or a non-negative integer of milliseconds; `:infinity` as `None`
@@ -242,8 +247,7 @@ fn table_new(env: Env, lease_ms: u64, preempt_after: u64) -> Term {
             preempt_after,
         }),
         listener: Mutex::new(None),
-        stale_monitors: Mutex::new(Vec::new()),
-        has_stale: AtomicBool::new(false),
+        watched: Mutex::new(HashSet::default()),
     });
     (atoms::ok(), res).encode(env)
 }
@@ -288,39 +292,27 @@ fn acquire<'a>(
         Ok(d) => d,
         Err(e) => return error(env, &e),
     };
-    let Some(monitor) = env.monitor(&res, &pid) else {
+    let owner = Owner::new(env, pid);
+    if !LockTableRef::watch(&res, env, owner) {
         return error(env, &Error::invalid_arg("owner_not_alive"));
-    };
+    }
     let caller = env.pid();
-    let owner = Owner {
-        pid,
-        monitor: Some(monitor),
-    };
-    let notify = Owner {
-        pid: caller,
-        monitor: None,
-    };
     let req = Request {
         optimizer,
         owner,
-        notify,
+        notify: Owner::new(env, caller),
         conflict,
         wait_ms,
         lease_ms,
         fence,
     };
     let out = res.table.acquire(&key_of(key), req, now_ms());
-    let keeps_monitor = matches!(
-        out.result,
-        Ok(Acquired::Granted { .. } | Acquired::Preempted { .. } | Acquired::Queued { .. })
-    );
-    if !keeps_monitor {
-        env.demonitor(&res, &monitor);
-    } else if pid != caller && !env.is_process_alive(pid) {
-        // The owner died before its entry was in the table, so its `down`
-        // may have found nothing: clean up for it.
+    if pid != caller && !env.is_process_alive(pid) {
+        // The owner may have died before its entry was in the table, so its
+        // `down` found nothing: clean up for it. (The caller itself cannot
+        // die while in this call.)
         let fx = res.table.owner_down(&owner, now_ms());
-        settle(env, &res, &fx);
+        res.announce(env, &fx);
     }
     let previous = out
         .effects
@@ -328,7 +320,7 @@ fn acquire<'a>(
         .iter()
         .find(|e| e.reason == EndReason::Preempted)
         .map(|e| (e.owner.pid, e.token, e.finished));
-    settle(env, &res, &out.effects);
+    res.announce(env, &out.effects);
     match out.result {
         Ok(Acquired::Granted { token, started }) => {
             (atoms::ok(), atoms::granted(), token, started).encode(env)
@@ -361,12 +353,12 @@ fn release<'a>(
     key: Term<'a>,
     optimizer: Term<'a>,
 ) -> Term<'a> {
-    let optimizer = match decode_optimizer(optimizer) {
+    let optimizer = match optimizer_text(optimizer) {
         Ok(o) => o,
         Err(e) => return error(env, &e),
     };
-    let out = res.table.release(&key_of(key), &optimizer, now_ms());
-    settle(env, &res, &out.effects);
+    let out = res.table.release(&key_of(key), optimizer, now_ms());
+    res.announce(env, &out.effects);
     match out.result {
         Ok(r) => (atoms::ok(), r.token, r.finished).encode(env),
         Err(e) => error(env, &e),
@@ -378,7 +370,7 @@ fn release<'a>(
 #[rustler::nif(name = "lock_release_any")]
 fn release_any<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, key: Term<'a>) -> Term<'a> {
     let out = res.table.release_any(&key_of(key), now_ms());
-    settle(env, &res, &out.effects);
+    res.announce(env, &out.effects);
     match out.result {
         Ok(r) => (atoms::ok(), r.token, r.finished, &*r.optimizer).encode(env),
         Err(e) => error(env, &e),
@@ -395,12 +387,7 @@ fn cancel<'a>(
     waiter: u64,
 ) -> Term<'a> {
     match res.table.cancel(&key_of(key), waiter) {
-        Cancelled::Removed(owner) => {
-            if let Some(m) = &owner.monitor {
-                env.demonitor(&res, m);
-            }
-            atoms::removed().encode(env)
-        }
+        Cancelled::Removed(_) => atoms::removed().encode(env),
         Cancelled::Granted { token } => (atoms::granted(), token).encode(env),
         Cancelled::Gone => atoms::gone().encode(env),
     }
@@ -415,15 +402,13 @@ fn renew<'a>(
     optimizer: Term<'a>,
     lease_ms: Term<'a>,
 ) -> Term<'a> {
-    let decoded = decode_optimizer(optimizer).and_then(|o| Ok((o, decode_ms(lease_ms)?)));
+    let decoded = optimizer_text(optimizer).and_then(|o| Ok((o, decode_ms(lease_ms)?)));
     let (optimizer, lease_ms) = match decoded {
         Ok(d) => d,
         Err(e) => return error(env, &e),
     };
-    let out = res
-        .table
-        .renew(&key_of(key), &optimizer, lease_ms, now_ms());
-    settle(env, &res, &out.effects);
+    let out = res.table.renew(&key_of(key), optimizer, lease_ms, now_ms());
+    res.announce(env, &out.effects);
     match out.result {
         Ok(token) => (atoms::ok(), token).encode(env),
         Err(e) => error(env, &e),
@@ -445,13 +430,13 @@ fn progress<'a>(
             .decode::<u64>()
             .map_err(|_| Error::invalid_arg("bad_iteration"))?;
         Ok::<_, Error>((
-            decode_optimizer(optimizer)?,
+            optimizer_text(optimizer)?,
             iteration,
             decode_value(value, MAX_PROGRESS_BYTES)?,
             decode_value(metrics, MAX_PROGRESS_BYTES)?,
         ))
     })();
-    let r = decoded.and_then(|(o, i, v, m)| res.table.report_progress(&o, i, v, m, now_ms()));
+    let r = decoded.and_then(|(o, i, v, m)| res.table.report_progress(o, i, v, m, now_ms()));
     match r {
         Ok(best) => (atoms::ok(), best).encode(env),
         Err(e) => error(env, &e),
@@ -466,10 +451,7 @@ fn info<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, key: Term<'a>) -> Term
         return atoms::nil().encode(env);
     };
     let pairs = [
-        (
-            atoms::optimizer_id().encode(env),
-            (&*i.optimizer).encode(env),
-        ),
+        (atoms::optimizer_id().encode(env), i.optimizer.encode(env)),
         (atoms::pid().encode(env), i.owner.pid.encode(env)),
         (atoms::token().encode(env), i.token.encode(env)),
         (atoms::acquired_at().encode(env), i.acquired_at.encode(env)),
@@ -489,7 +471,7 @@ fn encode_status<'a>(env: Env<'a>, s: &Status<Key, Owner>) -> Term<'a> {
     let nil = || atoms::nil().encode(env);
     let best = s.best.as_ref();
     let pairs = [
-        (atoms::optimizer_id(), (&*s.optimizer).encode(env)),
+        (atoms::optimizer_id(), s.optimizer.encode(env)),
         (atoms::pid(), s.owner.pid.encode(env)),
         (atoms::keys(), keys.encode(env)),
         (atoms::iteration(), s.iteration.encode(env)),
@@ -517,9 +499,9 @@ fn encode_status<'a>(env: Env<'a>, s: &Status<Key, Owner>) -> Term<'a> {
 /// `nil` or the optimization's status map.
 #[rustler::nif(name = "lock_status")]
 fn status<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, optimizer: Term<'a>) -> Term<'a> {
-    let found = decode_optimizer(optimizer)
+    let found = optimizer_text(optimizer)
         .ok()
-        .and_then(|o| res.table.status(&o));
+        .and_then(|o| res.table.status(o, now_ms()));
     match found {
         Some(s) => encode_status(env, &s),
         None => atoms::nil().encode(env),
@@ -531,7 +513,7 @@ fn status<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, optimizer: Term<'a>)
 fn active(env: Env, res: ResourceArc<LockTableRef>) -> Term {
     let all: Vec<Term> = res
         .table
-        .active()
+        .active(now_ms())
         .iter()
         .map(|s| encode_status(env, s))
         .collect();
@@ -544,7 +526,6 @@ fn active(env: Env, res: ResourceArc<LockTableRef>) -> Term {
 fn expire(env: Env, res: ResourceArc<LockTableRef>) -> Term {
     let now = now_ms();
     let fx = res.table.expire(now);
-    unwatch(env, &res, &fx);
     res.announce(env, &fx);
     match res.table.next_deadline() {
         Some(at) => at.saturating_sub(now).encode(env),
