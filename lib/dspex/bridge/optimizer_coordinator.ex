@@ -116,7 +116,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   # The common call, with no options to parse; the NIF checks the rest.
   def acquire_lock(var_id, optimizer_id, pid, [])
-      when is_binary(optimizer_id) and is_pid(pid) and node(pid) == node() do
+      when is_binary(optimizer_id) and byte_size(optimizer_id) in 1..255 and is_pid(pid) and
+             node(pid) == node() do
     case run_acquire(var_id, var_id, optimizer_id, pid, :wait, 5_000, nil, nil) do
       {:ok, how, _token} -> {:ok, how}
       error -> error
@@ -137,8 +138,9 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @spec release_lock(key, optimizer_id, keyword) :: :ok | {:error, :not_lock_owner | reason}
   def release_lock(var_id, optimizer_id, opts \\ [])
 
-  def release_lock(var_id, optimizer_id, []) when is_binary(optimizer_id),
-    do: release(var_id, optimizer_id)
+  def release_lock(var_id, optimizer_id, [])
+      when is_binary(optimizer_id) and byte_size(optimizer_id) in 1..255,
+      do: release(var_id, optimizer_id)
 
   def release_lock(var_id, optimizer_id, opts) do
     with {:ok, opts} <- validate(opts, [:session_id, :principal]),
