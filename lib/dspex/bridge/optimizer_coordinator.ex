@@ -328,9 +328,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
       {:ok, :already_held, token} ->
         {:ok, :lock_acquired, token}
 
-      {:ok, :preempted, token, started, {_, previous_pid, _, _} = previous} ->
-        if is_pid(previous_pid), do: send(previous_pid, {:optimization_preempted, var_id})
-        preempted(key, previous, optimizer_id)
+      {:ok, :preempted, token, started, previous} ->
+        preempted(var_id, key, previous, optimizer_id)
         acquired(key, optimizer_id, pid, token, started, :preempted, start)
         {:ok, :lock_acquired, token}
 
@@ -338,8 +337,14 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
         conflict_event(key, optimizer_id, mode)
 
         case await_grant(table, key, waiter, timeout) do
-          {:ok, token, started} ->
+          {:ok, token, started, nil} ->
             acquired(key, optimizer_id, pid, token, started, :after_wait, start)
+            {:ok, :lock_acquired_after_wait, token}
+
+          # The holder reached the preemption threshold while we waited.
+          {:ok, token, started, previous} ->
+            preempted(var_id, key, previous, optimizer_id)
+            acquired(key, optimizer_id, pid, token, started, :preempted, start)
             {:ok, :lock_acquired_after_wait, token}
 
           error ->
@@ -360,7 +365,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   # grant message is already on its way and the lock is ours.
   defp await_grant(table, key, waiter, timeout) do
     receive do
-      {:dspex_lock_granted, ^waiter, token, started} -> {:ok, token, started}
+      {:dspex_lock_granted, ^waiter, token, started, previous} ->
+        {:ok, token, started, previous}
     after
       timeout_ms(timeout) ->
         case Native.lock_cancel(table, key, waiter) do
@@ -369,12 +375,13 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
           {:granted, _token} ->
             receive do
-              {:dspex_lock_granted, ^waiter, token, started} -> {:ok, token, started}
+              {:dspex_lock_granted, ^waiter, token, started, previous} ->
+                {:ok, token, started, previous}
             end
 
           :gone ->
             receive do
-              {:dspex_lock_granted, ^waiter, _, _} -> :ok
+              {:dspex_lock_granted, ^waiter, _, _, _} -> :ok
             after
               0 -> :ok
             end
@@ -582,7 +589,9 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
     end)
   end
 
-  defp preempted(key, {previous, pid, token, finished}, by) do
+  defp preempted(var_id, key, {previous, pid, token, finished}, by) do
+    if is_pid(pid), do: send(pid, {:optimization_preempted, var_id})
+
     emit([:dspex, :optimization, :preempted], fn ->
       {now(), %{key: key, optimizer_id: previous, pid: pid, token: token, preempted_by: by}}
     end)

@@ -141,6 +141,9 @@ pub struct Grant<K, H> {
     pub token: u64,
     /// The grant started this optimizer's optimization.
     pub started: bool,
+    /// The optimizer this waiter preempted (see [`LockTable::report_progress`]);
+    /// its end is in [`Effects::ended`].
+    pub preempted: Option<OptimizerId>,
 }
 
 /// Why a holder lost its lock.
@@ -269,6 +272,8 @@ struct Waiter<H> {
     deadline: u64,
     lease_ms: u64,
     fence: Option<Arc<dyn Fence>>,
+    /// Asked for `:preempt`: takes the lock as soon as the policy allows.
+    preempts: bool,
 }
 
 /// A grant about to be installed.
@@ -505,6 +510,10 @@ where
 
     /// Records an optimizer's progress and renews the leases of its locks.
     /// Returns whether this report is the best so far (lowest score).
+    ///
+    /// Once the iteration reaches the preemption threshold, on each key the
+    /// optimizer holds the first live waiter that asked for `:preempt` takes
+    /// the lock (ahead of plain waiters, as a new `:preempt` request would).
     pub fn report_progress(
         &self,
         optimizer: &str,
@@ -512,40 +521,21 @@ where
         value: Value,
         metrics: Value,
         now: u64,
-    ) -> Result<bool> {
+    ) -> Outcome<bool, K, H> {
+        let mut effects = Effects::default();
         let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        let opt = inner
-            .optimizations
-            .get_mut(optimizer)
-            .ok_or(Error::NotOptimizing)?;
-        opt.iteration = iteration;
-        opt.reports += 1;
-        opt.last_update = now;
-        let score = score(&metrics);
-        let better = match &opt.best {
-            None => true,
-            Some(best) => match (score, best.score) {
-                (Some(new), Some(old)) => new < old,
-                (Some(_), None) => true,
-                (None, _) => false,
-            },
-        };
-        if better {
-            opt.best = Some(Best {
-                iteration,
-                value,
-                metrics,
-                score,
-            });
-        }
-        let lease_until = now.saturating_add(self.config.lease_ms);
-        for key in &opt.keys {
-            if let Some(h) = inner.slots.get_mut(key).and_then(|s| s.holder.as_mut()) {
-                h.lease_until = h.lease_until.max(lease_until);
+        let result = inner.report_progress(optimizer, iteration, value, metrics, now, &self.config);
+        if result.is_ok() && iteration >= self.config.preempt_after {
+            let keys = inner
+                .optimizations
+                .get(optimizer)
+                .map(|o| o.keys.clone())
+                .unwrap_or_default();
+            for key in &keys {
+                inner.preempt_for_waiter(key, now, &mut effects);
             }
         }
-        Ok(better)
+        Outcome { result, effects }
     }
 
     pub fn info(&self, key: &K, now: u64) -> Option<LockInfo<H>> {
@@ -704,6 +694,7 @@ where
                     deadline: now.saturating_add(req.wait_ms),
                     lease_ms: lease,
                     fence: req.fence,
+                    preempts: req.conflict == Conflict::Preempt,
                 });
                 let position = slot.queue.len();
                 self.index(owner, key);
@@ -713,6 +704,90 @@ where
                 })
             }
         }
+    }
+
+    fn report_progress(
+        &mut self,
+        optimizer: &str,
+        iteration: u64,
+        value: Value,
+        metrics: Value,
+        now: u64,
+        config: &LockConfig,
+    ) -> Result<bool> {
+        let opt = self
+            .optimizations
+            .get_mut(optimizer)
+            .ok_or(Error::NotOptimizing)?;
+        opt.iteration = iteration;
+        opt.reports += 1;
+        opt.last_update = now;
+        let score = score(&metrics);
+        let better = match &opt.best {
+            None => true,
+            Some(best) => match (score, best.score) {
+                (Some(new), Some(old)) => new < old,
+                (Some(_), None) => true,
+                (None, _) => false,
+            },
+        };
+        if better {
+            opt.best = Some(Best {
+                iteration,
+                value,
+                metrics,
+                score,
+            });
+        }
+        let lease_until = now.saturating_add(config.lease_ms);
+        for key in &opt.keys {
+            if let Some(h) = self.slots.get_mut(key).and_then(|s| s.holder.as_mut()) {
+                h.lease_until = h.lease_until.max(lease_until);
+            }
+        }
+        Ok(better)
+    }
+
+    /// Hands `key` to its first live waiter that asked for `:preempt`.
+    fn preempt_for_waiter(&mut self, key: &K, now: u64, effects: &mut Effects<K, H>) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let Some(i) = slot
+            .queue
+            .iter()
+            .position(|w| w.preempts && w.deadline > now)
+        else {
+            return;
+        };
+        if slot.holder.is_none() {
+            return;
+        }
+        let (Some(w), Some(old)) = (slot.queue.remove(i), slot.holder.take()) else {
+            return;
+        };
+        self.unindex(&w.owner, key);
+        let ended = self.finish(key, old, EndReason::Preempted);
+        let previous = ended.optimizer.clone();
+        effects.ended.push(ended);
+        let pending = Pending {
+            optimizer: w.optimizer.clone(),
+            owner: w.owner.clone(),
+            lease_ms: w.lease_ms,
+            fence: w.fence,
+            waiter: w.id,
+        };
+        let (token, started) = self.grant(key, pending, Some(&previous), now);
+        effects.grants.push(Grant {
+            key: key.clone(),
+            optimizer: w.optimizer,
+            owner: w.owner,
+            notify: w.notify,
+            waiter: w.id,
+            token,
+            started,
+            preempted: Some(previous),
+        });
     }
 
     /// The slot of `key`, created when missing. (Keys are cheap to clone:
@@ -854,6 +929,7 @@ where
                 waiter: w.id,
                 token,
                 started,
+                preempted: None,
             });
             return;
         }
@@ -1137,11 +1213,13 @@ mod tests {
         let t = table();
         token(&t.acquire(&1, req("old", 1, Conflict::Wait), 0));
         t.report_progress("old", 9, Value::Nil, Value::Nil, 0)
+            .result
             .unwrap();
         let early = t.acquire(&1, req("new", 2, Conflict::Preempt), 0);
         let w = waiter(&early);
         assert_eq!(t.cancel(&1, w), Cancelled::Removed(2));
         t.report_progress("old", 10, Value::Nil, Value::Nil, 0)
+            .result
             .unwrap();
         let late = t.acquire(&1, req("new", 2, Conflict::Preempt), 0);
         assert!(matches!(
@@ -1152,6 +1230,24 @@ mod tests {
         assert_eq!(late.effects.ended[0].owner, 1);
         assert!(t.status("old", 0).is_none());
         assert_eq!(t.info(&1, 0).unwrap().optimizer.as_ref(), "new");
+        t.check_invariants(0).unwrap();
+    }
+
+    #[test]
+    fn a_queued_preempter_takes_over_at_the_threshold() {
+        let t = table();
+        token(&t.acquire(&1, req("old", 1, Conflict::Wait), 0));
+        let plain = waiter(&t.acquire(&1, req("plain", 2, Conflict::Wait), 0));
+        let eager = waiter(&t.acquire(&1, req("eager", 3, Conflict::Preempt), 0));
+        let p9 = t.report_progress("old", 9, Value::Nil, Value::Nil, 0);
+        assert!(p9.effects.is_empty());
+        let p10 = t.report_progress("old", 10, Value::Nil, Value::Nil, 0);
+        assert_eq!(p10.effects.ended[0].reason, EndReason::Preempted);
+        let g = &p10.effects.grants[0];
+        assert_eq!((g.waiter, g.preempted.as_deref()), (eager, Some("old")));
+        assert_eq!(t.info(&1, 0).unwrap().optimizer.as_ref(), "eager");
+        let out = t.release(&1, "eager", 0);
+        assert_eq!(out.effects.grants[0].waiter, plain);
         t.check_invariants(0).unwrap();
     }
 
@@ -1179,7 +1275,7 @@ mod tests {
         r.lease_ms = Some(100);
         token(&t.acquire(&1, r, 0));
         let m = |k: &str, x: f64| Value::Map(vec![(Value::atom(k), Value::Float(x))].into());
-        let p = |i, v: i64, metrics| t.report_progress("a", i, Value::Int(v), metrics, 50);
+        let p = |i, v: i64, metrics| t.report_progress("a", i, Value::Int(v), metrics, 50).result;
         assert_eq!(p(1, 10, m("loss", 0.5)), Ok(true));
         assert_eq!(p(2, 20, m("loss", 0.7)), Ok(false));
         assert_eq!(p(3, 30, m("primary_metric", 0.1)), Ok(true));
@@ -1190,7 +1286,7 @@ mod tests {
         assert_eq!(s.best.unwrap().value, Value::Int(30));
         assert!(t.expire(120).is_empty(), "progress renewed the lease");
         assert_eq!(
-            t.report_progress("zz", 1, Value::Nil, Value::Nil, 0),
+            t.report_progress("zz", 1, Value::Nil, Value::Nil, 0).result,
             Err(Error::NotOptimizing)
         );
     }
@@ -1244,6 +1340,7 @@ mod tests {
             Err(Error::LockedBy("old".into()))
         );
         t.report_progress("old", 10, Value::Nil, Value::Nil, 0)
+            .result
             .unwrap();
         let t2 = token(&t.acquire(&1, fenced("new", 2, Conflict::Preempt), 0));
         assert!(t2 > t1);
@@ -1381,7 +1478,7 @@ mod tests {
         now: u64,
         last_token: HashMap<u8, u64>,
         /// Per key, queued (waiter id, owner, deadline) in queue order.
-        queued: HashMap<u8, Vec<(u64, u32, u64)>>,
+        queued: HashMap<u8, Vec<(u64, u32, u64, bool)>>,
         holders: HashMap<u8, u32>,
     }
 
@@ -1412,12 +1509,21 @@ mod tests {
                 let pos = q.iter().position(|w| w.0 == g.waiter);
                 prop_assert!(pos.is_some(), "granted a waiter that is not queued");
                 let pos = pos.unwrap_or_default();
-                // FIFO: a waiter ahead of the granted one may only have been
-                // skipped because its deadline passed.
-                for w in &q[..pos] {
-                    prop_assert!(w.2 <= self.now, "live waiter {} skipped", w.0);
+                if g.preempted.is_some() {
+                    // A preemption goes to the first live preempter.
+                    prop_assert!(q[pos].3);
+                    for w in &q[..pos] {
+                        prop_assert!(!w.3 || w.2 <= self.now, "preempter {} skipped", w.0);
+                    }
+                    q.remove(pos);
+                } else {
+                    // FIFO: a waiter ahead of the granted one may only have
+                    // been skipped because its deadline passed.
+                    for w in &q[..pos] {
+                        prop_assert!(w.2 <= self.now, "live waiter {} skipped", w.0);
+                    }
+                    q.drain(..=pos);
                 }
-                q.drain(..=pos);
                 self.granted(g.key, g.owner, g.token)?;
             }
             Ok(())
@@ -1446,7 +1552,8 @@ mod tests {
                             }
                             Ok(Acquired::Queued { waiter, .. }) => {
                                 let deadline = m.now + wait as u64;
-                                m.queued.entry(key).or_default().push((waiter, owner, deadline));
+                                let preempts = conflict == Conflict::Preempt;
+                                m.queued.entry(key).or_default().push((waiter, owner, deadline, preempts));
                             }
                             Err(Error::LockHeldBy(h)) => {
                                 prop_assert_eq!(Some(h), m.holders.get(&key).map(|o| opt(*o)));
@@ -1470,7 +1577,7 @@ mod tests {
                     Op::Cancel { key, nth } => {
                         let q = m.queued.entry(key).or_default();
                         if !q.is_empty() {
-                            let (id, owner, deadline) = q[nth as usize % q.len()];
+                            let (id, owner, deadline, _) = q[nth as usize % q.len()];
                             match t.cancel(&key, id) {
                                 Cancelled::Removed(o) => {
                                     prop_assert_eq!(o, owner);
@@ -1490,8 +1597,9 @@ mod tests {
                         prop_assert!(m.holders.values().all(|o| *o != owner));
                     }
                     Op::Progress { owner, iteration } => {
-                        let r = t.report_progress(&opt(owner), iteration as u64, Value::Nil, Value::Nil, m.now);
-                        prop_assert_eq!(r.is_ok(), m.holders.values().any(|o| *o == owner));
+                        let out = t.report_progress(&opt(owner), iteration as u64, Value::Nil, Value::Nil, m.now);
+                        prop_assert_eq!(out.result.is_ok(), m.holders.values().any(|o| *o == owner));
+                        m.apply(&out.effects)?;
                     }
                     Op::Tick { ms } => {
                         m.now += ms as u64;

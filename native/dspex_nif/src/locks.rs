@@ -6,7 +6,7 @@
 //! acquire: creating and cancelling a monitor would cost more than the
 //! whole uncontended cycle). When it dies, `down` passes its locks on at
 //! once: the next waiter gets `{:dspex_lock_granted, waiter_id, token,
-//! started}`, and the listener (the `OptimizerCoordinator` process) gets a
+//! started, preempted}`, and the listener (the `OptimizerCoordinator` process) gets a
 //! `{:dspex_lock_ended, ...}` event for telemetry. Grants made by a release
 //! are announced the same way by the releasing NIF. Messages are sent only
 //! after the table's lock is dropped.
@@ -119,7 +119,23 @@ impl LockTableRef {
     /// expired to the listener.
     fn announce(&self, env: Env, fx: &Effects) {
         for g in &fx.grants {
-            let grant = (atoms::dspex_lock_granted(), g.waiter, g.token, g.started);
+            // A waiter that preempted is told whom, to notify it.
+            let previous = g.preempted.as_ref().and_then(|p| {
+                fx.ended.iter().find(|e| {
+                    e.reason == EndReason::Preempted && e.key == g.key && e.optimizer == *p
+                })
+            });
+            let previous = match previous {
+                Some(e) => (&*e.optimizer, e.owner.pid, e.token, e.finished).encode(env),
+                None => atoms::nil().encode(env),
+            };
+            let grant = (
+                atoms::dspex_lock_granted(),
+                g.waiter,
+                g.token,
+                g.started,
+                previous,
+            );
             let _ = env.send(&g.notify.pid, grant);
         }
         if fx.ended.is_empty() {
@@ -265,7 +281,8 @@ fn listen(res: ResourceArc<LockTableRef>, pid: LocalPid) -> Atom {
 /// `{:ok, :preempted, token, started, {previous_optimizer, previous_pid,
 /// previous_token, previous_finished}}`,
 /// `{:wait, waiter_id}` (then wait for `{:dspex_lock_granted, waiter_id,
-/// token, started}` or call `lock_cancel`), or `{:error, reason}`.
+/// token, started, preempted}`, `preempted` being `nil` or the tuple above,
+/// or call `lock_cancel`), or `{:error, reason}`.
 #[rustler::nif(name = "lock_acquire")]
 #[allow(clippy::too_many_arguments)]
 fn acquire<'a>(
@@ -436,8 +453,15 @@ fn progress<'a>(
             decode_value(metrics, MAX_PROGRESS_BYTES)?,
         ))
     })();
-    let r = decoded.and_then(|(o, i, v, m)| res.table.report_progress(o, i, v, m, now_ms()));
-    match r {
+    let (optimizer, iteration, value, metrics) = match decoded {
+        Ok(d) => d,
+        Err(e) => return error(env, &e),
+    };
+    let out = res
+        .table
+        .report_progress(optimizer, iteration, value, metrics, now_ms());
+    res.announce(env, &out.effects);
+    match out.result {
         Ok(best) => (atoms::ok(), best).encode(env),
         Err(e) => error(env, &e),
     }

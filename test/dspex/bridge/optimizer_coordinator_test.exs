@@ -253,6 +253,33 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
     end
   end
 
+  describe "a queued :preempt request" do
+    test "takes the lock when the holder reports its 10th iteration", %{key: key} do
+      old = opt("old")
+      assert {:ok, :lock_acquired} = OptimizerCoordinator.acquire_lock(key, old, self())
+      plain = holder(key, opt("plain"))
+      await_waiters(key, 1)
+      eager_id = opt("eager")
+      eager = holder(key, eager_id, conflict_resolution: :preempt)
+      await_waiters(key, 2)
+
+      for i <- 1..9, do: {:ok, _} = OptimizerCoordinator.report_progress(old, i, i, %{})
+      refute_received {:acquired, ^eager, _}
+      {:ok, _} = OptimizerCoordinator.report_progress(old, 10, 10, %{})
+
+      assert_receive {:acquired, ^eager, {:ok, :lock_acquired_after_wait}}
+      assert_receive {:optimization_preempted, ^key}
+
+      assert {:ok, %{optimizer_id: ^eager_id, waiters: 1}} =
+               OptimizerCoordinator.get_lock_info(key)
+
+      send(eager, :release)
+      assert_receive {:released, ^eager, :ok}
+      assert_receive {:acquired, ^plain, {:ok, :lock_acquired_after_wait}}
+      send(plain, :stop)
+    end
+  end
+
   describe "leases" do
     test "an expired lock passes to the waiter; renewal keeps it", %{key: key} do
       ref = TelemetryHelper.attach(@events)
