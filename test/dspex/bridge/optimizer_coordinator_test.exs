@@ -396,6 +396,63 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
     end
   end
 
+  describe "the NIF boundary" do
+    test "garbage arguments give an error or an ArgumentError, never a crash" do
+      alias DSPex.Bridge.Native
+      table = :persistent_term.get({OptimizerCoordinator, :table})
+
+      garbage = [
+        nil,
+        -1,
+        1.5,
+        "",
+        <<0xFF>>,
+        :atom,
+        {1},
+        [1 | 2],
+        %{},
+        make_ref(),
+        self(),
+        Bitwise.bsl(1, 70)
+      ]
+
+      calls = [
+        &Native.lock_acquire(table, &1, &1, self(), &1, &1, &1, &1),
+        &Native.lock_acquire(table, "k", "o", &1, :wait, 0, nil, nil),
+        &Native.lock_acquire(&1, "k", "o", self(), :wait, 0, nil, nil),
+        &Native.lock_release(table, &1, &1),
+        &Native.lock_release_any(table, &1),
+        &Native.lock_cancel(table, &1, &1),
+        &Native.lock_renew(table, &1, &1, &1),
+        &Native.lock_progress(table, &1, &1, &1, &1),
+        &Native.lock_info(table, &1),
+        &Native.lock_status(table, &1),
+        &Native.lock_table_new(&1, &1)
+      ]
+
+      for call <- calls, arg <- garbage do
+        try do
+          case call.(arg) do
+            {:error, _} -> :ok
+            nil -> :ok
+            :gone -> :ok
+            {:ok, _} -> :ok
+            {:ok, _, _} -> :ok
+            {:ok, _, _, _} -> :ok
+            other -> flunk("unexpected #{inspect(other)} for #{inspect(arg)}")
+          end
+        rescue
+          ArgumentError -> :ok
+        end
+      end
+
+      assert {:ok, :lock_acquired} =
+               OptimizerCoordinator.acquire_lock("after-garbage", "o", self())
+
+      :ok = OptimizerCoordinator.release_lock("after-garbage", "o")
+    end
+  end
+
   describe "telemetry" do
     test "acquire, conflict, release, death", %{key: key} do
       ref = TelemetryHelper.attach(@events)
