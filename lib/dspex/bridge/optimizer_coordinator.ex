@@ -66,8 +66,9 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   """
   use GenServer
 
-  alias DSPex.Bridge.{Native, Telemetry}
+  alias DSPex.Bridge.{Native, SessionStore, Telemetry}
   alias DSPex.Bridge.Backend.Native, as: NativeBackend
+  alias DSPex.Bridge.Backend.Router
 
   @type key :: term
   @type optimizer_id :: String.t() | atom
@@ -521,14 +522,17 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
       sid ->
         with {:ok, %{id: id}} <-
-               Native.var_get(NativeBackend.store(), sid, var_id, opts[:principal]) do
+               SessionStore.backend().get_variable(sid, var_id, opts[:principal]) do
           {:ok, {sid, id}}
         end
     end
   end
 
+  # Writes are fenced inside the engine, so on sessions of the NIF backend;
+  # a port session's variables are locked for optimizers but not fenced.
   defp fence({sid, id}, opts) do
-    if opts[:session_id], do: {NativeBackend.store(), sid, id, opts[:principal]}
+    if opts[:session_id] && Router.kind_of(sid) == :nif,
+      do: {NativeBackend.store(), sid, id, opts[:principal]}
   end
 
   defp fence(_key, _opts), do: nil

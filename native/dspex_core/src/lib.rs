@@ -4,6 +4,7 @@
 //! shells over this crate.
 
 pub mod caller;
+pub mod command;
 pub mod error;
 pub mod glob;
 pub mod limits;
@@ -16,7 +17,12 @@ pub mod types;
 pub mod value;
 pub mod variable;
 
+/// The concurrent map used for every index: sharded, with aHash (fast on
+/// short keys, and keyed per process so hostile ids cannot flood a shard).
+pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
+
 pub use caller::{Caller, Permission};
+pub use command::{Answer, Command, Reply, UpdateSpec};
 pub use error::{Error, Result};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};
 pub use store::Store;

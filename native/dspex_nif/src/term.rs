@@ -83,6 +83,9 @@ fn decode(term: Term, depth: usize, left: &mut usize, budget: usize) -> Result<V
         }
         TermType::Map => {
             let size = term.map_size().map_err(|_| invalid("bad_map"))?;
+            if size == 0 {
+                return Ok(Value::empty_map());
+            }
             charge(left, size.saturating_mul(2 * slot), budget)?;
             let mut pairs = Vec::with_capacity(size);
             for (k, v) in MapIterator::new(term).ok_or_else(|| invalid("bad_map"))? {
