@@ -87,7 +87,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       await_locked(key, "crash_opt")
       ref = Process.monitor(pid)
       send(pid, :crash)
-      assert_receive {:DOWN, ^ref, :process, ^pid, :crashed}
+      assert_receive {:DOWN, ^ref, :process, ^pid, :crashed}, 1_000
 
       assert {:ok, :lock_acquired} =
                OptimizerCoordinator.acquire_lock(key, "new_opt", self(), timeout: 1_000)
@@ -121,7 +121,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
         assert_receive {:acquired, ^pid, {:ok, :lock_acquired_after_wait}}, 1_000
         refute_received {:acquired, _, _}
         send(pid, :release)
-        assert_receive {:released, ^pid, :ok}
+        assert_receive {:released, ^pid, :ok}, 1_000
       end
 
       assert {:error, :not_locked} = OptimizerCoordinator.get_lock_info(key)
@@ -157,15 +157,15 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       Process.exit(doomed, :kill)
       await_waiters(key, 1)
       assert :ok = OptimizerCoordinator.release_lock(key, owner)
-      assert_receive {:acquired, ^survivor, {:ok, :lock_acquired_after_wait}}
+      assert_receive {:acquired, ^survivor, {:ok, :lock_acquired_after_wait}}, 1_000
       refute_received {:acquired, ^doomed, _}
       send(survivor, :release)
-      assert_receive {:released, ^survivor, :ok}
+      assert_receive {:released, ^survivor, :ok}, 1_000
     end
 
     test "the next waiter gets the lock as soon as the holder dies", %{key: key} do
       dying = holder(key, opt("dying"))
-      assert_receive {:acquired, ^dying, {:ok, :lock_acquired}}
+      assert_receive {:acquired, ^dying, {:ok, :lock_acquired}}, 1_000
       waiter = holder(key, opt("next"), timeout: 2_000)
       await_waiters(key, 1)
       Process.exit(dying, :kill)
@@ -179,7 +179,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       waiter = holder(key, opt("patient"), timeout: :infinity)
       await_waiters(key, 1)
       :ok = OptimizerCoordinator.release_lock(key, owner)
-      assert_receive {:acquired, ^waiter, {:ok, :lock_acquired_after_wait}}
+      assert_receive {:acquired, ^waiter, {:ok, :lock_acquired_after_wait}}, 1_000
       send(waiter, :stop)
     end
 
@@ -229,7 +229,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       new = opt("new")
       ref = TelemetryHelper.attach(@events)
       victim = holder(key, old)
-      assert_receive {:acquired, ^victim, {:ok, :lock_acquired}}
+      assert_receive {:acquired, ^victim, {:ok, :lock_acquired}}, 1_000
       {:ok, %{token: old_token}} = OptimizerCoordinator.get_lock_info(key)
       :erlang.trace(victim, true, [:receive])
       assert {:ok, true} = OptimizerCoordinator.report_progress(old, 10, 0.5, %{})
@@ -237,15 +237,17 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       assert {:ok, :lock_acquired} =
                OptimizerCoordinator.acquire_lock(key, new, self(), conflict_resolution: :preempt)
 
-      assert_receive {:trace, ^victim, :receive, {:optimization_preempted, ^key}}
+      assert_receive {:trace, ^victim, :receive, {:optimization_preempted, ^key}}, 1_000
       assert {:ok, %{optimizer_id: ^new, token: token}} = OptimizerCoordinator.get_lock_info(key)
       assert token > old_token
 
       assert_receive {[:dspex, :optimization, :preempted], ^ref, _,
-                      %{optimizer_id: ^old, preempted_by: ^new, token: ^old_token}}
+                      %{optimizer_id: ^old, preempted_by: ^new, token: ^old_token}},
+                     1_000
 
       assert_receive {[:dspex, :optimization, :failed], ^ref, _,
-                      %{optimizer_id: ^old, reason: :preempted}}
+                      %{optimizer_id: ^old, reason: :preempted}},
+                     1_000
 
       assert {:error, :not_lock_owner} = OptimizerCoordinator.release_lock(key, old)
       send(victim, :stop)
@@ -267,15 +269,15 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       refute_received {:acquired, ^eager, _}
       {:ok, _} = OptimizerCoordinator.report_progress(old, 10, 10, %{})
 
-      assert_receive {:acquired, ^eager, {:ok, :lock_acquired_after_wait}}
-      assert_receive {:optimization_preempted, ^key}
+      assert_receive {:acquired, ^eager, {:ok, :lock_acquired_after_wait}}, 1_000
+      assert_receive {:optimization_preempted, ^key}, 1_000
 
       assert {:ok, %{optimizer_id: ^eager_id, waiters: 1}} =
                OptimizerCoordinator.get_lock_info(key)
 
       send(eager, :release)
-      assert_receive {:released, ^eager, :ok}
-      assert_receive {:acquired, ^plain, {:ok, :lock_acquired_after_wait}}
+      assert_receive {:released, ^eager, :ok}, 1_000
+      assert_receive {:acquired, ^plain, {:ok, :lock_acquired_after_wait}}, 1_000
       send(plain, :stop)
     end
   end
@@ -297,7 +299,8 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       assert_receive {:acquired, ^waiter, {:ok, :lock_acquired_after_wait}}, 1_500
 
       assert_receive {[:dspex, :optimization, :lock_expired], ^ref, _,
-                      %{key: ^key, optimizer_id: ^owner}}
+                      %{key: ^key, optimizer_id: ^owner}},
+                     1_000
 
       assert {:error, :not_lock_owner} = OptimizerCoordinator.renew_lock(key, owner)
       send(waiter, :stop)
@@ -356,7 +359,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
     test "is answered with an error, never a crash", %{key: key} do
       dead = spawn(fn -> :ok end)
       ref = Process.monitor(dead)
-      assert_receive {:DOWN, ^ref, _, _, _}
+      assert_receive {:DOWN, ^ref, _, _, _}, 1_000
       acquire = &OptimizerCoordinator.acquire_lock(key, &1, &2, &3)
 
       assert {:error, {:invalid_argument, {:optimizer_id, 42}}} = acquire.(42, self(), [])
@@ -460,38 +463,45 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       assert {:ok, :lock_acquired} = OptimizerCoordinator.acquire_lock(key, owner, self())
 
       assert_receive {[:dspex, :optimization, :lock_acquired], ^ref, %{wait_us: _},
-                      %{key: ^key, optimizer_id: ^owner, how: :immediate, token: _}}
+                      %{key: ^key, optimizer_id: ^owner, how: :immediate, token: _}},
+                     1_000
 
-      assert_receive {[:dspex, :optimization, :started], ^ref, _, %{optimizer_id: ^owner}}
+      assert_receive {[:dspex, :optimization, :started], ^ref, _, %{optimizer_id: ^owner}}, 1_000
 
       assert {:error, _} =
                OptimizerCoordinator.acquire_lock(key, "other", self(), conflict_resolution: :abort)
 
       assert_receive {[:dspex, :optimization, :lock_conflict], ^ref, _,
-                      %{key: ^key, optimizer_id: "other", resolution: :abort}}
+                      %{key: ^key, optimizer_id: "other", resolution: :abort}},
+                     1_000
 
       {:ok, _} = OptimizerCoordinator.report_progress(owner, 1, 1.0, %{loss: 1.0})
 
       assert_receive {[:dspex, :optimization, :progress], ^ref, %{iteration: 1},
-                      %{optimizer_id: ^owner, best: true}}
+                      %{optimizer_id: ^owner, best: true}},
+                     1_000
 
       :ok = OptimizerCoordinator.release_lock(key, owner)
 
       assert_receive {[:dspex, :optimization, :lock_released], ^ref, _,
-                      %{key: ^key, optimizer_id: ^owner, reason: :released}}
+                      %{key: ^key, optimizer_id: ^owner, reason: :released}},
+                     1_000
 
-      assert_receive {[:dspex, :optimization, :completed], ^ref, _, %{optimizer_id: ^owner}}
+      assert_receive {[:dspex, :optimization, :completed], ^ref, _, %{optimizer_id: ^owner}},
+                     1_000
 
       doomed = opt("doomed")
       pid = holder(key, doomed)
-      assert_receive {:acquired, ^pid, {:ok, :lock_acquired}}
+      assert_receive {:acquired, ^pid, {:ok, :lock_acquired}}, 1_000
       Process.exit(pid, :kill)
 
       assert_receive {[:dspex, :optimization, :lock_released], ^ref, _,
-                      %{key: ^key, optimizer_id: ^doomed, reason: :owner_down}}
+                      %{key: ^key, optimizer_id: ^doomed, reason: :owner_down}},
+                     1_000
 
       assert_receive {[:dspex, :optimization, :failed], ^ref, _,
-                      %{optimizer_id: ^doomed, reason: :owner_down}}
+                      %{optimizer_id: ^doomed, reason: :owner_down}},
+                     1_000
     end
   end
 
@@ -581,14 +591,14 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
           Process.sleep(:infinity)
         end)
 
-      assert_receive {:ok, %{optimizer_id: "mortal"}}
+      assert_receive {:ok, %{optimizer_id: "mortal"}}, 1_000
 
       assert {:error, {:locked_by, "mortal"}} =
                SessionStore.update_variable(sid, :temperature, 0.1)
 
       ref = Process.monitor(pid)
       Process.exit(pid, :kill)
-      assert_receive {:DOWN, ^ref, _, _, _}
+      assert_receive {:DOWN, ^ref, _, _, _}, 1_000
 
       assert {:ok, %{optimizer_id: "next"}} =
                SessionStore.start_optimization(sid, :temperature, self(),
