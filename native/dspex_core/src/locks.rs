@@ -31,8 +31,7 @@
 //! 4. At rest a key without a holder has no waiter that is still live: every
 //!    operation that frees a lock grants it to the first live waiter in the
 //!    same critical section.
-//! 5. The owner index lists exactly the keys each owner holds or waits on,
-//!    and the optimization registry lists exactly the optimizers that hold at
+//! 5. The optimization registry lists exactly the optimizers that hold at
 //!    least one lock, with those keys.
 
 use std::collections::hash_map::Entry as MapEntry;
@@ -320,8 +319,6 @@ type Keys<K> = SmallVec<[K; 2]>;
 
 struct Inner<K, H> {
     slots: Map<K, Slot<H>>,
-    /// Keys each owner holds or waits on, once per entry.
-    owners: Map<H, Keys<K>>,
     optimizations: Map<OptimizerId, Optimization<K, H>>,
     next_token: u64,
     next_waiter: u64,
@@ -342,7 +339,6 @@ where
         LockTable {
             inner: Mutex::new(Inner {
                 slots: Map::default(),
-                owners: Map::default(),
                 optimizations: Map::default(),
                 next_token: 1,
                 next_waiter: 1,
@@ -359,7 +355,6 @@ where
     pub fn acquire(&self, key: &K, req: Request<H>, now: u64) -> Outcome<Acquired, K, H> {
         let mut effects = Effects::default();
         let mut inner = self.inner.lock();
-        inner.expire_key(key, now, &mut effects);
         let result = inner.acquire(key, req, now, &self.config, &mut effects);
         Outcome { result, effects }
     }
@@ -386,7 +381,9 @@ where
     ) -> Outcome<Released, K, H> {
         let mut effects = Effects::default();
         let mut inner = self.inner.lock();
-        inner.expire_key(key, now, &mut effects);
+        if inner.holder_of(key).is_some_and(|h| h.lease_until <= now) {
+            inner.expire_key(key, now, &mut effects);
+        }
         let result = match inner.holder_of(key) {
             Some(h) if allowed(h) => inner
                 .end_holder(key, EndReason::Released, now, &mut effects)
@@ -431,8 +428,6 @@ where
         };
         let queued = slot.queue.iter().position(|w| w.id == waiter);
         if let Some(w) = queued.and_then(|i| slot.queue.remove(i)) {
-            let owner = w.owner.clone();
-            inner.unindex(&owner, key);
             inner.drop_if_idle(key);
             return Cancelled::Removed(w.owner);
         }
@@ -447,10 +442,17 @@ where
     pub fn owner_down(&self, owner: &H, now: u64) -> Effects<K, H> {
         let mut effects = Effects::default();
         let mut inner = self.inner.lock();
-        let Some(keys) = inner.owners.remove(owner) else {
-            return effects;
-        };
-        // A key listed twice is handled twice; the second pass finds nothing.
+        // A scan, not an index: deaths are rare next to acquires, and an
+        // index would cost every acquire and release two more map updates.
+        let keys: Vec<K> = inner
+            .slots
+            .iter()
+            .filter(|(_, s)| {
+                s.holder.as_ref().is_some_and(|h| h.owner == *owner)
+                    || s.queue.iter().any(|w| w.owner == *owner)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in &keys {
             let Some(slot) = inner.slots.get_mut(key) else {
                 continue;
@@ -461,8 +463,6 @@ where
                 effects.dropped.push(owner.clone());
             }
             if slot.holder.as_ref().is_some_and(|h| h.owner == *owner) {
-                // The owner's index entry is already gone, so end_holder's
-                // unindex is a no-op for it.
                 let ended = inner.end_holder(key, EndReason::OwnerDown, now, &mut effects);
                 effects.ended.extend(ended);
             } else {
@@ -586,9 +586,8 @@ where
     #[doc(hidden)]
     pub fn check_invariants(&self, now: u64) -> std::result::Result<(), String> {
         let inner = self.inner.lock();
-        let mut index: HashMap<H, Vec<K>> = HashMap::new();
         let mut held: HashMap<OptimizerId, usize> = HashMap::new();
-        for (key, slot) in &inner.slots {
+        for slot in inner.slots.values() {
             if slot.holder.is_none() && slot.queue.is_empty() {
                 return Err("idle slot kept".into());
             }
@@ -596,24 +595,9 @@ where
                 if slot.queue.iter().any(|w| w.id == h.waiter) {
                     return Err("holder also queued".into());
                 }
-                index.entry(h.owner.clone()).or_default().push(key.clone());
                 *held.entry(h.optimizer.clone()).or_default() += 1;
             } else if slot.queue.iter().any(|w| w.deadline > now) {
                 return Err("free key with a live waiter".into());
-            }
-            for w in &slot.queue {
-                index.entry(w.owner.clone()).or_default().push(key.clone());
-            }
-        }
-        if index.len() != inner.owners.len() {
-            return Err("owner index has stale owners".into());
-        }
-        for (owner, keys) in &index {
-            let Some(indexed) = inner.owners.get(owner) else {
-                return Err("owner missing from index".into());
-            };
-            if indexed.len() != keys.len() || keys.iter().any(|k| !indexed.contains(k)) {
-                return Err("owner index disagrees".into());
             }
         }
         if held.len() != inner.optimizations.len() {
@@ -651,7 +635,14 @@ where
         effects: &mut Effects<K, H>,
     ) -> Result<Acquired> {
         let lease = req.lease_ms.unwrap_or(config.lease_ms);
-        let holder = match self.holder_of(key) {
+        let current = match self.holder_of(key) {
+            Some(h) if h.lease_until <= now => {
+                self.expire_key(key, now, effects);
+                self.holder_of(key)
+            }
+            current => current,
+        };
+        let holder = match current {
             Some(h) => h.optimizer.clone(),
             None => {
                 let (token, started) = self.grant(key, Pending::at_once(req, lease), None, now);
@@ -684,7 +675,6 @@ where
             Conflict::Wait | Conflict::Preempt => {
                 let id = self.next_waiter;
                 self.next_waiter += 1;
-                let owner = req.owner.clone();
                 let slot = self.slot_mut(key);
                 slot.queue.push_back(Waiter {
                     id,
@@ -697,7 +687,6 @@ where
                     preempts: req.conflict == Conflict::Preempt,
                 });
                 let position = slot.queue.len();
-                self.index(owner, key);
                 Ok(Acquired::Queued {
                     waiter: id,
                     position,
@@ -766,7 +755,6 @@ where
         let (Some(w), Some(old)) = (slot.queue.remove(i), slot.holder.take()) else {
             return;
         };
-        self.unindex(&w.owner, key);
         let ended = self.finish(key, old, EndReason::Preempted);
         let previous = ended.optimizer.clone();
         effects.ended.push(ended);
@@ -833,7 +821,6 @@ where
                 true
             }
         };
-        self.index(p.owner.clone(), key);
         let slot = self.slot_mut(key);
         debug_assert!(slot.holder.is_none());
         slot.holder = Some(Holder {
@@ -870,7 +857,6 @@ where
         if let Some(f) = &old.fence {
             f.released(old.token);
         }
-        self.unindex(&old.owner, key);
         let finished = match self.optimizations.entry(old.optimizer.clone()) {
             MapEntry::Occupied(mut o) => {
                 let keys = &mut o.get_mut().keys;
@@ -908,7 +894,6 @@ where
                 return;
             };
             // The waiter's index entry moves from waiting to holding.
-            self.unindex(&w.owner, key);
             if w.deadline <= now {
                 effects.dropped.push(w.owner);
                 continue;
@@ -947,39 +932,18 @@ where
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
-        let mut gone = Vec::new();
         slot.queue.retain(|w| {
             let live = w.deadline > now;
             if !live {
-                gone.push(w.owner.clone());
+                effects.dropped.push(w.owner.clone());
             }
             live
         });
-        for owner in gone {
-            self.unindex(&owner, key);
-            effects.dropped.push(owner);
-        }
     }
 
     fn drop_if_idle(&mut self, key: &K) {
         if let MapEntry::Occupied(e) = self.slots.entry(key.clone()) {
             if e.get().holder.is_none() && e.get().queue.is_empty() {
-                e.remove();
-            }
-        }
-    }
-
-    fn index(&mut self, owner: H, key: &K) {
-        self.owners.entry(owner).or_default().push(key.clone());
-    }
-
-    fn unindex(&mut self, owner: &H, key: &K) {
-        if let MapEntry::Occupied(mut e) = self.owners.entry(owner.clone()) {
-            let keys = e.get_mut();
-            if let Some(i) = keys.iter().position(|k| k == key) {
-                keys.swap_remove(i);
-            }
-            if keys.is_empty() {
                 e.remove();
             }
         }

@@ -314,17 +314,18 @@ fn acquire<'a>(
         return error(env, &Error::invalid_arg("owner_not_alive"));
     }
     let caller = env.pid();
+    let by_owner = caller == pid;
     let req = Request {
         optimizer,
         owner,
-        notify: Owner::new(env, caller),
+        notify: if by_owner { owner } else { Owner::new(env, caller) },
         conflict,
         wait_ms,
         lease_ms,
         fence,
     };
     let out = res.table.acquire(&key_of(key), req, now_ms());
-    if pid != caller && !env.is_process_alive(pid) {
+    if !by_owner && !env.is_process_alive(pid) {
         // The owner may have died before its entry was in the table, so its
         // `down` found nothing: clean up for it. (The caller itself cannot
         // die while in this call.)
