@@ -115,11 +115,12 @@ defmodule LocksBench do
     :ok = SeedCoordinator.release_lock(key(), "bench")
   end
 
-  # One key per benchmarking process, so parallel runs do not contend.
+  # One key per benchmarking process, so parallel runs do not contend: a
+  # string, like a variable id.
   defp key do
     case Process.get(:bench_key) do
       nil ->
-        key = {:bench, self()}
+        key = "bench-var-#{:erlang.unique_integer([:positive])}"
         Process.put(:bench_key, key)
         key
 

@@ -76,6 +76,10 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   @table_key {__MODULE__, :table}
   @lock_acquired [:dspex, :optimization, :lock_acquired]
+  @lock_released [:dspex, :optimization, :lock_released]
+  @started [:dspex, :optimization, :started]
+  @completed [:dspex, :optimization, :completed]
+  @failed [:dspex, :optimization, :failed]
   @never 18_446_744_073_709_551_615
   @acquire_opts [:timeout, :conflict_resolution, :session_id, :principal, :lease]
 
@@ -565,11 +569,14 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   defp now, do: %{system_time: System.system_time()}
 
+  # What an acquire will report: the start time when `:lock_acquired` is
+  # observed, and whether `:started` is.
   defp start_time do
-    if Telemetry.enabled?(@lock_acquired), do: System.monotonic_time()
+    {acquired?, started?} = Telemetry.enabled?(@lock_acquired, @started)
+    {acquired? && System.monotonic_time(), started?}
   end
 
-  defp acquired(key, optimizer_id, pid, token, started, how, start) do
+  defp acquired(key, optimizer_id, pid, token, started, how, {start, started?}) do
     if start do
       Telemetry.execute(@lock_acquired, %{wait_us: Telemetry.since_us(start)}, %{
         key: key,
@@ -580,10 +587,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
       })
     end
 
-    if started do
-      emit([:dspex, :optimization, :started], fn ->
-        {now(), %{optimizer_id: optimizer_id, key: key, pid: pid}}
-      end)
+    if started and started? do
+      Telemetry.execute(@started, now(), %{optimizer_id: optimizer_id, key: key, pid: pid})
     end
   end
 
@@ -606,23 +611,29 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   # A holder lost its lock: `:lock_released`, and when it held no other
   # lock `:completed` (released) or `:failed` (anything else).
   defp ended(key, optimizer_id, token, finished, reason) do
-    emit([:dspex, :optimization, :lock_released], fn ->
-      {now(), %{key: key, optimizer_id: optimizer_id, token: token, reason: reason}}
-    end)
+    over = if reason == :released, do: @completed, else: @failed
+    {released?, over?} = Telemetry.enabled?(@lock_released, over)
+
+    if released? do
+      Telemetry.execute(@lock_released, now(), %{
+        key: key,
+        optimizer_id: optimizer_id,
+        token: token,
+        reason: reason
+      })
+    end
 
     cond do
-      not finished ->
+      not (finished and over?) ->
         :ok
 
       reason == :released ->
-        emit([:dspex, :optimization, :completed], fn ->
-          {now(), %{optimizer_id: optimizer_id, key: key}}
-        end)
+        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key})
 
       true ->
-        emit([:dspex, :optimization, :failed], fn ->
-          {now(), %{optimizer_id: optimizer_id, key: key, reason: reason}}
-        end)
+        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key, reason: reason})
     end
+
+    :ok
   end
 end

@@ -115,6 +115,25 @@ defmodule DSPex.Bridge.Telemetry do
     telemetry?() or handlers(event) != []
   end
 
+  @doc """
+  `{enabled?(a), enabled?(b)}` with one look at the handler table, for a hot
+  path that may emit two events (a lock grant and the start of an
+  optimization, say).
+  """
+  @spec enabled?(event, event) :: {boolean, boolean}
+  def enabled?(a, b) do
+    cond do
+      telemetry?() ->
+        {true, true}
+
+      table = :persistent_term.get(@handlers_key, nil) ->
+        {Map.get(table, a, []) != [], Map.get(table, b, []) != []}
+
+      true ->
+        {false, false}
+    end
+  end
+
   @doc "Attaches `fun` to one event. Same contract as `:telemetry.attach/4`."
   @spec attach(term, event, handler, term) :: :ok | {:error, :already_exists}
   def attach(id, event, fun, config), do: attach_many(id, [event], fun, config)

@@ -35,8 +35,11 @@ use crate::term::{
     is_nil,
 };
 
-/// A key in the external term format, or for a binary key `b"b" ++ bytes`
-/// (no external term starts with `b`): the common case skips encoding.
+/// A key in the external term format, or in a shorter form for the common
+/// shapes, which skip encoding: `b"b" ++ bytes` for a binary, and
+/// `b"p" ++ len(a) as u32 ++ a ++ b` for a pair of binaries (a session
+/// variable's `{session_id, var_id}`). No external term starts with `b` or
+/// `p`, so the forms never collide.
 type Key = Arc<[u8]>;
 type Table = LockTable<Key, Owner>;
 type Effects = dspex_core::locks::Effects<Key, Owner>;
@@ -172,21 +175,42 @@ fn now_ms() -> u64 {
 }
 
 fn key_of(term: Term) -> Key {
-    match Binary::from_term(term) {
-        Ok(bin) if bin.len() < 256 => {
-            let mut key = [0u8; 256];
-            key[0] = b'b';
-            key[1..=bin.len()].copy_from_slice(bin.as_slice());
-            Arc::from(&key[..=bin.len()])
-        }
-        Ok(bin) => [b"b", bin.as_slice()].concat().into(),
-        Err(_) => term.to_binary().as_slice().into(),
+    if let Ok(bin) = Binary::from_term(term) {
+        return joined(&[b"b", bin.as_slice()]);
     }
+    if let Ok((a, b)) = term.decode::<(Binary, Binary)>() {
+        if let Ok(len) = u32::try_from(a.len()) {
+            return joined(&[b"p", &len.to_le_bytes(), a.as_slice(), b.as_slice()]);
+        }
+    }
+    term.to_binary().as_slice().into()
+}
+
+/// The parts as one key, with one allocation when short (the hot path).
+fn joined(parts: &[&[u8]]) -> Key {
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    for part in parts {
+        match buf.get_mut(len..len + part.len()) {
+            Some(slot) => slot.copy_from_slice(part),
+            None => return parts.concat().into(),
+        }
+        len += part.len();
+    }
+    Arc::from(&buf[..len])
 }
 
 fn key_term<'a>(env: Env<'a>, key: &[u8]) -> Term<'a> {
     match key.split_first() {
         Some((b'b', bytes)) => bytes_term(env, bytes),
+        Some((b'p', rest)) if rest.len() >= 4 => {
+            let (len, rest) = rest.split_at(4);
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            match (rest.get(..len), rest.get(len..)) {
+                (Some(a), Some(b)) => (bytes_term(env, a), bytes_term(env, b)).encode(env),
+                _ => atoms::nil().encode(env),
+            }
+        }
         _ => env
             .binary_to_term(key)
             .map(|(t, _)| t)

@@ -523,6 +523,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
 
       assert %{optimizing: true, optimizer_id: ^o1, optimizer_pid: pid, token: ^t1} = status
       assert pid == self()
+      assert {:ok, %{keys: [{^sid, ^id}]}} = OptimizerCoordinator.get_optimization_status(o1)
 
       assert {:error, {:locked_by, ^o1}} = SessionStore.update_variable(sid, :temperature, 0.7)
       assert {:error, {:locked_by, ^o1}} = SessionStore.delete_variable(sid, :temperature)
