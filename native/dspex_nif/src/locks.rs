@@ -339,10 +339,15 @@ fn acquire<'a>(
     }
     let caller = env.pid();
     let by_owner = caller == pid;
+    let notify = if by_owner {
+        owner
+    } else {
+        Owner::new(env, caller)
+    };
     let req = Request {
         optimizer,
         owner,
-        notify: if by_owner { owner } else { Owner::new(env, caller) },
+        notify,
         conflict,
         wait_ms,
         lease_ms,
