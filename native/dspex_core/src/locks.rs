@@ -9,11 +9,11 @@
 //! preemption policy.
 //!
 //! The table knows nothing of processes: an owner is an opaque handle `H`
-//! (the NIF uses a pid plus its monitor), and time is a monotonic millisecond
+//! (the NIF uses a pid with its hash), and time is a monotonic millisecond
 //! count passed in by the caller, so every transition is deterministic and
 //! testable. Each operation runs in one critical section and returns the
 //! [`Effects`] the caller must act on outside it: waiters to notify of their
-//! grant, holders that lost the lock and why, handles to stop watching.
+//! grant, holders that lost the lock and why, waiters that gave up.
 //!
 //! A grant on a key bound to a [`Fence`] (a session variable) updates the
 //! variable's [`VarLock`] inside the same critical section, so the variable
@@ -173,8 +173,8 @@ pub struct Effects<K, H> {
     pub grants: Vec<Grant<K, H>>,
     /// Holders that lost a lock (telemetry; notify the preempted).
     pub ended: Vec<Ended<K, H>>,
-    /// Waiters that left without a grant (deadline passed, cancelled, owner
-    /// down): stop watching their owners.
+    /// Owners of waiters that left without a grant (deadline passed or owner
+    /// down), for callers that track who waits.
     pub dropped: Vec<H>,
 }
 
@@ -205,7 +205,7 @@ pub struct Outcome<T, K, H> {
 /// How cancelling a queued request went.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cancelled<H> {
-    /// Removed from the queue; stop watching the handle.
+    /// Removed from the queue; carries the waiter's owner.
     Removed(H),
     /// Already granted: the grant message is on its way; the caller holds it.
     Granted { token: u64 },
@@ -852,7 +852,7 @@ where
         Some(ended)
     }
 
-    /// Bookkeeping for a holder taken off `key`: fence, index, registry.
+    /// Bookkeeping for a holder taken off `key`: fence and registry.
     fn finish(&mut self, key: &K, old: Holder<H>, reason: EndReason) -> Ended<K, H> {
         if let Some(f) = &old.fence {
             f.released(old.token);
@@ -893,7 +893,6 @@ where
             let Some(w) = slot.queue.pop_front() else {
                 return;
             };
-            // The waiter's index entry moves from waiting to holding.
             if w.deadline <= now {
                 effects.dropped.push(w.owner);
                 continue;
