@@ -31,7 +31,8 @@ defmodule DSPex.Bridge.Application do
            ]}
       },
       {DSPex.Bridge.SessionStore,
-       sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
+       sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
+      DSPex.Bridge.OptimizerCoordinator
       | observability_children()
     ]
 

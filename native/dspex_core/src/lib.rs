@@ -9,6 +9,7 @@ pub mod error;
 pub mod glob;
 pub mod histogram;
 pub mod limits;
+pub mod locks;
 pub mod metrics;
 pub mod prometheus;
 pub mod session;

@@ -4,6 +4,7 @@
 mod alloc;
 mod atoms;
 mod error;
+mod locks;
 mod log;
 mod metrics;
 mod store;

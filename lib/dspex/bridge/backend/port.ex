@@ -340,6 +340,9 @@ defmodule DSPex.Bridge.Backend.Port do
     if String.valid?(p), do: str(p), else: throw({:invalid_argument, :bad_principal})
   end
 
+  # A write under an optimizer lock: the port does not fence writes (see
+  # OptimizerCoordinator), so only the principal goes over.
+  defp principal!({p, _lock_token, _optimizer_id}), do: principal!(p)
   defp principal!(_), do: throw({:invalid_argument, :bad_principal})
 
   defp expected!(nil), do: <<0xC0>>
