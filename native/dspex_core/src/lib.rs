@@ -3,10 +3,13 @@
 //! The NIF crate (`dspex_nif`) and the port program (`dspex_port`) are thin
 //! shells over this crate.
 
+pub mod acl;
+pub mod audit;
 pub mod caller;
 pub mod error;
 pub mod glob;
 pub mod limits;
+pub mod ratelimit;
 pub mod session;
 pub mod snapshot;
 pub mod store;
@@ -15,6 +18,7 @@ pub mod types;
 pub mod value;
 pub mod variable;
 
+pub use acl::{Acl, PermSet};
 pub use caller::{Caller, Permission};
 pub use error::{Error, Result};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};

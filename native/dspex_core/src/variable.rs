@@ -2,7 +2,9 @@
 //! bounded history of the versions before it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use crate::acl::Acl;
 use crate::error::{Error, Result};
 use crate::types::{validate, Constraints, VarType};
 use crate::value::Value;
@@ -35,6 +37,9 @@ pub struct Variable {
     pub last_write: Option<Box<Value>>,
     pub history: VecDeque<HistoryEntry>,
     pub max_history: usize,
+    /// Compiled access rules and owner; `None`: only the hosting session.
+    /// Shared by clones; replaced whole when the rules change.
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// What a write needs beyond the value.
@@ -72,6 +77,7 @@ impl Variable {
             last_write: None,
             history: VecDeque::new(),
             max_history,
+            acl: None,
         })
     }
 
