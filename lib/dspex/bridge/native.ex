@@ -37,5 +37,12 @@ defmodule DSPex.Bridge.Native do
   def var_list(_store, _sid, _pattern, _principal), do: err()
   def var_names(_store, _sid, _pattern, _principal), do: err()
 
+  # access control
+  def acl_validate(_rules), do: err()
+  def acl_set_rules(_store, _sid, _ident, _rules, _principal), do: err()
+  def acl_check(_store, _sid, _ident, _principal, _permission), do: err()
+  def acl_authorize(_store, _sid, _ident, _principal, _permission), do: err()
+  def acl_audit_log(_store, _sid, _limit), do: err()
+
   defp err, do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -45,7 +45,19 @@ defmodule DSPex.Bridge.SessionStore do
 
   - `principal:` the session on whose behalf the call is made (default: the
     session itself). Sessions are isolated: another principal is denied
-    (`{:error, :access_denied}`) unless an access rule grants it.
+    (`{:error, :access_denied}`) unless an access rule grants it (see
+    `DSPex.Bridge.AccessControl`); listings leave out what it may not read.
+  - `context:` a map compared against the `conditions` of access rules.
+
+  ## Access control and rate limits
+
+  Every read, write, observe and optimize is checked inside the engine
+  against the variable's access rules for the principal; a denial returns
+  `{:error, :access_denied}`, is recorded in the session's audit log and
+  emits `[:dspex, :bridge, :access, :denied]`. A session created with
+  `rate_limit: {ops_per_sec, burst}` admits that many operations (one per
+  variable touched) and returns `{:error, :rate_limited}` beyond them,
+  emitting `[:dspex, :bridge, :rate_limit, :exceeded]`.
 
   ## Limits
 
@@ -57,7 +69,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   use GenServer
 
-  alias DSPex.Bridge.Telemetry
+  alias DSPex.Bridge.{AccessControl, Telemetry}
 
   @type session_id :: String.t()
   @type ident :: atom | String.t()
@@ -87,7 +99,10 @@ defmodule DSPex.Bridge.SessionStore do
 
   Options: `ttl:` idle milliseconds before the session expires (default:
   never), `max_history:` history entries kept per variable (default 50),
-  `metadata:` a map (e.g. owner information).
+  `metadata:` a map (e.g. owner information), `rate_limit:`
+  `{ops_per_sec, burst}` (positive integers, at most 1,000,000,000 and
+  1,000,000; default: unlimited), `audit_size:` audit entries kept
+  (0..100,000, default 256).
 
       iex> {:ok, "doc-create"} = DSPex.Bridge.SessionStore.create_session("doc-create")
       iex> DSPex.Bridge.SessionStore.create_session("doc-create")
@@ -95,12 +110,14 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec create_session(session_id, keyword) :: {:ok, session_id} | {:error, reason}
   def create_session(session_id, opts \\ []) do
-    opts = Keyword.validate!(opts, [:ttl, :max_history, :metadata])
+    opts = Keyword.validate!(opts, [:ttl, :max_history, :metadata, :rate_limit, :audit_size])
 
     native_opts = %{
       ttl_ms: opts[:ttl],
       max_history: opts[:max_history],
-      metadata: opts[:metadata] || %{}
+      metadata: opts[:metadata] || %{},
+      rate_limit: opts[:rate_limit],
+      audit_capacity: opts[:audit_size]
     }
 
     with :ok <- backend().create_session(session_id, native_opts) do
@@ -114,7 +131,11 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
-  @doc "Session information: id, timestamps, ttl, max_history, variable_count, metadata."
+  @doc """
+  Session information: id, timestamps, ttl, max_history, variable_count,
+  metadata, rate_limit (`nil` or `%{ops_per_sec, burst, available}`) and
+  audit_size.
+  """
   @spec get_session(session_id) :: {:ok, map} | {:error, reason}
   def get_session(session_id) do
     with {:ok, info} <- backend().session_info(session_id) do
@@ -126,7 +147,9 @@ defmodule DSPex.Bridge.SessionStore do
          ttl: info.ttl_ms,
          max_history: info.max_history,
          variable_count: info.variable_count,
-         metadata: info.metadata
+         metadata: info.metadata,
+         rate_limit: info.rate_limit,
+         audit_size: info.audit_capacity
        }}
     end
   end
@@ -217,19 +240,29 @@ defmodule DSPex.Bridge.SessionStore do
   Registers a variable and returns its generated id.
 
   Options: `constraints:` (see the moduledoc), `metadata:`, `description:`,
-  `principal:`. Names are atoms or strings, unique per session (`:x` and `"x"`
-  are the same name) and given back in the form registered.
+  `access_rules:` (see `DSPex.Bridge.AccessControl`), `principal:`. Names are
+  atoms or strings, unique per session (`:x` and `"x"` are the same name) and
+  given back in the form registered.
   """
   @spec register_variable(session_id, ident, atom, term, keyword) ::
           {:ok, String.t()} | {:error, reason}
   def register_variable(session_id, name, type, initial, opts \\ []) do
-    opts = Keyword.validate!(opts, [:constraints, :metadata, :description, :principal])
+    opts =
+      Keyword.validate!(opts, [
+        :constraints,
+        :metadata,
+        :description,
+        :access_rules,
+        :principal,
+        :context
+      ])
 
     with :ok <- check_type(type) do
       native_opts = %{
         constraints: opts[:constraints] || %{},
         metadata: opts[:metadata] || %{},
-        description: opts[:description]
+        description: opts[:description],
+        access_rules: opts[:access_rules]
       }
 
       result =
@@ -239,8 +272,9 @@ defmodule DSPex.Bridge.SessionStore do
           type,
           initial,
           native_opts,
-          opts[:principal]
+          AccessControl.caller(opts)
         )
+        |> AccessControl.refusal(session_id, name, AccessControl.caller(opts), :write)
 
       with {:ok, _id} <- result do
         Telemetry.execute(
@@ -256,13 +290,16 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   The whole variable: `id name type value version constraints metadata
-  description created_at updated_at last_write`.
+  description created_at updated_at last_write access_rules`.
   """
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
   def get_variable(session_id, ident, opts \\ []) do
+    caller = AccessControl.caller(opts)
+
     timed_read(session_id, ident, fn ->
-      with {:ok, var} <- backend().get_variable(session_id, ident, opts[:principal]) do
-        {:ok, variable(var)}
+      case backend().get_variable(session_id, ident, caller) do
+        {:ok, var} -> {:ok, variable(var)}
+        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end
     end)
   end
@@ -280,7 +317,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec get_variable_value(session_id, ident, term, keyword) :: term
   def get_variable_value(session_id, ident, default \\ nil, opts \\ []) do
-    principal = if opts == [], do: nil, else: opts[:principal]
+    principal = AccessControl.caller(opts)
 
     result =
       if Telemetry.enabled?(@read) do
@@ -290,31 +327,38 @@ defmodule DSPex.Bridge.SessionStore do
       end
 
     case result do
-      {:ok, value} -> value
-      {:error, _} -> default
+      {:ok, value} ->
+        value
+
+      {:error, _} = error ->
+        AccessControl.refusal(error, session_id, ident, principal, :read)
+        default
     end
   end
 
   @doc """
   Writes a variable. `metadata` is kept with the new version in history;
   `expected_version:` (in `metadata` or `opts`) makes the write conditional.
-  Options: `expected_version:`, `principal:`.
+  Options: `expected_version:`, `principal:`, `context:`.
   """
   @spec update_variable(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
   def update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []) do
     {expected, metadata} = expected_version(metadata, opts)
-    principal = if opts == [], do: nil, else: opts[:principal]
+    principal = AccessControl.caller(opts)
 
-    if Telemetry.enabled?(@write) do
-      start = System.monotonic_time()
-      result = backend().set_value(session_id, ident, value, metadata, expected, principal)
-      written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
-    else
-      case backend().set_value(session_id, ident, value, metadata, expected, principal) do
-        {:ok, _version} -> :ok
-        error -> written(error, session_id, ident, metadata, expected, 0)
+    result =
+      if Telemetry.enabled?(@write) do
+        start = System.monotonic_time()
+        result = backend().set_value(session_id, ident, value, metadata, expected, principal)
+        written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
+      else
+        case backend().set_value(session_id, ident, value, metadata, expected, principal) do
+          {:ok, _version} -> :ok
+          error -> written(error, session_id, ident, metadata, expected, 0)
+        end
       end
-    end
+
+    AccessControl.refusal(result, session_id, ident, principal, :write)
   end
 
   @doc """
@@ -328,14 +372,15 @@ defmodule DSPex.Bridge.SessionStore do
   @spec update_variables(session_id, map | list, keyword) ::
           :ok | {:ok, map} | {:error, reason}
   def update_variables(session_id, updates, opts \\ []) do
-    opts = Keyword.validate!(opts, [:atomic, :principal, :metadata])
+    opts = Keyword.validate!(opts, [:atomic, :principal, :context, :metadata])
     base_meta = opts[:metadata] || %{}
+    caller = AccessControl.caller(opts)
 
     with {:ok, normalized} <- normalize_updates(updates, base_meta) do
       start = System.monotonic_time()
       atomic = opts[:atomic] == true
 
-      case backend().set_values(session_id, normalized, atomic, opts[:principal]) do
+      case backend().set_values(session_id, normalized, atomic, caller) do
         {:ok, results} when atomic ->
           us = Telemetry.since_us(start)
 
@@ -357,38 +402,52 @@ defmodule DSPex.Bridge.SessionStore do
                 {ident, :ok}
 
               {{ident, _, _, _}, {:error, _} = error} ->
+                AccessControl.refusal(error, session_id, ident, caller, :write)
                 {ident, error}
             end)
 
           {:ok, map}
 
         {:error, {:validation_failed, errors}} ->
-          {:error, {:validation_failed, restore_keys(errors, normalized)}}
+          errors = restore_keys(errors, normalized)
+
+          for {ident, :access_denied} <- errors do
+            AccessControl.refusal({:error, :access_denied}, session_id, ident, caller, :write)
+          end
+
+          {:error, {:validation_failed, errors}}
 
         {:error, _} = error ->
-          error
+          AccessControl.refusal(error, session_id, nil, caller, :write)
       end
     end
   end
 
-  @doc "Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`."
+  @doc """
+  Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`.
+  Variables the principal may not read count as missing.
+  """
   @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
   def get_variables(session_id, idents, opts \\ []) when is_list(idents) do
-    principal = opts[:principal]
+    principal = AccessControl.caller(opts)
 
     Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
       case backend().get_variable(session_id, ident, principal) do
         {:ok, var} ->
           {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
 
-        {:error, reason} when reason in [:not_found, :access_denied] ->
+        {:error, :access_denied} = denied ->
+          AccessControl.refusal(denied, session_id, ident, principal, :read)
+          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
+
+        {:error, :not_found} ->
           {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
 
         {:error, {:invalid_argument, _}} ->
           {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
 
         {:error, _} = error ->
-          {:halt, error}
+          {:halt, AccessControl.refusal(error, session_id, ident, principal, :read)}
       end
     end)
     |> case do
@@ -404,16 +463,58 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec list_variables(session_id, String.t() | nil, keyword) :: {:ok, [map]} | {:error, reason}
   def list_variables(session_id, pattern \\ nil, opts \\ []) do
-    with {:ok, vars} <- backend().list_variables(session_id, pattern, opts[:principal]) do
-      {:ok, Enum.map(vars, &variable/1)}
+    caller = AccessControl.caller(opts)
+
+    case backend().list_variables(session_id, pattern, caller) do
+      {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
+      error -> AccessControl.refusal(error, session_id, nil, caller, :read)
     end
   end
 
-  @doc "Deletes a variable (and, once dependencies exist, its edges)."
+  @doc "Deletes a variable (and, once dependencies exist, its edges). Needs `:write`."
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
   def delete_variable(session_id, ident, opts \\ []) do
-    backend().delete_variable(session_id, ident, opts[:principal])
+    caller = AccessControl.caller(opts)
+
+    session_id
+    |> backend().delete_variable(ident, caller)
+    |> AccessControl.refusal(session_id, ident, caller, :write)
   end
+
+  @doc """
+  Replaces a variable's access rules (see `DSPex.Bridge.AccessControl`).
+  Only the variable's owner may: the session itself (the default principal)
+  or the principal named in its `owner_session`/`created_by` metadata.
+  Invalid rules return `{:error, {:invalid_rules, detail}}` and leave the old
+  ones in place. The change is recorded in the audit log.
+  """
+  @spec set_variable_permissions(session_id, ident, [AccessControl.rule()], keyword) ::
+          :ok | {:error, reason}
+  def set_variable_permissions(session_id, ident, rules, opts \\ []) do
+    caller = AccessControl.caller(opts)
+
+    session_id
+    |> backend().set_access_rules(ident, rules, caller)
+    |> AccessControl.refusal(session_id, ident, caller, :write)
+  end
+
+  @doc """
+  May `principal` do `permission` on the variable? `:ok` or
+  `{:error, :access_denied}`. A question: it takes no rate-limit token and
+  leaves no audit entry. Options: `context:`.
+  """
+  @spec check_variable_access(session_id, ident, String.t(), AccessControl.permission(), keyword) ::
+          :ok | {:error, reason}
+  def check_variable_access(session_id, ident, principal, permission, opts \\ [])
+
+  def check_variable_access(session_id, ident, principal, permission, opts)
+      when permission in [:read, :write, :observe, :optimize] do
+    caller = AccessControl.caller(principal: principal, context: opts[:context])
+    backend().check_access(session_id, ident, caller, permission)
+  end
+
+  def check_variable_access(_session_id, _ident, _principal, permission, _opts),
+    do: {:error, {:invalid_argument, {:unknown_permission, permission}}}
 
   @doc """
   Previous versions of a variable, newest first: `[%{version, value,
@@ -425,8 +526,11 @@ defmodule DSPex.Bridge.SessionStore do
 
   def get_variable_history(session_id, ident, limit, opts)
       when is_integer(limit) and limit >= 0 do
-    with {:ok, entries} <- backend().history(session_id, ident, limit, opts[:principal]) do
-      {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
+    caller = AccessControl.caller(opts)
+
+    case backend().history(session_id, ident, limit, caller) do
+      {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
+      error -> AccessControl.refusal(error, session_id, ident, caller, :read)
     end
   end
 
@@ -440,7 +544,9 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec rollback_variable(session_id, ident, non_neg_integer, keyword) :: :ok | {:error, reason}
   def rollback_variable(session_id, ident, version, opts \\ []) do
-    case backend().rollback(session_id, ident, version, opts[:principal]) do
+    caller = AccessControl.caller(opts)
+
+    case backend().rollback(session_id, ident, version, caller) do
       {:ok, new_version} ->
         Telemetry.execute(
           [:dspex, :bridge, :variable, :rollback],
@@ -451,7 +557,7 @@ defmodule DSPex.Bridge.SessionStore do
         :ok
 
       error ->
-        error
+        AccessControl.refusal(error, session_id, ident, caller, :write)
     end
   end
 

@@ -14,6 +14,23 @@ rustler::atoms! {
     created_at,
     updated_at,
     last_write,
+    access_rules,
+    // access control: audit entries, permissions, rate limits
+    seq,
+    at,
+    event,
+    principal,
+    variable,
+    permission,
+    read,
+    write,
+    observe,
+    optimize,
+    rate_limit,
+    audit_capacity,
+    ops_per_sec,
+    burst,
+    available,
     // history entries
     // session info
     session_id,

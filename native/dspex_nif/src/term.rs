@@ -191,15 +191,35 @@ pub fn decode_opt_u64(term: Term) -> Result<Option<u64>, Error> {
         .map_err(|_| Error::InvalidArgument(Value::atom("expected_non_negative_integer")))
 }
 
-/// `nil` or a binary principal.
+/// `nil` or a binary principal of at most 255 bytes.
 pub fn decode_principal<'a>(term: Term<'a>) -> Result<Option<&'a str>, Error> {
     if is_nil(term) {
         return Ok(None);
     }
     let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_principal"))?;
-    std::str::from_utf8(bin.as_slice())
-        .map(Some)
-        .map_err(|_| Error::invalid_arg("bad_principal"))
+    match std::str::from_utf8(bin.as_slice()) {
+        Ok(p) if !p.is_empty() && p.len() <= MAX_PRINCIPAL_BYTES => Ok(Some(p)),
+        _ => Err(Error::invalid_arg("bad_principal")),
+    }
+}
+
+/// Longest principal (a session id) accepted.
+pub const MAX_PRINCIPAL_BYTES: usize = 255;
+/// Heap bytes of a caller's context map, compared against rule conditions.
+pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
+
+/// A caller: `nil`, a principal, or `{principal, context_map}`.
+pub fn decode_caller<'a>(term: Term<'a>) -> Result<(Option<&'a str>, Option<Value>), Error> {
+    if let Ok(&[principal, context]) = get_tuple(term).as_deref() {
+        let context = match decode_value(context, MAX_CONTEXT_BYTES) {
+            Ok(map @ Value::Map(_)) => map,
+            Ok(_) => return Err(Error::invalid_arg("context_must_be_a_map")),
+            Err(Error::TooLarge(n)) => return Err(Error::TooLarge(n)),
+            Err(_) => return Err(Error::invalid_arg("bad_context")),
+        };
+        return Ok((decode_principal(principal)?, Some(context)));
+    }
+    Ok((decode_principal(term)?, None))
 }
 
 /// A session id: a non-empty UTF-8 binary.

@@ -1,5 +1,6 @@
 //! Variable NIFs: one call from the caller's process per read or write.
-//! Every function takes the principal (`nil` = the session itself) last.
+//! Every function takes the principal last: `nil` (the session itself), a
+//! session id, or `{session_id, context}` when access rules have conditions.
 
 use dspex_core::glob::Glob;
 use dspex_core::{Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta};
@@ -10,21 +11,22 @@ use crate::atoms;
 use crate::error::{error, ok_or, reason, unit_or};
 use crate::store::StoreRef;
 use crate::term::{
-    decode_name, decode_opt_u64, decode_principal, decode_sid, decode_value, encode_value,
+    decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value,
     ident_text, is_nil,
 };
 
 /// Runs `f` on the session with the decoded caller.
-fn with_session<'a, T>(
+pub fn with_session<'a, T>(
     store: &StoreRef,
     sid: Term<'a>,
     principal: Term<'a>,
     f: impl FnOnce(&Session, &Caller) -> Result<T, Error>,
 ) -> Result<T, Error> {
     let sid = decode_sid(sid)?;
+    let (principal, context) = decode_caller(principal)?;
     let caller = Caller {
-        principal: decode_principal(principal)?,
-        context: None,
+        principal,
+        context: context.as_ref(),
     };
     store.store.with_session(sid, |s| f(s, &caller))?
 }
@@ -50,6 +52,7 @@ pub fn encode_variable<'a>(env: Env<'a>, v: &Variable) -> Term<'a> {
         atoms::created_at().encode(env),
         atoms::updated_at().encode(env),
         atoms::last_write().encode(env),
+        atoms::access_rules().encode(env),
     ];
     let type_atom = rustler::Atom::from_str(env, v.var_type.name())
         .map(|a| a.encode(env))
@@ -66,6 +69,7 @@ pub fn encode_variable<'a>(env: Env<'a>, v: &Variable) -> Term<'a> {
         v.created_at.encode(env),
         v.updated_at.encode(env),
         encode_value(env, &v.write_metadata()),
+        encode_value(env, &dspex_core::session::access_rules_of(v)),
     ];
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
 }
@@ -126,6 +130,7 @@ fn register<'a>(
             constraints: opts.get("constraints").cloned().unwrap_or_default(),
             metadata,
             description,
+            access_rules: opts.get("access_rules").cloned().unwrap_or_default(),
         };
         s.register(name, var_type, initial, reg)
             .map(|id| id.to_string())
@@ -339,7 +344,7 @@ fn list<'a>(
 ) -> Term<'a> {
     let r = with_session(&store, sid, principal, |s, caller| {
         let glob = decode_pattern(pattern)?;
-        let mut vars = s.variables(caller);
+        let mut vars = s.variables(caller)?;
         if let Some(g) = glob {
             vars.retain(|v| v.name.as_text().is_some_and(|n| g.matches(n)));
         }
@@ -365,7 +370,7 @@ fn names<'a>(
 ) -> Term<'a> {
     let r = with_session(&store, sid, principal, |s, caller| {
         let glob = decode_pattern(pattern)?;
-        let mut names = s.names(caller);
+        let mut names = s.names(caller)?;
         if let Some(g) = glob {
             names.retain(|(n, _)| n.as_text().is_some_and(|n| g.matches(n)));
         }

@@ -1,0 +1,396 @@
+defmodule DSPex.Bridge.AccessControl do
+  @moduledoc """
+  Who may do what with a variable: access rules, their checks, and the audit
+  log of what was refused.
+
+      rules = [
+        %{session_pattern: :any, permissions: [:read]},
+        %{session_pattern: "admin_*", permissions: [:read, :write, :optimize]}
+      ]
+
+      :ok = AccessControl.validate_rules(rules)
+      {:ok, _} = SessionStore.register_variable(sid, :shared, :float, 0.5, access_rules: rules)
+
+      0.5 = SessionStore.get_variable_value(sid, :shared, nil, principal: "worker_7")
+      {:error, :access_denied} =
+        SessionStore.update_variable(sid, :shared, 0.6, %{}, principal: "worker_7")
+      :ok = SessionStore.update_variable(sid, :shared, 0.6, %{}, principal: "admin_ops")
+
+  ## The model
+
+  Permissions are `:read`, `:write`, `:observe` and `:optimize`. A principal
+  (the `principal:` option of every `DSPex.Bridge.SessionStore` call, a
+  session id) may do an operation on a variable when it is
+
+  1. the session holding the variable (the default principal), or
+  2. the variable's owner: `metadata.owner_session`, else `metadata.created_by`, or
+  3. granted by a rule: `%{session_pattern: :any | "glob", permissions: [..],
+     conditions: %{}}` whose pattern matches the principal, whose
+     permissions include the one asked for, and whose conditions all equal
+     the caller's `context:` (missing keys are `nil`; `conditions` may be
+     left out).
+
+  Anything else is denied. Session patterns are anchored globs: `*` matches
+  any run of characters, `?` exactly one, everything else (regex
+  metacharacters included) only itself, so `"admin_*"` does not match
+  `"not_admin_1"` and `"a.b*"` does not match `"axb"`.
+
+  Rules are compiled once, when a variable is registered or its rules are
+  replaced (`DSPex.Bridge.SessionStore.set_variable_permissions/4`), and
+  decisions are cached per variable; replacing the rules replaces the cache.
+  The same check runs inside the engine for every read, write, observe and
+  optimize on the variable. Denials are recorded in a bounded audit ring per
+  session (`audit_log/2`) and emit `[:dspex, :bridge, :access, :denied]`.
+  See `docs/security.md` for the isolation guarantees and the limits.
+  """
+
+  alias DSPex.Bridge.{Native, SessionStore, Telemetry}
+
+  @type permission :: :read | :write | :observe | :optimize
+  @type rule :: %{
+          required(:session_pattern) => :any | String.t(),
+          required(:permissions) => [permission],
+          optional(:conditions) => map
+        }
+  @type audit_entry :: %{
+          seq: pos_integer,
+          at: DateTime.t(),
+          event: :denied | :rate_limited | :rules_changed,
+          principal: String.t() | nil,
+          variable: String.t() | nil,
+          permission: permission | nil
+        }
+
+  @permissions [:read, :write, :observe, :optimize]
+
+  @doc """
+  Checks a permission against a variable map (as `SessionStore.get_variable/3`
+  returns it, or any map with `metadata` and `access_rules`): `:ok` or
+  `{:error, :access_denied}`. The owner has every permission.
+
+      iex> variable = %{
+      ...>   metadata: %{owner_session: "owner"},
+      ...>   access_rules: [
+      ...>     %{session_pattern: :any, permissions: [:read]},
+      ...>     %{session_pattern: "admin_*", permissions: [:read, :write, :optimize]}
+      ...>   ]
+      ...> }
+      iex> DSPex.Bridge.AccessControl.check_permission(variable, "owner", :write)
+      :ok
+      iex> DSPex.Bridge.AccessControl.check_permission(variable, "someone", :read)
+      :ok
+      iex> DSPex.Bridge.AccessControl.check_permission(variable, "someone", :write)
+      {:error, :access_denied}
+      iex> DSPex.Bridge.AccessControl.check_permission(variable, "not_admin_1", :write)
+      {:error, :access_denied}
+
+  A rule that is not well formed grants nothing (validate rules with
+  `validate_rules/1` before storing them).
+  """
+  @spec check_permission(map, String.t(), permission, map) ::
+          :ok | {:error, :access_denied | {:invalid_argument, term}}
+  def check_permission(variable, session_id, permission, context \\ %{})
+
+  def check_permission(variable, session_id, permission, context)
+      when is_map(variable) and is_binary(session_id) and permission in @permissions and
+             is_map(context) do
+    if owner?(variable, session_id) or
+         granted?(rules_of(variable), session_id, permission, context) do
+      :ok
+    else
+      {:error, :access_denied}
+    end
+  end
+
+  def check_permission(_variable, _session_id, permission, _context)
+      when permission not in @permissions,
+      do: {:error, {:invalid_argument, {:unknown_permission, permission}}}
+
+  def check_permission(variable, session_id, _permission, context) do
+    {:error, {:invalid_argument, bad_check_argument(variable, session_id, context)}}
+  end
+
+  @doc """
+  Validates a list of rules with the engine's own compiler: `:ok` or
+  `{:error, {:invalid_rules, detail}}`, where `detail` is `:not_a_list`,
+  `{:too_many_rules, max}`, `{:too_large, max_bytes}`, or `{index, reason}`
+  for the first bad rule, `reason` being one of `:not_a_map`,
+  `:missing_session_pattern`, `:missing_permissions`, `{:unknown_key, key}`,
+  `{:invalid_session_pattern, value}`, `{:permissions_not_a_list, value}`,
+  `{:invalid_permission, value}`, `{:conditions_not_a_map, value}`,
+  `{:too_many_conditions, max}` or `{:invalid_condition_key, key}`.
+
+      iex> DSPex.Bridge.AccessControl.validate_rules([
+      ...>   %{session_pattern: :any, permissions: [:read]},
+      ...>   %{session_pattern: "test_*", permissions: [:read, :write]}
+      ...> ])
+      :ok
+      iex> DSPex.Bridge.AccessControl.validate_rules([%{session_pattern: :any, permissions: [:invalid_perm]}])
+      {:error, {:invalid_rules, {0, {:invalid_permission, :invalid_perm}}}}
+  """
+  @spec validate_rules(term) :: :ok | {:error, {:invalid_rules, term}}
+  def validate_rules(rules), do: Native.acl_validate(rules)
+
+  @doc """
+  The variables (maps, as in `check_permission/4`) on which `session_id` has
+  `permission`, in their order.
+  """
+  @spec filter_accessible_variables([map], String.t(), permission, map) :: [map]
+  def filter_accessible_variables(variables, session_id, permission, context \\ %{})
+      when is_list(variables) do
+    Enum.filter(variables, &(check_permission(&1, session_id, permission, context) == :ok))
+  end
+
+  @doc """
+  The session's audit log, newest first: access denials, calls refused by
+  the rate limit, and rule changes. Options: `limit:` (default 100),
+  `event:` to keep one kind, `principal:` to keep one principal's entries.
+  An unknown session has an empty log.
+
+  The ring keeps the last `audit_size` entries per session (default 256, set
+  with `SessionStore.create_session/2`); `seq` numbers every entry ever
+  recorded, so a gap shows how many were dropped.
+  """
+  @spec audit_log(String.t(), keyword) :: [audit_entry]
+  def audit_log(session_id, opts \\ []) do
+    opts = Keyword.validate!(opts, limit: 100, event: nil, principal: nil)
+    limit = opts[:limit]
+
+    unless is_integer(limit) and limit >= 0 do
+      raise ArgumentError, "expected :limit to be a non-negative integer, got: #{inspect(limit)}"
+    end
+
+    # Filters apply before the limit, so read the whole ring when filtering.
+    read = if opts[:event] || opts[:principal], do: 1_000_000, else: limit
+
+    case SessionStore.backend().audit_log(session_id, read) do
+      {:ok, entries} ->
+        entries
+        |> Enum.filter(&keep?(&1, opts[:event], opts[:principal]))
+        |> Enum.take(limit)
+        |> Enum.map(&%{&1 | at: DateTime.from_unix!(&1.at, :microsecond)})
+
+      {:error, _} ->
+        []
+    end
+  end
+
+  @doc """
+  The guard for operations on a variable made outside `SessionStore`'s own
+  functions (optimizer locks ask for `:optimize`, observers for `:observe`):
+  takes a token from the session's rate limit, checks the ACL for the
+  `principal:` (with `context:`), audits and reports a refusal exactly as the
+  store's own operations do.
+  """
+  @spec authorize(String.t(), atom | String.t(), permission, keyword) ::
+          :ok | {:error, :access_denied | :rate_limited | atom | {atom, term}}
+  def authorize(session_id, ident, permission, opts \\ []) when permission in @permissions do
+    caller = caller(opts)
+
+    session_id
+    |> SessionStore.backend().authorize(ident, caller, permission)
+    |> refusal(session_id, ident, caller, permission)
+  end
+
+  @doc """
+  Does the anchored glob `pattern` (`*` any run, `?` one character) match
+  the whole of `text`? The matcher behind session patterns.
+
+      iex> DSPex.Bridge.AccessControl.pattern_matches?("admin_*", "admin_1")
+      true
+      iex> DSPex.Bridge.AccessControl.pattern_matches?("admin_*", "not_admin_1")
+      false
+      iex> DSPex.Bridge.AccessControl.pattern_matches?("x+y", "xxy")
+      false
+  """
+  @spec pattern_matches?(:any | String.t(), String.t()) :: boolean
+  def pattern_matches?(:any, text) when is_binary(text), do: true
+
+  def pattern_matches?(pattern, text) when is_binary(pattern) and is_binary(text),
+    do: glob(pattern, text, nil)
+
+  ## Used by SessionStore
+
+  @doc false
+  # The principal term the engine takes: nil, a session id, or
+  # {session_id, context} when the call carries a context.
+  def caller([]), do: nil
+
+  def caller(opts) do
+    case opts[:principal] do
+      nil ->
+        nil
+
+      principal ->
+        case opts[:context] do
+          nil -> principal
+          context -> {principal, context}
+        end
+    end
+  end
+
+  @doc false
+  # Reports a refusal (telemetry) and passes the result through.
+  def refusal({:error, :access_denied} = error, session_id, ident, caller, permission) do
+    Telemetry.execute(
+      [:dspex, :bridge, :access, :denied],
+      %{system_time: System.system_time()},
+      %{
+        session_id: session_id,
+        variable: ident,
+        principal: principal_of(caller),
+        permission: permission
+      }
+    )
+
+    error
+  end
+
+  def refusal({:error, :rate_limited} = error, session_id, ident, caller, _permission) do
+    Telemetry.execute(
+      [:dspex, :bridge, :rate_limit, :exceeded],
+      %{system_time: System.system_time()},
+      %{session_id: session_id, variable: ident, principal: principal_of(caller)}
+    )
+
+    error
+  end
+
+  def refusal(result, _session_id, _ident, _caller, _permission), do: result
+
+  defp principal_of({principal, _context}), do: principal
+  defp principal_of(principal), do: principal
+
+  ## Evaluation on plain maps
+
+  defp owner?(variable, session_id) do
+    case Map.get(variable, :metadata) do
+      %{} = metadata -> owner_of(metadata) == session_id
+      _ -> false
+    end
+  end
+
+  defp owner_of(metadata) do
+    Enum.find_value([:owner_session, :created_by, "owner_session", "created_by"], fn key ->
+      case Map.get(metadata, key) do
+        owner when is_binary(owner) and owner != "" -> owner
+        owner when is_atom(owner) and owner not in [nil, true, false] -> Atom.to_string(owner)
+        _ -> nil
+      end
+    end)
+  end
+
+  defp rules_of(variable) do
+    case Map.get(variable, :access_rules) do
+      rules when is_list(rules) -> rules
+      _ -> []
+    end
+  end
+
+  # Cheapest test first: is the permission listed at all?
+  defp granted?([], _session_id, _permission, _context), do: false
+
+  defp granted?([%{session_pattern: pattern, permissions: perms} = rule | rest], sid, perm, ctx)
+       when is_list(perms) do
+    (:lists.member(perm, perms) and pattern?(pattern, sid) and conditions?(rule, ctx)) or
+      granted?(rest, sid, perm, ctx)
+  end
+
+  defp granted?([rule | rest], sid, perm, ctx) do
+    case normalize(rule) do
+      nil -> granted?(rest, sid, perm, ctx)
+      rule -> granted?([rule | rest], sid, perm, ctx)
+    end
+  end
+
+  # A rule written with string keys or permission names, as the engine
+  # accepts them; anything else grants nothing.
+  defp normalize(rule) when is_map(rule) do
+    pattern = Map.get(rule, "session_pattern", Map.get(rule, :session_pattern))
+    perms = Map.get(rule, "permissions", Map.get(rule, :permissions))
+    conditions = Map.get(rule, "conditions", Map.get(rule, :conditions, %{}))
+
+    with true <- is_list(perms) and (pattern == :any or is_binary(pattern)),
+         perms when is_list(perms) <- permissions(perms),
+         true <- is_map(conditions) or is_nil(conditions) do
+      %{session_pattern: pattern, permissions: perms, conditions: conditions || %{}}
+    else
+      _ -> nil
+    end
+  end
+
+  defp normalize(_rule), do: nil
+
+  defp permissions(names) do
+    Enum.reduce_while(names, [], fn
+      name, acc when name in @permissions ->
+        {:cont, [name | acc]}
+
+      name, acc when is_binary(name) ->
+        case Enum.find(@permissions, &(Atom.to_string(&1) == name)) do
+          nil -> {:halt, nil}
+          perm -> {:cont, [perm | acc]}
+        end
+
+      _, _ ->
+        {:halt, nil}
+    end)
+  end
+
+  defp pattern?(:any, _sid), do: true
+
+  defp pattern?(pattern, sid) when is_binary(pattern) and pattern != "",
+    do: glob(pattern, sid, nil)
+
+  defp pattern?(_pattern, _sid), do: false
+
+  defp conditions?(%{conditions: conditions}, context)
+       when is_map(conditions) and map_size(conditions) > 0 do
+    Enum.all?(conditions, fn {key, expected} -> context_value(context, key) == expected end)
+  end
+
+  defp conditions?(_rule, _context), do: true
+
+  # Condition keys match atom or string keys of the context, as in the engine.
+  defp context_value(context, key) do
+    case Map.fetch(context, key) do
+      {:ok, value} ->
+        value
+
+      :error when is_atom(key) ->
+        Map.get(context, Atom.to_string(key))
+
+      :error when is_binary(key) ->
+        Enum.find_value(context, fn {k, v} ->
+          if is_atom(k) and Atom.to_string(k) == key, do: v
+        end)
+
+      :error ->
+        nil
+    end
+  end
+
+  # The anchored glob: one backtrack point (the last star), so matching is
+  # linear in practice. A trailing star matches the rest at once.
+  defp glob(<<?*>>, _text, _backtrack), do: true
+  defp glob(<<?*, p::binary>>, text, _backtrack), do: glob(p, text, {p, text})
+
+  defp glob(<<c, p::binary>>, <<c, t::binary>>, backtrack) when c != ?* and c != ??,
+    do: glob(p, t, backtrack)
+
+  defp glob(<<>>, <<>>, _backtrack), do: true
+  defp glob(<<??, p::binary>>, <<_::utf8, t::binary>>, backtrack), do: glob(p, t, backtrack)
+  defp glob(_p, _t, nil), do: false
+  defp glob(_p, _t, {p, <<_::utf8, t::binary>>}), do: glob(p, t, {p, t})
+  defp glob(_p, _t, _backtrack), do: false
+
+  defp keep?(entry, event, principal) do
+    (event == nil or entry.event == event) and (principal == nil or entry.principal == principal)
+  end
+
+  defp bad_check_argument(variable, _sid, _ctx) when not is_map(variable),
+    do: {:variable, variable}
+
+  defp bad_check_argument(_variable, sid, _ctx) when not is_binary(sid), do: {:session_id, sid}
+  defp bad_check_argument(_variable, _sid, ctx), do: {:context, ctx}
+end
