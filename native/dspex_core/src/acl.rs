@@ -157,7 +157,7 @@ pub struct Acl {
     /// The rules in canonical form, handed back to Elixir and exported.
     source: Value,
     /// Principal -> what the unconditional rules grant it.
-    cache: Mutex<HashMap<Box<str>, PermSet>>,
+    cache: Mutex<HashMap<Box<str>, PermSet, ahash::RandomState>>,
 }
 
 impl Acl {
@@ -188,7 +188,7 @@ impl Acl {
             rules: rules.into(),
             conditional: conditional.into(),
             source,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::default()),
         }))
     }
 

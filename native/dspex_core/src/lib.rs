@@ -18,6 +18,10 @@ pub mod types;
 pub mod value;
 pub mod variable;
 
+/// The concurrent map used for every index: sharded, with aHash (fast on
+/// short keys, and keyed per process so hostile ids cannot flood a shard).
+pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
+
 pub use acl::{Acl, PermSet};
 pub use caller::{Caller, Permission};
 pub use error::{Error, Result};

@@ -13,8 +13,8 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::ConcurrentMap;
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::acl::Acl;
@@ -83,8 +83,8 @@ pub struct Session {
     limits: Limits,
     last_access: AtomicI64,
     next_var: AtomicU64,
-    by_name: DashMap<Box<str>, VarCell>,
-    by_id: DashMap<Box<str>, VarCell>,
+    by_name: ConcurrentMap<Box<str>, VarCell>,
+    by_id: ConcurrentMap<Box<str>, VarCell>,
     limiter: Option<TokenBucket>,
     audit: AuditRing,
 }
@@ -102,8 +102,8 @@ impl Session {
             limits,
             last_access: AtomicI64::new(now),
             next_var: AtomicU64::new(1),
-            by_name: DashMap::new(),
-            by_id: DashMap::new(),
+            by_name: ConcurrentMap::default(),
+            by_id: ConcurrentMap::default(),
             limiter: opts.rate_limit.map(TokenBucket::new),
             audit: AuditRing::new(opts.audit_capacity),
             opts,
@@ -114,7 +114,11 @@ impl Session {
         &self.limits
     }
 
+    /// Records an access for TTL purposes; free for sessions without a TTL.
     pub fn touch(&self) {
+        if self.opts.ttl_ms.is_none() {
+            return;
+        }
         let now = now_us();
         if now - self.last_access.load(Ordering::Relaxed) > TOUCH_GRANULARITY_US {
             self.last_access.store(now, Ordering::Relaxed);

@@ -149,9 +149,15 @@ pub fn decode_rate_limit(v: &Value) -> Result<Option<RateLimit>, Error> {
             [Value::Int(rate), Value::Int(burst)] if rate > 0 && burst > 0 => {
                 RateLimit::new(rate as u64, burst as u64).map(Some)
             }
-            _ => Err(Error::InvalidArgument(Value::tagged("rate_limit", v.clone()))),
+            _ => Err(Error::InvalidArgument(Value::tagged(
+                "rate_limit",
+                v.clone(),
+            ))),
         },
-        _ => Err(Error::InvalidArgument(Value::tagged("rate_limit", v.clone()))),
+        _ => Err(Error::InvalidArgument(Value::tagged(
+            "rate_limit",
+            v.clone(),
+        ))),
     }
 }
 

@@ -171,7 +171,10 @@ fn session_memory<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) 
 
 #[rustler::nif(name = "session_delete")]
 fn session_delete<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) -> Term<'a> {
-    unit_or(env, decode_sid(id).and_then(|id| store.store.delete_session(id)))
+    unit_or(
+        env,
+        decode_sid(id).and_then(|id| store.store.delete_session(id)),
+    )
 }
 
 #[rustler::nif(name = "session_list")]

@@ -63,7 +63,10 @@ fn decode(term: Term, depth: usize, left: &mut usize, budget: usize) -> Result<V
             let len = term.list_length().map_err(|_| invalid("improper_list"))?;
             charge(left, len.saturating_mul(slot), budget)?;
             let mut items = Vec::with_capacity(len);
-            for item in term.into_list_iterator().map_err(|_| invalid("improper_list"))? {
+            for item in term
+                .into_list_iterator()
+                .map_err(|_| invalid("improper_list"))?
+            {
                 items.push(decode(item, depth + 1, left, budget)?);
             }
             Ok(Value::List(items.into()))
@@ -79,6 +82,9 @@ fn decode(term: Term, depth: usize, left: &mut usize, budget: usize) -> Result<V
         }
         TermType::Map => {
             let size = term.map_size().map_err(|_| invalid("bad_map"))?;
+            if size == 0 {
+                return Ok(Value::empty_map());
+            }
             charge(left, size.saturating_mul(2 * slot), budget)?;
             let mut pairs = Vec::with_capacity(size);
             for (k, v) in MapIterator::new(term).ok_or_else(|| invalid("bad_map"))? {
@@ -119,7 +125,9 @@ pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
             .map(IdentText::Owned)
             .map_err(|_| Error::NotFound);
     }
-    Err(Error::InvalidArgument(Value::atom("name_must_be_atom_or_string")))
+    Err(Error::InvalidArgument(Value::atom(
+        "name_must_be_atom_or_string",
+    )))
 }
 
 pub enum IdentText<'a> {
@@ -161,8 +169,7 @@ pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
         Value::Map(pairs) => {
             let keys: Vec<Term> = pairs.iter().map(|(k, _)| encode_value(env, k)).collect();
             let vals: Vec<Term> = pairs.iter().map(|(_, v)| encode_value(env, v)).collect();
-            Term::map_from_term_arrays(env, &keys, &vals)
-                .unwrap_or_else(|_| Term::map_new(env))
+            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
         }
     }
 }

@@ -3,7 +3,9 @@
 //! session id, or `{session_id, context}` when access rules have conditions.
 
 use dspex_core::glob::Glob;
-use dspex_core::{Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta};
+use dspex_core::{
+    Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta,
+};
 use rustler::types::tuple::get_tuple;
 use rustler::{Encoder, Env, ResourceArc, Term};
 
@@ -11,8 +13,8 @@ use crate::atoms;
 use crate::error::{error, ok_or, reason, unit_or};
 use crate::store::StoreRef;
 use crate::term::{
-    decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value,
-    ident_text, is_nil,
+    decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value, ident_text,
+    is_nil,
 };
 
 /// Runs `f` on the session with the decoded caller.
@@ -81,7 +83,11 @@ fn encode_entry<'a>(env: Env<'a>, e: &HistoryEntry) -> Term<'a> {
         atoms::updated_at().encode(env),
         atoms::metadata().encode(env),
     ];
-    let meta = e.metadata.as_deref().cloned().unwrap_or_else(Value::empty_map);
+    let meta = e
+        .metadata
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(Value::empty_map);
     let vals = [
         e.version.encode(env),
         encode_value(env, &e.value),
