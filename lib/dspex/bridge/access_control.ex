@@ -84,22 +84,18 @@ defmodule DSPex.Bridge.AccessControl do
       iex> DSPex.Bridge.AccessControl.check_permission(variable, "not_admin_1", :write)
       {:error, :access_denied}
 
-  A rule that is not well formed grants nothing (validate rules with
-  `validate_rules/1` before storing them).
+  The rules are evaluated in place by the engine's own matcher (no regex,
+  nothing compiled or copied per call). A rule that is not well formed grants
+  nothing (validate rules with `validate_rules/1` before storing them).
   """
   @spec check_permission(map, String.t(), permission, map) ::
           :ok | {:error, :access_denied | {:invalid_argument, term}}
   def check_permission(variable, session_id, permission, context \\ %{})
 
   def check_permission(variable, session_id, permission, context)
-      when is_map(variable) and is_binary(session_id) and permission in @permissions and
-             is_map(context) do
-    if owner?(variable, session_id) or
-         granted?(rules_of(variable), session_id, permission, context) do
-      :ok
-    else
-      {:error, :access_denied}
-    end
+      when is_map(variable) and is_binary(session_id) and byte_size(session_id) <= 255 and
+             permission in @permissions and is_map(context) do
+    Native.acl_check_map(variable, session_id, permission, context)
   end
 
   def check_permission(_variable, _session_id, permission, _context)
@@ -192,23 +188,6 @@ defmodule DSPex.Bridge.AccessControl do
     |> refusal(session_id, ident, caller, permission)
   end
 
-  @doc """
-  Does the anchored glob `pattern` (`*` any run, `?` one character) match
-  the whole of `text`? The matcher behind session patterns.
-
-      iex> DSPex.Bridge.AccessControl.pattern_matches?("admin_*", "admin_1")
-      true
-      iex> DSPex.Bridge.AccessControl.pattern_matches?("admin_*", "not_admin_1")
-      false
-      iex> DSPex.Bridge.AccessControl.pattern_matches?("x+y", "xxy")
-      false
-  """
-  @spec pattern_matches?(:any | String.t(), String.t()) :: boolean
-  def pattern_matches?(:any, text) when is_binary(text), do: true
-
-  def pattern_matches?(pattern, text) when is_binary(pattern) and is_binary(text),
-    do: glob(pattern, text, nil)
-
   ## Used by SessionStore
 
   @doc false
@@ -261,129 +240,6 @@ defmodule DSPex.Bridge.AccessControl do
   defp principal_of({principal, _context}), do: principal
   defp principal_of(principal), do: principal
 
-  ## Evaluation on plain maps
-
-  defp owner?(variable, session_id) do
-    case Map.get(variable, :metadata) do
-      %{} = metadata -> owner_of(metadata) == session_id
-      _ -> false
-    end
-  end
-
-  defp owner_of(metadata) do
-    Enum.find_value([:owner_session, :created_by, "owner_session", "created_by"], fn key ->
-      case Map.get(metadata, key) do
-        owner when is_binary(owner) and owner != "" -> owner
-        owner when is_atom(owner) and owner not in [nil, true, false] -> Atom.to_string(owner)
-        _ -> nil
-      end
-    end)
-  end
-
-  defp rules_of(variable) do
-    case Map.get(variable, :access_rules) do
-      rules when is_list(rules) -> rules
-      _ -> []
-    end
-  end
-
-  # Cheapest test first: is the permission listed at all?
-  defp granted?([], _session_id, _permission, _context), do: false
-
-  defp granted?([%{session_pattern: pattern, permissions: perms} = rule | rest], sid, perm, ctx)
-       when is_list(perms) do
-    (:lists.member(perm, perms) and pattern?(pattern, sid) and conditions?(rule, ctx)) or
-      granted?(rest, sid, perm, ctx)
-  end
-
-  defp granted?([rule | rest], sid, perm, ctx) do
-    case normalize(rule) do
-      nil -> granted?(rest, sid, perm, ctx)
-      rule -> granted?([rule | rest], sid, perm, ctx)
-    end
-  end
-
-  # A rule written with string keys or permission names, as the engine
-  # accepts them; anything else grants nothing.
-  defp normalize(rule) when is_map(rule) do
-    pattern = Map.get(rule, "session_pattern", Map.get(rule, :session_pattern))
-    perms = Map.get(rule, "permissions", Map.get(rule, :permissions))
-    conditions = Map.get(rule, "conditions", Map.get(rule, :conditions, %{}))
-
-    with true <- is_list(perms) and (pattern == :any or is_binary(pattern)),
-         perms when is_list(perms) <- permissions(perms),
-         true <- is_map(conditions) or is_nil(conditions) do
-      %{session_pattern: pattern, permissions: perms, conditions: conditions || %{}}
-    else
-      _ -> nil
-    end
-  end
-
-  defp normalize(_rule), do: nil
-
-  defp permissions(names) do
-    Enum.reduce_while(names, [], fn
-      name, acc when name in @permissions ->
-        {:cont, [name | acc]}
-
-      name, acc when is_binary(name) ->
-        case Enum.find(@permissions, &(Atom.to_string(&1) == name)) do
-          nil -> {:halt, nil}
-          perm -> {:cont, [perm | acc]}
-        end
-
-      _, _ ->
-        {:halt, nil}
-    end)
-  end
-
-  defp pattern?(:any, _sid), do: true
-
-  defp pattern?(pattern, sid) when is_binary(pattern) and pattern != "",
-    do: glob(pattern, sid, nil)
-
-  defp pattern?(_pattern, _sid), do: false
-
-  defp conditions?(%{conditions: conditions}, context)
-       when is_map(conditions) and map_size(conditions) > 0 do
-    Enum.all?(conditions, fn {key, expected} -> context_value(context, key) == expected end)
-  end
-
-  defp conditions?(_rule, _context), do: true
-
-  # Condition keys match atom or string keys of the context, as in the engine.
-  defp context_value(context, key) do
-    case Map.fetch(context, key) do
-      {:ok, value} ->
-        value
-
-      :error when is_atom(key) ->
-        Map.get(context, Atom.to_string(key))
-
-      :error when is_binary(key) ->
-        Enum.find_value(context, fn {k, v} ->
-          if is_atom(k) and Atom.to_string(k) == key, do: v
-        end)
-
-      :error ->
-        nil
-    end
-  end
-
-  # The anchored glob: one backtrack point (the last star), so matching is
-  # linear in practice. A trailing star matches the rest at once.
-  defp glob(<<?*>>, _text, _backtrack), do: true
-  defp glob(<<?*, p::binary>>, text, _backtrack), do: glob(p, text, {p, text})
-
-  defp glob(<<c, p::binary>>, <<c, t::binary>>, backtrack) when c != ?* and c != ??,
-    do: glob(p, t, backtrack)
-
-  defp glob(<<>>, <<>>, _backtrack), do: true
-  defp glob(<<??, p::binary>>, <<_::utf8, t::binary>>, backtrack), do: glob(p, t, backtrack)
-  defp glob(_p, _t, nil), do: false
-  defp glob(_p, _t, {p, <<_::utf8, t::binary>>}), do: glob(p, t, {p, t})
-  defp glob(_p, _t, _backtrack), do: false
-
   defp keep?(entry, event, principal) do
     (event == nil or entry.event == event) and (principal == nil or entry.principal == principal)
   end
@@ -391,6 +247,8 @@ defmodule DSPex.Bridge.AccessControl do
   defp bad_check_argument(variable, _sid, _ctx) when not is_map(variable),
     do: {:variable, variable}
 
-  defp bad_check_argument(_variable, sid, _ctx) when not is_binary(sid), do: {:session_id, sid}
+  defp bad_check_argument(_variable, sid, _ctx) when not is_binary(sid) or byte_size(sid) > 255,
+    do: {:session_id, sid}
+
   defp bad_check_argument(_variable, _sid, ctx), do: {:context, ctx}
 end

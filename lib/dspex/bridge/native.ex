@@ -39,6 +39,7 @@ defmodule DSPex.Bridge.Native do
 
   # access control
   def acl_validate(_rules), do: err()
+  def acl_check_map(_variable, _principal, _permission, _context), do: err()
   def acl_set_rules(_store, _sid, _ident, _rules, _principal), do: err()
   def acl_check(_store, _sid, _ident, _principal, _permission), do: err()
   def acl_authorize(_store, _sid, _ident, _principal, _permission), do: err()

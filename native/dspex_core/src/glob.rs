@@ -8,7 +8,6 @@
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Glob {
     source: Box<str>,
-    chars: Box<[char]>,
     shape: Shape,
 }
 
@@ -29,7 +28,6 @@ impl Glob {
     pub fn new(pattern: &str) -> Glob {
         Glob {
             source: pattern.into(),
-            chars: pattern.chars().collect(),
             shape: Shape::of(pattern),
         }
     }
@@ -49,7 +47,7 @@ impl Glob {
             Shape::Literal => &*self.source == text,
             Shape::Prefix(n) => text.as_bytes().starts_with(&self.source.as_bytes()[..n]),
             Shape::Suffix(n) => text.as_bytes().ends_with(&self.source.as_bytes()[n..]),
-            Shape::General => wildcard(&self.chars, text),
+            Shape::General => wildcard(&self.source, text),
         }
     }
 }
@@ -72,30 +70,55 @@ impl Shape {
     }
 }
 
-/// The classic wildcard algorithm with one backtrack point, walking `text`
-/// by byte offset so nothing is allocated.
-fn wildcard(p: &[char], text: &str) -> bool {
-    let next_char = |at: usize| text.get(at..).and_then(|rest| rest.chars().next());
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while let Some(c) = next_char(ti) {
-        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == c)) {
-            pi += 1;
-            ti += c.len_utf8();
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            // The star swallows one more character of the text.
-            let st = st + next_char(st).map_or(1, char::len_utf8);
-            pi = sp + 1;
-            ti = st;
-            star = Some((sp, st));
-        } else {
+/// Matches `text` against a pattern not compiled beforehand (for rules
+/// that arrive as data); the same semantics as [`Glob::matches`].
+pub fn matches(pattern: &str, text: &str) -> bool {
+    // Most patterns that fail, fail on their first (literal) byte.
+    if let Some(&first) = pattern.as_bytes().first() {
+        if first != b'*' && first != b'?' && text.as_bytes().first() != Some(&first) {
             return false;
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    if pattern.contains(['*', '?']) {
+        wildcard(pattern, text)
+    } else {
+        pattern == text
+    }
+}
+
+/// The classic wildcard algorithm with one backtrack point, walking pattern
+/// and text by byte offset so nothing is allocated.
+fn wildcard(pattern: &str, text: &str) -> bool {
+    fn at(s: &str, i: usize) -> Option<char> {
+        s.get(i..).and_then(|rest| rest.chars().next())
+    }
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while let Some(c) = at(text, ti) {
+        match at(pattern, pi) {
+            // A trailing star takes the rest of the text.
+            Some('*') if pi + 1 == pattern.len() => return true,
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(p) if p == '?' || p == c => {
+                pi += p.len_utf8();
+                ti += c.len_utf8();
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    // The star swallows one more character of the text.
+                    let st = st + at(text, st).map_or(1, char::len_utf8);
+                    pi = sp + 1;
+                    ti = st;
+                    star = Some((sp, st));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern.get(pi..).is_some_and(|rest| rest.chars().all(|c| c == '*'))
 }
 
 #[cfg(test)]
@@ -140,6 +163,7 @@ mod tests {
             let pc: Vec<char> = p.chars().collect();
             let tc: Vec<char> = t.chars().collect();
             prop_assert_eq!(Glob::new(&p).matches(&t), reference(&pc, &tc));
+            prop_assert_eq!(super::matches(&p, &t), reference(&pc, &tc));
         }
     }
 }

@@ -31,6 +31,13 @@ rustler::atoms! {
     ops_per_sec,
     burst,
     available,
+    any,
+    session_pattern,
+    permissions,
+    conditions,
+    owner_session,
+    created_by,
+    access_denied,
     // history entries
     // session info
     session_id,

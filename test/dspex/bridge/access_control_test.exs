@@ -513,13 +513,15 @@ defmodule DSPex.Bridge.AccessControlTest do
   end
 
   describe "properties" do
-    test "the Elixir glob agrees with a reference matcher" do
-      pattern = :proper_types.list(:proper_types.elements(~c"ab*?.+é"))
+    test "session patterns agree with a reference glob matcher" do
+      pattern = :proper_types.non_empty(:proper_types.list(:proper_types.elements(~c"ab*?.+é")))
       text = :proper_types.list(:proper_types.elements(~c"ab.+é"))
 
       prop =
         :proper.forall({pattern, text}, fn {p, t} ->
-          AccessControl.pattern_matches?(to_string(p), to_string(t)) == reference(p, t)
+          variable = %{access_rules: [%{session_pattern: to_string(p), permissions: [:read]}]}
+          granted = AccessControl.check_permission(variable, to_string(t), :read) == :ok
+          granted == reference(p, t)
         end)
 
       assert :proper.quickcheck(prop, [:quiet, numtests: 2_000]) == true
