@@ -221,8 +221,10 @@ defmodule DSPex.Bridge.Telemetry do
 
   # Attach and detach are rare; :global.trans serialises them without a process.
   defp update_handlers(fun) do
+    # The lock id is {resource, requester}: the requester must be this
+    # process, or every caller shares one lock holder and nothing is serialised.
     :global.trans(
-      {__MODULE__, :handlers},
+      {{__MODULE__, :handlers}, self()},
       fn ->
         table = :persistent_term.get(@handlers_key, %{})
         {reply, new_table} = fun.(table)
