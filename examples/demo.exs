@@ -12,6 +12,7 @@ defmodule Demo do
   def run do
     sid = "demo-tuning-#{System.unique_integer([:positive])}"
     sessions(sid)
+    port_backend()
     context()
     SessionStore.delete_session(sid)
     say("\ndone.")
@@ -96,6 +97,39 @@ defmodule Demo do
     {:ok, diag} = SessionStore.get_session_diagnostics(sid)
     say("diagnostics: #{diag.variable_count} variables, #{diag.memory_bytes} bytes in the engine")
     SessionStore.delete_session(copy)
+  end
+
+  # The same API on the port backend: the engine in its own OS process.
+  defp port_backend do
+    section("Port backend: the same engine out of process")
+    alias DSPex.Bridge.Backend.Port, as: PortBackend
+    sid = "demo-port-#{System.unique_integer([:positive])}"
+    {:ok, ^sid} = SessionStore.create_session(sid, backend: :port)
+    {:ok, _} = SessionStore.register_variable(sid, :temperature, :float, 0.7)
+    :ok = SessionStore.update_variable(sid, :temperature, 0.9)
+    say("session #{sid} lives in OS process #{PortBackend.os_pid()}")
+    show("temperature", SessionStore.get_variable_value(sid, :temperature))
+    show("a bad write", SessionStore.update_variable(sid, :temperature, "hot"))
+
+    {:ok, snapshot} = SessionStore.export_session(sid)
+    {:ok, moved} = SessionStore.import_session(snapshot, session_id: sid <> "-nif", backend: :nif)
+    say("exported from the port, imported into the NIF as #{moved}")
+
+    os_pid = PortBackend.os_pid()
+    System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+    Process.sleep(50)
+    show("after kill -9 of #{os_pid}, a call on its session", SessionStore.get_variable(sid, :x))
+    show("the NIF copy still answers", SessionStore.get_variable_value(moved, :temperature))
+    wait_for_restart(os_pid)
+    say("the supervisor started a new port program: OS process #{PortBackend.os_pid()}")
+    SessionStore.delete_session(moved)
+  end
+
+  defp wait_for_restart(old) do
+    case DSPex.Bridge.Backend.Port.os_pid() do
+      pid when is_integer(pid) and pid != old -> :ok
+      _ -> Process.sleep(20) && wait_for_restart(old)
+    end
   end
 
   # A DSPex context: local first, then bridged into a session.

@@ -13,6 +13,23 @@ defmodule DSPex.Bridge.Application do
 
     children = [
       DSPex.Context.Registry,
+      # The port program may die (that is what it is for); its own supervisor
+      # restarts it without counting against the restarts of everything else.
+      %{
+        id: DSPex.Bridge.Backend.Port.Supervisor,
+        type: :supervisor,
+        start:
+          {Supervisor, :start_link,
+           [
+             [{DSPex.Bridge.Backend.Port, limits: limits}],
+             [
+               strategy: :one_for_one,
+               max_restarts: 20,
+               max_seconds: 5,
+               name: DSPex.Bridge.Backend.Port.Supervisor
+             ]
+           ]}
+      },
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
     ]

@@ -39,6 +39,15 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
   | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
 
+  `backend` is `:nif` or `:port`.
+
+  ### Port backend (`DSPex.Bridge.Backend.Port`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
+  | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`) |
+
   ## Glossary
 
   - *principal*: the session on whose behalf a call is made (`principal:`

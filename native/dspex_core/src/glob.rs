@@ -118,7 +118,9 @@ fn wildcard(pattern: &str, text: &str) -> bool {
             },
         }
     }
-    pattern.get(pi..).is_some_and(|rest| rest.chars().all(|c| c == '*'))
+    pattern
+        .get(pi..)
+        .is_some_and(|rest| rest.chars().all(|c| c == '*'))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod acl;
 pub mod audit;
 pub mod caller;
+pub mod command;
 pub mod error;
 pub mod glob;
 pub mod limits;
@@ -24,6 +25,7 @@ pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 
 pub use acl::{Acl, PermSet};
 pub use caller::{Caller, Permission};
+pub use command::{Answer, Command, Reply, UpdateSpec};
 pub use error::{Error, Result};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};
 pub use store::Store;

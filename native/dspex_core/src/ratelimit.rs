@@ -42,6 +42,23 @@ impl RateLimit {
         }
         Ok(RateLimit { ops_per_sec, burst })
     }
+
+    /// `nil` or `{ops_per_sec, burst}` as Elixir gives it.
+    pub fn from_value(v: &Value) -> Result<Option<RateLimit>> {
+        let bad = || Error::InvalidArgument(Value::tagged("rate_limit", v.clone()));
+        match v {
+            Value::Nil => Ok(None),
+            Value::Tuple(parts) => match parts[..] {
+                [Value::Int(rate), Value::Int(burst)] if rate > 0 && burst > 0 => {
+                    RateLimit::new(rate as u64, burst as u64)
+                        .map(Some)
+                        .map_err(|_| bad())
+                }
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
 }
 
 #[derive(Debug)]

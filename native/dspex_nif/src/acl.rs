@@ -6,16 +6,15 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use dspex_core::acl::{self, MAX_PATTERN_BYTES, MAX_RULES, MAX_RULES_BYTES};
-use dspex_core::audit::AuditEntry;
+use dspex_core::command;
 use dspex_core::glob;
-use dspex_core::ratelimit::RateLimit;
 use dspex_core::{Error, Permission, Session, Value};
 use rustler::{Atom, Binary, Encoder, Env, MapIterator, ResourceArc, Term};
 
 use crate::atoms;
 use crate::error::{error, unit_or};
 use crate::store::StoreRef;
-use crate::term::{decode_sid, decode_value, ident_text};
+use crate::term::{decode_sid, decode_value, encode_value, ident_text};
 use crate::variable::with_session;
 
 /// Rules as a value; oversized input is an invalid rule list, not a value error.
@@ -270,76 +269,17 @@ fn audit_log<'a>(
     })();
     match r {
         Ok(entries) => {
-            let terms: Vec<Term> = entries.iter().map(|e| encode_entry(env, e)).collect();
+            let terms: Vec<Term> = entries
+                .iter()
+                .map(|e| encode_value(env, &command::audit_entry_value(e)))
+                .collect();
             (atoms::ok(), terms).encode(env)
         }
         Err(e) => error(env, &e),
     }
 }
 
-fn atom<'a>(env: Env<'a>, name: &str) -> Term<'a> {
-    Atom::from_str(env, name)
-        .map(|a| a.encode(env))
-        .unwrap_or_else(|_| atoms::nil().encode(env))
-}
-
-fn encode_entry<'a>(env: Env<'a>, e: &AuditEntry) -> Term<'a> {
-    let keys = [
-        atoms::seq().encode(env),
-        atoms::at().encode(env),
-        atoms::event().encode(env),
-        atoms::principal().encode(env),
-        atoms::variable().encode(env),
-        atoms::permission().encode(env),
-    ];
-    let vals = [
-        e.seq.encode(env),
-        e.at.encode(env),
-        atom(env, e.event.name()),
-        e.principal.as_deref().encode(env),
-        e.variable.as_deref().encode(env),
-        e.permission
-            .map_or_else(|| atoms::nil().encode(env), |p| atom(env, p.name())),
-    ];
-    Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
-}
-
-/// `nil` or `{ops_per_sec, burst}`, both positive integers.
-pub fn decode_rate_limit(v: &Value) -> Result<Option<RateLimit>, Error> {
-    match v {
-        Value::Nil => Ok(None),
-        Value::Tuple(parts) => match parts[..] {
-            [Value::Int(rate), Value::Int(burst)] if rate > 0 && burst > 0 => {
-                RateLimit::new(rate as u64, burst as u64).map(Some)
-            }
-            _ => Err(Error::InvalidArgument(Value::tagged(
-                "rate_limit",
-                v.clone(),
-            ))),
-        },
-        _ => Err(Error::InvalidArgument(Value::tagged(
-            "rate_limit",
-            v.clone(),
-        ))),
-    }
-}
-
 /// `nil` or `%{ops_per_sec, burst, available}` for session info.
 pub fn encode_rate_limit<'a>(env: Env<'a>, s: &Session) -> Term<'a> {
-    match s.rate_limit() {
-        None => atoms::nil().encode(env),
-        Some((limit, available)) => {
-            let keys = [
-                atoms::ops_per_sec().encode(env),
-                atoms::burst().encode(env),
-                atoms::available().encode(env),
-            ];
-            let vals = [
-                limit.ops_per_sec.encode(env),
-                limit.burst.encode(env),
-                available.encode(env),
-            ];
-            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
-        }
-    }
+    encode_value(env, &command::rate_limit_value(s))
 }

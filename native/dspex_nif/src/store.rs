@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use dspex_core::audit;
 use dspex_core::limits::Limits;
+use dspex_core::ratelimit::RateLimit;
 use dspex_core::{Error, SessionOpts, Store, Value};
 use rustler::{Binary, Encoder, Env, ResourceArc, Term};
 
@@ -108,7 +109,7 @@ fn session_create<'a>(
             Some(_) => return Err(Error::invalid_arg("metadata_must_be_a_map")),
         }
         if let Some(limit) = opts.get("rate_limit") {
-            session_opts.rate_limit = crate::acl::decode_rate_limit(limit)?;
+            session_opts.rate_limit = RateLimit::from_value(limit)?;
         }
         match opts.get("audit_capacity") {
             None | Some(Value::Nil) => {}
