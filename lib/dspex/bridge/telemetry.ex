@@ -48,10 +48,22 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
   | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`) |
 
+  ### Access control (`DSPex.Bridge.AccessControl`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :access, :denied]` | `system_time` | `session_id`, `variable` (as the caller named it; `nil` for a listing), `principal`, `permission` |
+  | `[:dspex, :bridge, :rate_limit, :exceeded]` | `system_time` | `session_id`, `variable` (`nil` when the call names none), `principal` |
+
+  Both are emitted in the calling process, for every `SessionStore`
+  operation and for `AccessControl.authorize/4`; the same refusals are kept
+  in the session's audit log (`AccessControl.audit_log/2`). Questions
+  (`check_variable_access/5`, `check_permission/4`) emit nothing.
+
   ## Glossary
 
   - *principal*: the session on whose behalf a call is made (`principal:`
-    option); the session itself when not given.
+    option); the session itself when not given (reported as `nil`).
   - *hot path*: `get_variable_value/3` and `update_variable/5`. They measure
     time only when a handler is attached to their event (see `enabled?/1`).
   """
