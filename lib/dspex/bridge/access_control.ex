@@ -194,17 +194,18 @@ defmodule DSPex.Bridge.AccessControl do
   # The principal term the engine takes: nil, a session id, or
   # {session_id, context} when the call carries a context.
   def caller([]), do: nil
+  def caller(principal: principal), do: principal
 
   def caller(opts) do
-    case opts[:principal] do
-      nil ->
-        nil
-
-      principal ->
-        case opts[:context] do
-          nil -> principal
-          context -> {principal, context}
+    case :lists.keyfind(:principal, 1, opts) do
+      {:principal, principal} when principal != nil ->
+        case :lists.keyfind(:context, 1, opts) do
+          {:context, context} when context != nil -> {principal, context}
+          _ -> principal
         end
+
+      _ ->
+        nil
     end
   end
 
