@@ -180,13 +180,18 @@ defmodule DSPex.Bridge.AccessControl do
   """
   @spec authorize(String.t(), atom | String.t(), permission, keyword) ::
           :ok | {:error, :access_denied | :rate_limited | atom | {atom, term}}
-  def authorize(session_id, ident, permission, opts \\ []) when permission in @permissions do
+  def authorize(session_id, ident, permission, opts \\ [])
+
+  def authorize(session_id, ident, permission, opts) when permission in @permissions do
     caller = caller(opts)
 
     session_id
     |> SessionStore.backend().authorize(ident, caller, permission)
     |> refusal(session_id, ident, caller, permission)
   end
+
+  def authorize(_session_id, _ident, permission, _opts),
+    do: {:error, {:invalid_argument, {:unknown_permission, permission}}}
 
   ## Used by SessionStore
 

@@ -397,9 +397,7 @@ impl Store {
                 access_rules,
             } => {
                 let s = self.session(&session)?;
-                if principal.as_deref().is_some_and(|p| p != &*s.id) {
-                    return Err(Error::AccessDenied);
-                }
+                s.check_register(&caller(&principal, &None))?;
                 let var_type = match &var_type {
                     Value::Atom(t) => VarType::parse(t)?,
                     _ => return Err(Error::invalid_arg("type_must_be_an_atom")),
@@ -703,9 +701,9 @@ fn map(pairs: Vec<(&str, Value)>) -> Value {
 
 /// A variable as the API returns it: a map with atom keys `id name type value
 /// version constraints metadata description created_at updated_at
-/// last_write` (times in microseconds since the epoch; `name` in the form
-/// it was registered; `last_write` the metadata of the current version's
-/// write).
+/// last_write access_rules` (times in microseconds since the epoch; `name`
+/// in the form it was registered; `last_write` the metadata of the current
+/// version's write; `access_rules` in canonical form).
 pub fn variable_value(v: &Variable) -> Value {
     map(vec![
         ("id", Value::str(&v.id)),
@@ -743,7 +741,8 @@ pub fn history_value(h: &HistoryEntry) -> Value {
 }
 
 /// A session's settings and size: `%{session_id, created_at, last_access,
-/// ttl_ms, max_history, variable_count, metadata}`.
+/// ttl_ms, max_history, variable_count, metadata, rate_limit,
+/// audit_capacity}`.
 pub fn session_info(s: &Session) -> Value {
     map(vec![
         ("session_id", Value::str(&s.id)),

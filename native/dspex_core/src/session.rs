@@ -294,6 +294,18 @@ impl Session {
         })?
     }
 
+    /// Only the session itself registers variables in it; a refusal is audited.
+    pub fn check_register(&self, caller: &Caller) -> Result<()> {
+        match caller.principal {
+            Some(p) if p != &*self.id => {
+                self.audit
+                    .record(AuditEvent::Denied, Some(p), None, Some(Permission::Write));
+                Err(Error::AccessDenied)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The variable's rules in canonical form (an empty list for none).
     pub fn access_rules(&self, ident: &str, caller: &Caller) -> Result<Value> {
         self.with_var(ident, caller, Permission::Read, |v| Ok(access_rules_of(v)))

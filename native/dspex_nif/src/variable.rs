@@ -112,9 +112,7 @@ fn register<'a>(
 ) -> Term<'a> {
     let limits = store.store.limits().clone();
     let r = with_session(&store, sid, principal, |s, caller| {
-        if caller.principal.is_some_and(|p| p != &*s.id) {
-            return Err(Error::AccessDenied);
-        }
+        s.check_register(caller)?;
         let name = decode_name(name, limits.max_name_bytes)?;
         let type_name = var_type
             .atom_to_string()

@@ -47,6 +47,9 @@ defmodule DSPex.Bridge.Conformance.AccessControlCases do
     assert ^denied = AccessControl.authorize(sid, :private, :optimize, as)
     assert ^denied = SessionStore.register_variable(sid, :mine, :integer, 1, as)
 
+    assert [%{event: :denied, variable: nil, permission: :write} | _] =
+             AccessControl.audit_log(sid)
+
     assert {:error, {:validation_failed, %{private: :access_denied}}} =
              SessionStore.update_variables(sid, %{private: 1}, Keyword.put(as, :atomic, true))
 
@@ -233,6 +236,9 @@ defmodule DSPex.Bridge.Conformance.AccessControlCases do
 
     assert {:error, {:invalid_rules, :not_a_list}} =
              SessionStore.register_variable(sid, :r, :integer, 0, access_rules: %{})
+
+    assert {:error, {:invalid_argument, {:unknown_permission, :admin}}} =
+             AccessControl.authorize(sid, :shared, :admin, principal: "x")
 
     assert {:error, {:invalid_argument, {:unknown_permission, :admin}}} =
              SessionStore.check_variable_access(sid, :shared, "x", :admin)
