@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
-use dspex_core::acl::{self, MAX_PATTERN_BYTES, MAX_RULES, MAX_RULES_BYTES};
+use dspex_core::acl::{self, MAX_CONDITIONS, MAX_PATTERN_BYTES, MAX_RULES, MAX_RULES_BYTES};
 use dspex_core::command;
 use dspex_core::glob;
 use dspex_core::{Error, Permission, Session, Value};
@@ -94,8 +94,10 @@ fn authorize<'a>(
 /// `check_permission/4` on a plain variable map: `:ok` or
 /// `{:error, :access_denied}`. Walks the map's terms in place (nothing is
 /// converted or copied) with the engine's rule semantics; a malformed rule
-/// grants nothing, and a list of more than `MAX_RULES` rules grants nothing
-/// past them. The caller has checked the argument types.
+/// (including one with more than `MAX_CONDITIONS` conditions) grants
+/// nothing, and a list of more than `MAX_RULES` rules grants nothing past
+/// them, so a call is bounded whatever the map holds. The caller has
+/// checked the argument types.
 #[rustler::nif(name = "acl_check_map")]
 fn check_map<'a>(
     env: Env<'a>,
@@ -224,8 +226,11 @@ fn conditions_hold<'a>(env: Env<'a>, rule: Term<'a>, context: Term<'a>) -> bool 
     let Some(conditions) = field(rule, atoms::conditions(), "conditions") else {
         return true;
     };
-    if crate::term::is_nil(conditions) || conditions.map_size().is_ok_and(|n| n == 0) {
-        return true;
+    match conditions.map_size() {
+        Ok(0) => return true,
+        Ok(n) if n > MAX_CONDITIONS => return false,
+        Ok(_) => {}
+        Err(_) => return crate::term::is_nil(conditions),
     }
     let Some(pairs) = MapIterator::new(conditions) else {
         return false;
