@@ -32,8 +32,29 @@ defmodule DSPex.Bridge.Application do
       },
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
+      | observability_children()
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPex.Bridge.Supervisor)
+  end
+
+  # Rust log forwarding always; Analytics and the HTTP endpoint when
+  # configured (`config :dspex_bridge, analytics: true | [opts]` and
+  # `config :dspex_bridge, :http_endpoint, port: 9568`).
+  defp observability_children do
+    analytics =
+      case Application.get_env(:dspex_bridge, :analytics, false) do
+        false -> []
+        true -> [{DSPex.Bridge.Analytics, []}]
+        opts when is_list(opts) -> [{DSPex.Bridge.Analytics, opts}]
+      end
+
+    endpoint =
+      case Application.get_env(:dspex_bridge, :http_endpoint) do
+        nil -> []
+        opts -> [{DSPex.Bridge.Analytics.Endpoint, opts}]
+      end
+
+    [DSPex.Bridge.NativeLog | analytics ++ endpoint]
   end
 end

@@ -45,5 +45,19 @@ defmodule DSPex.Bridge.Native do
   def acl_authorize(_store, _sid, _ident, _principal, _permission), do: err()
   def acl_audit_log(_store, _sid, _limit), do: err()
 
+  # analytics metrics and log forwarding (issue 7)
+  def metrics_new(_bucket_us, _retention_us), do: err()
+  def metrics_record(_metrics, _name, _value), do: err()
+  def metrics_record_at(_metrics, _name, _value, _t_us), do: err()
+  def metrics_query(_metrics, _names, _from_us, _to_us, _aggregations), do: err()
+  def metrics_buckets(_metrics, _names, _from_us, _to_us), do: err()
+  def metrics_maintain(_metrics, _now_us), do: err()
+  def metrics_reset(_metrics), do: err()
+  def metrics_stats(_metrics), do: err()
+  def metrics_prometheus(_metrics, _prefix, _now_us, _window_us), do: err()
+  def log_subscribe(_pid), do: err()
+  def log_dropped, do: err()
+  def log_emit(_level, _message), do: err()
+
   defp err, do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -5,6 +5,8 @@ mod acl;
 mod alloc;
 mod atoms;
 mod error;
+mod log;
+mod metrics;
 mod store;
 mod term;
 mod variable;

@@ -276,7 +276,7 @@ defmodule DSPex.Bridge.Conformance.AccessControlCases do
 
   conformance "burst, refusal with telemetry, then refill", ctx do
     ref = TelemetryHelper.attach([@exceeded])
-    sid = new_session(ctx, rate_limit: {4, 3})
+    sid = new_session(ctx, rate_limit: {1, 3})
     {:ok, _} = SessionStore.register_variable(sid, :v, :integer, 0)
     assert :ok = SessionStore.update_variable(sid, :v, 1)
     assert SessionStore.get_variable_value(sid, :v) == 1
@@ -286,12 +286,12 @@ defmodule DSPex.Bridge.Conformance.AccessControlCases do
     assert {:error, :rate_limited} = SessionStore.list_variables(sid)
     assert [%{event: :rate_limited} | _] = AccessControl.audit_log(sid)
 
-    # One token back every 250 ms; questions take none.
-    Process.sleep(260)
+    # One token back every second; questions take none.
+    Process.sleep(1_050)
     assert {:error, :access_denied} = SessionStore.check_variable_access(sid, :v, "x", :read)
     assert :ok = SessionStore.update_variable(sid, :v, 3)
     assert {:error, :rate_limited} = SessionStore.update_variable(sid, :v, 4)
-    assert {:ok, %{rate_limit: %{ops_per_sec: 4, burst: 3}}} = SessionStore.get_session(sid)
+    assert {:ok, %{rate_limit: %{ops_per_sec: 1, burst: 3}}} = SessionStore.get_session(sid)
   end
 
   conformance "a batch costs one token per variable", ctx do
