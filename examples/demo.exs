@@ -13,6 +13,7 @@ defmodule Demo do
     sid = "demo-tuning-#{System.unique_integer([:positive])}"
     sessions(sid)
     optimizers()
+    access_control()
     port_backend()
     context()
     SessionStore.delete_session(sid)
@@ -198,6 +199,77 @@ defmodule Demo do
   end
 
   # The same API on the port backend: the engine in its own OS process.
+  # A variable shared across sessions: readable by anyone, writable by
+  # "admin_*" only; denials audited; a rate-limited session.
+  defp access_control do
+    section("Access control: a shared variable, audit, rate limits")
+    alias DSPex.Bridge.AccessControl
+    sid = "demo-shared-#{System.unique_integer([:positive])}"
+    {:ok, ^sid} = SessionStore.create_session(sid)
+
+    rules = [
+      %{session_pattern: :any, permissions: [:read]},
+      %{session_pattern: "admin_*", permissions: [:read, :write, :optimize]}
+    ]
+
+    :ok = AccessControl.validate_rules(rules)
+
+    {:ok, _} =
+      SessionStore.register_variable(sid, :base_prompt, :string, "Be concise.",
+        access_rules: rules
+      )
+
+    {:ok, _} = SessionStore.register_variable(sid, :api_budget, :integer, 100)
+    say("#{sid} shares :base_prompt (read: anyone, write: admin_*) and keeps :api_budget private")
+
+    show(
+      "worker_7 reads :base_prompt",
+      SessionStore.get_variable_value(sid, :base_prompt, nil, principal: "worker_7")
+    )
+
+    show(
+      "worker_7 writes :base_prompt",
+      SessionStore.update_variable(sid, :base_prompt, "Be verbose.", %{}, principal: "worker_7")
+    )
+
+    show(
+      "not_admin_1 writes :base_prompt (a regex would have let it in)",
+      SessionStore.update_variable(sid, :base_prompt, "x", %{}, principal: "not_admin_1")
+    )
+
+    show(
+      "admin_ops writes :base_prompt",
+      SessionStore.update_variable(sid, :base_prompt, "Be precise.", %{}, principal: "admin_ops")
+    )
+
+    show(
+      "worker_7 reads private :api_budget",
+      SessionStore.get_variable(sid, :api_budget, principal: "worker_7")
+    )
+
+    {:ok, visible} = SessionStore.list_variables(sid, nil, principal: "worker_7")
+    show("what worker_7 can list", Enum.map(visible, & &1.name))
+
+    show(
+      "a bad rule",
+      AccessControl.validate_rules([%{session_pattern: :any, permissions: [:all]}])
+    )
+
+    say("audit log (newest first):")
+
+    for e <- AccessControl.audit_log(sid) do
+      say("  ##{e.seq} #{e.event} #{e.principal} #{e.permission} on #{e.variable}")
+    end
+
+    limited = sid <> "-limited"
+    {:ok, ^limited} = SessionStore.create_session(limited, rate_limit: {10, 3})
+    {:ok, _} = SessionStore.register_variable(limited, :n, :integer, 0)
+    results = for i <- 1..4, do: SessionStore.update_variable(limited, :n, i)
+    show("a session limited to {10 ops/s, burst 3}: register + 4 writes", results)
+    SessionStore.delete_session(limited)
+    SessionStore.delete_session(sid)
+  end
+
   defp port_backend do
     section("Port backend: the same engine out of process")
     alias DSPex.Bridge.Backend.Port, as: PortBackend

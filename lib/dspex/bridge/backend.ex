@@ -11,7 +11,8 @@ defmodule DSPex.Bridge.Backend do
 
   @type sid :: String.t()
   @type ident :: atom | String.t()
-  @type principal :: String.t() | nil
+  @typedoc "A session id, or `{session_id, context}` when access rules have conditions."
+  @type principal :: String.t() | {String.t(), map} | nil
   @type reason :: atom | {atom, term}
   @type update :: {ident, term, map, non_neg_integer | nil}
 
@@ -47,4 +48,10 @@ defmodule DSPex.Bridge.Backend do
               {:ok, [map]} | {:error, reason}
   @callback variable_names(sid, pattern :: String.t() | nil, principal) ::
               {:ok, [ident]} | {:error, reason}
+
+  # access control (see DSPex.Bridge.AccessControl)
+  @callback set_access_rules(sid, ident, rules :: list, principal) :: :ok | {:error, reason}
+  @callback check_access(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
+  @callback authorize(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
+  @callback audit_log(sid, limit :: non_neg_integer) :: {:ok, [map]} | {:error, reason}
 end

@@ -53,6 +53,14 @@ defmodule DSPex.Bridge.Native do
   def lock_status(_table, _optimizer), do: err()
   def lock_active(_table), do: err()
   def lock_expire(_table), do: err()
+  # access control
+  def acl_validate(_rules), do: err()
+  def acl_check_map(_variable, _principal, _permission, _context), do: err()
+  def acl_set_rules(_store, _sid, _ident, _rules, _principal), do: err()
+  def acl_check(_store, _sid, _ident, _principal, _permission), do: err()
+  def acl_authorize(_store, _sid, _ident, _principal, _permission), do: err()
+  def acl_audit_log(_store, _sid, _limit), do: err()
+
   # analytics metrics and log forwarding (issue 7)
   def metrics_new(_bucket_us, _retention_us), do: err()
   def metrics_record(_metrics, _name, _value), do: err()

@@ -45,12 +45,24 @@ defmodule DSPex.Bridge.SessionStore do
 
   - `principal:` the session on whose behalf the call is made (default: the
     session itself). Sessions are isolated: another principal is denied
-    (`{:error, :access_denied}`) unless an access rule grants it.
+    (`{:error, :access_denied}`) unless an access rule grants it (see
+    `DSPex.Bridge.AccessControl`); listings leave out what it may not read.
+  - `context:` a map compared against the `conditions` of access rules.
   - `lock_token:` / `optimizer_id:` on writes (update, batch, rollback,
     delete): the optimizer lock the write is made under. While a variable is
     being optimized (`start_optimization/4`), writes without the holder's
     token or id get `{:error, {:locked_by, optimizer_id}}`, and writes with
     an older token (a preempted optimizer's) `{:error, :stale_lock_token}`.
+
+  ## Access control and rate limits
+
+  Every read, write, observe and optimize is checked inside the engine
+  against the variable's access rules for the principal; a denial returns
+  `{:error, :access_denied}`, is recorded in the session's audit log and
+  emits `[:dspex, :bridge, :access, :denied]`. A session created with
+  `rate_limit: {ops_per_sec, burst}` admits that many operations (one per
+  variable touched) and returns `{:error, :rate_limited}` beyond them,
+  emitting `[:dspex, :bridge, :rate_limit, :exceeded]`.
 
   ## Limits
 
@@ -62,8 +74,8 @@ defmodule DSPex.Bridge.SessionStore do
   """
   use GenServer
 
+  alias DSPex.Bridge.{AccessControl, Telemetry}
   alias DSPex.Bridge.Backend.Router
-  alias DSPex.Bridge.Telemetry
 
   @type session_id :: String.t()
   @type ident :: atom | String.t()
@@ -97,7 +109,10 @@ defmodule DSPex.Bridge.SessionStore do
 
   Options: `ttl:` idle milliseconds before the session expires (default:
   never), `max_history:` history entries kept per variable (default 50),
-  `metadata:` a map (e.g. owner information), `backend:` `:nif` (in the VM)
+  `metadata:` a map (e.g. owner information), `rate_limit:`
+  `{ops_per_sec, burst}` (positive integers, at most 1,000,000,000 and
+  1,000,000; default: unlimited), `audit_size:` audit entries kept
+  (0..100,000, default 256), `backend:` `:nif` (in the VM)
   or `:port` (the engine in its own OS process, see
   `DSPex.Bridge.Backend.Port`); the default is `config :dspex_bridge,
   backend: :nif | :port`, else `:nif`. The API and its results are the same
@@ -109,13 +124,17 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec create_session(session_id, keyword) :: {:ok, session_id} | {:error, reason}
   def create_session(session_id, opts \\ []) do
-    opts = Keyword.validate!(opts, [:ttl, :max_history, :metadata, :backend])
+    opts =
+      Keyword.validate!(opts, [:ttl, :max_history, :metadata, :rate_limit, :audit_size, :backend])
+
     kind = opts[:backend] || Router.default_kind()
 
     native_opts = %{
       ttl_ms: opts[:ttl],
       max_history: opts[:max_history],
       metadata: opts[:metadata] || %{},
+      rate_limit: opts[:rate_limit],
+      audit_capacity: opts[:audit_size],
       backend: kind
     }
 
@@ -130,7 +149,11 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
-  @doc "Session information: id, timestamps, ttl, max_history, variable_count, metadata."
+  @doc """
+  Session information: id, timestamps, ttl, max_history, variable_count,
+  metadata, rate_limit (`nil` or `%{ops_per_sec, burst, available}`) and
+  audit_size.
+  """
   @spec get_session(session_id) :: {:ok, map} | {:error, reason}
   def get_session(session_id) do
     with {:ok, info} <- backend().session_info(session_id) do
@@ -142,7 +165,9 @@ defmodule DSPex.Bridge.SessionStore do
          ttl: info.ttl_ms,
          max_history: info.max_history,
          variable_count: info.variable_count,
-         metadata: info.metadata
+         metadata: info.metadata,
+         rate_limit: info.rate_limit,
+         audit_size: info.audit_capacity
        }}
     end
   end
@@ -246,19 +271,29 @@ defmodule DSPex.Bridge.SessionStore do
   Registers a variable and returns its generated id.
 
   Options: `constraints:` (see the moduledoc), `metadata:`, `description:`,
-  `principal:`. Names are atoms or strings, unique per session (`:x` and `"x"`
-  are the same name) and given back in the form registered.
+  `access_rules:` (see `DSPex.Bridge.AccessControl`), `principal:`. Names are
+  atoms or strings, unique per session (`:x` and `"x"` are the same name) and
+  given back in the form registered.
   """
   @spec register_variable(session_id, ident, atom, term, keyword) ::
           {:ok, String.t()} | {:error, reason}
   def register_variable(session_id, name, type, initial, opts \\ []) do
-    opts = Keyword.validate!(opts, [:constraints, :metadata, :description, :principal])
+    opts =
+      Keyword.validate!(opts, [
+        :constraints,
+        :metadata,
+        :description,
+        :access_rules,
+        :principal,
+        :context
+      ])
 
     with :ok <- check_type(type) do
       native_opts = %{
         constraints: opts[:constraints] || %{},
         metadata: opts[:metadata] || %{},
-        description: opts[:description]
+        description: opts[:description],
+        access_rules: opts[:access_rules]
       }
 
       result =
@@ -268,8 +303,9 @@ defmodule DSPex.Bridge.SessionStore do
           type,
           initial,
           native_opts,
-          opts[:principal]
+          AccessControl.caller(opts)
         )
+        |> AccessControl.refusal(session_id, name, AccessControl.caller(opts), :write)
 
       with {:ok, _id} <- result do
         Telemetry.execute(
@@ -285,13 +321,16 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   The whole variable: `id name type value version constraints metadata
-  description created_at updated_at last_write`.
+  description created_at updated_at last_write access_rules`.
   """
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
   def get_variable(session_id, ident, opts \\ []) do
+    caller = AccessControl.caller(opts)
+
     timed_read(session_id, ident, fn ->
-      with {:ok, var} <- backend().get_variable(session_id, ident, opts[:principal]) do
-        {:ok, variable(var)}
+      case backend().get_variable(session_id, ident, caller) do
+        {:ok, var} -> {:ok, variable(var)}
+        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end
     end)
   end
@@ -309,7 +348,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec get_variable_value(session_id, ident, term, keyword) :: term
   def get_variable_value(session_id, ident, default \\ nil, opts \\ []) do
-    principal = if opts == [], do: nil, else: opts[:principal]
+    principal = AccessControl.caller(opts)
 
     result =
       if Telemetry.enabled?(@read) do
@@ -319,31 +358,39 @@ defmodule DSPex.Bridge.SessionStore do
       end
 
     case result do
-      {:ok, value} -> value
-      {:error, _} -> default
+      {:ok, value} ->
+        value
+
+      {:error, _} = error ->
+        AccessControl.refusal(error, session_id, ident, principal, :read)
+        default
     end
   end
 
   @doc """
   Writes a variable. `metadata` is kept with the new version in history;
   `expected_version:` (in `metadata` or `opts`) makes the write conditional.
-  Options: `expected_version:`, `principal:`, `lock_token:`, `optimizer_id:`.
+  Options: `expected_version:`, `principal:`, `context:`, `lock_token:`,
+  `optimizer_id:`.
   """
   @spec update_variable(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
   def update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []) do
     {expected, metadata} = expected_version(metadata, opts)
-    principal = caller(opts)
+    principal = AccessControl.caller(opts)
 
-    if Telemetry.enabled?(@write) do
-      start = System.monotonic_time()
-      result = backend().set_value(session_id, ident, value, metadata, expected, principal)
-      written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
-    else
-      case backend().set_value(session_id, ident, value, metadata, expected, principal) do
-        {:ok, _version} -> :ok
-        error -> written(error, session_id, ident, metadata, expected, 0)
+    result =
+      if Telemetry.enabled?(@write) do
+        start = System.monotonic_time()
+        result = backend().set_value(session_id, ident, value, metadata, expected, principal)
+        written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
+      else
+        case backend().set_value(session_id, ident, value, metadata, expected, principal) do
+          {:ok, _version} -> :ok
+          error -> written(error, session_id, ident, metadata, expected, 0)
+        end
       end
-    end
+
+    AccessControl.refusal(result, session_id, ident, principal, :write)
   end
 
   @doc """
@@ -357,14 +404,24 @@ defmodule DSPex.Bridge.SessionStore do
   @spec update_variables(session_id, map | list, keyword) ::
           :ok | {:ok, map} | {:error, reason}
   def update_variables(session_id, updates, opts \\ []) do
-    opts = Keyword.validate!(opts, [:atomic, :principal, :metadata, :lock_token, :optimizer_id])
+    opts =
+      Keyword.validate!(opts, [
+        :atomic,
+        :principal,
+        :context,
+        :metadata,
+        :lock_token,
+        :optimizer_id
+      ])
+
     base_meta = opts[:metadata] || %{}
+    caller = AccessControl.caller(opts)
 
     with {:ok, normalized} <- normalize_updates(updates, base_meta) do
       start = System.monotonic_time()
       atomic = opts[:atomic] == true
 
-      case backend().set_values(session_id, normalized, atomic, caller(opts)) do
+      case backend().set_values(session_id, normalized, atomic, caller) do
         {:ok, results} when atomic ->
           us = Telemetry.since_us(start)
 
@@ -386,38 +443,52 @@ defmodule DSPex.Bridge.SessionStore do
                 {ident, :ok}
 
               {{ident, _, _, _}, {:error, _} = error} ->
+                AccessControl.refusal(error, session_id, ident, caller, :write)
                 {ident, error}
             end)
 
           {:ok, map}
 
         {:error, {:validation_failed, errors}} ->
-          {:error, {:validation_failed, restore_keys(errors, normalized)}}
+          errors = restore_keys(errors, normalized)
+
+          for {ident, :access_denied} <- errors do
+            AccessControl.refusal({:error, :access_denied}, session_id, ident, caller, :write)
+          end
+
+          {:error, {:validation_failed, errors}}
 
         {:error, _} = error ->
-          error
+          AccessControl.refusal(error, session_id, nil, caller, :write)
       end
     end
   end
 
-  @doc "Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`."
+  @doc """
+  Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`.
+  Variables the principal may not read count as missing.
+  """
   @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
   def get_variables(session_id, idents, opts \\ []) when is_list(idents) do
-    principal = opts[:principal]
+    principal = AccessControl.caller(opts)
 
     Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
       case backend().get_variable(session_id, ident, principal) do
         {:ok, var} ->
           {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
 
-        {:error, reason} when reason in [:not_found, :access_denied] ->
+        {:error, :access_denied} = denied ->
+          AccessControl.refusal(denied, session_id, ident, principal, :read)
+          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
+
+        {:error, :not_found} ->
           {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
 
         {:error, {:invalid_argument, _}} ->
           {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
 
         {:error, _} = error ->
-          {:halt, error}
+          {:halt, AccessControl.refusal(error, session_id, ident, principal, :read)}
       end
     end)
     |> case do
@@ -433,16 +504,58 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec list_variables(session_id, String.t() | nil, keyword) :: {:ok, [map]} | {:error, reason}
   def list_variables(session_id, pattern \\ nil, opts \\ []) do
-    with {:ok, vars} <- backend().list_variables(session_id, pattern, opts[:principal]) do
-      {:ok, Enum.map(vars, &variable/1)}
+    caller = AccessControl.caller(opts)
+
+    case backend().list_variables(session_id, pattern, caller) do
+      {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
+      error -> AccessControl.refusal(error, session_id, nil, caller, :read)
     end
   end
 
-  @doc "Deletes a variable (and, once dependencies exist, its edges)."
+  @doc "Deletes a variable (and, once dependencies exist, its edges). Needs `:write`."
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
   def delete_variable(session_id, ident, opts \\ []) do
-    backend().delete_variable(session_id, ident, caller(opts))
+    caller = AccessControl.caller(opts)
+
+    session_id
+    |> backend().delete_variable(ident, caller)
+    |> AccessControl.refusal(session_id, ident, caller, :write)
   end
+
+  @doc """
+  Replaces a variable's access rules (see `DSPex.Bridge.AccessControl`).
+  Only the variable's owner may: the session itself (the default principal)
+  or the principal named in its `owner_session`/`created_by` metadata.
+  Invalid rules return `{:error, {:invalid_rules, detail}}` and leave the old
+  ones in place. The change is recorded in the audit log.
+  """
+  @spec set_variable_permissions(session_id, ident, [AccessControl.rule()], keyword) ::
+          :ok | {:error, reason}
+  def set_variable_permissions(session_id, ident, rules, opts \\ []) do
+    caller = AccessControl.caller(opts)
+
+    session_id
+    |> backend().set_access_rules(ident, rules, caller)
+    |> AccessControl.refusal(session_id, ident, caller, :write)
+  end
+
+  @doc """
+  May `principal` do `permission` on the variable? `:ok` or
+  `{:error, :access_denied}`. A question: it takes no rate-limit token and
+  leaves no audit entry. Options: `context:`.
+  """
+  @spec check_variable_access(session_id, ident, String.t(), AccessControl.permission(), keyword) ::
+          :ok | {:error, reason}
+  def check_variable_access(session_id, ident, principal, permission, opts \\ [])
+
+  def check_variable_access(session_id, ident, principal, permission, opts)
+      when permission in [:read, :write, :observe, :optimize] do
+    caller = AccessControl.caller(principal: principal, context: opts[:context])
+    backend().check_access(session_id, ident, caller, permission)
+  end
+
+  def check_variable_access(_session_id, _ident, _principal, permission, _opts),
+    do: {:error, {:invalid_argument, {:unknown_permission, permission}}}
 
   @doc """
   Previous versions of a variable, newest first: `[%{version, value,
@@ -454,8 +567,11 @@ defmodule DSPex.Bridge.SessionStore do
 
   def get_variable_history(session_id, ident, limit, opts)
       when is_integer(limit) and limit >= 0 do
-    with {:ok, entries} <- backend().history(session_id, ident, limit, opts[:principal]) do
-      {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
+    caller = AccessControl.caller(opts)
+
+    case backend().history(session_id, ident, limit, caller) do
+      {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
+      error -> AccessControl.refusal(error, session_id, ident, caller, :read)
     end
   end
 
@@ -469,7 +585,9 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec rollback_variable(session_id, ident, non_neg_integer, keyword) :: :ok | {:error, reason}
   def rollback_variable(session_id, ident, version, opts \\ []) do
-    case backend().rollback(session_id, ident, version, caller(opts)) do
+    caller = AccessControl.caller(opts)
+
+    case backend().rollback(session_id, ident, version, caller) do
       {:ok, new_version} ->
         Telemetry.execute(
           [:dspex, :bridge, :variable, :rollback],
@@ -480,7 +598,7 @@ defmodule DSPex.Bridge.SessionStore do
         :ok
 
       error ->
-        error
+        AccessControl.refusal(error, session_id, ident, caller, :write)
     end
   end
 
@@ -556,20 +674,6 @@ defmodule DSPex.Bridge.SessionStore do
 
   # The backend's caller term: the principal, or with a lock claim
   # `{principal, lock_token, optimizer_id}`.
-  defp caller([]), do: nil
-
-  defp caller(opts) do
-    case {opts[:lock_token], opts[:optimizer_id]} do
-      {nil, nil} -> opts[:principal]
-      {token, optimizer} -> {opts[:principal], token, optimizer_text(optimizer)}
-    end
-  end
-
-  defp optimizer_text(id) when is_atom(id) and id not in [nil, true, false],
-    do: Atom.to_string(id)
-
-  defp optimizer_text(id), do: id
-
   defp check_type(type) when type in @types, do: :ok
   defp check_type(type), do: {:error, {:invalid_argument, {:unknown_type, type}}}
 

@@ -46,7 +46,7 @@ defmodule DSPex.Bridge.Telemetry do
   | event | measurements | metadata |
   | --- | --- | --- |
   | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
-  | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`) |
+  | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`; `nil` when a write found the pipe closed before the status was reaped) |
 
   ### Optimizer coordination (`DSPex.Bridge.OptimizerCoordinator`)
 
@@ -68,6 +68,17 @@ defmodule DSPex.Bridge.Telemetry do
   `:lock_acquired`, `:lock_conflict`, `:preempted`, `:started` and
   `:completed` are emitted by the calling process; a holder's death or lease
   expiry is reported by the coordinator's process.
+  ### Access control (`DSPex.Bridge.AccessControl`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :access, :denied]` | `system_time` | `session_id`, `variable` (as the caller named it; `nil` for a listing), `principal`, `permission` |
+  | `[:dspex, :bridge, :rate_limit, :exceeded]` | `system_time` | `session_id`, `variable` (`nil` when the call names none), `principal` |
+
+  Both are emitted in the calling process, for every `SessionStore`
+  operation and for `AccessControl.authorize/4`; the same refusals are kept
+  in the session's audit log (`AccessControl.audit_log/2`). Questions
+  (`check_variable_access/5`, `check_permission/4`) emit nothing.
 
   ### Observability (`DSPex.Bridge.Analytics`)
 
@@ -86,7 +97,7 @@ defmodule DSPex.Bridge.Telemetry do
   ## Glossary
 
   - *principal*: the session on whose behalf a call is made (`principal:`
-    option); the session itself when not given.
+    option); the session itself when not given (reported as `nil`).
   - *fencing token*: the number every lock grant carries; larger than any
     granted before, so a write carrying an older one is known to be stale.
   - *lease*: how long a lock grant lasts unless renewed (`renew_lock/3`, or

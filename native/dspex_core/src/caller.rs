@@ -1,6 +1,7 @@
 //! Who a call is made for. Every session operation takes a [`Caller`] and
 //! checks it against the variable before touching it.
 
+use crate::acl;
 use crate::error::{Error, Result};
 use crate::locks::LockClaim;
 use crate::value::Value;
@@ -74,13 +75,21 @@ impl<'a> Caller<'a> {
     }
 
     /// May this caller, in session `session_id`, do `perm` on `var`?
-    /// A session has every permission on its own variables; any other
-    /// principal is denied (sessions are isolated).
-    pub fn authorize(&self, session_id: &str, _var: &Variable, _perm: Permission) -> Result<()> {
-        match self.principal {
-            None => Ok(()),
-            Some(p) if p == session_id => Ok(()),
-            Some(_) => Err(Error::AccessDenied),
-        }
+    /// A session has every permission on its own variables, and so does the
+    /// variable's owner; any other principal only what the variable's access
+    /// rules grant it (see [`crate::acl`]). Sessions are isolated by default.
+    pub fn authorize(&self, session_id: &str, var: &Variable, perm: Permission) -> Result<()> {
+        acl::authorize(
+            self.principal,
+            session_id,
+            var.acl.as_deref(),
+            perm,
+            self.context,
+        )
+    }
+
+    /// Does this caller act as the variable's owner (who may change its rules)?
+    pub fn is_owner(&self, session_id: &str, var: &Variable) -> bool {
+        acl::is_owner(self.principal, session_id, var.acl.as_deref())
     }
 }

@@ -25,10 +25,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::caller::Caller;
+use crate::audit::{self, AuditEntry};
+use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::glob::Glob;
-use crate::session::{RegisterOpts, Session, SessionOpts, Update};
+use crate::ratelimit::RateLimit;
+use crate::session::{access_rules_of, RegisterOpts, Session, SessionOpts, Update};
 use crate::store::Store;
 use crate::types::VarType;
 use crate::value::Value;
@@ -47,6 +49,11 @@ pub enum Command {
         max_history: Option<i64>,
         #[serde(default)]
         metadata: Value,
+        /// `nil` or `{ops_per_sec, burst}`.
+        #[serde(default)]
+        rate_limit: Value,
+        #[serde(default)]
+        audit_capacity: Option<i64>,
     },
     /// `{:ok, info}`, see [`session_info`].
     SessionInfo { session: String },
@@ -81,6 +88,9 @@ pub enum Command {
         description: Option<String>,
         #[serde(default)]
         principal: Option<String>,
+        /// A list of access rules (see `acl.rs`); nil for none.
+        #[serde(default)]
+        access_rules: Value,
     },
     /// `{:ok, variable}`, see [`variable_value`].
     VarGet {
@@ -180,6 +190,44 @@ pub enum Command {
         #[serde(default)]
         context: Option<Value>,
     },
+    /// Replaces a variable's access rules (owner only): `:ok`.
+    AclSetRules {
+        session: String,
+        ident: Value,
+        rules: Value,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// May the principal do `permission`? `:ok` or `{:error, :access_denied}`;
+    /// takes no rate-limit token and leaves no audit entry.
+    AclCheck {
+        session: String,
+        ident: Value,
+        permission: Value,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// The guard of an operation made outside the store (locks, observers):
+    /// rate limit, ACL, refusals audited. `:ok` or the refusal.
+    AclAuthorize {
+        session: String,
+        ident: Value,
+        permission: Value,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// `{:ok, [entry]}` newest first, see [`audit_entry_value`].
+    AclAuditLog {
+        session: String,
+        #[serde(default)]
+        limit: Option<u64>,
+    },
 }
 
 /// One write of [`Command::VarSetMany`]: `[ident, value]` or a map with
@@ -216,6 +264,10 @@ impl Command {
             Command::VarDelete { .. } => "var_delete",
             Command::VarList { .. } => "var_list",
             Command::VarNames { .. } => "var_names",
+            Command::AclSetRules { .. } => "acl_set_rules",
+            Command::AclCheck { .. } => "acl_check",
+            Command::AclAuthorize { .. } => "acl_authorize",
+            Command::AclAuditLog { .. } => "acl_audit_log",
         }
     }
 
@@ -290,8 +342,25 @@ impl Store {
                 ttl_ms,
                 max_history,
                 metadata,
+                rate_limit,
+                audit_capacity,
             } => {
-                let mut opts = SessionOpts::default();
+                let mut opts = SessionOpts {
+                    rate_limit: RateLimit::from_value(&rate_limit)?,
+                    ..SessionOpts::default()
+                };
+                match audit_capacity {
+                    None => {}
+                    Some(n) if (0..=audit::MAX_CAPACITY as i64).contains(&n) => {
+                        opts.audit_capacity = n as usize
+                    }
+                    Some(n) => {
+                        return Err(Error::InvalidArgument(Value::tagged(
+                            "audit_capacity",
+                            Value::Int(n),
+                        )))
+                    }
+                }
                 match ttl_ms {
                     None => {}
                     Some(ms) if ms > 0 => opts.ttl_ms = Some(ms as u64),
@@ -325,11 +394,10 @@ impl Store {
                 metadata,
                 description,
                 principal,
+                access_rules,
             } => {
                 let s = self.session(&session)?;
-                if principal.as_deref().is_some_and(|p| p != &*s.id) {
-                    return Err(Error::AccessDenied);
-                }
+                s.check_register(&caller(&principal, &None))?;
                 let var_type = match &var_type {
                     Value::Atom(t) => VarType::parse(t)?,
                     _ => return Err(Error::invalid_arg("type_must_be_an_atom")),
@@ -338,6 +406,7 @@ impl Store {
                     constraints,
                     metadata: metadata_map(metadata)?,
                     description: description.map(Into::into),
+                    access_rules,
                 };
                 let id = s.register(name, var_type, initial, opts)?;
                 Ok(V(Value::str(&id)))
@@ -461,7 +530,7 @@ impl Store {
             } => {
                 let caller = caller(&principal, &context);
                 let glob = pattern.as_deref().map(Glob::new);
-                let mut vars = self.session(&session)?.variables(&caller);
+                let mut vars = self.session(&session)?.variables(&caller)?;
                 vars.retain(|v| name_matches(&glob, &v.name));
                 Ok(V(Value::List(vars.iter().map(variable_value).collect())))
             }
@@ -473,7 +542,7 @@ impl Store {
             } => {
                 let caller = caller(&principal, &context);
                 let glob = pattern.as_deref().map(Glob::new);
-                let names = self.session(&session)?.names(&caller);
+                let names = self.session(&session)?.names(&caller)?;
                 Ok(V(Value::List(
                     names
                         .into_iter()
@@ -482,7 +551,87 @@ impl Store {
                         .collect(),
                 )))
             }
+            Command::AclSetRules {
+                session,
+                ident,
+                rules,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let ident = ident_text(&ident)?;
+                self.with_session(&session, |s| s.set_access_rules(ident, &rules, &caller))?
+                    .map(|_| Done)
+            }
+            Command::AclCheck {
+                session,
+                ident,
+                permission,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let (ident, perm) = (ident_text(&ident)?, permission_of(&permission)?);
+                self.with_session(&session, |s| s.check_access(ident, &caller, perm))?
+                    .map(|_| Done)
+            }
+            Command::AclAuthorize {
+                session,
+                ident,
+                permission,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let (ident, perm) = (ident_text(&ident)?, permission_of(&permission)?);
+                self.with_session(&session, |s| s.authorize(ident, &caller, perm))?
+                    .map(|_| Done)
+            }
+            Command::AclAuditLog { session, limit } => {
+                let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+                let entries = self.with_session(&session, |s| s.audit_log(limit))?;
+                Ok(V(Value::List(
+                    entries.iter().map(audit_entry_value).collect(),
+                )))
+            }
         }
+    }
+}
+
+/// A permission named by an atom or a string.
+fn permission_of(v: &Value) -> Result<Permission> {
+    v.as_text()
+        .and_then(|name| Permission::parse(name).ok())
+        .ok_or_else(|| Error::invalid_arg("unknown_permission"))
+}
+
+/// An audit entry: `%{seq, at, event, principal, variable, permission}`
+/// (`at` in microseconds since the epoch; `principal`, `variable` and
+/// `permission` may be nil).
+pub fn audit_entry_value(e: &AuditEntry) -> Value {
+    let text = |s: &Option<Box<str>>| s.as_deref().map_or(Value::Nil, Value::str);
+    map(vec![
+        ("seq", version_value(e.seq)),
+        ("at", Value::Int(e.at)),
+        ("event", Value::atom(e.event.name())),
+        ("principal", text(&e.principal)),
+        ("variable", text(&e.variable)),
+        (
+            "permission",
+            e.permission.map_or(Value::Nil, |p| Value::atom(p.name())),
+        ),
+    ])
+}
+
+/// `nil` or `%{ops_per_sec, burst, available}`.
+pub fn rate_limit_value(s: &Session) -> Value {
+    match s.rate_limit() {
+        None => Value::Nil,
+        Some((limit, available)) => map(vec![
+            ("ops_per_sec", version_value(limit.ops_per_sec)),
+            ("burst", version_value(limit.burst)),
+            ("available", version_value(available)),
+        ]),
     }
 }
 
@@ -553,9 +702,9 @@ fn map(pairs: Vec<(&str, Value)>) -> Value {
 
 /// A variable as the API returns it: a map with atom keys `id name type value
 /// version constraints metadata description created_at updated_at
-/// last_write` (times in microseconds since the epoch; `name` in the form
-/// it was registered; `last_write` the metadata of the current version's
-/// write).
+/// last_write access_rules` (times in microseconds since the epoch; `name`
+/// in the form it was registered; `last_write` the metadata of the current
+/// version's write; `access_rules` in canonical form).
 pub fn variable_value(v: &Variable) -> Value {
     map(vec![
         ("id", Value::str(&v.id)),
@@ -572,6 +721,7 @@ pub fn variable_value(v: &Variable) -> Value {
         ("created_at", Value::Int(v.created_at)),
         ("updated_at", Value::Int(v.updated_at)),
         ("last_write", v.write_metadata()),
+        ("access_rules", access_rules_of(v)),
     ])
 }
 
@@ -592,7 +742,8 @@ pub fn history_value(h: &HistoryEntry) -> Value {
 }
 
 /// A session's settings and size: `%{session_id, created_at, last_access,
-/// ttl_ms, max_history, variable_count, metadata}`.
+/// ttl_ms, max_history, variable_count, metadata, rate_limit,
+/// audit_capacity}`.
 pub fn session_info(s: &Session) -> Value {
     map(vec![
         ("session_id", Value::str(&s.id)),
@@ -602,6 +753,11 @@ pub fn session_info(s: &Session) -> Value {
         ("max_history", version_value(s.opts.max_history as u64)),
         ("variable_count", version_value(s.len() as u64)),
         ("metadata", s.opts.metadata.clone()),
+        ("rate_limit", rate_limit_value(s)),
+        (
+            "audit_capacity",
+            version_value(s.audit_ring().capacity() as u64),
+        ),
     ])
 }
 
@@ -632,6 +788,8 @@ mod tests {
             ttl_ms: None,
             max_history: None,
             metadata: Value::Nil,
+            rate_limit: Value::Nil,
+            audit_capacity: None,
         }
     }
 
@@ -645,6 +803,7 @@ mod tests {
             metadata: Value::Nil,
             description: None,
             principal: None,
+            access_rules: Value::Nil,
         }
     }
 
@@ -863,6 +1022,8 @@ mod tests {
             ttl_ms: Some(0),
             max_history: None,
             metadata: Value::Nil,
+            rate_limit: Value::Nil,
+            audit_capacity: None,
         };
         assert_eq!(
             run(&store, zero_ttl),
@@ -878,6 +1039,8 @@ mod tests {
             ttl_ms: None,
             max_history: Some(-1),
             metadata: Value::Nil,
+            rate_limit: Value::Nil,
+            audit_capacity: None,
         };
         assert!(matches!(
             store.execute(bad_history),
@@ -1087,6 +1250,8 @@ mod tests {
                     ttl_ms: ttl,
                     max_history: Some(5),
                     metadata: Value::empty_map(),
+                    rate_limit: Value::Nil,
+                    audit_capacity: None,
                 }
             }),
             (text, text, any::<i64>()).prop_map(|(s, i, n)| Command::VarSet {

@@ -50,6 +50,11 @@ pub enum Error {
     /// The principal may not do this. `:access_denied`
     #[error("access denied")]
     AccessDenied,
+    /// Access rules that do not compile. `{:invalid_rules, detail}`, where
+    /// detail is `:not_a_list`, `{:too_many_rules, max}`, `{:too_large, max}`
+    /// or `{index, reason}` for the first bad rule (see `acl.rs`).
+    #[error("invalid access rules: {0}")]
+    InvalidRules(Value),
     /// The session's token bucket is empty. `:rate_limited`
     #[error("rate limited")]
     RateLimited,
@@ -112,6 +117,7 @@ impl Error {
             Error::InvalidSnapshot(_) => "invalid_snapshot",
             Error::ValidationFailed(_) => "validation_failed",
             Error::AccessDenied => "access_denied",
+            Error::InvalidRules(_) => "invalid_rules",
             Error::RateLimited => "rate_limited",
             Error::LockedBy(_) => "locked_by",
             Error::StaleLockToken => "stale_lock_token",
@@ -137,7 +143,8 @@ impl Error {
             | Error::ValidationFailed(d)
             | Error::MissingVariable(d)
             | Error::WouldCreateCycle(d)
-            | Error::AlreadyOptimizing(d) => Some(d.clone()),
+            | Error::AlreadyOptimizing(d)
+            | Error::InvalidRules(d) => Some(d.clone()),
             Error::VersionMismatch(v) => Some(Value::Int(*v as i64)),
             Error::TooLarge(n) => Some(Value::Int(*n as i64)),
             Error::InvalidSnapshot(s)

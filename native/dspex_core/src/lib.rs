@@ -3,6 +3,8 @@
 //! The NIF crate (`dspex_nif`) and the port program (`dspex_port`) are thin
 //! shells over this crate.
 
+pub mod acl;
+pub mod audit;
 pub mod caller;
 pub mod command;
 pub mod error;
@@ -12,6 +14,7 @@ pub mod limits;
 pub mod locks;
 pub mod metrics;
 pub mod prometheus;
+pub mod ratelimit;
 pub mod session;
 pub mod snapshot;
 pub mod store;
@@ -24,6 +27,7 @@ pub mod variable;
 /// short keys, and keyed per process so hostile ids cannot flood a shard).
 pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 
+pub use acl::{Acl, PermSet};
 pub use caller::{Caller, Permission};
 pub use command::{Answer, Command, Reply, UpdateSpec};
 pub use error::{Error, Result};

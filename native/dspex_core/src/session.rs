@@ -1,7 +1,14 @@
-//! A session: a table of variables plus its settings (TTL, history bound).
+//! A session: a table of variables plus its settings (TTL, history bound),
+//! its rate limiter and its audit ring.
 //!
 //! Each variable sits behind its own mutex, so writers of different variables
 //! never wait on each other; the name and id indexes are sharded maps.
+//!
+//! Every operation on variables is guarded the same way, in this order: the
+//! session's token bucket ([`crate::ratelimit`]), then the variable's access
+//! rules for the caller ([`crate::acl`]), both refusals recorded in the
+//! audit ring ([`crate::audit`]). Code outside this file that acts on a
+//! variable (locks, observers) asks [`Session::authorize`] first.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,9 +17,12 @@ use crate::ConcurrentMap;
 use dashmap::mapref::entry::Entry;
 use parking_lot::Mutex;
 
+use crate::acl::Acl;
+use crate::audit::{AuditEntry, AuditEvent, AuditRing, DEFAULT_CAPACITY};
 use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
+use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::time::now_us;
 use crate::types::{Constraints, VarType};
 use crate::value::Value;
@@ -27,6 +37,10 @@ pub struct SessionOpts {
     pub ttl_ms: Option<u64>,
     pub max_history: usize,
     pub metadata: Value,
+    /// Token bucket over every variable operation; `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
+    /// Audit entries kept (see [`crate::audit`]).
+    pub audit_capacity: usize,
 }
 
 impl Default for SessionOpts {
@@ -35,6 +49,8 @@ impl Default for SessionOpts {
             ttl_ms: None,
             max_history: 50,
             metadata: Value::empty_map(),
+            rate_limit: None,
+            audit_capacity: DEFAULT_CAPACITY,
         }
     }
 }
@@ -45,6 +61,8 @@ pub struct RegisterOpts {
     pub constraints: Value,
     pub metadata: Value,
     pub description: Option<Box<str>>,
+    /// A list of access rules (see [`crate::acl`]); nil for none.
+    pub access_rules: Value,
 }
 
 /// One write of a batch.
@@ -67,6 +85,8 @@ pub struct Session {
     next_var: AtomicU64,
     by_name: ConcurrentMap<Box<str>, VarCell>,
     by_id: ConcurrentMap<Box<str>, VarCell>,
+    limiter: Option<TokenBucket>,
+    audit: AuditRing,
 }
 
 /// Touches to `last_access` closer together than this are skipped, so the
@@ -79,12 +99,14 @@ impl Session {
         Session {
             id,
             created_at: now,
-            opts,
             limits,
             last_access: AtomicI64::new(now),
             next_var: AtomicU64::new(1),
             by_name: ConcurrentMap::default(),
             by_id: ConcurrentMap::default(),
+            limiter: opts.rate_limit.map(TokenBucket::new),
+            audit: AuditRing::new(opts.audit_capacity),
+            opts,
         }
     }
 
@@ -131,6 +153,7 @@ impl Session {
         opts: RegisterOpts,
     ) -> Result<Box<str>> {
         let key: Box<str> = self.limits.check_name(&name)?.into();
+        self.admit(1, &Caller::OWNER)?;
         self.limits.check_value(&initial)?;
         self.limits.check_value(&opts.metadata)?;
         if self.by_id.len() >= self.limits.max_variables {
@@ -144,7 +167,8 @@ impl Session {
         } else {
             opts.metadata
         };
-        let var = Variable::new(
+        let acl = Acl::build(&opts.access_rules, &metadata)?.map(Arc::new);
+        let mut var = Variable::new(
             id.clone(),
             name,
             var_type,
@@ -155,6 +179,7 @@ impl Session {
             self.opts.max_history,
             now_us(),
         )?;
+        var.acl = acl;
         self.insert(key, var)?;
         Ok(id)
     }
@@ -189,7 +214,8 @@ impl Session {
         }
     }
 
-    /// Runs `f` with the variable locked, once `caller` may do `perm` on it.
+    /// Runs `f` with the variable locked, once the rate limit admits the
+    /// call and `caller` may do `perm` on it.
     pub fn with_var<T>(
         &self,
         ident: &str,
@@ -197,14 +223,109 @@ impl Session {
         perm: Permission,
         f: impl FnOnce(&mut Variable) -> Result<T>,
     ) -> Result<T> {
+        self.admit(1, caller)?;
         self.with_cell(ident, |cell| {
             let mut var = cell.lock();
-            caller.authorize(&self.id, &var, perm)?;
+            self.check(caller, &var, perm)?;
             if perm == Permission::Write {
                 var.lock.admit(&caller.lock)?;
             }
             f(&mut var)
         })?
+    }
+
+    /// Takes `cost` tokens from the session's bucket, or refuses the call.
+    fn admit(&self, cost: u64, caller: &Caller) -> Result<()> {
+        match &self.limiter {
+            Some(bucket) if !bucket.try_acquire(cost) => {
+                self.audit
+                    .record(AuditEvent::RateLimited, caller.principal, None, None);
+                Err(Error::RateLimited)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The ACL check, with denials audited.
+    fn check(&self, caller: &Caller, var: &Variable, perm: Permission) -> Result<()> {
+        caller.authorize(&self.id, var, perm).inspect_err(|_| {
+            self.audit.record(
+                AuditEvent::Denied,
+                caller.principal,
+                Some(&var.id),
+                Some(perm),
+            )
+        })
+    }
+
+    /// The guard of every operation (rate limit, then ACL, refusals
+    /// audited), for operations on a variable made outside this type:
+    /// optimizer locks (`Optimize`), observers (`Observe`).
+    pub fn authorize(&self, ident: &str, caller: &Caller, perm: Permission) -> Result<()> {
+        self.with_var(ident, caller, perm, |_| Ok(()))
+    }
+
+    /// Answers whether `caller` may do `perm`, without consuming a token or
+    /// auditing: a question, not an operation.
+    pub fn check_access(&self, ident: &str, caller: &Caller, perm: Permission) -> Result<()> {
+        self.with_cell(ident, |cell| caller.authorize(&self.id, &cell.lock(), perm))?
+    }
+
+    /// Replaces a variable's access rules. Only its owner may: the session
+    /// itself or the principal named in its metadata. The change is audited.
+    pub fn set_access_rules(&self, ident: &str, rules: &Value, caller: &Caller) -> Result<()> {
+        self.admit(1, caller)?;
+        self.with_cell(ident, |cell| {
+            let mut var = cell.lock();
+            if !caller.is_owner(&self.id, &var) {
+                self.audit.record(
+                    AuditEvent::Denied,
+                    caller.principal,
+                    Some(&var.id),
+                    Some(Permission::Write),
+                );
+                return Err(Error::AccessDenied);
+            }
+            var.acl = Acl::build(rules, &var.metadata)?.map(Arc::new);
+            self.audit.record(
+                AuditEvent::RulesChanged,
+                caller.principal,
+                Some(&var.id),
+                None,
+            );
+            Ok(())
+        })?
+    }
+
+    /// Only the session itself registers variables in it; a refusal is audited.
+    pub fn check_register(&self, caller: &Caller) -> Result<()> {
+        match caller.principal {
+            Some(p) if p != &*self.id => {
+                self.audit
+                    .record(AuditEvent::Denied, Some(p), None, Some(Permission::Write));
+                Err(Error::AccessDenied)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The variable's rules in canonical form (an empty list for none).
+    pub fn access_rules(&self, ident: &str, caller: &Caller) -> Result<Value> {
+        self.with_var(ident, caller, Permission::Read, |v| Ok(access_rules_of(v)))
+    }
+
+    /// At most `limit` audit entries, newest first.
+    pub fn audit_log(&self, limit: usize) -> Vec<AuditEntry> {
+        self.audit.recent(limit)
+    }
+
+    pub fn audit_ring(&self) -> &AuditRing {
+        &self.audit
+    }
+
+    /// The session's rate limit, and the whole tokens left in its bucket.
+    pub fn rate_limit(&self) -> Option<(RateLimit, u64)> {
+        self.limiter.as_ref().map(|b| (b.limit(), b.available()))
     }
 
     pub fn get_value(&self, ident: &str, caller: &Caller) -> Result<Value> {
@@ -249,6 +370,7 @@ impl Session {
         if !errors.is_empty() {
             return Err(Error::ValidationFailed(Value::Map(errors.into())));
         }
+        self.admit(cells.len() as u64, caller)?;
         let mut order: Vec<usize> = (0..cells.len()).collect();
         order.sort_by_key(|&i| Arc::as_ptr(&cells[i]) as usize);
         order.dedup_by_key(|i| Arc::as_ptr(&cells[*i]) as usize);
@@ -259,8 +381,8 @@ impl Session {
         guards.sort_by_key(|(i, _)| *i);
         let mut checked = Vec::with_capacity(updates.len());
         for ((_, guard), u) in guards.iter().zip(&updates) {
-            let result = caller
-                .authorize(&self.id, guard, Permission::Write)
+            let result = self
+                .check(caller, guard, Permission::Write)
                 .and_then(|_| guard.lock.admit(&caller.lock))
                 .and_then(|_| guard.check(u.value.clone(), u.meta.expected_version));
             match result {
@@ -340,18 +462,26 @@ impl Session {
             .collect()
     }
 
-    /// The variables `caller` may read, sorted by name.
-    pub fn variables(&self, caller: &Caller) -> Vec<Variable> {
+    /// The variables `caller` may read, sorted by name. Variables it may
+    /// not read are left out, not reported.
+    pub fn variables(&self, caller: &Caller) -> Result<Vec<Variable>> {
+        self.admit(1, caller)?;
+        Ok(self.sorted_variables(caller))
+    }
+
+    /// Every variable, for snapshots: no token taken.
+    pub(crate) fn sorted_variables(&self, caller: &Caller) -> Vec<Variable> {
         let mut vars = self.readable(caller, Variable::clone);
         vars.sort_by(|a, b| a.name.as_text().cmp(&b.name.as_text()));
         vars
     }
 
     /// Names and ids of what `caller` may read, sorted by name.
-    pub fn names(&self, caller: &Caller) -> Vec<(Value, Box<str>)> {
+    pub fn names(&self, caller: &Caller) -> Result<Vec<(Value, Box<str>)>> {
+        self.admit(1, caller)?;
         let mut names = self.readable(caller, |v| (v.name.clone(), v.id.clone()));
         names.sort_by(|a, b| a.0.as_text().cmp(&b.0.as_text()));
-        names
+        Ok(names)
     }
 
     /// Approximate heap bytes held by the session's variables.
@@ -361,6 +491,13 @@ impl Session {
             .map(|c| std::mem::size_of::<Variable>() + c.value().lock().heap_size())
             .sum()
     }
+}
+
+/// A variable's rules in canonical form (an empty list for none).
+pub fn access_rules_of(var: &Variable) -> Value {
+    var.acl
+        .as_deref()
+        .map_or_else(|| Value::List(Box::new([])), |a| a.source().clone())
 }
 
 #[cfg(test)]

@@ -7,10 +7,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::Acl;
+use crate::audit::{self, DEFAULT_CAPACITY};
 use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::session::{Session, SessionOpts};
+use crate::ratelimit::RateLimit;
+use crate::session::{access_rules_of, Session, SessionOpts};
 use crate::types::{validate, Constraints, VarType};
 use crate::value::Value;
 use crate::variable::{HistoryEntry, Variable};
@@ -28,6 +31,15 @@ pub struct Snapshot {
     pub max_history: u64,
     pub metadata: Value,
     pub variables: Vec<VarSnapshot>,
+    /// `{ops_per_sec, burst}`; absent in snapshots that predate it.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default = "default_audit_capacity")]
+    pub audit_capacity: u64,
+}
+
+fn default_audit_capacity() -> u64 {
+    DEFAULT_CAPACITY as u64
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +56,9 @@ pub struct VarSnapshot {
     pub updated_at: i64,
     pub last_write: Value,
     pub history: Vec<HistorySnapshot>,
+    /// Access rules in canonical form; absent in snapshots that predate them.
+    #[serde(default)]
+    pub access_rules: Value,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -64,10 +79,12 @@ impl Snapshot {
             max_history: session.opts.max_history as u64,
             metadata: session.opts.metadata.clone(),
             variables: session
-                .variables(&Caller::OWNER)
+                .sorted_variables(&Caller::OWNER)
                 .iter()
                 .map(VarSnapshot::of)
                 .collect(),
+            rate_limit: session.opts.rate_limit,
+            audit_capacity: session.opts.audit_capacity as u64,
         }
     }
 
@@ -97,6 +114,14 @@ impl Snapshot {
                 .check_history(i64::try_from(self.max_history).unwrap_or(-1))
                 .map_err(bad)?,
             metadata: self.metadata.clone(),
+            rate_limit: self
+                .rate_limit
+                .map(|r| RateLimit::new(r.ops_per_sec, r.burst))
+                .transpose()
+                .map_err(bad)?,
+            audit_capacity: usize::try_from(self.audit_capacity)
+                .unwrap_or(usize::MAX)
+                .min(audit::MAX_CAPACITY),
         })
     }
 
@@ -145,6 +170,7 @@ impl VarSnapshot {
                         .unwrap_or_else(Value::empty_map),
                 })
                 .collect(),
+            access_rules: access_rules_of(v),
         }
     }
 
@@ -200,6 +226,7 @@ impl VarSnapshot {
             history,
             max_history,
             lock: Default::default(),
+            acl: Acl::build(&self.access_rules, &self.metadata)?.map(std::sync::Arc::new),
         };
         Ok((key, var))
     }

@@ -2,7 +2,9 @@
 //! bounded history of the versions before it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use crate::acl::Acl;
 use crate::error::{Error, Result};
 use crate::locks::VarLock;
 use crate::types::{validate, Constraints, VarType};
@@ -38,6 +40,9 @@ pub struct Variable {
     pub max_history: usize,
     /// The optimizer lock on this variable, kept by the lock table.
     pub lock: VarLock,
+    /// Compiled access rules and owner; `None`: only the hosting session.
+    /// Shared by clones; replaced whole when the rules change.
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// What a write needs beyond the value.
@@ -76,6 +81,7 @@ impl Variable {
             history: VecDeque::new(),
             max_history,
             lock: VarLock::default(),
+            acl: None,
         })
     }
 

@@ -113,8 +113,8 @@ proptest! {
         }
         let bytes = store.export_session("a").unwrap();
         store.import_session(&bytes, Some("b")).unwrap();
-        let a = store.session("a").unwrap().variables(&Caller::OWNER);
-        let b = store.session("b").unwrap().variables(&Caller::OWNER);
+        let a = store.session("a").unwrap().variables(&Caller::OWNER).unwrap();
+        let b = store.session("b").unwrap().variables(&Caller::OWNER).unwrap();
         prop_assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
             prop_assert_eq!(&x.name, &y.name);

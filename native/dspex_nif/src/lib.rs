@@ -1,6 +1,7 @@
 //! rustler bindings of dspex_core. One file per resource; atoms in
 //! `atoms.rs`; term conversion in `term.rs`; the error mapping in `error.rs`.
 
+mod acl;
 mod alloc;
 mod atoms;
 mod error;

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use dspex_core::audit;
 use dspex_core::limits::Limits;
+use dspex_core::ratelimit::RateLimit;
 use dspex_core::{Error, SessionOpts, Store, Value};
 use rustler::{Binary, Encoder, Env, ResourceArc, Term};
 
@@ -77,7 +79,8 @@ fn limits(env: Env, store: ResourceArc<StoreRef>) -> Term {
     Term::map_from_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
 }
 
-/// opts: `%{ttl_ms: nil | n, max_history: n, metadata: map}`
+/// opts: `%{ttl_ms: nil | n, max_history: n, metadata: map,
+/// rate_limit: nil | {ops_per_sec, burst}, audit_capacity: nil | n}`
 #[rustler::nif(name = "session_create")]
 fn session_create<'a>(
     env: Env<'a>,
@@ -105,6 +108,21 @@ fn session_create<'a>(
             Some(m @ Value::Map(_)) => session_opts.metadata = m.clone(),
             Some(_) => return Err(Error::invalid_arg("metadata_must_be_a_map")),
         }
+        if let Some(limit) = opts.get("rate_limit") {
+            session_opts.rate_limit = RateLimit::from_value(limit)?;
+        }
+        match opts.get("audit_capacity") {
+            None | Some(Value::Nil) => {}
+            Some(Value::Int(n)) if (0..=audit::MAX_CAPACITY as i64).contains(n) => {
+                session_opts.audit_capacity = *n as usize
+            }
+            Some(v) => {
+                return Err(Error::InvalidArgument(Value::tagged(
+                    "audit_capacity",
+                    v.clone(),
+                )))
+            }
+        }
         store.store.create_session(id, session_opts).map(|_| ())
     })();
     unit_or(env, r)
@@ -123,6 +141,8 @@ fn session_info<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) ->
                 atoms::max_history().encode(env),
                 atoms::variable_count().encode(env),
                 atoms::metadata().encode(env),
+                atoms::rate_limit().encode(env),
+                atoms::audit_capacity().encode(env),
             ];
             let vals = [
                 (*s.id).encode(env),
@@ -132,6 +152,8 @@ fn session_info<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) ->
                 s.opts.max_history.encode(env),
                 s.len().encode(env),
                 encode_value(env, &s.opts.metadata),
+                crate::acl::encode_rate_limit(env, &s),
+                s.audit_ring().capacity().encode(env),
             ];
             let map = Term::map_from_term_arrays(env, &keys, &vals)
                 .unwrap_or_else(|_| Term::map_new(env));

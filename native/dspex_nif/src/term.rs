@@ -199,45 +199,93 @@ pub fn decode_opt_u64(term: Term) -> Result<Option<u64>, Error> {
         .map_err(|_| Error::InvalidArgument(Value::atom("expected_non_negative_integer")))
 }
 
-/// `nil` or a binary principal.
+/// `nil` or a binary principal of at most 255 bytes.
 pub fn decode_principal<'a>(term: Term<'a>) -> Result<Option<&'a str>, Error> {
     if is_nil(term) {
         return Ok(None);
     }
     let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_principal"))?;
-    std::str::from_utf8(bin.as_slice())
-        .map(Some)
-        .map_err(|_| Error::invalid_arg("bad_principal"))
+    match std::str::from_utf8(bin.as_slice()) {
+        Ok(p) if !p.is_empty() && p.len() <= MAX_PRINCIPAL_BYTES => Ok(Some(p)),
+        _ => Err(Error::invalid_arg("bad_principal")),
+    }
+}
+
+/// Longest principal (a session id) accepted.
+pub const MAX_PRINCIPAL_BYTES: usize = 255;
+/// Heap bytes of a caller's context map, compared against rule conditions.
+pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
+
+/// A decoded caller term; [`CallerTerm::caller`] borrows it as a `Caller`.
+pub struct CallerTerm<'a> {
+    pub principal: Option<&'a str>,
+    pub context: Option<Value>,
+    pub lock: LockClaim<'a>,
+}
+
+impl CallerTerm<'_> {
+    pub fn caller(&self) -> Caller<'_> {
+        Caller {
+            principal: self.principal,
+            context: self.context.as_ref(),
+            lock: self.lock,
+        }
+    }
 }
 
 /// Who a variable operation is for: `nil` (the session itself), a binary
-/// principal, or `{principal, lock_token, optimizer_id}` (each may be `nil`)
-/// for a write made under an optimizer lock.
-pub fn decode_caller<'a>(term: Term<'a>) -> Result<Caller<'a>, Error> {
-    let Ok((principal, token, optimizer)) = term.decode::<(Term, Term, Term)>() else {
-        return Ok(Caller {
-            principal: decode_principal(term)?,
-            ..Caller::OWNER
-        });
+/// principal, `{principal, context_map}` (access-rule conditions),
+/// `{principal, lock_token, optimizer_id}` (a write under an optimizer lock),
+/// or `{principal, context_map, lock_token, optimizer_id}`; any element but
+/// the tuple's shape may be `nil`.
+pub fn decode_caller<'a>(term: Term<'a>) -> Result<CallerTerm<'a>, Error> {
+    let parts = match get_tuple(term) {
+        Ok(parts) => parts,
+        Err(_) => {
+            return Ok(CallerTerm {
+                principal: decode_principal(term)?,
+                context: None,
+                lock: LockClaim::default(),
+            })
+        }
     };
-    let optimizer = if is_nil(optimizer) {
-        None
-    } else {
-        let bin =
-            Binary::from_term(optimizer).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
-        Some(
-            std::str::from_utf8(bin.as_slice())
-                .map_err(|_| Error::invalid_arg("bad_optimizer_id"))?,
-        )
+    let (principal, context, token, optimizer) = match parts[..] {
+        [p, c] => (p, Some(c), None, None),
+        [p, t, o] => (p, None, Some(t), Some(o)),
+        [p, c, t, o] => (p, Some(c), Some(t), Some(o)),
+        _ => return Err(Error::invalid_arg("bad_caller")),
     };
-    Ok(Caller {
+    Ok(CallerTerm {
         principal: decode_principal(principal)?,
-        lock: LockClaim {
-            token: decode_opt_u64(token).map_err(|_| Error::invalid_arg("bad_lock_token"))?,
-            optimizer,
+        context: match context {
+            Some(c) if !is_nil(c) => Some(decode_context(c)?),
+            _ => None,
         },
-        ..Caller::OWNER
+        lock: LockClaim {
+            token: match token {
+                Some(t) => decode_opt_u64(t).map_err(|_| Error::invalid_arg("bad_lock_token"))?,
+                None => None,
+            },
+            optimizer: match optimizer {
+                Some(o) if !is_nil(o) => Some(decode_optimizer(o)?),
+                _ => None,
+            },
+        },
     })
+}
+
+fn decode_context(term: Term) -> Result<Value, Error> {
+    match decode_value(term, MAX_CONTEXT_BYTES) {
+        Ok(map @ Value::Map(_)) => Ok(map),
+        Ok(_) => Err(Error::invalid_arg("context_must_be_a_map")),
+        Err(Error::TooLarge(n)) => Err(Error::TooLarge(n)),
+        Err(_) => Err(Error::invalid_arg("bad_context")),
+    }
+}
+
+fn decode_optimizer<'a>(term: Term<'a>) -> Result<&'a str, Error> {
+    let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
+    std::str::from_utf8(bin.as_slice()).map_err(|_| Error::invalid_arg("bad_optimizer_id"))
 }
 
 /// A session id: a non-empty UTF-8 binary.

@@ -1,5 +1,6 @@
 //! Variable NIFs: one call from the caller's process per read or write.
-//! Every function takes the principal (`nil` = the session itself) last.
+//! Every function takes the principal last: `nil` (the session itself), a
+//! session id, or `{session_id, context}` when access rules have conditions.
 
 use dspex_core::glob::Glob;
 use dspex_core::{
@@ -17,7 +18,7 @@ use crate::term::{
 };
 
 /// Runs `f` on the session with the decoded caller.
-fn with_session<'a, T>(
+pub fn with_session<'a, T>(
     store: &StoreRef,
     sid: Term<'a>,
     principal: Term<'a>,
@@ -25,6 +26,7 @@ fn with_session<'a, T>(
 ) -> Result<T, Error> {
     let sid = decode_sid(sid)?;
     let caller = decode_caller(principal)?;
+    let caller = caller.caller();
     store.store.with_session(sid, |s| f(s, &caller))?
 }
 
@@ -49,6 +51,7 @@ pub fn encode_variable<'a>(env: Env<'a>, v: &Variable) -> Term<'a> {
         atoms::created_at().encode(env),
         atoms::updated_at().encode(env),
         atoms::last_write().encode(env),
+        atoms::access_rules().encode(env),
     ];
     let type_atom = rustler::Atom::from_str(env, v.var_type.name())
         .map(|a| a.encode(env))
@@ -65,6 +68,7 @@ pub fn encode_variable<'a>(env: Env<'a>, v: &Variable) -> Term<'a> {
         v.created_at.encode(env),
         v.updated_at.encode(env),
         encode_value(env, &v.write_metadata()),
+        encode_value(env, &dspex_core::session::access_rules_of(v)),
     ];
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
 }
@@ -105,9 +109,7 @@ fn register<'a>(
 ) -> Term<'a> {
     let limits = store.store.limits().clone();
     let r = with_session(&store, sid, principal, |s, caller| {
-        if caller.principal.is_some_and(|p| p != &*s.id) {
-            return Err(Error::AccessDenied);
-        }
+        s.check_register(caller)?;
         let name = decode_name(name, limits.max_name_bytes)?;
         let type_name = var_type
             .atom_to_string()
@@ -129,6 +131,7 @@ fn register<'a>(
             constraints: opts.get("constraints").cloned().unwrap_or_default(),
             metadata,
             description,
+            access_rules: opts.get("access_rules").cloned().unwrap_or_default(),
         };
         s.register(name, var_type, initial, reg)
             .map(|id| id.to_string())
@@ -342,7 +345,7 @@ fn list<'a>(
 ) -> Term<'a> {
     let r = with_session(&store, sid, principal, |s, caller| {
         let glob = decode_pattern(pattern)?;
-        let mut vars = s.variables(caller);
+        let mut vars = s.variables(caller)?;
         if let Some(g) = glob {
             vars.retain(|v| v.name.as_text().is_some_and(|n| g.matches(n)));
         }
@@ -368,7 +371,7 @@ fn names<'a>(
 ) -> Term<'a> {
     let r = with_session(&store, sid, principal, |s, caller| {
         let glob = decode_pattern(pattern)?;
-        let mut names = s.names(caller);
+        let mut names = s.names(caller)?;
         if let Some(g) = glob {
             names.retain(|(n, _)| n.as_text().is_some_and(|n| g.matches(n)));
         }

@@ -92,6 +92,8 @@ fn create(session: &str) -> Command {
         ttl_ms: None,
         max_history: None,
         metadata: Value::Nil,
+        rate_limit: Value::Nil,
+        audit_capacity: None,
     }
 }
 
@@ -105,6 +107,7 @@ fn register_int(session: &str, name: &str) -> Command {
         metadata: Value::Nil,
         description: None,
         principal: None,
+        access_rules: Value::Nil,
     }
 }
 
@@ -260,6 +263,8 @@ fn bad_frames_get_error_replies_and_the_port_lives_on() {
         ttl_ms: None,
         max_history: None,
         metadata: Value::str(&"m".repeat(4000)),
+        rate_limit: Value::Nil,
+        audit_capacity: None,
     };
     port.send(14, &big);
     let (id, term) = port.recv();
@@ -302,6 +307,8 @@ fn limits_come_from_the_command_line() {
         ttl_ms: None,
         max_history: Some(61),
         metadata: Value::Nil,
+        rate_limit: Value::Nil,
+        audit_capacity: None,
     };
     assert_eq!(
         error_kind(&port.call(4, &deep_history)),

@@ -96,4 +96,19 @@ defmodule DSPex.Bridge.Backend.Native do
   @impl true
   def variable_names(sid, pattern, principal),
     do: Native.var_names(store(), sid, pattern, principal)
+
+  @impl true
+  def set_access_rules(sid, ident, rules, principal),
+    do: Native.acl_set_rules(store(), sid, ident, rules, principal)
+
+  @impl true
+  def check_access(sid, ident, principal, permission),
+    do: Native.acl_check(store(), sid, ident, principal, permission)
+
+  @impl true
+  def authorize(sid, ident, principal, permission),
+    do: Native.acl_authorize(store(), sid, ident, principal, permission)
+
+  @impl true
+  def audit_log(sid, limit), do: Native.acl_audit_log(store(), sid, limit)
 end

@@ -123,7 +123,9 @@ defmodule DSPex.Bridge.Backend.Port do
             str(sid),
             opt_int(opts[:ttl_ms], :bad_ttl),
             opt_int(opts[:max_history], :bad_max_history),
-            MsgPack.encode!(opts[:metadata])
+            MsgPack.encode!(opts[:metadata]),
+            MsgPack.encode!(opts[:rate_limit]),
+            audit_capacity!(opts[:audit_capacity])
           ]
         end)
 
@@ -198,20 +200,21 @@ defmodule DSPex.Bridge.Backend.Port do
         MsgPack.encode!(opts[:constraints]),
         MsgPack.encode!(opts[:metadata]),
         description!(opts[:description]),
-        principal!(principal)
+        principal!(principal),
+        MsgPack.encode!(opts[:access_rules])
       ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def get_variable(sid, ident, principal) do
-    call("var_get", fn -> [sid!(sid), MsgPack.encode_ident!(ident), principal!(principal)] end)
+    call("var_get", fn -> [sid!(sid), MsgPack.encode_ident!(ident) | caller!(principal)] end)
   end
 
   @impl DSPex.Bridge.Backend
   def get_value(sid, ident, principal) do
     call("var_get_value", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident), principal!(principal)]
+      [sid!(sid), MsgPack.encode_ident!(ident) | caller!(principal)]
     end)
   end
 
@@ -223,8 +226,7 @@ defmodule DSPex.Bridge.Backend.Port do
         MsgPack.encode_ident!(ident),
         MsgPack.encode!(value),
         MsgPack.encode!(metadata),
-        expected!(expected),
-        principal!(principal)
+        expected!(expected) | caller!(principal)
       ]
     end)
   end
@@ -235,8 +237,7 @@ defmodule DSPex.Bridge.Backend.Port do
       [
         sid!(sid),
         [MsgPack.array_header(length(updates)) | Enum.map(updates, &update!/1)],
-        MsgPack.encode!(atomic == true),
-        principal!(principal)
+        MsgPack.encode!(atomic == true) | caller!(principal)
       ]
     end)
   end
@@ -247,7 +248,7 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl DSPex.Bridge.Backend
   def history(sid, ident, limit, principal) do
     call("var_history", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident), limit!(limit), principal!(principal)]
+      [sid!(sid), MsgPack.encode_ident!(ident), limit!(limit) | caller!(principal)]
     end)
   end
 
@@ -258,8 +259,7 @@ defmodule DSPex.Bridge.Backend.Port do
         sid!(sid),
         MsgPack.encode_ident!(ident),
         MsgPack.uint(version),
-        MsgPack.encode!(nil),
-        principal!(principal)
+        MsgPack.encode!(nil) | caller!(principal)
       ]
     end)
   end
@@ -268,18 +268,42 @@ defmodule DSPex.Bridge.Backend.Port do
 
   @impl DSPex.Bridge.Backend
   def delete_variable(sid, ident, principal) do
-    call("var_delete", fn -> [sid!(sid), MsgPack.encode_ident!(ident), principal!(principal)] end)
+    call("var_delete", fn -> [sid!(sid), MsgPack.encode_ident!(ident) | caller!(principal)] end)
   end
 
   @impl DSPex.Bridge.Backend
   def list_variables(sid, pattern, principal) do
-    call("var_list", fn -> [sid!(sid), pattern!(pattern), principal!(principal)] end)
+    call("var_list", fn -> [sid!(sid), pattern!(pattern) | caller!(principal)] end)
   end
 
   @impl DSPex.Bridge.Backend
   def variable_names(sid, pattern, principal) do
-    call("var_names", fn -> [sid!(sid), pattern!(pattern), principal!(principal)] end)
+    call("var_names", fn -> [sid!(sid), pattern!(pattern) | caller!(principal)] end)
   end
+
+  @impl DSPex.Bridge.Backend
+  def set_access_rules(sid, ident, rules, principal) do
+    call("acl_set_rules", fn ->
+      [sid!(sid), MsgPack.encode_ident!(ident), MsgPack.encode!(rules) | caller!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def check_access(sid, ident, principal, permission) do
+    call("acl_check", fn ->
+      [sid!(sid), MsgPack.encode_ident!(ident), permission!(permission) | caller!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def authorize(sid, ident, principal, permission) do
+    call("acl_authorize", fn ->
+      [sid!(sid), MsgPack.encode_ident!(ident), permission!(permission) | caller!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def audit_log(sid, limit), do: call("acl_audit_log", fn -> [sid!(sid), limit!(limit)] end)
 
   ## Requests (in the caller's process)
 
@@ -335,6 +359,7 @@ defmodule DSPex.Bridge.Backend.Port do
   defp opt_int(_, reason), do: throw({:invalid_argument, reason})
 
   defp principal!(nil), do: <<0xC0>>
+  defp principal!({principal, _context}), do: principal!(principal)
 
   defp principal!(p) when is_binary(p) do
     if String.valid?(p), do: str(p), else: throw({:invalid_argument, :bad_principal})
@@ -343,7 +368,26 @@ defmodule DSPex.Bridge.Backend.Port do
   # A write under an optimizer lock: the port does not fence writes (see
   # OptimizerCoordinator), so only the principal goes over.
   defp principal!({p, _lock_token, _optimizer_id}), do: principal!(p)
+  defp principal!({p, _context, _lock_token, _optimizer_id}), do: principal!(p)
   defp principal!(_), do: throw({:invalid_argument, :bad_principal})
+
+  # The principal and the context arguments: `nil`, a principal, or
+  # `{principal, context}`.
+  defp caller!({principal, context}) when is_map(context),
+    do: [principal!(principal), MsgPack.encode!(context)]
+
+  defp caller!({_principal, _context}), do: throw({:invalid_argument, :context_must_be_a_map})
+
+  defp caller!({principal, context, _lock_token, _optimizer_id}),
+    do: caller!({principal, context})
+
+  defp caller!(principal), do: [principal!(principal), <<0xC0>>]
+
+  defp audit_capacity!(nil), do: <<0xC0>>
+  defp audit_capacity!(n) when is_integer(n), do: MsgPack.encode!(n)
+  defp audit_capacity!(other), do: throw({:invalid_argument, {:audit_capacity, other}})
+
+  defp permission!(p) when is_atom(p), do: MsgPack.encode_ident!(p)
 
   defp expected!(nil), do: <<0xC0>>
   defp expected!(n) when is_integer(n) and n >= 0, do: MsgPack.uint(n)
@@ -479,16 +523,9 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   # Writing to a program that was just killed can close the port (epipe)
-  # before the exit status is reaped; the status follows shortly.
+  # first; the port is then gone and no exit status will follow.
   def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
-    status =
-      receive do
-        {^port, {:exit_status, status}} -> status
-      after
-        1_000 -> nil
-      end
-
-    exited(state, status)
+    exited(state, nil)
   end
 
   def handle_info(_other, state), do: {:noreply, state}

@@ -268,4 +268,48 @@ defmodule DSPex.Bridge.Backend.Router do
         result
     end
   end
+
+  @impl true
+  def set_access_rules(sid, ident, rules, principal) do
+    case Native.set_access_rules(sid, ident, rules, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.set_access_rules(sid, ident, rules, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def check_access(sid, ident, principal, permission) do
+    case Native.check_access(sid, ident, principal, permission) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.check_access(sid, ident, principal, permission) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def authorize(sid, ident, principal, permission) do
+    case Native.authorize(sid, ident, principal, permission) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.authorize(sid, ident, principal, permission) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def audit_log(sid, limit) do
+    case Native.audit_log(sid, limit) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.audit_log(sid, limit) end)
+
+      result ->
+        result
+    end
+  end
 end
