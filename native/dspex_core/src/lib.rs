@@ -6,6 +6,7 @@
 pub mod caller;
 pub mod error;
 pub mod glob;
+pub mod graph;
 pub mod limits;
 pub mod session;
 pub mod snapshot;
@@ -17,6 +18,7 @@ pub mod variable;
 
 pub use caller::{Caller, Permission};
 pub use error::{Error, Result};
+pub use graph::{DependencyGraph, SessionGraph};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};
 pub use store::Store;
 pub use types::VarType;

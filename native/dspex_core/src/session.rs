@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
+use crate::graph::SessionGraph;
 use crate::limits::Limits;
 use crate::time::now_us;
 use crate::types::{Constraints, VarType};
@@ -67,6 +68,7 @@ pub struct Session {
     next_var: AtomicU64,
     by_name: DashMap<Box<str>, VarCell>,
     by_id: DashMap<Box<str>, VarCell>,
+    dependencies: SessionGraph,
 }
 
 /// Touches to `last_access` closer together than this are skipped, so the
@@ -85,7 +87,13 @@ impl Session {
             next_var: AtomicU64::new(1),
             by_name: DashMap::new(),
             by_id: DashMap::new(),
+            dependencies: SessionGraph::default(),
         }
+    }
+
+    /// Which variables depend on which (see `graph.rs`).
+    pub fn dependencies(&self) -> &SessionGraph {
+        &self.dependencies
     }
 
     pub fn limits(&self) -> &Limits {
@@ -315,6 +323,9 @@ impl Session {
             .ok_or(Error::NotFound)?;
         self.by_name.remove(&key);
         self.by_id.remove(&var.id);
+        // After the variable is gone, so an edge being added concurrently
+        // either sees it missing or is removed here.
+        self.dependencies.update(|g| g.remove_vertex(&key));
         Ok(var)
     }
 
