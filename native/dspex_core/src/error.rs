@@ -151,7 +151,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid_arg(what: &str) -> Self {
+    /// `{:invalid_argument, what}`.
+    pub fn invalid_arg(what: &str) -> Self {
         Error::InvalidArgument(Value::atom(what))
     }
 }

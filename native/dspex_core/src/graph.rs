@@ -31,8 +31,8 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use ahash::AHashMap;
 use parking_lot::{RwLock, RwLockReadGuard};
-use rustc_hash::FxHashMap;
 
 use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
@@ -125,12 +125,12 @@ impl Scratch {
 }
 
 pub struct DependencyGraph {
-    index: HashMap<Box<str>, VertexId>,
+    index: AHashMap<Box<str>, VertexId>,
     vertices: Vec<Vertex>,
     /// Released vertex slots, reused before the vector grows.
     free: Vec<VertexId>,
     /// `(from, to)` packed into a `u64` -> index into `types`.
-    edges: FxHashMap<u64, u16>,
+    edges: AHashMap<u64, u16>,
     types: Vec<Box<str>>,
     /// Lowest and highest positions handed out so far: a new vertex with
     /// only out-edges goes before everything, one with only in-edges after.
@@ -179,10 +179,10 @@ impl DependencyGraph {
 
     pub fn with_max_edges(max_edges: usize) -> Self {
         DependencyGraph {
-            index: HashMap::new(),
+            index: AHashMap::default(),
             vertices: Vec::new(),
             free: Vec::new(),
-            edges: FxHashMap::default(),
+            edges: AHashMap::default(),
             types: vec![DEFAULT_EDGE_TYPE.into()],
             lowest: 0,
             highest: 0,

@@ -16,6 +16,10 @@ pub mod types;
 pub mod value;
 pub mod variable;
 
+/// The concurrent map used for every index: sharded, with aHash (fast on
+/// short keys, and keyed per process so hostile ids cannot flood a shard).
+pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
+
 pub use caller::{Caller, Permission};
 pub use error::{Error, Result};
 pub use graph::{DependencyGraph, SessionGraph};

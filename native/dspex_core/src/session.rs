@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::ConcurrentMap;
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::caller::{Caller, Permission};
@@ -66,8 +66,8 @@ pub struct Session {
     limits: Limits,
     last_access: AtomicI64,
     next_var: AtomicU64,
-    by_name: DashMap<Box<str>, VarCell>,
-    by_id: DashMap<Box<str>, VarCell>,
+    by_name: ConcurrentMap<Box<str>, VarCell>,
+    by_id: ConcurrentMap<Box<str>, VarCell>,
     dependencies: SessionGraph,
 }
 
@@ -85,8 +85,8 @@ impl Session {
             limits,
             last_access: AtomicI64::new(now),
             next_var: AtomicU64::new(1),
-            by_name: DashMap::new(),
-            by_id: DashMap::new(),
+            by_name: ConcurrentMap::default(),
+            by_id: ConcurrentMap::default(),
             dependencies: SessionGraph::default(),
         }
     }
@@ -100,7 +100,11 @@ impl Session {
         &self.limits
     }
 
+    /// Records an access for TTL purposes; free for sessions without a TTL.
     pub fn touch(&self) {
+        if self.opts.ttl_ms.is_none() {
+            return;
+        }
         let now = now_us();
         if now - self.last_access.load(Ordering::Relaxed) > TOUCH_GRANULARITY_US {
             self.last_access.store(now, Ordering::Relaxed);

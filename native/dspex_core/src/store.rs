@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use crate::ConcurrentMap;
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -13,7 +13,7 @@ use crate::time::now_us;
 
 #[derive(Default)]
 pub struct Store {
-    sessions: DashMap<Arc<str>, Arc<Session>>,
+    sessions: ConcurrentMap<Arc<str>, Arc<Session>>,
     limits: Limits,
 }
 
@@ -24,7 +24,7 @@ impl Store {
 
     pub fn with_limits(limits: Limits) -> Self {
         Store {
-            sessions: DashMap::new(),
+            sessions: ConcurrentMap::default(),
             limits,
         }
     }

@@ -110,6 +110,12 @@ impl Value {
     /// Heap bytes owned by this value (not counting the 24 bytes of `self`).
     /// Iterative, so arbitrarily deep values cannot overflow the stack.
     pub fn heap_size(&self) -> usize {
+        match self {
+            Value::Nil | Value::Bool(_) | Value::Int(_) | Value::Float(_) => return 0,
+            Value::Str(s) | Value::Atom(s) => return s.len(),
+            Value::Map(pairs) if pairs.is_empty() => return 0,
+            _ => {}
+        }
         let mut total = 0;
         let mut stack = vec![self];
         while let Some(v) = stack.pop() {
@@ -135,6 +141,10 @@ impl Value {
 
     /// Nesting depth, computed iteratively.
     pub fn depth(&self) -> usize {
+        match self {
+            Value::List(_) | Value::Tuple(_) | Value::Map(_) => {}
+            _ => return 1,
+        }
         let mut max = 0;
         let mut stack = vec![(self, 1usize)];
         while let Some((v, d)) = stack.pop() {

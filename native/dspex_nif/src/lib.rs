@@ -1,1 +1,11 @@
+//! rustler bindings of dspex_core. One file per resource; atoms in
+//! `atoms.rs`; term conversion in `term.rs`; the error mapping in `error.rs`.
 
+mod alloc;
+mod atoms;
+mod error;
+mod store;
+mod term;
+mod variable;
+
+rustler::init!("Elixir.DSPex.Bridge.Native");

@@ -1,0 +1,125 @@
+# The main job: a realistic tuning session on the embedded NIF backend,
+# printing what happens as it goes. Run with `make demo` (or
+# `mix run examples/demo.exs`). Each feature has its own section below.
+
+defmodule Demo do
+  alias DSPex.Bridge.SessionStore
+
+  def say(text), do: IO.puts(text)
+  def show(label, value), do: IO.puts("  #{label}: #{inspect(value, pretty: true, limit: 12)}")
+  def section(title), do: IO.puts("\n== #{title} ==")
+
+  def run do
+    sid = "demo-tuning-#{System.unique_integer([:positive])}"
+    sessions(sid)
+    context()
+    SessionStore.delete_session(sid)
+    say("\ndone.")
+  end
+
+  # Typed variables with constraints, conditional writes, history, rollback,
+  # export and import.
+  defp sessions(sid) do
+    section("Session store: typed, versioned variables")
+    {:ok, ^sid} = SessionStore.create_session(sid, ttl: :timer.minutes(30), max_history: 50)
+    say("created session #{sid}")
+
+    {:ok, _} =
+      SessionStore.register_variable(sid, :temperature, :float, 0.7,
+        constraints: %{min: 0.0, max: 2.0},
+        description: "sampling temperature"
+      )
+
+    {:ok, _} =
+      SessionStore.register_variable(sid, :max_tokens, :integer, 256,
+        constraints: %{min: 1, max: 4096}
+      )
+
+    {:ok, _} =
+      SessionStore.register_variable(sid, :strategy, :choice, "chain_of_thought",
+        constraints: %{choices: ["predict", "chain_of_thought", "react"]}
+      )
+
+    {:ok, _} =
+      SessionStore.register_variable(sid, :instruction, :string, "Answer briefly.",
+        constraints: %{max_length: 200}
+      )
+
+    say("registered temperature, max_tokens, strategy, instruction")
+
+    for {t, score} <- [{0.9, 0.71}, {1.1, 0.74}, {0.8, 0.78}] do
+      :ok = SessionStore.update_variable(sid, :temperature, t, %{trial_score: score})
+      say("  tuner tried temperature=#{t} (score #{score})")
+    end
+
+    show("bad write (above max)", SessionStore.update_variable(sid, :temperature, 3.5))
+    show("bad write (wrong type)", SessionStore.update_variable(sid, :max_tokens, "many"))
+
+    show(
+      "bad write (not a choice)",
+      SessionStore.update_variable(sid, :strategy, "guess")
+    )
+
+    {:ok, %{version: v}} = SessionStore.get_variable(sid, :temperature)
+    say("two tuners read temperature at version #{v} and race to write it:")
+
+    results =
+      [1.2, 0.6]
+      |> Enum.map(fn t ->
+        Task.async(fn ->
+          {t, SessionStore.update_variable(sid, :temperature, t, %{expected_version: v})}
+        end)
+      end)
+      |> Enum.map(&Task.await/1)
+
+    for {t, r} <- results, do: show("  write #{t}", r)
+
+    {:ok, history} = SessionStore.get_variable_history(sid, :temperature, 10)
+
+    say("history of temperature (newest first):")
+
+    for h <- history,
+        do: say("  v#{h.version} = #{h.value} #{inspect(h.metadata)}")
+
+    best = Enum.max_by(history, &Map.get(&1.metadata, :trial_score, 0))
+    :ok = SessionStore.rollback_variable(sid, :temperature, best.version)
+    {:ok, now} = SessionStore.get_variable(sid, :temperature)
+    say("rolled back to the best trial (v#{best.version}): now v#{now.version} = #{now.value}")
+
+    {:ok, snapshot} = SessionStore.export_session(sid)
+    copy = sid <> "-copy"
+    {:ok, ^copy} = SessionStore.import_session(snapshot, session_id: copy)
+    say("exported #{byte_size(snapshot)} bytes of MessagePack and imported them as #{copy}")
+    show("copy's temperature", SessionStore.get_variable_value(copy, :temperature))
+    show("import of garbage", SessionStore.import_session("not a snapshot"))
+
+    {:ok, diag} = SessionStore.get_session_diagnostics(sid)
+    say("diagnostics: #{diag.variable_count} variables, #{diag.memory_bytes} bytes in the engine")
+    SessionStore.delete_session(copy)
+  end
+
+  # A DSPex context: local first, then bridged into a session.
+  defp context do
+    section("Context and Variables: local, then bridged")
+    alias DSPex.{Context, Variables}
+    {:ok, ctx} = Context.start_link()
+    {:ok, _} = Variables.defvariable(ctx, :top_p, :float, 0.9, constraints: %{max: 1.0})
+    :ok = Variables.set(ctx, :top_p, 0.95)
+    say("local context: top_p = #{Variables.get(ctx, :top_p)}")
+    :ok = Context.ensure_bridged(ctx)
+    {:ok, sid} = Context.session_id(ctx)
+    say("bridged into session #{sid}; top_p = #{Variables.get(ctx, :top_p)}")
+    :ok = Variables.update(ctx, :top_p, &Float.round(&1 - 0.05, 2))
+    say("after update: top_p = #{Variables.get(ctx, :top_p)}")
+
+    try do
+      Variables.set!(ctx, :top_p, 1.5)
+    rescue
+      e -> say("set! raised #{inspect(e.__struct__)}: #{Exception.message(e)}")
+    end
+
+    Context.stop(ctx)
+  end
+end
+
+Demo.run()

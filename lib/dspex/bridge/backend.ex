@@ -1,0 +1,50 @@
+defmodule DSPex.Bridge.Backend do
+  @moduledoc """
+  The contract between `DSPex.Bridge.SessionStore` and an engine.
+
+  Two implementations run the same Rust core: `DSPex.Bridge.Backend.Native`
+  (a NIF, in the VM, fastest) and an out-of-process port program. Callbacks
+  return raw engine shapes (timestamps as microseconds since the epoch);
+  `SessionStore` turns them into the documented API. `principal` is the
+  session a call is made on behalf of, or `nil` for the session itself.
+  """
+
+  @type sid :: String.t()
+  @type ident :: atom | String.t()
+  @type principal :: String.t() | nil
+  @type reason :: atom | {atom, term}
+  @type update :: {ident, term, map, non_neg_integer | nil}
+
+  @callback create_session(sid, opts :: map) :: :ok | {:error, reason}
+  @callback session_info(sid) :: {:ok, map} | {:error, reason}
+  @callback delete_session(sid) :: :ok | {:error, reason}
+  @callback list_sessions() :: [sid]
+  @callback sweep_expired() :: [sid]
+  @callback export_session(sid) :: {:ok, binary} | {:error, reason}
+  @callback import_session(binary, new_id :: sid | nil) :: {:ok, sid} | {:error, reason}
+
+  @callback register_variable(sid, ident, atom, term, opts :: map, principal) ::
+              {:ok, String.t()} | {:error, reason}
+  @callback get_variable(sid, ident, principal) :: {:ok, map} | {:error, reason}
+  @callback get_value(sid, ident, principal) :: {:ok, term} | {:error, reason}
+  @callback set_value(
+              sid,
+              ident,
+              term,
+              metadata :: map,
+              expected :: non_neg_integer | nil,
+              principal
+            ) ::
+              {:ok, pos_integer} | {:error, reason}
+  @callback set_values(sid, [update], atomic :: boolean, principal) ::
+              {:ok, [pos_integer | {:ok, pos_integer} | {:error, reason}]} | {:error, reason}
+  @callback history(sid, ident, limit :: non_neg_integer, principal) ::
+              {:ok, [map]} | {:error, reason}
+  @callback rollback(sid, ident, version :: non_neg_integer, principal) ::
+              {:ok, pos_integer} | {:error, reason}
+  @callback delete_variable(sid, ident, principal) :: :ok | {:error, reason}
+  @callback list_variables(sid, pattern :: String.t() | nil, principal) ::
+              {:ok, [map]} | {:error, reason}
+  @callback variable_names(sid, pattern :: String.t() | nil, principal) ::
+              {:ok, [ident]} | {:error, reason}
+end

@@ -1,0 +1,41 @@
+defmodule DSPex.Bridge.Native do
+  @moduledoc false
+  # NIF stubs, replaced when native/dspex_nif loads. Nothing else belongs here;
+  # public modules never expose it.
+
+  @on_load :load_nif
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:dspex_bridge), ~c"native/libdspex_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  # store
+  def store_new(_limits), do: err()
+  def store_limits(_store), do: err()
+  def store_memory, do: err()
+
+  # sessions
+  def session_create(_store, _sid, _opts), do: err()
+  def session_info(_store, _sid), do: err()
+  def session_memory(_store, _sid), do: err()
+  def session_delete(_store, _sid), do: err()
+  def session_list(_store), do: err()
+  def session_sweep(_store), do: err()
+  def session_export(_store, _sid), do: err()
+  def session_import(_store, _snapshot, _new_id), do: err()
+
+  # variables
+  def var_register(_store, _sid, _name, _type, _initial, _opts, _principal), do: err()
+  def var_get(_store, _sid, _ident, _principal), do: err()
+  def var_value(_store, _sid, _ident, _principal), do: err()
+  def var_set(_store, _sid, _ident, _value, _metadata, _expected, _principal), do: err()
+  def var_set_many(_store, _sid, _updates, _atomic, _principal), do: err()
+  def var_history(_store, _sid, _ident, _limit, _principal), do: err()
+  def var_rollback(_store, _sid, _ident, _version, _principal), do: err()
+  def var_delete(_store, _sid, _ident, _principal), do: err()
+  def var_list(_store, _sid, _pattern, _principal), do: err()
+  def var_names(_store, _sid, _pattern, _principal), do: err()
+
+  defp err, do: :erlang.nif_error(:nif_not_loaded)
+end

@@ -1,0 +1,584 @@
+defmodule DSPex.Bridge.SessionStore do
+  @moduledoc """
+  Sessions of typed, versioned variables: the BridgedState store.
+
+  Reads and writes are one call into the backend from the caller's own
+  process (see `DSPex.Bridge.Backend.Native`); this module's GenServer only
+  sweeps expired sessions.
+
+      {:ok, sid} = SessionStore.create_session("tuning-1", ttl: :timer.minutes(30))
+      {:ok, _id} = SessionStore.register_variable(sid, :temperature, :float, 0.7,
+                     constraints: %{min: 0.0, max: 2.0})
+      :ok = SessionStore.update_variable(sid, :temperature, 0.9)
+      0.9 = SessionStore.get_variable_value(sid, :temperature)
+      {:error, {:version_mismatch, 1}} =
+        SessionStore.update_variable(sid, :temperature, 1.1, %{expected_version: 0})
+      :ok = SessionStore.rollback_variable(sid, :temperature, 0)
+      {:ok, [%{version: 1, value: 0.9} | _]} = SessionStore.get_variable_history(sid, :temperature)
+
+  ## Types and constraints
+
+  | type | values | constraints |
+  | --- | --- | --- |
+  | `:float` | floats; integers are coerced | `min`, `max` |
+  | `:integer` | integers; whole floats are coerced | `min`, `max` |
+  | `:string` | UTF-8 binaries | `min_length`, `max_length`, `pattern` (anchored regex), `enum` |
+  | `:boolean` | `true`/`false`; `"true"`/`"false"` are coerced | |
+  | `:choice` | one of `choices` (atoms and strings of the same text match) | `choices` (required) |
+  | `:module` | a module atom or name | `allowed_modules` |
+  | `:embedding` | a list of numbers, stored as floats | `dimensions` |
+  | `:tensor` | `%{"shape" => [dims], "data" => [numbers]}` | `shape` |
+
+  A value of the wrong type returns `{:error, {:invalid_value, detail}}`; a
+  value breaking a constraint `{:error, {:constraint_violation, detail}}`.
+
+  ## Versions
+
+  Every accepted write bumps `version` by one and pushes the previous
+  `%{version, value, updated_at, metadata}` to a bounded history
+  (`max_history`, default 50). `expected_version: n` (in the metadata or the
+  options) makes a write conditional: on mismatch it returns
+  `{:error, {:version_mismatch, current}}` and changes nothing. A rollback
+  writes the old value as a new version.
+
+  ## Common options
+
+  - `principal:` the session on whose behalf the call is made (default: the
+    session itself). Sessions are isolated: another principal is denied
+    (`{:error, :access_denied}`) unless an access rule grants it.
+
+  ## Limits
+
+  Values and metadata are limited to 1 MiB of engine memory each (nesting at
+  most 64 deep), names and session ids to 255 bytes, 100,000 variables per
+  session, `max_history` to 10,000 and snapshots to 256 MiB; see
+  `DSPex.Bridge.Backend.Native.init/1` to change them. Over a limit a call
+  returns `{:error, {:too_large, limit}}` or `{:error, {:invalid_argument, _}}`.
+  """
+  use GenServer
+
+  alias DSPex.Bridge.Telemetry
+
+  @type session_id :: String.t()
+  @type ident :: atom | String.t()
+  @type reason :: atom | {atom, term}
+
+  @types [:float, :integer, :string, :boolean, :choice, :module, :embedding, :tensor]
+  @read [:dspex, :bridge, :variable, :read]
+  @write [:dspex, :bridge, :variable, :write]
+  @backend_key {__MODULE__, :backend}
+
+  ## Lifecycle
+
+  @doc false
+  def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+
+  @doc "The backend module serving sessions (`:nif` by default)."
+  @spec backend() :: module
+  def backend, do: :persistent_term.get(@backend_key, DSPex.Bridge.Backend.Native)
+
+  @doc false
+  def put_backend(module) when is_atom(module), do: :persistent_term.put(@backend_key, module)
+
+  ## Sessions
+
+  @doc """
+  Creates a session.
+
+  Options: `ttl:` idle milliseconds before the session expires (default:
+  never), `max_history:` history entries kept per variable (default 50),
+  `metadata:` a map (e.g. owner information).
+
+      iex> {:ok, "doc-create"} = DSPex.Bridge.SessionStore.create_session("doc-create")
+      iex> DSPex.Bridge.SessionStore.create_session("doc-create")
+      {:error, :already_exists}
+  """
+  @spec create_session(session_id, keyword) :: {:ok, session_id} | {:error, reason}
+  def create_session(session_id, opts \\ []) do
+    opts = Keyword.validate!(opts, [:ttl, :max_history, :metadata])
+
+    native_opts = %{
+      ttl_ms: opts[:ttl],
+      max_history: opts[:max_history],
+      metadata: opts[:metadata] || %{}
+    }
+
+    with :ok <- backend().create_session(session_id, native_opts) do
+      Telemetry.execute(
+        [:dspex, :bridge, :session, :created],
+        %{system_time: System.system_time()},
+        %{session_id: session_id, backend: :nif}
+      )
+
+      {:ok, session_id}
+    end
+  end
+
+  @doc "Session information: id, timestamps, ttl, max_history, variable_count, metadata."
+  @spec get_session(session_id) :: {:ok, map} | {:error, reason}
+  def get_session(session_id) do
+    with {:ok, info} <- backend().session_info(session_id) do
+      {:ok,
+       %{
+         id: info.session_id,
+         created_at: datetime(info.created_at),
+         last_access: datetime(info.last_access),
+         ttl: info.ttl_ms,
+         max_history: info.max_history,
+         variable_count: info.variable_count,
+         metadata: info.metadata
+       }}
+    end
+  end
+
+  @doc "Deletes a session and all its variables."
+  @spec delete_session(session_id) :: :ok | {:error, reason}
+  def delete_session(session_id) do
+    with :ok <- backend().delete_session(session_id) do
+      Telemetry.execute(
+        [:dspex, :bridge, :session, :deleted],
+        %{system_time: System.system_time()},
+        %{session_id: session_id}
+      )
+    end
+  end
+
+  @doc "Ids of all live sessions, sorted."
+  @spec list_sessions() :: [session_id]
+  def list_sessions, do: backend().list_sessions()
+
+  @doc """
+  What an operator wants to know about a session: `get_session/1`'s fields,
+  the engine memory its variables hold, and per variable its type, version
+  and history length.
+  """
+  @spec get_session_diagnostics(session_id) :: {:ok, map} | {:error, reason}
+  def get_session_diagnostics(session_id) do
+    with {:ok, session} <- get_session(session_id),
+         {:ok, vars} <- backend().list_variables(session_id, nil, nil) do
+      memory =
+        case DSPex.Bridge.Backend.Native.session_memory(session_id) do
+          {:ok, bytes} -> bytes
+          _ -> nil
+        end
+
+      variables =
+        Enum.map(vars, fn v ->
+          {:ok, history} = backend().history(session_id, v.id, 1_000_000, nil)
+
+          %{
+            name: v.name,
+            id: v.id,
+            type: v.type,
+            version: v.version,
+            history_length: length(history),
+            updated_at: datetime(v.updated_at)
+          }
+        end)
+
+      {:ok, Map.merge(session, %{memory_bytes: memory, variables: variables, backend: :nif})}
+    end
+  end
+
+  @doc """
+  A MessagePack snapshot of the whole session: variables, constraints,
+  metadata, versions and history. `import_session/2` restores it.
+  """
+  @spec export_session(session_id) :: {:ok, binary} | {:error, reason}
+  def export_session(session_id), do: backend().export_session(session_id)
+
+  @doc """
+  Creates a session from an `export_session/1` snapshot; `session_id:` gives
+  it a new id. Every value is validated again; garbage returns
+  `{:error, {:invalid_snapshot, reason}}` and creates nothing.
+  """
+  @spec import_session(binary, keyword) :: {:ok, session_id} | {:error, reason}
+  def import_session(snapshot, opts \\ [])
+
+  def import_session(snapshot, opts) when is_binary(snapshot) do
+    opts = Keyword.validate!(opts, [:session_id])
+
+    with {:ok, sid} <- backend().import_session(snapshot, opts[:session_id]) do
+      Telemetry.execute(
+        [:dspex, :bridge, :session, :created],
+        %{system_time: System.system_time()},
+        %{session_id: sid, backend: :nif}
+      )
+
+      {:ok, sid}
+    end
+  end
+
+  def import_session(_snapshot, _opts), do: {:error, {:invalid_snapshot, "expected a binary"}}
+
+  ## Variables
+
+  @doc """
+  Registers a variable and returns its generated id.
+
+  Options: `constraints:` (see the moduledoc), `metadata:`, `description:`,
+  `principal:`. Names are atoms or strings, unique per session (`:x` and `"x"`
+  are the same name) and given back in the form registered.
+  """
+  @spec register_variable(session_id, ident, atom, term, keyword) ::
+          {:ok, String.t()} | {:error, reason}
+  def register_variable(session_id, name, type, initial, opts \\ []) do
+    opts = Keyword.validate!(opts, [:constraints, :metadata, :description, :principal])
+
+    with :ok <- check_type(type) do
+      native_opts = %{
+        constraints: opts[:constraints] || %{},
+        metadata: opts[:metadata] || %{},
+        description: opts[:description]
+      }
+
+      result =
+        backend().register_variable(
+          session_id,
+          name,
+          type,
+          initial,
+          native_opts,
+          opts[:principal]
+        )
+
+      with {:ok, _id} <- result do
+        Telemetry.execute(
+          [:dspex, :bridge, :variable, :registered],
+          %{system_time: System.system_time()},
+          %{session_id: session_id, variable: name, type: type}
+        )
+      end
+
+      result
+    end
+  end
+
+  @doc """
+  The whole variable: `id name type value version constraints metadata
+  description created_at updated_at last_write`.
+  """
+  @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
+  def get_variable(session_id, ident, opts \\ []) do
+    timed_read(session_id, ident, fn ->
+      with {:ok, var} <- backend().get_variable(session_id, ident, opts[:principal]) do
+        {:ok, variable(var)}
+      end
+    end)
+  end
+
+  @doc """
+  The value of a variable, or `default` when it cannot be read (unknown
+  session or variable, or access denied). The hot read path.
+
+      iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-value")
+      iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
+      iex> DSPex.Bridge.SessionStore.get_variable_value(sid, :k)
+      3
+      iex> DSPex.Bridge.SessionStore.get_variable_value(sid, :missing, :none)
+      :none
+  """
+  @spec get_variable_value(session_id, ident, term, keyword) :: term
+  def get_variable_value(session_id, ident, default \\ nil, opts \\ []) do
+    principal = if opts == [], do: nil, else: opts[:principal]
+
+    result =
+      if Telemetry.enabled?(@read) do
+        timed_read(session_id, ident, fn -> backend().get_value(session_id, ident, principal) end)
+      else
+        backend().get_value(session_id, ident, principal)
+      end
+
+    case result do
+      {:ok, value} -> value
+      {:error, _} -> default
+    end
+  end
+
+  @doc """
+  Writes a variable. `metadata` is kept with the new version in history;
+  `expected_version:` (in `metadata` or `opts`) makes the write conditional.
+  Options: `expected_version:`, `principal:`.
+  """
+  @spec update_variable(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
+  def update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []) do
+    {expected, metadata} = expected_version(metadata, opts)
+    principal = if opts == [], do: nil, else: opts[:principal]
+
+    if Telemetry.enabled?(@write) do
+      start = System.monotonic_time()
+      result = backend().set_value(session_id, ident, value, metadata, expected, principal)
+      written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
+    else
+      case backend().set_value(session_id, ident, value, metadata, expected, principal) do
+        {:ok, _version} -> :ok
+        error -> written(error, session_id, ident, metadata, expected, 0)
+      end
+    end
+  end
+
+  @doc """
+  Writes several variables. `updates` is a map or a list of
+  `{ident, value}` / `{ident, value, metadata}`.
+
+  With `atomic: true` every write is applied or none: `:ok` or
+  `{:error, {:validation_failed, %{ident => reason}}}`. Otherwise each write
+  stands alone and the result is `{:ok, %{ident => :ok | {:error, reason}}}`.
+  """
+  @spec update_variables(session_id, map | list, keyword) ::
+          :ok | {:ok, map} | {:error, reason}
+  def update_variables(session_id, updates, opts \\ []) do
+    opts = Keyword.validate!(opts, [:atomic, :principal, :metadata])
+    base_meta = opts[:metadata] || %{}
+
+    with {:ok, normalized} <- normalize_updates(updates, base_meta) do
+      start = System.monotonic_time()
+      atomic = opts[:atomic] == true
+
+      case backend().set_values(session_id, normalized, atomic, opts[:principal]) do
+        {:ok, results} when atomic ->
+          us = Telemetry.since_us(start)
+
+          Enum.zip(normalized, results)
+          |> Enum.each(fn {{ident, _, meta, _}, version} ->
+            emit_write(session_id, ident, meta, version, us)
+          end)
+
+          :ok
+
+        {:ok, results} ->
+          us = Telemetry.since_us(start)
+
+          map =
+            Enum.zip(normalized, results)
+            |> Map.new(fn
+              {{ident, _, meta, _}, {:ok, version}} ->
+                emit_write(session_id, ident, meta, version, us)
+                {ident, :ok}
+
+              {{ident, _, _, _}, {:error, _} = error} ->
+                {ident, error}
+            end)
+
+          {:ok, map}
+
+        {:error, {:validation_failed, errors}} ->
+          {:error, {:validation_failed, restore_keys(errors, normalized)}}
+
+        {:error, _} = error ->
+          error
+      end
+    end
+  end
+
+  @doc "Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`."
+  @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
+  def get_variables(session_id, idents, opts \\ []) when is_list(idents) do
+    principal = opts[:principal]
+
+    Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
+      case backend().get_variable(session_id, ident, principal) do
+        {:ok, var} ->
+          {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
+
+        {:error, reason} when reason in [:not_found, :access_denied] ->
+          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
+
+        {:error, {:invalid_argument, _}} ->
+          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
+
+        {:error, _} = error ->
+          {:halt, error}
+      end
+    end)
+    |> case do
+      {:ok, acc} -> {:ok, %{acc | missing: Enum.reverse(acc.missing)}}
+      error -> error
+    end
+  end
+
+  @doc """
+  Variables of a session, sorted by name; with a `pattern` (an anchored glob,
+  `*` and `?`) only those whose name matches. Variables the principal may
+  not read are left out.
+  """
+  @spec list_variables(session_id, String.t() | nil, keyword) :: {:ok, [map]} | {:error, reason}
+  def list_variables(session_id, pattern \\ nil, opts \\ []) do
+    with {:ok, vars} <- backend().list_variables(session_id, pattern, opts[:principal]) do
+      {:ok, Enum.map(vars, &variable/1)}
+    end
+  end
+
+  @doc "Deletes a variable (and, once dependencies exist, its edges)."
+  @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
+  def delete_variable(session_id, ident, opts \\ []) do
+    backend().delete_variable(session_id, ident, opts[:principal])
+  end
+
+  @doc """
+  Previous versions of a variable, newest first: `[%{version, value,
+  updated_at, metadata}]`.
+  """
+  @spec get_variable_history(session_id, ident, non_neg_integer, keyword) ::
+          {:ok, [map]} | {:error, reason}
+  def get_variable_history(session_id, ident, limit \\ 50, opts \\ [])
+
+  def get_variable_history(session_id, ident, limit, opts)
+      when is_integer(limit) and limit >= 0 do
+    with {:ok, entries} <- backend().history(session_id, ident, limit, opts[:principal]) do
+      {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
+    end
+  end
+
+  def get_variable_history(_session_id, _ident, limit, _opts),
+    do: {:error, {:invalid_argument, {:limit, limit}}}
+
+  @doc """
+  Writes the value `version` had as a new version (v1, v2, rollback to 1 ->
+  v3 with v1's value). `{:error, :version_not_found}` once the version has
+  left the history.
+  """
+  @spec rollback_variable(session_id, ident, non_neg_integer, keyword) :: :ok | {:error, reason}
+  def rollback_variable(session_id, ident, version, opts \\ []) do
+    case backend().rollback(session_id, ident, version, opts[:principal]) do
+      {:ok, new_version} ->
+        Telemetry.execute(
+          [:dspex, :bridge, :variable, :rollback],
+          %{version: new_version, to_version: version},
+          %{session_id: session_id, variable: ident}
+        )
+
+        :ok
+
+      error ->
+        error
+    end
+  end
+
+  ## GenServer: the TTL sweeper
+
+  @impl true
+  def init(opts) do
+    interval = Keyword.get(opts, :sweep_interval, 1_000)
+    Process.send_after(self(), :sweep, interval)
+    {:ok, %{interval: interval}}
+  end
+
+  @impl true
+  def handle_info(:sweep, state) do
+    for sid <- backend().sweep_expired() do
+      Telemetry.execute(
+        [:dspex, :bridge, :session, :expired],
+        %{system_time: System.system_time()},
+        %{session_id: sid}
+      )
+    end
+
+    Process.send_after(self(), :sweep, state.interval)
+    {:noreply, state}
+  end
+
+  ## Helpers
+
+  defp check_type(type) when type in @types, do: :ok
+  defp check_type(type), do: {:error, {:invalid_argument, {:unknown_type, type}}}
+
+  defp timed_read(session_id, ident, fun) do
+    start = System.monotonic_time()
+    result = fun.()
+
+    Telemetry.execute(@read, %{duration_us: Telemetry.since_us(start)}, %{
+      session_id: session_id,
+      variable: ident,
+      result: result_tag(result)
+    })
+
+    result
+  end
+
+  defp result_tag({:ok, _}), do: :ok
+  defp result_tag({:error, reason}), do: reason
+
+  defp written({:ok, version}, session_id, ident, metadata, _expected, us) do
+    emit_write(session_id, ident, metadata, version, us)
+    :ok
+  end
+
+  defp written({:error, {:version_mismatch, current}} = error, session_id, ident, _, expected, _) do
+    Telemetry.execute(
+      [:dspex, :bridge, :variable, :version_conflict],
+      %{current_version: current},
+      %{session_id: session_id, variable: ident, expected_version: expected}
+    )
+
+    error
+  end
+
+  defp written(error, _session_id, _ident, _metadata, _expected, _us), do: error
+
+  defp emit_write(session_id, ident, metadata, version, us) do
+    if Telemetry.enabled?(@write) do
+      Telemetry.execute(@write, %{duration_us: us, version: version}, %{
+        session_id: session_id,
+        variable: ident,
+        metadata: metadata
+      })
+    end
+  end
+
+  # expected_version may come in the metadata (atom or string key) or opts.
+  defp expected_version(metadata, opts) when is_map(metadata) do
+    cond do
+      Map.has_key?(metadata, :expected_version) ->
+        Map.pop(metadata, :expected_version)
+
+      Map.has_key?(metadata, "expected_version") ->
+        Map.pop(metadata, "expected_version")
+
+      true ->
+        {opts[:expected_version], metadata}
+    end
+  end
+
+  defp expected_version(metadata, opts), do: {opts[:expected_version], metadata}
+
+  defp normalize_updates(updates, base_meta) when is_map(updates) do
+    normalize_updates(Map.to_list(updates), base_meta)
+  end
+
+  defp normalize_updates(updates, base_meta) when is_list(updates) do
+    Enum.reduce_while(updates, {:ok, []}, fn
+      {ident, value}, {:ok, acc} ->
+        {expected, meta} = expected_version(base_meta, [])
+        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
+
+      {ident, value, meta}, {:ok, acc} when is_map(meta) ->
+        {expected, meta} = expected_version(Map.merge(base_meta, meta), [])
+        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
+
+      other, _ ->
+        {:halt, {:error, {:invalid_argument, {:bad_update, other}}}}
+    end)
+    |> case do
+      {:ok, acc} -> {:ok, Enum.reverse(acc)}
+      error -> error
+    end
+  end
+
+  defp normalize_updates(other, _), do: {:error, {:invalid_argument, {:bad_updates, other}}}
+
+  # The engine reports failed idents as strings; give back the caller's form.
+  defp restore_keys(errors, normalized) when is_map(errors) do
+    by_text = Map.new(normalized, fn {ident, _, _, _} -> {to_string(ident), ident} end)
+    Map.new(errors, fn {k, v} -> {Map.get(by_text, k, k), v} end)
+  end
+
+  defp restore_keys(errors, _), do: errors
+
+  defp variable(var) do
+    %{var | created_at: datetime(var.created_at), updated_at: datetime(var.updated_at)}
+  end
+
+  defp datetime(us) when is_integer(us), do: DateTime.from_unix!(us, :microsecond)
+  defp datetime(other), do: other
+end

@@ -1,0 +1,235 @@
+defmodule DSPex.Bridge.Telemetry do
+  @moduledoc """
+  Telemetry for dspex_bridge: the catalogue of every event the library emits,
+  and the dispatcher that emits them.
+
+  Events go through `:telemetry` when the host application has it loaded, so
+  `:telemetry.attach/4`, `telemetry_metrics` and friends see them. Without
+  `:telemetry`, a compatible built-in dispatcher is used: `attach/4`,
+  `attach_many/4`, `detach/1`, `execute/3` and `span/3` here behave as their
+  `:telemetry` namesakes (a handler that raises is detached and logged, and
+  never breaks the caller).
+
+      DSPex.Bridge.Telemetry.attach(
+        "log-writes",
+        [:dspex, :bridge, :variable, :write],
+        fn _event, %{duration_us: us}, meta, _config ->
+          IO.puts("\#{meta.variable} written in \#{us} us")
+        end,
+        nil
+      )
+
+  ## Events
+
+  Durations are in microseconds (`duration_us`) unless named `duration`,
+  which, as in `:telemetry.span/3`, is in native time units.
+  `session_id` is the session operated on; `variable` the identifier as the
+  caller gave it.
+
+  ### Sessions and variables (`DSPex.Bridge.SessionStore`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :session, :created]` | `system_time` | `session_id`, `backend` |
+  | `[:dspex, :bridge, :session, :deleted]` | `system_time` | `session_id` |
+  | `[:dspex, :bridge, :session, :expired]` | `system_time` | `session_id` |
+  | `[:dspex, :bridge, :variable, :registered]` | `system_time` | `session_id`, `variable`, `type` |
+  | `[:dspex, :bridge, :variable, :read]` | `duration_us` | `session_id`, `variable`, `result` (`:ok` or the error reason) |
+  | `[:dspex, :bridge, :variable, :write]` | `duration_us`, `version` | `session_id`, `variable`, `metadata` |
+  | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
+  | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
+
+  ## Glossary
+
+  - *principal*: the session on whose behalf a call is made (`principal:`
+    option); the session itself when not given.
+  - *hot path*: `get_variable_value/3` and `update_variable/5`. They measure
+    time only when a handler is attached to their event (see `enabled?/1`).
+  """
+
+  require Logger
+
+  @type event :: [atom, ...]
+  @type handler :: (event, map, map, term -> any)
+
+  @handlers_key {__MODULE__, :handlers}
+
+  @doc """
+  Emits `event`. Measurements and metadata are maps.
+
+      iex> DSPex.Bridge.Telemetry.execute([:my, :event], %{count: 1}, %{})
+      :ok
+  """
+  @spec execute(event, map, map) :: :ok
+  def execute(event, measurements, metadata) do
+    if telemetry?() do
+      apply(:telemetry, :execute, [event, measurements, metadata])
+    else
+      event |> handlers() |> Enum.each(&invoke(&1, event, measurements, metadata))
+    end
+
+    :ok
+  end
+
+  @doc """
+  True when emitting `event` can reach a handler. Hot paths call this before
+  measuring time, so an unobserved read costs no clock reads. Always true when
+  `:telemetry` is loaded (its handler table is its own).
+  """
+  @spec enabled?(event) :: boolean
+  def enabled?(event) do
+    telemetry?() or handlers(event) != []
+  end
+
+  @doc "Attaches `fun` to one event. Same contract as `:telemetry.attach/4`."
+  @spec attach(term, event, handler, term) :: :ok | {:error, :already_exists}
+  def attach(id, event, fun, config), do: attach_many(id, [event], fun, config)
+
+  @doc "Attaches `fun` to several events. Same contract as `:telemetry.attach_many/4`."
+  @spec attach_many(term, [event], handler, term) :: :ok | {:error, :already_exists}
+  def attach_many(id, events, fun, config) when is_function(fun, 4) and is_list(events) do
+    if telemetry?() do
+      apply(:telemetry, :attach_many, [id, events, fun, config])
+    else
+      update_handlers(fn table ->
+        if Enum.any?(table, fn {_event, hs} -> List.keymember?(hs, id, 0) end) do
+          {{:error, :already_exists}, table}
+        else
+          table =
+            Enum.reduce(events, table, fn event, acc ->
+              Map.update(acc, event, [{id, fun, config}], &(&1 ++ [{id, fun, config}]))
+            end)
+
+          {:ok, table}
+        end
+      end)
+    end
+  end
+
+  @doc "Detaches a handler. Same contract as `:telemetry.detach/1`."
+  @spec detach(term) :: :ok | {:error, :not_found}
+  def detach(id) do
+    if telemetry?() do
+      apply(:telemetry, :detach, [id])
+    else
+      update_handlers(fn table ->
+        if Enum.any?(table, fn {_event, hs} -> List.keymember?(hs, id, 0) end) do
+          table =
+            table
+            |> Enum.map(fn {event, hs} -> {event, List.keydelete(hs, id, 0)} end)
+            |> Enum.reject(fn {_event, hs} -> hs == [] end)
+            |> Map.new()
+
+          {:ok, table}
+        else
+          {{:error, :not_found}, table}
+        end
+      end)
+    end
+  end
+
+  @doc """
+  Runs `fun` inside `prefix ++ [:start]` / `[:stop]` / `[:exception]` events,
+  as `:telemetry.span/3`. `fun` returns `{result, stop_metadata}`.
+
+      iex> DSPex.Bridge.Telemetry.span([:my, :work], %{}, fn -> {42, %{}} end)
+      42
+  """
+  @spec span(event, map, (() -> {term, map})) :: term
+  def span(prefix, start_metadata, fun) do
+    start = System.monotonic_time()
+
+    execute(
+      prefix ++ [:start],
+      %{system_time: System.system_time(), monotonic_time: start},
+      start_metadata
+    )
+
+    try do
+      {result, stop_metadata} = fun.()
+      stop = System.monotonic_time()
+
+      execute(
+        prefix ++ [:stop],
+        %{duration: stop - start, monotonic_time: stop},
+        stop_metadata
+      )
+
+      result
+    catch
+      kind, reason ->
+        stop = System.monotonic_time()
+
+        execute(
+          prefix ++ [:exception],
+          %{duration: stop - start, monotonic_time: stop},
+          Map.merge(start_metadata, %{kind: kind, reason: reason, stacktrace: __STACKTRACE__})
+        )
+
+        :erlang.raise(kind, reason, __STACKTRACE__)
+    end
+  end
+
+  @doc "Microseconds elapsed since `start` (a `System.monotonic_time/0` reading)."
+  @spec since_us(integer) :: non_neg_integer
+  def since_us(start) do
+    System.convert_time_unit(System.monotonic_time() - start, :native, :microsecond)
+  end
+
+  @doc "Handlers of the built-in dispatcher attached to `event`: `[{id, fun, config}]`."
+  @spec handlers(event) :: [{term, handler, term}]
+  def handlers(event) do
+    case :persistent_term.get(@handlers_key, nil) do
+      nil -> []
+      table -> Map.get(table, event, [])
+    end
+  end
+
+  defp telemetry? do
+    case :persistent_term.get({__MODULE__, :telemetry?}, nil) do
+      nil -> check_telemetry()
+      answer -> answer
+    end
+  end
+
+  # Whether `:telemetry` is present is decided once, then cached.
+  defp check_telemetry do
+    answer = Code.ensure_loaded?(:telemetry) and function_exported?(:telemetry, :execute, 3)
+    :persistent_term.put({__MODULE__, :telemetry?}, answer)
+    answer
+  end
+
+  defp invoke({id, fun, config}, event, measurements, metadata) do
+    fun.(event, measurements, metadata, config)
+  rescue
+    e ->
+      Logger.error(
+        "DSPex.Bridge.Telemetry handler #{inspect(id)} failed on #{inspect(event)} and was detached: " <>
+          Exception.message(e)
+      )
+
+      detach(id)
+  catch
+    kind, reason ->
+      Logger.error(
+        "DSPex.Bridge.Telemetry handler #{inspect(id)} failed on #{inspect(event)} and was detached: " <>
+          inspect({kind, reason})
+      )
+
+      detach(id)
+  end
+
+  # Attach and detach are rare; :global.trans serialises them without a process.
+  defp update_handlers(fun) do
+    :global.trans(
+      {__MODULE__, :handlers},
+      fn ->
+        table = :persistent_term.get(@handlers_key, %{})
+        {reply, new_table} = fun.(table)
+        if new_table != table, do: :persistent_term.put(@handlers_key, new_table)
+        reply
+      end,
+      [node()]
+    )
+  end
+end

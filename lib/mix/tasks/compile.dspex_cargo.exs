@@ -1,0 +1,111 @@
+defmodule Mix.Tasks.Compile.DspexCargo do
+  @shortdoc "Builds the dspex_bridge Rust crates and places them under priv/native"
+  @moduledoc """
+  Builds the Cargo workspace (release profile) and copies the NIF library and
+  the port program to `priv/native/`.
+
+  Cargo runs only when a Rust source, a `Cargo.toml` or `Cargo.lock` is newer
+  than the outputs, so an Elixir-only compile pays nothing. Set
+  `DSPEX_CARGO_FORCE=1` to always run cargo; `CARGO_TARGET_DIR` is honoured.
+  """
+  use Mix.Task.Compiler
+
+  @outputs [
+    {"libdspex_nif.so", ["libdspex_nif.so", "libdspex_nif.dylib"]},
+    {"dspex_port", ["dspex_port"]}
+  ]
+
+  @impl true
+  def run(_args) do
+    root = Path.dirname(Path.dirname(Path.dirname(__DIR__)))
+    priv = Path.join(root, "priv/native")
+
+    if stale?(root, priv) do
+      build(root, priv)
+    else
+      {:noop, []}
+    end
+  end
+
+  defp stale?(root, priv) do
+    outputs = Enum.map(@outputs, fn {dest, _} -> Path.join(priv, dest) end)
+
+    System.get_env("DSPEX_CARGO_FORCE") in ["1", "true"] or
+      not Enum.all?(outputs, &File.exists?/1) or
+      newest_source(root) > oldest(outputs)
+  end
+
+  defp newest_source(root) do
+    [Path.join(root, "Cargo.toml"), Path.join(root, "Cargo.lock")]
+    |> Kernel.++(Path.wildcard(Path.join(root, "native/*/Cargo.toml")))
+    |> Kernel.++(Path.wildcard(Path.join(root, "native/*/{src,benches}/**/*.rs")))
+    |> Enum.map(&mtime/1)
+    |> Enum.max(fn -> 0 end)
+  end
+
+  defp oldest(paths), do: paths |> Enum.map(&mtime/1) |> Enum.min()
+
+  defp mtime(path) do
+    case File.stat(path, time: :posix) do
+      {:ok, %{mtime: t}} -> t
+      _ -> 0
+    end
+  end
+
+  defp build(root, priv) do
+    cargo = System.find_executable("cargo") || Path.expand("~/.cargo/bin/cargo")
+    args = ["build", "--release", "--locked", "-p", "dspex_nif", "-p", "dspex_port"]
+    args = if File.exists?(Path.join(root, "Cargo.lock")), do: args, else: args -- ["--locked"]
+    Mix.shell().info("==> dspex_bridge: cargo #{Enum.join(args, " ")}")
+
+    case System.cmd(cargo, args, cd: root, stderr_to_stdout: true, into: IO.stream()) do
+      {_, 0} -> place(root, priv)
+      {_, status} -> fail("cargo exited with status #{status}")
+    end
+  rescue
+    e in ErlangError -> fail("cannot run cargo: #{Exception.message(e)}")
+  end
+
+  defp place(root, priv) do
+    target = System.get_env("CARGO_TARGET_DIR") || Path.join(root, "target")
+    release = Path.join(Path.expand(target, root), "release")
+    File.mkdir_p!(priv)
+
+    missing =
+      for {dest, candidates} <- @outputs,
+          src = Enum.find(candidates, &File.exists?(Path.join(release, &1))),
+          src == nil or copy(Path.join(release, src), Path.join(priv, dest)) != :ok,
+          do: dest
+
+    case missing do
+      [] -> {:ok, []}
+      _ -> fail("cargo did not produce #{Enum.join(missing, ", ")} in #{release}")
+    end
+  end
+
+  # Copy to a temporary name and rename, so a running VM that has the old
+  # library mapped keeps a valid file.
+  defp copy(src, dest) do
+    tmp = dest <> ".tmp"
+
+    with :ok <- File.cp(src, tmp),
+         :ok <- File.chmod(tmp, 0o755) do
+      File.rename(tmp, dest)
+    end
+  end
+
+  defp fail(message) do
+    Mix.shell().error("dspex_bridge: " <> message)
+
+    {:error,
+     [
+       %Mix.Task.Compiler.Diagnostic{
+         compiler_name: "dspex_cargo",
+         file: "Cargo.toml",
+         message: message,
+         position: nil,
+         severity: :error
+       }
+     ]}
+  end
+end

@@ -1,0 +1,216 @@
+//! Erlang term <-> `Value`. Decoding refuses what the engine cannot store
+//! (pids, refs, funs, ports, improper lists, integers past 64 bits) and stops
+//! early on oversized input: binaries are measured before they are copied,
+//! and nesting is bounded, so a hostile term costs little and never overflows
+//! the scheduler's stack.
+
+use dspex_core::value::MAX_DEPTH;
+use dspex_core::{Error, Value};
+use rustler::types::tuple::{get_tuple, make_tuple};
+use rustler::{Atom, Binary, Encoder, Env, MapIterator, OwnedBinary, Term, TermType};
+
+use crate::atoms;
+
+/// Decodes a term whose heap footprint may be at most `budget` bytes.
+pub fn decode_value(term: Term, budget: usize) -> Result<Value, Error> {
+    let mut left = budget;
+    decode(term, 0, &mut left, budget)
+}
+
+fn invalid(what: &str) -> Error {
+    Error::InvalidValue(Value::atom(what))
+}
+
+fn charge(left: &mut usize, n: usize, budget: usize) -> Result<(), Error> {
+    *left = left.checked_sub(n).ok_or(Error::TooLarge(budget))?;
+    Ok(())
+}
+
+fn decode(term: Term, depth: usize, left: &mut usize, budget: usize) -> Result<Value, Error> {
+    if depth > MAX_DEPTH {
+        return Err(invalid("nested_too_deeply"));
+    }
+    let slot = std::mem::size_of::<Value>();
+    match term.get_type() {
+        TermType::Atom => {
+            if is_nil(term) {
+                return Ok(Value::Nil);
+            }
+            if let Ok(b) = term.decode::<bool>() {
+                return Ok(Value::Bool(b));
+            }
+            let name = term.atom_to_string().map_err(|_| invalid("bad_atom"))?;
+            charge(left, name.len(), budget)?;
+            Ok(Value::Atom(name.into()))
+        }
+        TermType::Integer => term
+            .decode::<i64>()
+            .map(Value::Int)
+            .map_err(|_| invalid("integer_out_of_range")),
+        TermType::Float => term
+            .decode::<f64>()
+            .map(Value::Float)
+            .map_err(|_| invalid("bad_float")),
+        TermType::Binary => {
+            let bin = Binary::from_term(term).map_err(|_| invalid("bitstring"))?;
+            charge(left, bin.len(), budget)?;
+            Ok(match std::str::from_utf8(bin.as_slice()) {
+                Ok(s) => Value::Str(s.into()),
+                Err(_) => Value::Bytes(bin.as_slice().into()),
+            })
+        }
+        TermType::List => {
+            let len = term.list_length().map_err(|_| invalid("improper_list"))?;
+            charge(left, len.saturating_mul(slot), budget)?;
+            let mut items = Vec::with_capacity(len);
+            for item in term
+                .into_list_iterator()
+                .map_err(|_| invalid("improper_list"))?
+            {
+                items.push(decode(item, depth + 1, left, budget)?);
+            }
+            Ok(Value::List(items.into()))
+        }
+        TermType::Tuple => {
+            let elems = get_tuple(term).map_err(|_| invalid("bad_tuple"))?;
+            charge(left, elems.len().saturating_mul(slot), budget)?;
+            let items = elems
+                .into_iter()
+                .map(|t| decode(t, depth + 1, left, budget))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Value::Tuple(items.into()))
+        }
+        TermType::Map => {
+            let size = term.map_size().map_err(|_| invalid("bad_map"))?;
+            if size == 0 {
+                return Ok(Value::empty_map());
+            }
+            charge(left, size.saturating_mul(2 * slot), budget)?;
+            let mut pairs = Vec::with_capacity(size);
+            for (k, v) in MapIterator::new(term).ok_or_else(|| invalid("bad_map"))? {
+                pairs.push((
+                    decode(k, depth + 1, left, budget)?,
+                    decode(v, depth + 1, left, budget)?,
+                ));
+            }
+            Ok(Value::Map(pairs.into()))
+        }
+        _ => Err(invalid("unsupported_term")),
+    }
+}
+
+/// Decodes a name, key or id: an atom (kept as an atom) or a UTF-8 binary.
+pub fn decode_name(term: Term, max_bytes: usize) -> Result<Value, Error> {
+    match decode_value(term, max_bytes) {
+        Ok(v @ (Value::Atom(_) | Value::Str(_))) => Ok(v),
+        Ok(Value::Nil | Value::Bool(_)) | Ok(_) => Err(Error::InvalidArgument(Value::atom(
+            "name_must_be_atom_or_string",
+        ))),
+        Err(Error::TooLarge(_)) => Err(Error::InvalidArgument(Value::atom("bad_name_length"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The text of an identifier term (atom or binary) without building a
+/// `Value`: the read path's lookup key.
+pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
+    if let Ok(bin) = Binary::from_term(term) {
+        return std::str::from_utf8(bin.as_slice())
+            .map(IdentText::Borrowed)
+            .map_err(|_| Error::NotFound);
+    }
+    if term.is_atom() {
+        return term
+            .atom_to_string()
+            .map(IdentText::Owned)
+            .map_err(|_| Error::NotFound);
+    }
+    Err(Error::InvalidArgument(Value::atom(
+        "name_must_be_atom_or_string",
+    )))
+}
+
+pub enum IdentText<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl std::ops::Deref for IdentText<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            IdentText::Borrowed(s) => s,
+            IdentText::Owned(s) => s,
+        }
+    }
+}
+
+pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
+    match v {
+        Value::Nil => atoms::nil().encode(env),
+        Value::Bool(b) => b.encode(env),
+        Value::Int(i) => i.encode(env),
+        Value::Float(f) => f.encode(env),
+        Value::Str(s) => s.encode(env),
+        Value::Bytes(b) => bytes(env, b),
+        Value::Atom(a) => match Atom::from_str(env, a) {
+            Ok(atom) => atom.encode(env),
+            Err(_) => a.encode(env),
+        },
+        Value::List(xs) => xs
+            .iter()
+            .map(|x| encode_value(env, x))
+            .collect::<Vec<_>>()
+            .encode(env),
+        Value::Tuple(xs) => {
+            let terms: Vec<Term> = xs.iter().map(|x| encode_value(env, x)).collect();
+            make_tuple(env, &terms)
+        }
+        Value::Map(pairs) => {
+            let keys: Vec<Term> = pairs.iter().map(|(k, _)| encode_value(env, k)).collect();
+            let vals: Vec<Term> = pairs.iter().map(|(_, v)| encode_value(env, v)).collect();
+            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
+        }
+    }
+}
+
+pub fn bytes<'a>(env: Env<'a>, b: &[u8]) -> Term<'a> {
+    match OwnedBinary::new(b.len()) {
+        Some(mut owned) => {
+            owned.as_mut_slice().copy_from_slice(b);
+            owned.release(env).encode(env)
+        }
+        None => atoms::error().encode(env),
+    }
+}
+
+pub fn is_nil(term: Term) -> bool {
+    term.is_atom() && term == atoms::nil().to_term(term.get_env())
+}
+
+/// `nil` or a non-negative integer.
+pub fn decode_opt_u64(term: Term) -> Result<Option<u64>, Error> {
+    if is_nil(term) {
+        return Ok(None);
+    }
+    term.decode::<u64>()
+        .map(Some)
+        .map_err(|_| Error::InvalidArgument(Value::atom("expected_non_negative_integer")))
+}
+
+/// `nil` or a binary principal.
+pub fn decode_principal<'a>(term: Term<'a>) -> Result<Option<&'a str>, Error> {
+    if is_nil(term) {
+        return Ok(None);
+    }
+    let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_principal"))?;
+    std::str::from_utf8(bin.as_slice())
+        .map(Some)
+        .map_err(|_| Error::invalid_arg("bad_principal"))
+}
+
+/// A session id: a non-empty UTF-8 binary.
+pub fn decode_sid<'a>(term: Term<'a>) -> Result<&'a str, Error> {
+    let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_session_id"))?;
+    std::str::from_utf8(bin.as_slice()).map_err(|_| Error::invalid_arg("bad_session_id"))
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what dspex_bridge needs on a fresh Debian machine: Erlang/OTP and
+# Elixir from Debian's packages (Rust is expected to be there already).
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+packages=(elixir erlang-dev erlang-src)
+# Extra tools used by the test suite when present.
+optional=(prometheus)
+
+missing=()
+for p in "${packages[@]}" "${optional[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  # prometheus (for promtool) is optional: do not fail the setup without it.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${packages[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${optional[@]}" >/dev/null 2>&1 || echo "setup: optional ${optional[*]} not installed"
+fi
+
+command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || {
+  echo "setup: cargo not found; install Rust (https://rustup.rs)" >&2
+  exit 1
+}

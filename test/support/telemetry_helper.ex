@@ -1,0 +1,28 @@
+defmodule DSPex.TelemetryHelper do
+  @moduledoc """
+  Forwards telemetry events to the test process, as `:telemetry_test` does:
+
+      ref = DSPex.TelemetryHelper.attach([[:dspex, :bridge, :variable, :write]])
+      ...
+      assert_receive {[:dspex, :bridge, :variable, :write], ^ref, measurements, metadata}
+
+  The handler is detached when the test process exits.
+  """
+  import ExUnit.Callbacks, only: [on_exit: 1]
+
+  alias DSPex.Bridge.Telemetry
+
+  @spec attach([Telemetry.event()]) :: reference
+  def attach(events) do
+    ref = make_ref()
+    id = {__MODULE__, ref}
+    Telemetry.attach_many(id, events, &__MODULE__.forward/4, {self(), ref})
+    on_exit(fn -> Telemetry.detach(id) end)
+    ref
+  end
+
+  @doc false
+  def forward(event, measurements, metadata, {pid, ref}) do
+    send(pid, {event, ref, measurements, metadata})
+  end
+end
