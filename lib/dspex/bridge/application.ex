@@ -13,6 +13,9 @@ defmodule DSPex.Bridge.Application do
 
     children = [
       DSPex.Context.Registry,
+      {Registry, keys: :unique, name: DSPex.Bridge.DependencyManager.Registry},
+      {DynamicSupervisor,
+       name: DSPex.Bridge.DependencyManager.Supervisor, strategy: :one_for_one},
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
     ]

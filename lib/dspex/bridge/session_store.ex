@@ -57,6 +57,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   use GenServer
 
+  alias DSPex.Bridge.DependencyManager.Propagator
   alias DSPex.Bridge.Telemetry
 
   @type session_id :: String.t()
@@ -135,6 +136,8 @@ defmodule DSPex.Bridge.SessionStore do
   @spec delete_session(session_id) :: :ok | {:error, reason}
   def delete_session(session_id) do
     with :ok <- backend().delete_session(session_id) do
+      Propagator.session_closed(session_id)
+
       Telemetry.execute(
         [:dspex, :bridge, :session, :deleted],
         %{system_time: System.system_time()},
@@ -311,7 +314,7 @@ defmodule DSPex.Bridge.SessionStore do
       written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
     else
       case backend().set_value(session_id, ident, value, metadata, expected, principal) do
-        {:ok, _version} -> :ok
+        {:ok, version} -> Propagator.notify_write(session_id, ident, version)
         error -> written(error, session_id, ident, metadata, expected, 0)
       end
     end
@@ -342,6 +345,7 @@ defmodule DSPex.Bridge.SessionStore do
           Enum.zip(normalized, results)
           |> Enum.each(fn {{ident, _, meta, _}, version} ->
             emit_write(session_id, ident, meta, version, us)
+            Propagator.notify_write(session_id, ident, version)
           end)
 
           :ok
@@ -354,6 +358,7 @@ defmodule DSPex.Bridge.SessionStore do
             |> Map.new(fn
               {{ident, _, meta, _}, {:ok, version}} ->
                 emit_write(session_id, ident, meta, version, us)
+                Propagator.notify_write(session_id, ident, version)
                 {ident, :ok}
 
               {{ident, _, _, _}, {:error, _} = error} ->
@@ -409,10 +414,12 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
-  @doc "Deletes a variable (and, once dependencies exist, its edges)."
+  @doc "Deletes a variable and its dependency edges."
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
   def delete_variable(session_id, ident, opts \\ []) do
-    backend().delete_variable(session_id, ident, opts[:principal])
+    with :ok <- backend().delete_variable(session_id, ident, opts[:principal]) do
+      Propagator.notify_delete(session_id, ident)
+    end
   end
 
   @doc """
@@ -448,7 +455,7 @@ defmodule DSPex.Bridge.SessionStore do
           %{session_id: session_id, variable: ident}
         )
 
-        :ok
+        Propagator.notify_write(session_id, ident, new_version)
 
       error ->
         error
@@ -467,6 +474,8 @@ defmodule DSPex.Bridge.SessionStore do
   @impl true
   def handle_info(:sweep, state) do
     for sid <- backend().sweep_expired() do
+      Propagator.session_closed(sid)
+
       Telemetry.execute(
         [:dspex, :bridge, :session, :expired],
         %{system_time: System.system_time()},
@@ -501,7 +510,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   defp written({:ok, version}, session_id, ident, metadata, _expected, us) do
     emit_write(session_id, ident, metadata, version, us)
-    :ok
+    Propagator.notify_write(session_id, ident, version)
   end
 
   defp written({:error, {:version_mismatch, current}} = error, session_id, ident, _, expected, _) do

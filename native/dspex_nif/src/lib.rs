@@ -4,6 +4,7 @@
 mod alloc;
 mod atoms;
 mod error;
+mod graph;
 mod store;
 mod term;
 mod variable;
