@@ -39,6 +39,21 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
   | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
 
+  ### Dependencies (`DSPex.Bridge.DependencyManager`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :dependency, :added]` | `system_time` | `session_id`, `from`, `to`, `type` |
+  | `[:dspex, :bridge, :dependency, :removed]` | `count` | `session_id`, `from`, `to` (`nil` for `clear_dependencies/2`, which adds `variable`) |
+  | `[:dspex, :bridge, :dependency, :cycle_detected]` | `system_time`, `path_length` | `session_id`, `from`, `to`, `path` (`[from, to, .., from]`) |
+  | `[:dspex, :bridge, :propagation, :start]` | `system_time`, `monotonic_time` | `session_id`, `changed` (the variables written) |
+  | `[:dspex, :bridge, :propagation, :stop]` | `duration`, `monotonic_time`, `recomputed`, `failed` | `session_id`, `changed` |
+  | `[:dspex, :bridge, :propagation, :exception]` | `duration`, `monotonic_time` | `session_id`, `variable`, `kind`, `reason`, `stacktrace`, `caused_by` |
+
+  A propagation pass emits `:start`, one `:exception` per derived variable
+  whose compute function raised or whose result was rejected (the pass goes
+  on), then `:stop`.
+
   ## Glossary
 
   - *principal*: the session on whose behalf a call is made (`principal:`

@@ -438,7 +438,8 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   defp compute(fun, values) do
     {:ok, fun.(values)}
   catch
-    kind, reason -> {:error, {:raised, kind, reason, __STACKTRACE__}}
+    kind, reason ->
+      {:error, {:raised, kind, Exception.normalize(kind, reason, __STACKTRACE__), __STACKTRACE__}}
   end
 
   ## Definitions
