@@ -39,6 +39,7 @@ defmodule DSPex.Bridge.Native do
 
   # dependency graph
   def graph_add_edge(_store, _sid, _from, _to, _type, _principal), do: err()
+  def graph_add_edge_dirty(_store, _sid, _from, _to, _type, _principal), do: err()
   def graph_remove_edge(_store, _sid, _from, _to, _principal), do: err()
   def graph_clear(_store, _sid, _var, _principal), do: err()
   def graph_dependencies(_store, _sid, _var, _transitive, _principal), do: err()

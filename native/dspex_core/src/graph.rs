@@ -51,21 +51,22 @@ pub const MAX_EDGE_TYPE_BYTES: usize = 255;
 
 type VertexId = u32;
 
-struct Vertex {
-    /// The name as first given (atom or string); `Nil` in a released slot.
-    name: Value,
-    /// Position in the maintained topological order.
-    ord: i64,
-    out: Vec<VertexId>,
-    inn: Vec<VertexId>,
-}
-
 /// One edge, as listed by [`DependencyGraph::edges`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Edge<'a> {
     pub from: &'a Value,
     pub to: &'a Value,
     pub edge_type: &'a str,
+}
+
+/// What [`DependencyGraph::add_edge_within`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    Added,
+    /// The edge was there; its type is replaced.
+    Existed,
+    /// The searches needed more than the budget; nothing changed.
+    OverBudget,
 }
 
 /// Which way a walk follows edges.
@@ -105,8 +106,9 @@ struct Scratch {
     mark: Vec<u32>,
     epoch: u32,
     stack: Vec<(VertexId, usize)>,
-    forward: Vec<VertexId>,
-    backward: Vec<VertexId>,
+    /// `(position, vertex)` of what the two searches reached.
+    forward: Vec<(i64, VertexId)>,
+    backward: Vec<(i64, VertexId)>,
     slots: Vec<i64>,
 }
 
@@ -126,7 +128,15 @@ impl Scratch {
 
 pub struct DependencyGraph {
     index: AHashMap<Box<str>, VertexId>,
-    vertices: Vec<Vertex>,
+    // Vertex data in parallel arrays indexed by `VertexId`: the searches
+    // touch `ord` and the adjacency of many vertices, and dense arrays keep
+    // that in cache. A released slot has a `Nil` name and empty lists.
+    /// The name as first given (atom or string).
+    names: Vec<Value>,
+    /// Position in the maintained topological order.
+    ord: Vec<i64>,
+    out: Vec<Vec<VertexId>>,
+    inn: Vec<Vec<VertexId>>,
     /// Released vertex slots, reused before the vector grows.
     free: Vec<VertexId>,
     /// `(from, to)` packed into a `u64` -> index into `types`.
@@ -180,7 +190,10 @@ impl DependencyGraph {
     pub fn with_max_edges(max_edges: usize) -> Self {
         DependencyGraph {
             index: AHashMap::default(),
-            vertices: Vec::new(),
+            names: Vec::new(),
+            ord: Vec::new(),
+            out: Vec::new(),
+            inn: Vec::new(),
             free: Vec::new(),
             edges: AHashMap::default(),
             types: vec![DEFAULT_EDGE_TYPE.into()],
@@ -211,7 +224,7 @@ impl DependencyGraph {
     pub fn has_dependents(&self, key: &str) -> bool {
         self.index
             .get(key)
-            .is_some_and(|&v| !self.vertices[v as usize].out.is_empty())
+            .is_some_and(|&v| !self.out[v as usize].is_empty())
     }
 
     /// The type of the edge `from -> to`, if there is one.
@@ -229,6 +242,25 @@ impl DependencyGraph {
     /// [`Error::WouldCreateCycle`] with the path `[from, to, .., from]` when
     /// `to` already reaches `from`. A rejected edge changes nothing.
     pub fn add_edge(&mut self, from: &Value, to: &Value, edge_type: &str) -> Result<bool> {
+        match self.add_edge_within(from, to, edge_type, usize::MAX)? {
+            Insert::Added => Ok(true),
+            Insert::Existed => Ok(false),
+            // The searches visit each vertex at most once, so this cannot be.
+            Insert::OverBudget => Err(Error::invalid_arg("over_budget")),
+        }
+    }
+
+    /// As [`add_edge`](Self::add_edge), but gives up, changing nothing, once
+    /// the searches have visited `budget` vertices: a NIF on a normal
+    /// scheduler tries this first and hands the rare large insert to a
+    /// dirty scheduler.
+    pub fn add_edge_within(
+        &mut self,
+        from: &Value,
+        to: &Value,
+        edge_type: &str,
+        budget: usize,
+    ) -> Result<Insert> {
         let (from_key, to_key) = (key_of(from)?, key_of(to)?);
         if from_key == to_key {
             return Err(Error::SelfDependency);
@@ -241,7 +273,7 @@ impl DependencyGraph {
         if let (Some(f), Some(t)) = (f, t) {
             if let Some(existing) = self.edges.get_mut(&pack(f, t)) {
                 *existing = ty;
-                return Ok(false);
+                return Ok(Insert::Existed);
             }
         }
         if self.edges.len() >= self.max_edges {
@@ -252,7 +284,9 @@ impl DependencyGraph {
         }
         let (f, t) = match (f, t) {
             (Some(f), Some(t)) => {
-                self.reorder_for(f, t)?;
+                if !self.reorder_for(f, t, budget)? {
+                    return Ok(Insert::OverBudget);
+                }
                 (f, t)
             }
             // A new endpoint has no edges, so it can take any position: a new
@@ -264,10 +298,10 @@ impl DependencyGraph {
                 (f, self.add_vertex(to, false))
             }
         };
-        self.vertices[f as usize].out.push(t);
-        self.vertices[t as usize].inn.push(f);
+        self.out[f as usize].push(t);
+        self.inn[t as usize].push(f);
         self.edges.insert(pack(f, t), ty);
-        Ok(true)
+        Ok(Insert::Added)
     }
 
     /// Removes `from -> to`; `false` if there was no such edge.
@@ -278,8 +312,8 @@ impl DependencyGraph {
         if self.edges.remove(&pack(f, t)).is_none() {
             return false;
         }
-        unlink(&mut self.vertices[f as usize].out, t);
-        unlink(&mut self.vertices[t as usize].inn, f);
+        unlink(&mut self.out[f as usize], t);
+        unlink(&mut self.inn[t as usize], f);
         self.release_if_isolated(f);
         self.release_if_isolated(t);
         true
@@ -291,16 +325,16 @@ impl DependencyGraph {
         let Some(&v) = self.index.get(key) else {
             return 0;
         };
-        let out = std::mem::take(&mut self.vertices[v as usize].out);
-        let inn = std::mem::take(&mut self.vertices[v as usize].inn);
+        let out = std::mem::take(&mut self.out[v as usize]);
+        let inn = std::mem::take(&mut self.inn[v as usize]);
         for &w in &out {
             self.edges.remove(&pack(v, w));
-            unlink(&mut self.vertices[w as usize].inn, v);
+            unlink(&mut self.inn[w as usize], v);
             self.release_if_isolated(w);
         }
         for &w in &inn {
             self.edges.remove(&pack(w, v));
-            unlink(&mut self.vertices[w as usize].out, v);
+            unlink(&mut self.out[w as usize], v);
             self.release_if_isolated(w);
         }
         self.release_if_isolated(v);
@@ -313,10 +347,9 @@ impl DependencyGraph {
         let Some(&v) = self.index.get(key) else {
             return Vec::new();
         };
-        let vertex = &self.vertices[v as usize];
         let list = match direction {
-            Direction::Dependencies => &vertex.inn,
-            Direction::Dependents => &vertex.out,
+            Direction::Dependencies => &self.inn[v as usize],
+            Direction::Dependents => &self.out[v as usize],
         };
         self.names_in_order(list.clone())
     }
@@ -362,14 +395,12 @@ impl DependencyGraph {
             .iter()
             .map(|(&k, &ty)| ((k >> 32) as VertexId, k as VertexId, ty))
             .collect();
-        pairs.sort_unstable_by_key(|&(f, t, _)| {
-            (self.vertices[f as usize].ord, self.vertices[t as usize].ord)
-        });
+        pairs.sort_unstable_by_key(|&(f, t, _)| (self.ord[f as usize], self.ord[t as usize]));
         pairs
             .into_iter()
             .map(|(f, t, ty)| Edge {
-                from: &self.vertices[f as usize].name,
-                to: &self.vertices[t as usize].name,
+                from: &self.names[f as usize],
+                to: &self.names[t as usize],
                 edge_type: &self.types[ty as usize],
             })
             .collect()
@@ -403,8 +434,8 @@ impl DependencyGraph {
                         Value::Int(g.max_edges as i64),
                     )));
                 }
-                g.vertices[f as usize].out.push(t);
-                g.vertices[t as usize].inn.push(f);
+                g.out[f as usize].push(t);
+                g.inn[t as usize].push(f);
             }
         }
         g.sort_from_scratch()?;
@@ -459,19 +490,18 @@ impl DependencyGraph {
         let mut seen_ord = std::collections::HashSet::new();
         let mut listed = 0;
         for (key, &v) in &self.index {
-            let vertex = &self.vertices[v as usize];
-            if vertex.name.as_text() != Some(&**key)
-                || !seen_ord.insert(vertex.ord)
-                || (vertex.out.is_empty() && vertex.inn.is_empty())
+            let i = v as usize;
+            if self.names[i].as_text() != Some(&**key)
+                || !seen_ord.insert(self.ord[i])
+                || (self.out[i].is_empty() && self.inn[i].is_empty())
             {
                 return false;
             }
-            for &w in &vertex.out {
-                let target = &self.vertices[w as usize];
+            for &w in &self.out[i] {
                 if w == v
-                    || vertex.ord >= target.ord
+                    || self.ord[i] >= self.ord[w as usize]
                     || !self.edges.contains_key(&pack(v, w))
-                    || !target.inn.contains(&v)
+                    || !self.inn[w as usize].contains(&v)
                 {
                     return false;
                 }
@@ -503,20 +533,19 @@ impl DependencyGraph {
             self.highest += 1;
             self.highest
         };
-        let vertex = Vertex {
-            name: name.clone(),
-            ord,
-            out: Vec::new(),
-            inn: Vec::new(),
-        };
         let v = match self.free.pop() {
             Some(v) => {
-                self.vertices[v as usize] = vertex;
+                let i = v as usize;
+                self.names[i] = name.clone();
+                self.ord[i] = ord;
                 v
             }
             None => {
-                self.vertices.push(vertex);
-                (self.vertices.len() - 1) as VertexId
+                self.names.push(name.clone());
+                self.ord.push(ord);
+                self.out.push(Vec::new());
+                self.inn.push(Vec::new());
+                (self.names.len() - 1) as VertexId
             }
         };
         let key = name.as_text().unwrap_or_default();
@@ -525,13 +554,14 @@ impl DependencyGraph {
     }
 
     fn release_if_isolated(&mut self, v: VertexId) {
-        let vertex = &mut self.vertices[v as usize];
-        if !vertex.out.is_empty() || !vertex.inn.is_empty() || vertex.name.is_nil() {
+        let i = v as usize;
+        if !self.out[i].is_empty() || !self.inn[i].is_empty() || self.names[i].is_nil() {
             return;
         }
-        let name = std::mem::take(&mut vertex.name);
-        vertex.out = Vec::new();
-        vertex.inn = Vec::new();
+        let name = std::mem::take(&mut self.names[i]);
+        // Give the lists' memory back: a released slot may stay unused.
+        self.out[i] = Vec::new();
+        self.inn[i] = Vec::new();
         if let Some(key) = name.as_text() {
             self.index.remove(key);
         }
@@ -539,45 +569,57 @@ impl DependencyGraph {
     }
 
     /// Pearce–Kelly: makes room for `f -> t` in the order, or reports the
-    /// path `t ~> f` that the edge would close into a cycle.
-    fn reorder_for(&mut self, f: VertexId, t: VertexId) -> Result<()> {
-        let upper = self.vertices[f as usize].ord;
-        let lower = self.vertices[t as usize].ord;
+    /// path `t ~> f` that the edge would close into a cycle. `Ok(false)`
+    /// when the searches would visit more than `budget` vertices; nothing
+    /// has changed then (the order is only rewritten after both searches).
+    fn reorder_for(&mut self, f: VertexId, t: VertexId, budget: usize) -> Result<bool> {
+        let upper = self.ord[f as usize];
+        let lower = self.ord[t as usize];
         if lower > upper {
-            return Ok(());
+            return Ok(true);
         }
         // Forward from `t`, through vertices placed before `f`: reaching `f`
         // closes a cycle, anything placed after `f` cannot reach it.
         let Self {
-            vertices, scratch, ..
+            names,
+            ord,
+            out,
+            inn,
+            scratch,
+            ..
         } = self;
-        let epoch = scratch.next_epoch(vertices.len());
+        let epoch = scratch.next_epoch(names.len());
         scratch.forward.clear();
         scratch.stack.clear();
         scratch.mark[t as usize] = epoch;
-        scratch.forward.push(t);
+        scratch.forward.push((lower, t));
         scratch.stack.push((t, 0));
         while let Some((v, next)) = scratch.stack.last_mut() {
-            let Some(&w) = vertices[*v as usize].out.get(*next) else {
+            let Some(&w) = out[*v as usize].get(*next) else {
                 scratch.stack.pop();
                 continue;
             };
             *next += 1;
             if w == f {
-                let mut path: Vec<Value> = vec![vertices[f as usize].name.clone()];
+                let mut path: Vec<Value> = vec![names[f as usize].clone()];
                 path.extend(
                     scratch
                         .stack
                         .iter()
-                        .map(|&(v, _)| vertices[v as usize].name.clone()),
+                        .map(|&(v, _)| names[v as usize].clone()),
                 );
-                path.push(vertices[f as usize].name.clone());
+                path.push(names[f as usize].clone());
                 scratch.stack.clear();
                 return Err(Error::WouldCreateCycle(Value::List(path.into())));
             }
-            if scratch.mark[w as usize] != epoch && vertices[w as usize].ord < upper {
-                scratch.mark[w as usize] = epoch;
-                scratch.forward.push(w);
+            let (w_ord, mark) = (ord[w as usize], &mut scratch.mark[w as usize]);
+            if *mark != epoch && w_ord < upper {
+                if scratch.forward.len() >= budget {
+                    scratch.stack.clear();
+                    return Ok(false);
+                }
+                *mark = epoch;
+                scratch.forward.push((w_ord, w));
                 scratch.stack.push((w, 0));
             }
         }
@@ -585,52 +627,51 @@ impl DependencyGraph {
         // this set and the forward one are disjoint.
         scratch.backward.clear();
         scratch.mark[f as usize] = epoch;
-        scratch.backward.push(f);
+        scratch.backward.push((upper, f));
         scratch.stack.push((f, 0));
         while let Some((v, next)) = scratch.stack.last_mut() {
-            let Some(&w) = vertices[*v as usize].inn.get(*next) else {
+            let Some(&w) = inn[*v as usize].get(*next) else {
                 scratch.stack.pop();
                 continue;
             };
             *next += 1;
-            if scratch.mark[w as usize] != epoch && vertices[w as usize].ord > lower {
-                scratch.mark[w as usize] = epoch;
-                scratch.backward.push(w);
+            let (w_ord, mark) = (ord[w as usize], &mut scratch.mark[w as usize]);
+            if *mark != epoch && w_ord > lower {
+                if scratch.forward.len() + scratch.backward.len() >= budget {
+                    scratch.stack.clear();
+                    return Ok(false);
+                }
+                *mark = epoch;
+                scratch.backward.push((w_ord, w));
                 scratch.stack.push((w, 0));
             }
         }
         // Hand the positions the two sets occupy back out: everything that
         // reaches `f` first, everything `t` reaches after, each set keeping
-        // its internal order.
-        scratch
-            .backward
-            .sort_unstable_by_key(|&v| vertices[v as usize].ord);
-        scratch
-            .forward
-            .sort_unstable_by_key(|&v| vertices[v as usize].ord);
+        // its internal order. Both lists sorted, the slots are their merge.
+        scratch.backward.sort_unstable();
+        scratch.forward.sort_unstable();
         scratch.slots.clear();
-        scratch.slots.extend(
-            scratch
-                .backward
-                .iter()
-                .chain(&scratch.forward)
-                .map(|&v| vertices[v as usize].ord),
-        );
-        scratch.slots.sort_unstable();
-        for (&v, &slot) in scratch
-            .backward
-            .iter()
-            .chain(&scratch.forward)
-            .zip(&scratch.slots)
-        {
-            vertices[v as usize].ord = slot;
+        let (mut i, mut j) = (0, 0);
+        let (back, fwd) = (&scratch.backward, &scratch.forward);
+        while i < back.len() || j < fwd.len() {
+            if j == fwd.len() || (i < back.len() && back[i].0 < fwd[j].0) {
+                scratch.slots.push(back[i].0);
+                i += 1;
+            } else {
+                scratch.slots.push(fwd[j].0);
+                j += 1;
+            }
         }
-        Ok(())
+        for (&(_, v), &slot) in back.iter().chain(fwd).zip(&scratch.slots) {
+            ord[v as usize] = slot;
+        }
+        Ok(true)
     }
 
     /// Every vertex reachable from `roots` (roots included), iteratively.
     fn reach(&self, roots: &[VertexId], direction: Direction) -> Vec<VertexId> {
-        let mut seen = vec![0u64; self.vertices.len().div_ceil(64)];
+        let mut seen = vec![0u64; self.names.len().div_ceil(64)];
         let mut visit = |v: VertexId| {
             let (word, bit) = (v as usize / 64, 1u64 << (v % 64));
             let fresh = seen[word] & bit == 0;
@@ -640,10 +681,9 @@ impl DependencyGraph {
         let mut reached: Vec<VertexId> = roots.iter().copied().filter(|&v| visit(v)).collect();
         let mut stack = reached.clone();
         while let Some(v) = stack.pop() {
-            let vertex = &self.vertices[v as usize];
             let next = match direction {
-                Direction::Dependencies => &vertex.inn,
-                Direction::Dependents => &vertex.out,
+                Direction::Dependencies => &self.inn[v as usize],
+                Direction::Dependents => &self.out[v as usize],
             };
             for &w in next {
                 if visit(w) {
@@ -656,10 +696,10 @@ impl DependencyGraph {
     }
 
     fn names_in_order(&self, mut vertices: Vec<VertexId>) -> Vec<Value> {
-        vertices.sort_unstable_by_key(|&v| self.vertices[v as usize].ord);
+        vertices.sort_unstable_by_key(|&v| self.ord[v as usize]);
         vertices
             .into_iter()
-            .map(|v| self.vertices[v as usize].name.clone())
+            .map(|v| self.names[v as usize].clone())
             .collect()
     }
 
@@ -669,15 +709,15 @@ impl DependencyGraph {
         let live: Vec<VertexId> = self.index.values().copied().collect();
         let mut indegree: HashMap<VertexId, usize> = live
             .iter()
-            .map(|&v| (v, self.vertices[v as usize].inn.len()))
+            .map(|&v| (v, self.inn[v as usize].len()))
             .collect();
         let mut ready: VecDeque<VertexId> =
             live.iter().copied().filter(|v| indegree[v] == 0).collect();
         let mut next = 0i64;
         while let Some(v) = ready.pop_front() {
-            self.vertices[v as usize].ord = next;
+            self.ord[v as usize] = next;
             next += 1;
-            for &w in &self.vertices[v as usize].out {
+            for &w in &self.out[v as usize] {
                 let d = indegree.get_mut(&w).expect("live vertex");
                 *d -= 1;
                 if *d == 0 {
@@ -704,8 +744,7 @@ impl DependencyGraph {
             }
             at.insert(v, walked.len());
             walked.push(v);
-            v = *self.vertices[v as usize]
-                .inn
+            v = *self.inn[v as usize]
                 .iter()
                 .find(|w| indegree[w] > 0)
                 .expect("a predecessor in the cycle");
@@ -714,7 +753,7 @@ impl DependencyGraph {
         let mut path: Vec<Value> = walked[start..]
             .iter()
             .rev()
-            .map(|&v| self.vertices[v as usize].name.clone())
+            .map(|&v| self.names[v as usize].clone())
             .collect();
         path.push(path[0].clone());
         Err(Error::WouldCreateCycle(Value::List(path.into())))
@@ -819,6 +858,23 @@ impl Session {
             let from = self.dependency_name(from, caller, Permission::Read)?;
             let to = self.dependency_name(to, caller, Permission::Write)?;
             graph.add_edge(&from, &to, edge_type)
+        })
+    }
+
+    /// [`add_dependency`](Self::add_dependency) within a search budget (see
+    /// [`DependencyGraph::add_edge_within`]).
+    pub fn add_dependency_within(
+        &self,
+        from: &Value,
+        to: &Value,
+        edge_type: &str,
+        budget: usize,
+        caller: &Caller,
+    ) -> Result<Insert> {
+        self.dependencies().update(|graph| {
+            let from = self.dependency_name(from, caller, Permission::Read)?;
+            let to = self.dependency_name(to, caller, Permission::Write)?;
+            graph.add_edge_within(&from, &to, edge_type, budget)
         })
     }
 
@@ -977,6 +1033,40 @@ mod tests {
         assert!(g.is_empty());
         assert_eq!(g.vertex_count(), 0);
         assert_eq!(add(&mut g, "c", "a"), Ok(true));
+        assert!(g.is_consistent());
+    }
+
+    #[test]
+    fn an_insert_over_budget_changes_nothing() {
+        let names: Vec<Value> = (0..100).map(n).collect();
+        let mut g = DependencyGraph::new();
+        for w in names.windows(2) {
+            g.add_edge(&w[0], &w[1], "data").unwrap();
+        }
+        // v99 -> v0 is fine only after the chain moves: a 100-vertex search.
+        let x = Value::atom("x");
+        g.add_edge(&names[99], &x, "data").unwrap();
+        assert_eq!(
+            g.add_edge_within(&x, &names[0], "data", 10),
+            Ok(Insert::OverBudget)
+        );
+        assert_eq!(g.edge_count(), 100);
+        assert!(g.is_consistent());
+        assert_eq!(
+            g.add_edge_within(&names[0], &x, "data", 10),
+            Ok(Insert::Added),
+            "an insert the order already allows needs no search"
+        );
+        match g.add_edge_within(&x, &names[0], "data", 1_000) {
+            Err(Error::WouldCreateCycle(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        g.remove_edge("v99", "x");
+        g.remove_edge("v0", "x");
+        assert_eq!(
+            g.add_edge_within(&x, &names[0], "data", 1_000),
+            Ok(Insert::Added)
+        );
         assert!(g.is_consistent());
     }
 
@@ -1217,7 +1307,16 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Add(a, b) => {
-                        let result = g.add_edge(&n(a), &n(b), "data");
+                        // A tiny budget first: giving up must change nothing.
+                        let before = g.edge_count();
+                        let result = match g.add_edge_within(&n(a), &n(b), "data", 3) {
+                            Ok(Insert::OverBudget) => {
+                                prop_assert_eq!(g.edge_count(), before);
+                                prop_assert!(g.is_consistent());
+                                g.add_edge(&n(a), &n(b), "data")
+                            }
+                            other => other.map(|i| i == Insert::Added),
+                        };
                         if a == b {
                             prop_assert_eq!(result, Err(Error::SelfDependency));
                         } else if reference.contains(&(a, b)) {

@@ -35,4 +35,6 @@ rustler::atoms! {
     improper_list,
     nested_too_deeply,
     too_large,
+    // graph
+    over_budget,
 }

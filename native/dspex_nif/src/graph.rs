@@ -2,7 +2,7 @@
 //! detection, update order and rendering (see `dspex_core::graph`).
 //! Anything whose cost grows with the graph runs on a dirty CPU scheduler.
 
-use dspex_core::graph::{Direction, Format};
+use dspex_core::graph::{Direction, Format, Insert};
 use dspex_core::{Caller, Error, Value};
 use rustler::{Encoder, Env, ResourceArc, Term};
 
@@ -39,11 +39,40 @@ fn owner_only(session_id: &str, caller: &Caller) -> Result<(), Error> {
     }
 }
 
+/// Vertices an insert may visit on a normal scheduler (well under a
+/// millisecond); a larger search is redone by `graph_add_edge_dirty`.
+const INSERT_BUDGET: usize = 10_000;
+
 /// `{:ok, true}` for a new edge, `{:ok, false}` when it existed (its type
 /// replaced); `{:error, {:would_create_cycle, path}}`, `:self_dependency`,
-/// `{:not_found, ident}`.
-#[rustler::nif(name = "graph_add_edge", schedule = "DirtyCpu")]
+/// `{:not_found, ident}`; `:over_budget` when the insert needs a search too
+/// large for a normal scheduler (nothing changed; call the dirty variant).
+#[rustler::nif(name = "graph_add_edge")]
 fn add_edge<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreRef>,
+    sid: Term<'a>,
+    from: Term<'a>,
+    to: Term<'a>,
+    edge_type: Term<'a>,
+    principal: Term<'a>,
+) -> Term<'a> {
+    let r = with_session(&store, sid, principal, |s, caller| {
+        let (from, to) = (name(&store, from)?, name(&store, to)?);
+        let edge_type = atom_text(edge_type, "edge_type")?;
+        s.add_dependency_within(&from, &to, &edge_type, INSERT_BUDGET, caller)
+    });
+    match r {
+        Ok(Insert::Added) => (atoms::ok(), true).encode(env),
+        Ok(Insert::Existed) => (atoms::ok(), false).encode(env),
+        Ok(Insert::OverBudget) => atoms::over_budget().encode(env),
+        Err(e) => error(env, &e),
+    }
+}
+
+/// `graph_add_edge` without a budget, on a dirty scheduler.
+#[rustler::nif(name = "graph_add_edge_dirty", schedule = "DirtyCpu")]
+fn add_edge_dirty<'a>(
     env: Env<'a>,
     store: ResourceArc<StoreRef>,
     sid: Term<'a>,

@@ -89,6 +89,29 @@ defmodule DSPex.Bridge.DependencyManagerTest do
                DependencyManager.visualize_graph(sid, :dot, principal: "x")
     end
 
+    test "an insert needing a large search moves to a dirty scheduler", %{sid: sid} do
+      n = 12_000
+      chain = for i <- 0..(n - 1), do: "c#{i}"
+      vars(sid, chain ++ [:w, :x])
+
+      chain
+      |> Enum.zip(tl(chain))
+      |> Enum.each(fn {a, b} -> :ok = DependencyManager.add_dependency(sid, a, b) end)
+
+      :ok = DependencyManager.add_dependency(sid, :w, :x)
+      store = DSPex.Bridge.Backend.Native.store()
+
+      # x sits after the whole chain: putting it before c0 moves 12,000 vertices.
+      assert :over_budget = DSPex.Bridge.Native.graph_add_edge(store, sid, :x, "c0", :data, nil)
+      assert :ok = DependencyManager.add_dependency(sid, :x, "c0")
+      {:ok, order} = DependencyManager.get_update_order(sid, :w)
+      assert Enum.take(order, 3) == [:w, :x, "c0"]
+      assert length(order) == n + 2
+
+      assert {:error, :would_create_cycle} =
+               DependencyManager.add_dependency(sid, List.last(chain), :w)
+    end
+
     test "many processes adding edges at once never build a cycle", %{sid: sid} do
       names = for i <- 1..20, do: :"v#{i}"
       vars(sid, names)

@@ -97,9 +97,15 @@ defmodule DSPex.Bridge.Backend.Native do
   def variable_names(sid, pattern, principal),
     do: Native.var_names(store(), sid, pattern, principal)
 
+  # Most inserts need a small search and run on the caller's scheduler; the
+  # engine says when one does not, and it is redone on a dirty scheduler.
   @impl true
-  def graph_add_edge(sid, from, to, type, principal),
-    do: Native.graph_add_edge(store(), sid, from, to, type, principal)
+  def graph_add_edge(sid, from, to, type, principal) do
+    case Native.graph_add_edge(store(), sid, from, to, type, principal) do
+      :over_budget -> Native.graph_add_edge_dirty(store(), sid, from, to, type, principal)
+      result -> result
+    end
+  end
 
   @impl true
   def graph_remove_edge(sid, from, to, principal),
