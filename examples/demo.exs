@@ -12,8 +12,10 @@ defmodule Demo do
   def run do
     sid = "demo-tuning-#{System.unique_integer([:positive])}"
     sessions(sid)
+    port_backend()
     context()
     SessionStore.delete_session(sid)
+    observability()
     say("\ndone.")
   end
 
@@ -98,6 +100,39 @@ defmodule Demo do
     SessionStore.delete_session(copy)
   end
 
+  # The same API on the port backend: the engine in its own OS process.
+  defp port_backend do
+    section("Port backend: the same engine out of process")
+    alias DSPex.Bridge.Backend.Port, as: PortBackend
+    sid = "demo-port-#{System.unique_integer([:positive])}"
+    {:ok, ^sid} = SessionStore.create_session(sid, backend: :port)
+    {:ok, _} = SessionStore.register_variable(sid, :temperature, :float, 0.7)
+    :ok = SessionStore.update_variable(sid, :temperature, 0.9)
+    say("session #{sid} lives in OS process #{PortBackend.os_pid()}")
+    show("temperature", SessionStore.get_variable_value(sid, :temperature))
+    show("a bad write", SessionStore.update_variable(sid, :temperature, "hot"))
+
+    {:ok, snapshot} = SessionStore.export_session(sid)
+    {:ok, moved} = SessionStore.import_session(snapshot, session_id: sid <> "-nif", backend: :nif)
+    say("exported from the port, imported into the NIF as #{moved}")
+
+    os_pid = PortBackend.os_pid()
+    System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+    Process.sleep(50)
+    show("after kill -9 of #{os_pid}, a call on its session", SessionStore.get_variable(sid, :x))
+    show("the NIF copy still answers", SessionStore.get_variable_value(moved, :temperature))
+    wait_for_restart(os_pid)
+    say("the supervisor started a new port program: OS process #{PortBackend.os_pid()}")
+    SessionStore.delete_session(moved)
+  end
+
+  defp wait_for_restart(old) do
+    case DSPex.Bridge.Backend.Port.os_pid() do
+      pid when is_integer(pid) and pid != old -> :ok
+      _ -> Process.sleep(20) && wait_for_restart(old)
+    end
+  end
+
   # A DSPex context: local first, then bridged into a session.
   defp context do
     section("Context and Variables: local, then bridged")
@@ -120,6 +155,62 @@ defmodule Demo do
 
     Context.stop(ctx)
   end
+
+  # Analytics fed by the store's own events, then the Prometheus text.
+  defp observability do
+    section("Observability: Analytics dashboard and Prometheus")
+    alias DSPex.Bridge.Analytics
+    {:ok, analytics} = Analytics.start_link(aggregation_interval: 1_000)
+
+    {:ok, sid} =
+      SessionStore.create_session("demo-observed-#{System.unique_integer([:positive])}")
+
+    {:ok, _} = SessionStore.register_variable(sid, :learning_rate, :float, 0.01)
+
+    for i <- 1..200 do
+      :ok = SessionStore.update_variable(sid, :learning_rate, i / 10_000)
+      _ = SessionStore.get_variable_value(sid, :learning_rate)
+    end
+
+    {:error, {:version_mismatch, _}} =
+      SessionStore.update_variable(sid, :learning_rate, 0.5, %{expected_version: 0})
+
+    d = Analytics.get_dashboard()
+    m = d.last_minute
+    h = d.last_hour
+
+    say(
+      "last minute: #{m.variable_reads} reads (avg #{us(m.avg_read_latency)}), " <>
+        "#{m.variable_writes} writes (avg #{us(m.avg_write_latency)})"
+    )
+
+    say(
+      "last hour: #{h.total_operations} operations, error rate #{Float.round(h.error_rate, 4)}, " <>
+        "p95 #{us(h.p95_latency)}, #{h.active_sessions} live sessions"
+    )
+
+    now = System.os_time(:microsecond)
+    {:ok, p99} = Analytics.get_metrics(:read_latency, now - 60_000_000, now, :p99)
+    say("p99 read latency over the last minute: #{us(p99)} (durations are whole microseconds)")
+
+    say("Prometheus (a few lines of Analytics.prometheus_text/0):")
+
+    Analytics.prometheus_text()
+    |> IO.iodata_to_binary()
+    |> String.split("\n")
+    |> Enum.filter(
+      &(&1 =~
+          ~r/^(dspex_analytics_variable_(read|write)(_count|\{quantile="0.99"\})|dspex_core_sessions_created_total|dspex_sessions) /)
+    )
+    |> Enum.each(&say("  " <> &1))
+
+    SessionStore.delete_session(sid)
+    GenServer.stop(analytics)
+  end
+
+  defp us(nil), do: "n/a"
+  defp us(x) when x < 1, do: "< 1 us"
+  defp us(x), do: "#{Float.round(x * 1.0, 1)} us"
 end
 
 Demo.run()

@@ -13,13 +13,51 @@ defmodule DSPex.Bridge.Application do
 
     children = [
       DSPex.Context.Registry,
+      # The port program may die (that is what it is for); its own supervisor
+      # restarts it without counting against the restarts of everything else.
+      %{
+        id: DSPex.Bridge.Backend.Port.Supervisor,
+        type: :supervisor,
+        start:
+          {Supervisor, :start_link,
+           [
+             [{DSPex.Bridge.Backend.Port, limits: limits}],
+             [
+               strategy: :one_for_one,
+               max_restarts: 20,
+               max_seconds: 5,
+               name: DSPex.Bridge.Backend.Port.Supervisor
+             ]
+           ]}
+      },
       {Registry, keys: :unique, name: DSPex.Bridge.DependencyManager.Registry},
       {DynamicSupervisor,
        name: DSPex.Bridge.DependencyManager.Supervisor, strategy: :one_for_one},
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
+      | observability_children()
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPex.Bridge.Supervisor)
+  end
+
+  # Rust log forwarding always; Analytics and the HTTP endpoint when
+  # configured (`config :dspex_bridge, analytics: true | [opts]` and
+  # `config :dspex_bridge, :http_endpoint, port: 9568`).
+  defp observability_children do
+    analytics =
+      case Application.get_env(:dspex_bridge, :analytics, false) do
+        false -> []
+        true -> [{DSPex.Bridge.Analytics, []}]
+        opts when is_list(opts) -> [{DSPex.Bridge.Analytics, opts}]
+      end
+
+    endpoint =
+      case Application.get_env(:dspex_bridge, :http_endpoint) do
+        nil -> []
+        opts -> [{DSPex.Bridge.Analytics.Endpoint, opts}]
+      end
+
+    [DSPex.Bridge.NativeLog | analytics ++ endpoint]
   end
 end

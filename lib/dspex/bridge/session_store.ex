@@ -57,6 +57,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   use GenServer
 
+  alias DSPex.Bridge.Backend.Router
   alias DSPex.Bridge.DependencyManager.Propagator
   alias DSPex.Bridge.Telemetry
 
@@ -74,9 +75,13 @@ defmodule DSPex.Bridge.SessionStore do
   @doc false
   def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
 
-  @doc "The backend module serving sessions (`:nif` by default)."
+  @doc """
+  The backend module serving sessions: `DSPex.Bridge.Backend.Router`, which
+  serves each session from the backend it was created in (`:nif` or
+  `:port`, see `create_session/2`).
+  """
   @spec backend() :: module
-  def backend, do: :persistent_term.get(@backend_key, DSPex.Bridge.Backend.Native)
+  def backend, do: :persistent_term.get(@backend_key, Router)
 
   @doc false
   def put_backend(module) when is_atom(module), do: :persistent_term.put(@backend_key, module)
@@ -88,7 +93,11 @@ defmodule DSPex.Bridge.SessionStore do
 
   Options: `ttl:` idle milliseconds before the session expires (default:
   never), `max_history:` history entries kept per variable (default 50),
-  `metadata:` a map (e.g. owner information).
+  `metadata:` a map (e.g. owner information), `backend:` `:nif` (in the VM)
+  or `:port` (the engine in its own OS process, see
+  `DSPex.Bridge.Backend.Port`); the default is `config :dspex_bridge,
+  backend: :nif | :port`, else `:nif`. The API and its results are the same
+  for both.
 
       iex> {:ok, "doc-create"} = DSPex.Bridge.SessionStore.create_session("doc-create")
       iex> DSPex.Bridge.SessionStore.create_session("doc-create")
@@ -96,19 +105,21 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec create_session(session_id, keyword) :: {:ok, session_id} | {:error, reason}
   def create_session(session_id, opts \\ []) do
-    opts = Keyword.validate!(opts, [:ttl, :max_history, :metadata])
+    opts = Keyword.validate!(opts, [:ttl, :max_history, :metadata, :backend])
+    kind = opts[:backend] || Router.default_kind()
 
     native_opts = %{
       ttl_ms: opts[:ttl],
       max_history: opts[:max_history],
-      metadata: opts[:metadata] || %{}
+      metadata: opts[:metadata] || %{},
+      backend: kind
     }
 
     with :ok <- backend().create_session(session_id, native_opts) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
-        %{session_id: session_id, backend: :nif}
+        %{session_id: session_id, backend: kind}
       )
 
       {:ok, session_id}
@@ -160,7 +171,7 @@ defmodule DSPex.Bridge.SessionStore do
     with {:ok, session} <- get_session(session_id),
          {:ok, vars} <- backend().list_variables(session_id, nil, nil) do
       memory =
-        case DSPex.Bridge.Backend.Native.session_memory(session_id) do
+        case Router.session_memory(session_id) do
           {:ok, bytes} -> bytes
           _ -> nil
         end
@@ -179,7 +190,12 @@ defmodule DSPex.Bridge.SessionStore do
           }
         end)
 
-      {:ok, Map.merge(session, %{memory_bytes: memory, variables: variables, backend: :nif})}
+      {:ok,
+       Map.merge(session, %{
+         memory_bytes: memory,
+         variables: variables,
+         backend: Router.kind_of(session_id)
+       })}
     end
   end
 
@@ -192,20 +208,28 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   Creates a session from an `export_session/1` snapshot; `session_id:` gives
-  it a new id. Every value is validated again; garbage returns
-  `{:error, {:invalid_snapshot, reason}}` and creates nothing.
+  it a new id, `backend:` the backend to create it in (as in
+  `create_session/2`; snapshots move freely between backends). Every value
+  is validated again; garbage returns `{:error, {:invalid_snapshot, reason}}`
+  and creates nothing.
   """
   @spec import_session(binary, keyword) :: {:ok, session_id} | {:error, reason}
   def import_session(snapshot, opts \\ [])
 
   def import_session(snapshot, opts) when is_binary(snapshot) do
-    opts = Keyword.validate!(opts, [:session_id])
+    opts = Keyword.validate!(opts, [:session_id, :backend])
+    kind = opts[:backend] || Router.default_kind()
 
-    with {:ok, sid} <- backend().import_session(snapshot, opts[:session_id]) do
+    imported =
+      if backend() == Router,
+        do: Router.import_session(snapshot, opts[:session_id], kind),
+        else: backend().import_session(snapshot, opts[:session_id])
+
+    with {:ok, sid} <- imported do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
-        %{session_id: sid, backend: :nif}
+        %{session_id: sid, backend: kind}
       )
 
       {:ok, sid}

@@ -39,6 +39,15 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
   | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
 
+  `backend` is `:nif` or `:port`.
+
+  ### Port backend (`DSPex.Bridge.Backend.Port`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
+  | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`) |
+
   ### Dependencies (`DSPex.Bridge.DependencyManager`)
 
   | event | measurements | metadata |
@@ -53,6 +62,20 @@ defmodule DSPex.Bridge.Telemetry do
   A propagation pass emits `:start`, one `:exception` per derived variable
   whose compute function raised or whose result was rejected (the pass goes
   on), then `:stop`.
+
+  ### Observability (`DSPex.Bridge.Analytics`)
+
+  Analytics emits no events of its own: it consumes the events of this
+  catalogue (its moduledoc maps each to a metric type). The Rust engine
+  does not emit telemetry either: its warnings and errors reach `Logger`
+  through `DSPex.Bridge.NativeLog`, and its counters and histograms the
+  Prometheus text of `DSPex.Bridge.Analytics.prometheus_text/0`.
+
+  Every row of the tables above is checked by
+  `test/dspex/bridge/telemetry_catalogue_test.exs`, which runs a code path
+  emitting the event and checks its measurement and metadata keys: a
+  component that adds events adds their code paths in
+  `test/support/telemetry_emitters/`.
 
   ## Glossary
 
@@ -194,10 +217,10 @@ defmodule DSPex.Bridge.Telemetry do
   @doc "Handlers of the built-in dispatcher attached to `event`: `[{id, fun, config}]`."
   @spec handlers(event) :: [{term, handler, term}]
   def handlers(event) do
-    case :persistent_term.get(@handlers_key, nil) do
-      nil -> []
-      table -> Map.get(table, event, [])
-    end
+    # One persistent_term per event: a lookup is one hash of the key, not a
+    # scan of every attached event's list (which grew with Analytics'
+    # twenty-odd events and showed in the read path's profile).
+    :persistent_term.get({__MODULE__, :handlers, event}, [])
   end
 
   defp telemetry? do
@@ -235,13 +258,31 @@ defmodule DSPex.Bridge.Telemetry do
   end
 
   # Attach and detach are rare; :global.trans serialises them without a process.
+  # Mirrors the changed events of the table into their per-event terms.
+  defp publish(old_table, new_table) do
+    for event <- Enum.uniq(Map.keys(old_table) ++ Map.keys(new_table)),
+        Map.get(old_table, event) != Map.get(new_table, event) do
+      case Map.get(new_table, event, []) do
+        [] -> :persistent_term.erase({__MODULE__, :handlers, event})
+        hs -> :persistent_term.put({__MODULE__, :handlers, event}, hs)
+      end
+    end
+  end
+
   defp update_handlers(fun) do
+    # The lock id is {resource, requester}: the requester must be this
+    # process, or every caller shares one lock holder and nothing is serialised.
     :global.trans(
-      {__MODULE__, :handlers},
+      {{__MODULE__, :handlers}, self()},
       fn ->
         table = :persistent_term.get(@handlers_key, %{})
         {reply, new_table} = fun.(table)
-        if new_table != table, do: :persistent_term.put(@handlers_key, new_table)
+
+        if new_table != table do
+          :persistent_term.put(@handlers_key, new_table)
+          publish(table, new_table)
+        end
+
         reply
       end,
       [node()]

@@ -90,6 +90,10 @@ pub enum Error {
     /// `{:bad_request, reason}`
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An operation failed unexpectedly inside the engine (a bug); the
+    /// request is answered and the engine carries on. `{:internal_error, detail}`
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -120,6 +124,7 @@ impl Error {
             Error::AlreadyOptimizing(_) => "already_optimizing",
             Error::Timeout => "timeout",
             Error::BadRequest(_) => "bad_request",
+            Error::Internal(_) => "internal_error",
         }
     }
 
@@ -138,7 +143,8 @@ impl Error {
             Error::InvalidSnapshot(s)
             | Error::LockedBy(s)
             | Error::LockHeldBy(s)
-            | Error::BadRequest(s) => Some(Value::str(s)),
+            | Error::BadRequest(s)
+            | Error::Internal(s) => Some(Value::str(s)),
             _ => None,
         }
     }

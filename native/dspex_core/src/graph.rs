@@ -923,6 +923,33 @@ impl Session {
         Ok(self.dependencies().read().update_order(&names))
     }
 
+    /// The whole graph as text; only the session itself may see it.
+    pub fn render_dependencies(&self, format: Format, caller: &Caller) -> Result<String> {
+        self.owner_only(caller)?;
+        Ok(self.dependencies().read().render(format))
+    }
+
+    /// `%{edges: n, vertices: n}`; only the session itself may see it.
+    pub fn dependency_info(&self, caller: &Caller) -> Result<Value> {
+        self.owner_only(caller)?;
+        let graph = self.dependencies().read();
+        let count = |n: usize| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        Ok(Value::Map(
+            vec![
+                (Value::atom("edges"), count(graph.edge_count())),
+                (Value::atom("vertices"), count(graph.vertex_count())),
+            ]
+            .into(),
+        ))
+    }
+
+    fn owner_only(&self, caller: &Caller) -> Result<()> {
+        match caller.principal {
+            Some(p) if p != &*self.id => Err(Error::AccessDenied),
+            _ => Ok(()),
+        }
+    }
+
     /// The variable's name as registered, or `{:not_found, ident}`.
     fn dependency_name(&self, ident: &Value, caller: &Caller, perm: Permission) -> Result<Value> {
         let text = ident

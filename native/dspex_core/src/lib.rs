@@ -4,10 +4,14 @@
 //! shells over this crate.
 
 pub mod caller;
+pub mod command;
 pub mod error;
 pub mod glob;
 pub mod graph;
+pub mod histogram;
 pub mod limits;
+pub mod metrics;
+pub mod prometheus;
 pub mod session;
 pub mod snapshot;
 pub mod store;
@@ -21,6 +25,7 @@ pub mod variable;
 pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 
 pub use caller::{Caller, Permission};
+pub use command::{Answer, Command, Reply, UpdateSpec};
 pub use error::{Error, Result};
 pub use graph::{DependencyGraph, SessionGraph};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};

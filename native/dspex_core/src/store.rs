@@ -7,6 +7,7 @@ use dashmap::mapref::entry::Entry;
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
+use crate::prometheus::names;
 use crate::session::{Session, SessionOpts};
 use crate::snapshot::Snapshot;
 use crate::time::now_us;
@@ -34,6 +35,7 @@ impl Store {
     }
 
     pub fn create_session(&self, id: &str, opts: SessionOpts) -> Result<Arc<Session>> {
+        let _span = tracing::debug_span!("create_session", session_id = id).entered();
         self.limits.check_session_id(id)?;
         if opts.max_history > self.limits.max_history {
             return Err(self
@@ -48,6 +50,7 @@ impl Store {
             entry => {
                 let session = Arc::new(Session::new(id, opts, self.limits.clone()));
                 entry.insert(session.clone());
+                metrics::counter!(names::SESSIONS_CREATED).increment(1);
                 Ok(session)
             }
         }
@@ -70,10 +73,10 @@ impl Store {
     }
 
     pub fn delete_session(&self, id: &str) -> Result<()> {
-        self.sessions
-            .remove(id)
-            .map(|_| ())
-            .ok_or(Error::SessionNotFound)
+        let _span = tracing::debug_span!("delete_session", session_id = id).entered();
+        self.sessions.remove(id).ok_or(Error::SessionNotFound)?;
+        metrics::counter!(names::SESSIONS_DELETED).increment(1);
+        Ok(())
     }
 
     /// Live session ids, sorted.
@@ -99,31 +102,58 @@ impl Store {
 
     /// Removes expired sessions and returns their ids.
     pub fn sweep_expired(&self) -> Vec<Arc<str>> {
+        let _span = tracing::debug_span!("sweep_expired").entered();
         let now = now_us();
-        let expired: Vec<Arc<str>> = self
+        let candidates: Vec<Arc<str>> = self
             .sessions
             .iter()
             .filter(|s| s.is_expired(now))
             .map(|s| s.key().clone())
             .collect();
-        expired
+        let expired: Vec<Arc<str>> = candidates
             .into_iter()
             .filter(|id| {
                 self.sessions
                     .remove_if(id, |_, s| s.is_expired(now))
                     .is_some()
             })
-            .collect()
+            .collect();
+        metrics::counter!(names::SESSIONS_EXPIRED).increment(expired.len() as u64);
+        expired
     }
 
     /// A MessagePack snapshot of the whole session.
     pub fn export_session(&self, id: &str) -> Result<Vec<u8>> {
+        let _span = tracing::debug_span!("export_session", session_id = id).entered();
         let session = self.session(id)?;
-        Snapshot::of(&session).encode()
+        let bytes = Snapshot::of(&session).encode()?;
+        metrics::counter!(names::SNAPSHOT_EXPORTS).increment(1);
+        metrics::histogram!(names::SNAPSHOT_BYTES, "op" => "export").record(bytes.len() as f64);
+        Ok(bytes)
     }
 
-    /// Creates a session from a snapshot, under `new_id` if given.
+    /// Creates a session from a snapshot, under `new_id` if given. A rejected
+    /// snapshot is logged at warn level (forwarded to Elixir's Logger).
     pub fn import_session(&self, bytes: &[u8], new_id: Option<&str>) -> Result<Arc<str>> {
+        let _span = tracing::debug_span!("import_session", bytes = bytes.len()).entered();
+        let result = self.import_unobserved(bytes, new_id);
+        let outcome = match &result {
+            Ok(_) => {
+                metrics::counter!(names::SESSIONS_CREATED).increment(1);
+                metrics::histogram!(names::SNAPSHOT_BYTES, "op" => "import")
+                    .record(bytes.len() as f64);
+                "ok"
+            }
+            Err(e) => {
+                tracing::warn!(reason = %e, bytes = bytes.len(), "snapshot import rejected");
+                e.kind()
+            }
+        };
+        metrics::counter!(names::SNAPSHOT_IMPORTS, "result" => outcome).increment(1);
+        result
+    }
+
+    fn import_unobserved(&self, bytes: &[u8], new_id: Option<&str>) -> Result<Arc<str>> {
         if bytes.len() > self.limits.max_snapshot_bytes {
             return Err(Error::TooLarge(self.limits.max_snapshot_bytes));
         }

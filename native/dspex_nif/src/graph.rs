@@ -3,7 +3,7 @@
 //! Anything whose cost grows with the graph runs on a dirty CPU scheduler.
 
 use dspex_core::graph::{Direction, Format, Insert};
-use dspex_core::{Caller, Error, Value};
+use dspex_core::{Error, Value};
 use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::atoms;
@@ -28,14 +28,6 @@ fn names<'a>(env: Env<'a>, r: Result<Vec<Value>, Error>) -> Term<'a> {
             (atoms::ok(), terms).encode(env)
         }
         Err(e) => error(env, &e),
-    }
-}
-
-/// Only the session itself sees the whole graph.
-fn owner_only(session_id: &str, caller: &Caller) -> Result<(), Error> {
-    match caller.principal {
-        Some(p) if p != session_id => Err(Error::AccessDenied),
-        _ => Ok(()),
     }
 }
 
@@ -208,9 +200,8 @@ fn render<'a>(
     principal: Term<'a>,
 ) -> Term<'a> {
     let r = with_session(&store, sid, principal, |s, caller| {
-        owner_only(&s.id, caller)?;
         let format = Format::parse(&atom_text(format, "format")?)?;
-        Ok(s.dependencies().read().render(format))
+        s.render_dependencies(format, caller)
     });
     ok_or(env, r)
 }
@@ -224,18 +215,7 @@ fn info<'a>(
     principal: Term<'a>,
 ) -> Term<'a> {
     let r = with_session(&store, sid, principal, |s, caller| {
-        owner_only(&s.id, caller)?;
-        let graph = s.dependencies().read();
-        Ok(Value::Map(
-            vec![
-                (Value::atom("edges"), Value::Int(graph.edge_count() as i64)),
-                (
-                    Value::atom("vertices"),
-                    Value::Int(graph.vertex_count() as i64),
-                ),
-            ]
-            .into(),
-        ))
+        s.dependency_info(caller)
     });
     match r {
         Ok(v) => (atoms::ok(), encode_value(env, &v)).encode(env),

@@ -5,6 +5,8 @@ mod alloc;
 mod atoms;
 mod error;
 mod graph;
+mod log;
+mod metrics;
 mod store;
 mod term;
 mod variable;

@@ -1,0 +1,582 @@
+defmodule DSPex.Bridge.Backend.Port do
+  @moduledoc """
+  The out-of-process backend: the same Rust engine as `DSPex.Bridge.Backend.Native`,
+  run as its own OS process (`priv/native/dspex_port`), so nothing it does can
+  take the VM down.
+
+  This GenServer owns the Erlang port (`{:spawn_executable, _}`, `:binary`,
+  `{:packet, 4}`, `:exit_status`). Callers encode their request in their own
+  process, the server tags it with an id, writes it and remembers who asked;
+  replies come back by id, in any order, and are decoded by the caller. Many
+  requests are in flight at once, so concurrent callers share one pipe
+  without waiting for each other's round trips.
+
+      {:ok, "p1"} = DSPex.Bridge.SessionStore.create_session("p1", backend: :port)
+      {:ok, _} = DSPex.Bridge.SessionStore.register_variable("p1", :x, :integer, 1)
+
+  ## Failure
+
+  - A call that gets no answer within its timeout (default 5 s, config
+    `:port_timeout`) returns `{:error, :timeout}`; the caller never exits.
+  - When the OS process dies, every call in flight returns
+    `{:error, :backend_unavailable}` at once, the server stops and its
+    supervisor starts a fresh port program. The port's sessions lived in that
+    process and are gone; sessions of the NIF backend are untouched. Calls
+    made while it restarts return `{:error, :backend_unavailable}`.
+  - Bad frames never reach the program from here; the program answers those
+    it gets from elsewhere with `{:error, {:bad_request, _}}` and carries on.
+
+  ## Configuration
+
+      config :dspex_bridge,
+        port_timeout: 5_000,               # per call, milliseconds
+        port: [max_frame_bytes: 64 * 1024 * 1024, workers: 2]
+
+  The store limits (`config :dspex_bridge, limits: ...`) apply to both
+  backends. Telemetry: `[:dspex, :bridge, :port, :started | :exited]`.
+
+  ## Wire format
+
+  Each frame is one MessagePack message (`DSPex.Bridge.MsgPack`): requests
+  `[id, %{command => [args]}]`, replies `[id, result]` where `result` is the
+  term this module returns. Commands and their arguments are defined once, in
+  `native/dspex_core/src/command.rs`.
+  """
+  use GenServer
+  @behaviour DSPex.Bridge.Backend
+
+  require Logger
+
+  alias DSPex.Bridge.{MsgPack, Telemetry}
+
+  @sessions __MODULE__.Sessions
+  @limit_flags [
+    max_value_bytes: "--max-value-bytes",
+    max_name_bytes: "--max-name-bytes",
+    max_variables: "--max-variables",
+    max_history: "--max-history",
+    max_snapshot_bytes: "--max-snapshot-bytes"
+  ]
+
+  ## Lifecycle
+
+  @doc """
+  Starts the server and the port program. Options (defaults from the
+  `:port` config): `max_frame_bytes:`, `workers:`, `limits:`, `name:`.
+  """
+  @spec start_link(keyword) :: GenServer.on_start()
+  def start_link(opts \\ []) do
+    GenServer.start_link(__MODULE__, opts, name: Keyword.get(opts, :name, __MODULE__))
+  end
+
+  @doc "A child spec for a supervisor that restarts the server when the program dies."
+  @spec child_spec(keyword) :: Supervisor.child_spec()
+  def child_spec(opts) do
+    %{id: __MODULE__, start: {__MODULE__, :start_link, [opts]}, restart: :permanent}
+  end
+
+  @doc "The path of the port program."
+  @spec executable() :: Path.t()
+  def executable, do: Path.join(:code.priv_dir(:dspex_bridge), "native/dspex_port")
+
+  @doc "The OS pid of the running port program, or `nil`."
+  @spec os_pid() :: non_neg_integer | nil
+  def os_pid do
+    GenServer.call(__MODULE__, :os_pid)
+  catch
+    :exit, _ -> nil
+  end
+
+  @doc "True if `sid` is a session of the port backend (one `:ets` lookup)."
+  @spec owns?(String.t()) :: boolean
+  def owns?(sid) do
+    :ets.member(@sessions, sid)
+  rescue
+    # No table: the server is (re)starting and owns nothing yet.
+    ArgumentError -> false
+  end
+
+  @doc """
+  Sends one command and waits for its result: `:ok`, `{:ok, value}` or
+  `{:error, reason}`. `args` are encoded in the order the command declares
+  them (`command.rs`); trailing optional ones may be left off.
+
+      DSPex.Bridge.Backend.Port.request("session_list", [])
+      #=> {:ok, ["p1"]}
+  """
+  @spec request(String.t(), [term], timeout) :: term
+  def request(command, args, timeout \\ default_timeout()) do
+    send_command(command, Enum.map(args, &MsgPack.encode!/1), timeout)
+  catch
+    {:invalid_value, _} = reason -> {:error, reason}
+  end
+
+  ## Backend callbacks
+
+  @impl DSPex.Bridge.Backend
+  def create_session(sid, opts) do
+    with :ok <- check_sid(sid),
+         :ok <- claim(sid) do
+      result =
+        call("session_create", fn ->
+          [
+            str(sid),
+            opt_int(opts[:ttl_ms], :bad_ttl),
+            opt_int(opts[:max_history], :bad_max_history),
+            MsgPack.encode!(opts[:metadata])
+          ]
+        end)
+
+      if result != :ok, do: release(sid)
+      result
+    end
+  end
+
+  @impl DSPex.Bridge.Backend
+  def session_info(sid), do: call("session_info", fn -> [sid!(sid)] end)
+
+  @doc "Heap bytes held by one session's variables."
+  @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
+  def session_memory(sid), do: call("session_memory", fn -> [sid!(sid)] end)
+
+  @impl DSPex.Bridge.Backend
+  def delete_session(sid) do
+    with :ok <- call("session_delete", fn -> [sid!(sid)] end) do
+      release(sid)
+    end
+  end
+
+  @impl DSPex.Bridge.Backend
+  def list_sessions do
+    case call("session_list", fn -> [] end) do
+      {:ok, ids} -> ids
+      {:error, _} -> []
+    end
+  end
+
+  @impl DSPex.Bridge.Backend
+  def sweep_expired do
+    case call("session_sweep", fn -> [] end) do
+      {:ok, ids} ->
+        Enum.each(ids, &release/1)
+        ids
+
+      {:error, _} ->
+        []
+    end
+  end
+
+  @impl DSPex.Bridge.Backend
+  def export_session(sid), do: call("session_export", fn -> [sid!(sid)] end)
+
+  @impl DSPex.Bridge.Backend
+  def import_session(snapshot, new_id) when is_binary(snapshot) do
+    with :ok <- if(new_id, do: check_sid(new_id), else: :ok),
+         :ok <- if(new_id, do: claim(new_id), else: :ok) do
+      case call("session_import", fn -> [MsgPack.encode!(snapshot), opt_sid(new_id)] end) do
+        {:ok, sid} = ok ->
+          :ets.insert(@sessions, {sid})
+          ok
+
+        error ->
+          if new_id, do: release(new_id)
+          error
+      end
+    end
+  end
+
+  def import_session(_snapshot, _new_id), do: {:error, {:invalid_snapshot, "expected a binary"}}
+
+  @impl DSPex.Bridge.Backend
+  def register_variable(sid, name, type, initial, opts, principal) do
+    call("var_register", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode!(name),
+        type!(type),
+        MsgPack.encode!(initial),
+        MsgPack.encode!(opts[:constraints]),
+        MsgPack.encode!(opts[:metadata]),
+        description!(opts[:description]),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def get_variable(sid, ident, principal) do
+    call("var_get", fn -> [sid!(sid), MsgPack.encode_ident!(ident), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def get_value(sid, ident, principal) do
+    call("var_get_value", fn ->
+      [sid!(sid), MsgPack.encode_ident!(ident), principal!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def set_value(sid, ident, value, metadata, expected, principal) do
+    call("var_set", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode_ident!(ident),
+        MsgPack.encode!(value),
+        MsgPack.encode!(metadata),
+        expected!(expected),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def set_values(sid, updates, atomic, principal) when is_list(updates) do
+    call("var_set_many", fn ->
+      [
+        sid!(sid),
+        [MsgPack.array_header(length(updates)) | Enum.map(updates, &update!/1)],
+        MsgPack.encode!(atomic == true),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  def set_values(_sid, _updates, _atomic, _principal),
+    do: {:error, {:invalid_argument, :updates_must_be_a_list}}
+
+  @impl DSPex.Bridge.Backend
+  def history(sid, ident, limit, principal) do
+    call("var_history", fn ->
+      [sid!(sid), MsgPack.encode_ident!(ident), limit!(limit), principal!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def rollback(sid, ident, version, principal) when is_integer(version) and version >= 0 do
+    call("var_rollback", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode_ident!(ident),
+        MsgPack.uint(version),
+        MsgPack.encode!(nil),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  def rollback(_sid, _ident, _version, _principal), do: {:error, :version_not_found}
+
+  @impl DSPex.Bridge.Backend
+  def delete_variable(sid, ident, principal) do
+    call("var_delete", fn -> [sid!(sid), MsgPack.encode_ident!(ident), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def list_variables(sid, pattern, principal) do
+    call("var_list", fn -> [sid!(sid), pattern!(pattern), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def variable_names(sid, pattern, principal) do
+    call("var_names", fn -> [sid!(sid), pattern!(pattern), principal!(principal)] end)
+  end
+
+  # Dependency graph (DSPex.Bridge.DependencyManager). Idents go through
+  # `encode!/1`, so `nil` and booleans are refused as names, as the NIF does.
+
+  @impl DSPex.Bridge.Backend
+  def graph_add_edge(sid, from, to, type, principal) do
+    call("graph_add_edge", fn ->
+      [sid!(sid), MsgPack.encode!(from), MsgPack.encode!(to), type!(type), principal!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_remove_edge(sid, from, to, principal) do
+    call("graph_remove_edge", fn ->
+      [sid!(sid), MsgPack.encode!(from), MsgPack.encode!(to), principal!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_clear(sid, var, principal) do
+    call("graph_clear", fn -> [sid!(sid), MsgPack.encode!(var), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_dependencies(sid, var, transitive, principal) do
+    call("graph_dependencies", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode!(var),
+        MsgPack.encode!(transitive == true),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_dependents(sid, var, transitive, principal) do
+    call("graph_dependents", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode!(var),
+        MsgPack.encode!(transitive == true),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_update_order(sid, changed, principal) when is_list(changed) do
+    call("graph_update_order", fn ->
+      [
+        sid!(sid),
+        [MsgPack.array_header(length(changed)) | Enum.map(changed, &MsgPack.encode!/1)],
+        principal!(principal)
+      ]
+    end)
+  end
+
+  def graph_update_order(_sid, _changed, _principal),
+    do: {:error, {:invalid_argument, :expected_a_list}}
+
+  @impl DSPex.Bridge.Backend
+  def graph_render(sid, format, principal) do
+    call("graph_render", fn -> [sid!(sid), type!(format), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_info(sid, principal) do
+    call("graph_info", fn -> [sid!(sid), principal!(principal)] end)
+  end
+
+  ## Requests (in the caller's process)
+
+  defp default_timeout, do: Application.get_env(:dspex_bridge, :port_timeout, 5_000)
+
+  # Encodes the arguments, turning a refused argument into the error the
+  # NIF gives for it, then sends.
+  defp call(command, args_fun) do
+    send_command(command, args_fun.(), default_timeout())
+  catch
+    {:invalid_value, _} = reason -> {:error, reason}
+    {:invalid_argument, _} = reason -> {:error, reason}
+  end
+
+  defp send_command(command, args, timeout) do
+    frame = [0x81, str(command), MsgPack.array_header(length(args)) | args]
+
+    case GenServer.call(__MODULE__, {:request, frame}, timeout) do
+      {:reply, bytes} ->
+        case MsgPack.decode(bytes) do
+          {:ok, result} -> result
+          {:error, _} -> {:error, {:internal_error, "undecodable reply"}}
+        end
+
+      {:error, _} = error ->
+        error
+    end
+  catch
+    :exit, {:timeout, _} -> {:error, :timeout}
+    :exit, _ -> {:error, :backend_unavailable}
+  end
+
+  defp str(s), do: MsgPack.encode!(s)
+
+  defp check_sid(sid) when is_binary(sid) do
+    if String.valid?(sid), do: :ok, else: {:error, {:invalid_argument, :bad_session_id}}
+  end
+
+  defp check_sid(_), do: {:error, {:invalid_argument, :bad_session_id}}
+
+  defp sid!(sid) do
+    case check_sid(sid) do
+      :ok -> str(sid)
+      {:error, reason} -> throw(reason)
+    end
+  end
+
+  defp opt_sid(nil), do: <<0xC0>>
+  defp opt_sid(sid), do: sid!(sid)
+
+  defp opt_int(nil, _), do: <<0xC0>>
+  defp opt_int(n, _) when is_integer(n), do: MsgPack.encode!(n)
+  defp opt_int(_, reason), do: throw({:invalid_argument, reason})
+
+  defp principal!(nil), do: <<0xC0>>
+
+  defp principal!(p) when is_binary(p) do
+    if String.valid?(p), do: str(p), else: throw({:invalid_argument, :bad_principal})
+  end
+
+  defp principal!(_), do: throw({:invalid_argument, :bad_principal})
+
+  defp expected!(nil), do: <<0xC0>>
+  defp expected!(n) when is_integer(n) and n >= 0, do: MsgPack.uint(n)
+  defp expected!(_), do: throw({:invalid_argument, :expected_non_negative_integer})
+
+  defp limit!(n) when is_integer(n) and n >= 0, do: MsgPack.uint(n)
+  defp limit!(_), do: throw({:invalid_argument, :bad_limit})
+
+  defp type!(type) when is_atom(type), do: MsgPack.encode_ident!(type)
+  defp type!(_), do: throw({:invalid_argument, :type_must_be_an_atom})
+
+  defp description!(nil), do: <<0xC0>>
+  defp description!(d) when is_binary(d), do: str(d)
+  defp description!(_), do: throw({:invalid_argument, :description_must_be_a_string})
+
+  defp pattern!(nil), do: <<0xC0>>
+  defp pattern!(p) when is_binary(p), do: str(p)
+  defp pattern!(_), do: throw({:invalid_argument, :pattern_must_be_a_string})
+
+  defp update!({ident, value, metadata, expected}) do
+    [
+      0x94,
+      MsgPack.encode_ident!(ident),
+      MsgPack.encode!(value),
+      MsgPack.encode!(metadata),
+      expected!(expected)
+    ]
+  end
+
+  defp update!(_), do: throw({:invalid_argument, :bad_update})
+
+  # Session ownership: the table lists the port's sessions, so a caller that
+  # missed a session in the NIF store learns in one lookup whether to ask
+  # here. An id is claimed before it is created, so a concurrent create of
+  # the same id in the other backend sees it (see Backend.Router).
+  defp claim(sid) do
+    if :ets.insert_new(@sessions, {sid}), do: :ok, else: {:error, :already_exists}
+  rescue
+    ArgumentError -> {:error, :backend_unavailable}
+  end
+
+  defp release(sid) do
+    :ets.delete(@sessions, sid)
+    :ok
+  rescue
+    ArgumentError -> :ok
+  end
+
+  ## Server
+
+  @impl GenServer
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    config = Keyword.merge(Application.get_env(:dspex_bridge, :port, []), opts)
+    :ets.new(@sessions, [:named_table, :public, :set, read_concurrency: true])
+    path = executable()
+
+    if File.exists?(path) do
+      port =
+        Port.open({:spawn_executable, path}, [
+          :binary,
+          {:packet, 4},
+          :exit_status,
+          args: args(config)
+        ])
+
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+
+      Telemetry.execute(
+        [:dspex, :bridge, :port, :started],
+        %{system_time: System.system_time()},
+        %{os_pid: os_pid}
+      )
+
+      {:ok, %{port: port, os_pid: os_pid, next_id: 1, pending: %{}}}
+    else
+      Logger.warning("dspex_bridge: #{path} is missing; the port backend is not started")
+      :ignore
+    end
+  end
+
+  defp args(config) do
+    limits = Keyword.get(config, :limits) || Application.get_env(:dspex_bridge, :limits, %{})
+
+    limit_args =
+      for {key, flag} <- @limit_flags,
+          n = limits[key],
+          is_integer(n),
+          n > 0,
+          do: [flag, Integer.to_string(n)]
+
+    frame_args =
+      for {key, flag} <- [max_frame_bytes: "--max-frame-bytes", workers: "--workers"],
+          n = config[key],
+          is_integer(n),
+          n > 0,
+          do: [flag, Integer.to_string(n)]
+
+    List.flatten([frame_args, limit_args])
+  end
+
+  @impl GenServer
+  def handle_call({:request, frame}, from, %{port: port, next_id: id} = state) do
+    Port.command(port, [0x92, MsgPack.uint(id) | frame])
+    {:noreply, %{state | next_id: id + 1, pending: Map.put(state.pending, id, from)}}
+  rescue
+    ArgumentError -> {:reply, {:error, :backend_unavailable}, state}
+  end
+
+  def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
+
+  @impl GenServer
+  def handle_info({port, {:data, <<0x92, reply::binary>>}}, %{port: port} = state) do
+    case MsgPack.decode_prefix(reply) do
+      {:ok, id, result} when is_integer(id) ->
+        case :maps.take(id, state.pending) do
+          {from, pending} ->
+            GenServer.reply(from, {:reply, result})
+            {:noreply, %{state | pending: pending}}
+
+          :error ->
+            {:noreply, state}
+        end
+
+      _ ->
+        Logger.warning("dspex_bridge: port reply without a request id: #{inspect(reply)}")
+        {:noreply, state}
+    end
+  end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    fail_pending(state)
+
+    Telemetry.execute(
+      [:dspex, :bridge, :port, :exited],
+      %{system_time: System.system_time(), in_flight: map_size(state.pending)},
+      %{os_pid: state.os_pid, status: status}
+    )
+
+    {:stop, {:shutdown, {:port_exited, status}}, %{state | pending: %{}, port: nil}}
+  end
+
+  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
+    fail_pending(state)
+    {:stop, {:shutdown, :port_closed}, %{state | pending: %{}, port: nil}}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @impl GenServer
+  def terminate(_reason, state) do
+    fail_pending(state)
+
+    if is_port(state.port) do
+      # The program sees end of input and exits on its own.
+      try do
+        Port.close(state.port)
+      rescue
+        ArgumentError -> :ok
+      end
+    end
+
+    :ok
+  end
+
+  defp fail_pending(%{pending: pending}) do
+    Enum.each(pending, fn {_id, from} -> GenServer.reply(from, {:error, :backend_unavailable}) end)
+  end
+end

@@ -1,0 +1,359 @@
+defmodule DSPex.Bridge.Backend.Router do
+  @moduledoc """
+  The backend `DSPex.Bridge.SessionStore` talks to: it serves every session
+  from the backend that holds it, `DSPex.Bridge.Backend.Native` (the NIF) or
+  `DSPex.Bridge.Backend.Port` (the port program).
+
+  Which backend a new session goes to: `create_session(id, backend: :port)`
+  (or `:nif`), else `config :dspex_bridge, backend: :nif | :port` (default
+  `:nif`). Everything after creation has the same API and return shapes.
+
+  ## Routing without a lookup on the NIF path
+
+  A session-scoped call goes to the NIF first. If the NIF store has the
+  session, that is the answer: no table, no message, nothing added to the
+  hot path. Only when the NIF answers `{:error, :session_not_found}` does the
+  router check, with one `:ets` lookup (`Backend.Port.owns?/1`), whether the
+  port holds the session, and if so asks it. A session lives in exactly one
+  backend: each create (or import) publishes the new id in its own backend
+  first and then checks the other, so of two racing creates of one id at
+  least one sees the other and gives up with `{:error, :already_exists}`.
+  """
+  @behaviour DSPex.Bridge.Backend
+
+  alias DSPex.Bridge.Backend.{Native, Port}
+
+  @typedoc "Where a session lives."
+  @type kind :: :nif | :port
+
+  @doc "The backend new sessions go to unless told otherwise."
+  @spec default_kind() :: kind
+  def default_kind, do: Application.get_env(:dspex_bridge, :backend, :nif)
+
+  @doc "The backend holding `sid`, or `nil` if neither does."
+  @spec kind_of(String.t()) :: kind | nil
+  def kind_of(sid) do
+    cond do
+      match?({:ok, _}, Native.session_info(sid)) -> :nif
+      is_binary(sid) and Port.owns?(sid) -> :port
+      true -> nil
+    end
+  end
+
+  @doc false
+  def module(:nif), do: Native
+  def module(:port), do: Port
+
+  @doc """
+  Creates a session in backend `kind` (`nil` for the default).
+  `{:error, {:invalid_argument, {:backend, other}}}` for an unknown kind.
+  """
+  @spec create_session(String.t(), map, kind | nil) :: :ok | {:error, term}
+  def create_session(sid, opts, kind) do
+    case kind || default_kind() do
+      :nif -> exclusive(Native, Port, sid, &Native.create_session(&1, opts))
+      :port -> exclusive(Port, Native, sid, &Port.create_session(&1, opts))
+      other -> {:error, {:invalid_argument, {:backend, other}}}
+    end
+  end
+
+  @doc "Imports a snapshot into backend `kind` (`nil` for the default)."
+  @spec import_session(binary, String.t() | nil, kind | nil) :: {:ok, String.t()} | {:error, term}
+  def import_session(snapshot, new_id, kind) do
+    case kind || default_kind() do
+      :nif -> exclusive_import(Native, Port, snapshot, new_id)
+      :port -> exclusive_import(Port, Native, snapshot, new_id)
+      other -> {:error, {:invalid_argument, {:backend, other}}}
+    end
+  end
+
+  # Publish in `mine`, then look in `other`: undo if `other` has it too.
+  defp exclusive(mine, other, sid, create) do
+    with :ok <- create.(sid) do
+      if held_by?(other, sid) do
+        mine.delete_session(sid)
+        {:error, :already_exists}
+      else
+        :ok
+      end
+    end
+  end
+
+  defp exclusive_import(mine, other, snapshot, new_id) do
+    with {:ok, sid} <- mine.import_session(snapshot, new_id) do
+      if held_by?(other, sid) do
+        mine.delete_session(sid)
+        {:error, :already_exists}
+      else
+        {:ok, sid}
+      end
+    end
+  end
+
+  defp held_by?(Native, sid), do: match?({:ok, _}, Native.session_info(sid))
+  defp held_by?(Port, sid), do: Port.owns?(sid)
+
+  # The port, for a session the NIF store does not have and the port owns.
+  defp on_port(miss, sid, call) do
+    if is_binary(sid) and Port.owns?(sid), do: call.(), else: miss
+  end
+
+  @impl true
+  def create_session(sid, opts) do
+    {kind, opts} = Map.pop(opts, :backend)
+    create_session(sid, opts, kind)
+  end
+
+  @impl true
+  def import_session(snapshot, new_id), do: import_session(snapshot, new_id, nil)
+
+  @impl true
+  def list_sessions, do: Enum.sort(Native.list_sessions() ++ Port.list_sessions())
+
+  @impl true
+  def sweep_expired, do: Native.sweep_expired() ++ Port.sweep_expired()
+
+  @impl true
+  def session_info(sid) do
+    case Native.session_info(sid) do
+      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.session_info(sid) end)
+      result -> result
+    end
+  end
+
+  @doc "Heap bytes held by one session's variables, in whichever backend."
+  @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
+  def session_memory(sid) do
+    case Native.session_memory(sid) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.session_memory(sid) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def delete_session(sid) do
+    case Native.delete_session(sid) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.delete_session(sid) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def export_session(sid) do
+    case Native.export_session(sid) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.export_session(sid) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def register_variable(sid, name, type, initial, opts, principal) do
+    case Native.register_variable(sid, name, type, initial, opts, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn ->
+          Port.register_variable(sid, name, type, initial, opts, principal)
+        end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def get_variable(sid, ident, principal) do
+    case Native.get_variable(sid, ident, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.get_variable(sid, ident, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def get_value(sid, ident, principal) do
+    case Native.get_value(sid, ident, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.get_value(sid, ident, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def set_value(sid, ident, value, metadata, expected, principal) do
+    case Native.set_value(sid, ident, value, metadata, expected, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn ->
+          Port.set_value(sid, ident, value, metadata, expected, principal)
+        end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def set_values(sid, updates, atomic, principal) do
+    case Native.set_values(sid, updates, atomic, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.set_values(sid, updates, atomic, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def history(sid, ident, limit, principal) do
+    case Native.history(sid, ident, limit, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.history(sid, ident, limit, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def rollback(sid, ident, version, principal) do
+    case Native.rollback(sid, ident, version, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.rollback(sid, ident, version, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def delete_variable(sid, ident, principal) do
+    case Native.delete_variable(sid, ident, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.delete_variable(sid, ident, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def list_variables(sid, pattern, principal) do
+    case Native.list_variables(sid, pattern, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.list_variables(sid, pattern, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def variable_names(sid, pattern, principal) do
+    case Native.variable_names(sid, pattern, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.variable_names(sid, pattern, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_add_edge(sid, from, to, type, principal) do
+    case Native.graph_add_edge(sid, from, to, type, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_add_edge(sid, from, to, type, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_remove_edge(sid, from, to, principal) do
+    case Native.graph_remove_edge(sid, from, to, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_remove_edge(sid, from, to, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_clear(sid, var, principal) do
+    case Native.graph_clear(sid, var, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_clear(sid, var, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_dependencies(sid, var, transitive, principal) do
+    case Native.graph_dependencies(sid, var, transitive, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_dependencies(sid, var, transitive, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_dependents(sid, var, transitive, principal) do
+    case Native.graph_dependents(sid, var, transitive, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_dependents(sid, var, transitive, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_update_order(sid, changed, principal) do
+    case Native.graph_update_order(sid, changed, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_update_order(sid, changed, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_render(sid, format, principal) do
+    case Native.graph_render(sid, format, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_render(sid, format, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_info(sid, principal) do
+    case Native.graph_info(sid, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_info(sid, principal) end)
+
+      result ->
+        result
+    end
+  end
+end

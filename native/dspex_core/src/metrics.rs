@@ -1,0 +1,815 @@
+//! Time-bucketed metric storage: what `DSPex.Bridge.Analytics` records into.
+//!
+//! A metric is a named stream of `f64` samples. Samples are not kept: each
+//! lands in the bucket of its time (width `bucket_us`), which holds an exact
+//! [`Summary`] (count, sum, min, max) and a log-linear histogram
+//! ([`crate::histogram`]). A query over `[from, to]` merges the buckets that
+//! overlap the range and answers avg, sum, min, max, count and any quantile.
+//! Memory depends on the number of metrics and the retention, never on the
+//! event rate.
+//!
+//! Layout, from hot to cold:
+//! - **shards**: each recording thread is pinned to one of a few
+//!   cache-padded shards, each holding the *open* bucket of every metric the
+//!   thread records into (a dense histogram: recording is a mutex nobody else
+//!   usually holds, a hash lookup and two increments);
+//! - **fine ring**: when a shard's open bucket falls behind the clock it is
+//!   closed (its cells made sparse) and merged into the metric's fine ring,
+//!   sorted by time;
+//! - **coarse ring**: fine buckets older than `fine_window_us` are merged into
+//!   buckets of `coarse_bucket_us`, and anything older than `retention_us` is
+//!   dropped. So a day of retention at 1 s resolution for the last minutes
+//!   costs about `fine_window / bucket + retention / coarse_bucket` buckets.
+//!
+//! Invariants (checked by the tests below):
+//! - no sample is lost or counted twice: counts and sums over any range that
+//!   covers whole buckets are exact, whichever threads recorded and whenever
+//!   buckets were closed or compacted;
+//! - quantiles are within [`RELATIVE_ERROR`] of the sorted reference;
+//! - every bucket kept overlaps `[now - retention_us, +inf)`; samples older
+//!   than that are dropped on arrival and counted in `late_samples`;
+//! - buckets in a ring are sorted by start and have distinct starts;
+//! - the number of metrics is bounded by `max_metrics`; bad names and
+//!   non-finite values are errors, never panics.
+//!
+//! Lock order: a shard, then a series. Queries take every shard (in index
+//! order) before the series, so a bucket moving from a shard to the ring is
+//! seen exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+use parking_lot::{Mutex, MutexGuard};
+
+pub use crate::histogram::RELATIVE_ERROR;
+use crate::histogram::{cell_of, DenseCells, SparseCells, Summary};
+
+use crate::error::{Error, Result};
+use crate::value::Value;
+
+/// Sizes and horizons of a [`Metrics`] store, all in microseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsConfig {
+    /// Width of a fine bucket: the time resolution of recent queries.
+    pub bucket_us: i64,
+    /// How long samples are kept.
+    pub retention_us: i64,
+    /// How long buckets keep their fine resolution before being compacted.
+    pub fine_window_us: i64,
+    /// Width of a compacted bucket (a multiple of `bucket_us`).
+    pub coarse_bucket_us: i64,
+    /// How many distinct metric names may exist.
+    pub max_metrics: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig::new(1_000_000, 86_400_000_000)
+    }
+}
+
+const MAX_NAME_BYTES: usize = 255;
+
+impl MetricsConfig {
+    /// A configuration with fine buckets of `bucket_us` kept for
+    /// `retention_us`; fine resolution lasts 15 minutes (at least 60 buckets),
+    /// then buckets are compacted to a minute (at least 60 fine buckets).
+    pub fn new(bucket_us: i64, retention_us: i64) -> Self {
+        let bucket_us = bucket_us.max(1);
+        MetricsConfig {
+            bucket_us,
+            retention_us: retention_us.max(bucket_us),
+            fine_window_us: (15 * 60 * 1_000_000i64).max(bucket_us.saturating_mul(60)),
+            coarse_bucket_us: bucket_us.saturating_mul((60_000_000 / bucket_us).max(60)),
+            max_metrics: 1024,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = self.bucket_us > 0
+            && self.retention_us >= self.bucket_us
+            && self.fine_window_us >= self.bucket_us
+            && self.coarse_bucket_us >= self.bucket_us
+            && self.coarse_bucket_us % self.bucket_us == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid_arg("bad_metrics_config"))
+        }
+    }
+}
+
+/// What a query computes over the merged buckets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Aggregation {
+    Avg,
+    Sum,
+    Min,
+    Max,
+    Count,
+    /// The nearest-rank quantile, `0 < q <= 1` (`p95` is `Quantile(0.95)`).
+    Quantile(f64),
+}
+
+/// The merge of every bucket overlapping a range.
+#[derive(Clone, Debug, Default)]
+pub struct Merged {
+    pub summary: Summary,
+    pub cells: DenseCells,
+}
+
+impl Merged {
+    /// The aggregate; `None` when no sample fell in the range (a count is 0).
+    pub fn get(&self, agg: Aggregation) -> Option<f64> {
+        let s = &self.summary;
+        match agg {
+            Aggregation::Count => Some(s.count as f64),
+            _ if s.count == 0 => None,
+            Aggregation::Avg => s.avg(),
+            Aggregation::Sum => Some(s.sum),
+            Aggregation::Min => Some(s.min),
+            Aggregation::Max => Some(s.max),
+            Aggregation::Quantile(q) => self.cells.quantile(q, s),
+        }
+    }
+
+    fn add_open(&mut self, b: &OpenBucket) {
+        self.summary.merge(&b.summary);
+        self.cells.merge_dense(&b.cells);
+    }
+
+    fn add_closed(&mut self, b: &ClosedBucket) {
+        self.summary.merge(&b.summary);
+        self.cells.merge_sparse(&b.cells);
+    }
+}
+
+/// One bucket of a time series, as returned by [`Metrics::buckets`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct BucketView {
+    pub start_us: i64,
+    pub width_us: i64,
+    pub summary: Summary,
+}
+
+/// Counters describing the store itself.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricsStats {
+    pub metrics: usize,
+    pub buckets: usize,
+    pub bytes: usize,
+    pub late_samples: u64,
+}
+
+#[derive(Clone, Debug)]
+struct OpenBucket {
+    start: i64,
+    summary: Summary,
+    cells: DenseCells,
+}
+
+impl OpenBucket {
+    fn new(start: i64) -> Self {
+        OpenBucket {
+            start,
+            summary: Summary::default(),
+            cells: DenseCells::default(),
+        }
+    }
+
+    #[inline]
+    fn record(&mut self, v: f64) {
+        self.summary.record(v);
+        self.cells.record(cell_of(v));
+    }
+
+    fn close(&self, width: i64) -> ClosedBucket {
+        ClosedBucket {
+            start: self.start,
+            width,
+            summary: self.summary,
+            cells: self.cells.to_sparse(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ClosedBucket {
+    start: i64,
+    width: i64,
+    summary: Summary,
+    cells: SparseCells,
+}
+
+impl ClosedBucket {
+    fn merge(&mut self, other: &ClosedBucket) {
+        self.summary.merge(&other.summary);
+        self.cells = self.cells.merge(&other.cells);
+    }
+
+    fn end(&self) -> i64 {
+        self.start.saturating_add(self.width)
+    }
+
+    fn overlaps(&self, from: i64, to: i64) -> bool {
+        self.start <= to && self.end() > from
+    }
+}
+
+/// The closed buckets of one metric, plus its lifetime totals.
+#[derive(Default)]
+struct Series {
+    fine: VecDeque<ClosedBucket>,
+    coarse: VecDeque<ClosedBucket>,
+    /// Every sample ever closed into this series (for Prometheus counters).
+    total: Summary,
+}
+
+impl Series {
+    /// Inserts a closed bucket at its place, merging with an equal start.
+    fn insert(ring: &mut VecDeque<ClosedBucket>, bucket: ClosedBucket) {
+        match ring.binary_search_by_key(&bucket.start, |b| b.start) {
+            Ok(at) => ring[at].merge(&bucket),
+            Err(at) => ring.insert(at, bucket),
+        }
+    }
+
+    fn push(&mut self, bucket: ClosedBucket, cfg: &MetricsConfig, now: i64) {
+        self.total.merge(&bucket.summary);
+        Self::insert(&mut self.fine, bucket);
+        self.maintain(cfg, now);
+    }
+
+    /// Compacts fine buckets past the fine window and drops expired ones.
+    fn maintain(&mut self, cfg: &MetricsConfig, now: i64) {
+        let fine_cutoff = now.saturating_sub(cfg.fine_window_us);
+        let keep_from = now.saturating_sub(cfg.retention_us);
+        while self.fine.front().is_some_and(|b| b.end() <= fine_cutoff) {
+            let Some(b) = self.fine.pop_front() else {
+                break;
+            };
+            if b.end() <= keep_from {
+                continue;
+            }
+            let start = b
+                .start
+                .div_euclid(cfg.coarse_bucket_us)
+                .saturating_mul(cfg.coarse_bucket_us);
+            let coarse = ClosedBucket {
+                start,
+                width: cfg.coarse_bucket_us,
+                ..b
+            };
+            Self::insert(&mut self.coarse, coarse);
+        }
+        while self.coarse.front().is_some_and(|b| b.end() <= keep_from) {
+            self.coarse.pop_front();
+        }
+        while self.fine.front().is_some_and(|b| b.end() <= keep_from) {
+            self.fine.pop_front();
+        }
+    }
+
+    fn buckets(&self) -> impl Iterator<Item = &ClosedBucket> {
+        self.coarse.iter().chain(self.fine.iter())
+    }
+}
+
+type SeriesCell = Arc<Mutex<Series>>;
+
+/// A shard's view of one metric: its series and the bucket being written.
+struct ShardEntry {
+    series: SeriesCell,
+    open: Option<OpenBucket>,
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<Box<str>, ShardEntry, ahash::RandomState>,
+}
+
+/// The store: every metric's buckets. Shared by all threads (`Sync`).
+pub struct Metrics {
+    config: MetricsConfig,
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    registry: Mutex<HashMap<Box<str>, SeriesCell>>,
+    late_samples: AtomicU64,
+}
+
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Assigned round-robin on a thread's first record, so the schedulers of
+    /// a VM spread over distinct shards.
+    static THREAD_SLOT: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn new(config: MetricsConfig) -> Result<Self> {
+        config.validate()?;
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(4)
+            .clamp(4, 64)
+            .next_power_of_two();
+        Ok(Metrics {
+            config,
+            shards: (0..n).map(|_| CachePadded::new(Mutex::default())).collect(),
+            registry: Mutex::default(),
+            late_samples: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &MetricsConfig {
+        &self.config
+    }
+
+    fn bucket_start(&self, t: i64) -> i64 {
+        t.div_euclid(self.config.bucket_us)
+            .saturating_mul(self.config.bucket_us)
+    }
+
+    fn check_name(name: &str) -> Result<()> {
+        if name.is_empty() || name.len() > MAX_NAME_BYTES {
+            return Err(Error::invalid_arg("bad_metric_name"));
+        }
+        Ok(())
+    }
+
+    /// Records a sample taken now.
+    pub fn record(&self, name: &str, value: f64) -> Result<()> {
+        self.record_at(name, value, crate::time::now_us())
+    }
+
+    /// Records a sample taken at `t_us` (µs since the Unix epoch).
+    pub fn record_at(&self, name: &str, value: f64, t_us: i64) -> Result<()> {
+        if !value.is_finite() {
+            return Err(Error::InvalidArgument(Value::tagged(
+                "not_a_finite_number",
+                Value::Float(value),
+            )));
+        }
+        let slot = THREAD_SLOT.with(|s| *s) & (self.shards.len() - 1);
+        let mut shard = self.shards[slot].lock();
+        let entry = match shard.entries.get_mut(name) {
+            Some(e) => e,
+            None => {
+                let series = self.series_cell(name)?;
+                shard
+                    .entries
+                    .entry(name.into())
+                    .or_insert(ShardEntry { series, open: None })
+            }
+        };
+        let start = self.bucket_start(t_us);
+        match &mut entry.open {
+            Some(open) if open.start == start => open.record(value),
+            Some(open) if open.start > start => {
+                // Older than the bucket this thread writes: rare (clock
+                // readings raced), so it goes to the ring directly.
+                if start.saturating_add(self.config.retention_us) <= open.start {
+                    self.late_samples.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                let mut b = OpenBucket::new(start);
+                b.record(value);
+                let closed = b.close(self.config.bucket_us);
+                entry.series.lock().push(closed, &self.config, open.start);
+            }
+            slot => {
+                let mut b = OpenBucket::new(start);
+                b.record(value);
+                if let Some(old) = slot.replace(b) {
+                    let closed = old.close(self.config.bucket_us);
+                    entry.series.lock().push(closed, &self.config, t_us);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The series of `name`, created if the registry has room.
+    fn series_cell(&self, name: &str) -> Result<SeriesCell> {
+        Self::check_name(name)?;
+        let mut registry = self.registry.lock();
+        if let Some(s) = registry.get(name) {
+            return Ok(s.clone());
+        }
+        if registry.len() >= self.config.max_metrics {
+            return Err(Error::InvalidArgument(Value::tagged(
+                "too_many_metrics",
+                Value::Int(self.config.max_metrics as i64),
+            )));
+        }
+        let cell = SeriesCell::default();
+        registry.insert(name.into(), cell.clone());
+        Ok(cell)
+    }
+
+    fn lock_shards(&self) -> Vec<MutexGuard<'_, Shard>> {
+        self.shards.iter().map(|s| s.lock()).collect()
+    }
+
+    /// The merge of every bucket of `name` overlapping `[from_us, to_us]`.
+    /// An unknown metric merges to nothing (count 0).
+    pub fn query(&self, name: &str, from_us: i64, to_us: i64) -> Merged {
+        let mut merged = Merged::default();
+        let Some(series) = self.registry.lock().get(name).cloned() else {
+            return merged;
+        };
+        let width = self.config.bucket_us;
+        let shards = self.lock_shards();
+        for shard in &shards {
+            if let Some(ShardEntry { open: Some(b), .. }) = shard.entries.get(name) {
+                if b.start <= to_us && b.start.saturating_add(width) > from_us {
+                    merged.add_open(b);
+                }
+            }
+        }
+        let series = series.lock();
+        drop(shards);
+        for b in series.buckets().filter(|b| b.overlaps(from_us, to_us)) {
+            merged.add_closed(b);
+        }
+        merged
+    }
+
+    /// One aggregate of `name` over `[from_us, to_us]`.
+    pub fn aggregate(&self, name: &str, from_us: i64, to_us: i64, agg: Aggregation) -> Option<f64> {
+        self.query(name, from_us, to_us).get(agg)
+    }
+
+    /// The buckets of the series `names` overlapping `[from_us, to_us]`,
+    /// oldest first; buckets of equal start and width (an open bucket and
+    /// its closed twin, or the same second of two series) are merged.
+    pub fn buckets(&self, names: &[&str], from_us: i64, to_us: i64) -> Vec<BucketView> {
+        let mut out: Vec<BucketView> = names.iter().flat_map(|n| self.views(n)).collect();
+        out.retain(|b| b.start_us <= to_us && b.start_us.saturating_add(b.width_us) > from_us);
+        out.sort_by_key(|b| (b.start_us, std::cmp::Reverse(b.width_us)));
+        let mut merged: Vec<BucketView> = Vec::with_capacity(out.len());
+        for b in out {
+            match merged.last_mut() {
+                Some(last) if last.start_us == b.start_us && last.width_us == b.width_us => {
+                    last.summary.merge(&b.summary)
+                }
+                _ => merged.push(b),
+            }
+        }
+        merged
+    }
+
+    /// Every bucket of one series, open and closed, unmerged.
+    fn views(&self, name: &str) -> Vec<BucketView> {
+        let Some(series) = self.registry.lock().get(name).cloned() else {
+            return Vec::new();
+        };
+        let width = self.config.bucket_us;
+        let mut out: Vec<BucketView> = Vec::new();
+        let shards = self.lock_shards();
+        for shard in &shards {
+            if let Some(ShardEntry { open: Some(b), .. }) = shard.entries.get(name) {
+                out.push(BucketView {
+                    start_us: b.start,
+                    width_us: width,
+                    summary: b.summary,
+                });
+            }
+        }
+        let series = series.lock();
+        drop(shards);
+        out.extend(series.buckets().map(|b| BucketView {
+            start_us: b.start,
+            width_us: b.width,
+            summary: b.summary,
+        }));
+        out
+    }
+
+    /// Lifetime count and sum of `name` (every sample recorded, including
+    /// expired ones), for Prometheus counters.
+    pub fn totals(&self, name: &str) -> Summary {
+        let Some(series) = self.registry.lock().get(name).cloned() else {
+            return Summary::default();
+        };
+        let shards = self.lock_shards();
+        let mut total = Summary::default();
+        for shard in &shards {
+            if let Some(ShardEntry { open: Some(b), .. }) = shard.entries.get(name) {
+                total.merge(&b.summary);
+            }
+        }
+        total.merge(&series.lock().total);
+        total
+    }
+
+    /// The names of every metric, sorted.
+    pub fn names(&self) -> Vec<Box<str>> {
+        let mut names: Vec<Box<str>> = self.registry.lock().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Closes open buckets that have fallen behind `now_us`, compacts and
+    /// drops expired buckets. Recording does this lazily for the metrics it
+    /// touches; call it periodically so idle metrics age too.
+    pub fn maintain(&self, now_us: i64) {
+        let current = self.bucket_start(now_us);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for entry in shard.entries.values_mut() {
+                if entry.open.as_ref().is_some_and(|b| b.start < current) {
+                    if let Some(b) = entry.open.take() {
+                        let closed = b.close(self.config.bucket_us);
+                        entry.series.lock().push(closed, &self.config, now_us);
+                    }
+                }
+            }
+        }
+        let series: Vec<SeriesCell> = self.registry.lock().values().cloned().collect();
+        for s in series {
+            s.lock().maintain(&self.config, now_us);
+        }
+    }
+
+    /// Forgets every metric.
+    pub fn reset(&self) {
+        let mut shards = self.lock_shards();
+        let mut registry = self.registry.lock();
+        for shard in shards.iter_mut() {
+            shard.entries.clear();
+        }
+        registry.clear();
+        self.late_samples.store(0, Ordering::Relaxed);
+    }
+
+    /// Size of the store: metrics, buckets, approximate heap bytes.
+    pub fn stats(&self) -> MetricsStats {
+        let mut stats = MetricsStats {
+            late_samples: self.late_samples.load(Ordering::Relaxed),
+            ..MetricsStats::default()
+        };
+        let shards = self.lock_shards();
+        for shard in &shards {
+            for (name, e) in shard.entries.iter() {
+                stats.bytes += name.len() + std::mem::size_of::<ShardEntry>();
+                if let Some(b) = &e.open {
+                    stats.buckets += 1;
+                    stats.bytes += std::mem::size_of::<OpenBucket>() + b.cells.heap_bytes();
+                }
+            }
+        }
+        drop(shards);
+        let registry = self.registry.lock();
+        stats.metrics = registry.len();
+        for s in registry.values() {
+            let s = s.lock();
+            stats.buckets += s.fine.len() + s.coarse.len();
+            stats.bytes += std::mem::size_of::<Series>()
+                + (s.fine.capacity() + s.coarse.capacity()) * std::mem::size_of::<ClosedBucket>()
+                + s.buckets().map(|b| b.cells.heap_bytes()).sum::<usize>();
+        }
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEC: i64 = 1_000_000;
+
+    fn store(bucket: i64, retention: i64) -> Metrics {
+        Metrics::new(MetricsConfig::new(bucket, retention)).unwrap()
+    }
+
+    #[test]
+    fn the_dashboard_case_averages_exactly() {
+        let m = store(SEC, 3600 * SEC);
+        let t = 1_700_000_000 * SEC;
+        m.record_at("read_latency", 150.0, t).unwrap();
+        m.record_at("write_latency", 500.0, t).unwrap();
+        let last_minute = (t - 60 * SEC, t);
+        assert_eq!(
+            m.aggregate(
+                "read_latency",
+                last_minute.0,
+                last_minute.1,
+                Aggregation::Avg
+            ),
+            Some(150.0)
+        );
+        assert_eq!(
+            m.aggregate(
+                "write_latency",
+                last_minute.0,
+                last_minute.1,
+                Aggregation::Count
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.aggregate("cache_hit", 0, t, Aggregation::Count),
+            Some(0.0)
+        );
+        assert_eq!(m.aggregate("cache_hit", 0, t, Aggregation::Avg), None);
+    }
+
+    #[test]
+    fn every_aggregation_over_closed_and_open_buckets() {
+        let m = store(SEC, 3600 * SEC);
+        let t0 = 1000 * SEC;
+        for (i, v) in [5.0, 1.0, 9.0, 3.0].into_iter().enumerate() {
+            m.record_at("x", v, t0 + i as i64 * SEC).unwrap();
+        }
+        let q = |agg| m.aggregate("x", t0, t0 + 10 * SEC, agg);
+        assert_eq!(q(Aggregation::Count), Some(4.0));
+        assert_eq!(q(Aggregation::Sum), Some(18.0));
+        assert_eq!(q(Aggregation::Avg), Some(4.5));
+        assert_eq!(q(Aggregation::Min), Some(1.0));
+        assert_eq!(q(Aggregation::Max), Some(9.0));
+        assert_eq!(q(Aggregation::Quantile(1.0)), Some(9.0));
+        // Only the buckets overlapping the range count.
+        assert_eq!(
+            m.aggregate("x", t0 + SEC, t0 + 2 * SEC - 1, Aggregation::Sum),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn retention_drops_old_buckets() {
+        let m = store(SEC, 10 * SEC);
+        let t0 = 5000 * SEC;
+        m.record_at("x", 1.0, t0).unwrap();
+        m.record_at("x", 2.0, t0 + SEC).unwrap();
+        assert_eq!(m.aggregate("x", 0, i64::MAX, Aggregation::Count), Some(2.0));
+        // Time passes beyond the retention of the first two buckets.
+        m.record_at("x", 3.0, t0 + 12 * SEC).unwrap();
+        m.maintain(t0 + 12 * SEC);
+        assert_eq!(m.aggregate("x", 0, i64::MAX, Aggregation::Count), Some(1.0));
+        assert_eq!(m.aggregate("x", 0, i64::MAX, Aggregation::Sum), Some(3.0));
+        // Lifetime totals keep counting.
+        assert_eq!(m.totals("x").count, 3);
+        // An idle metric ages through maintain alone.
+        m.maintain(t0 + 30 * SEC);
+        assert_eq!(m.aggregate("x", 0, i64::MAX, Aggregation::Count), Some(0.0));
+        assert_eq!(m.stats().buckets, 0);
+    }
+
+    #[test]
+    fn late_samples_beyond_retention_are_dropped_and_counted() {
+        let m = store(SEC, 10 * SEC);
+        let t0 = 5000 * SEC;
+        m.record_at("x", 1.0, t0).unwrap();
+        m.record_at("x", 2.0, t0 - 20 * SEC).unwrap();
+        m.record_at("x", 4.0, t0 - 2 * SEC).unwrap();
+        assert_eq!(m.stats().late_samples, 1);
+        assert_eq!(m.aggregate("x", 0, i64::MAX, Aggregation::Sum), Some(5.0));
+    }
+
+    #[test]
+    fn old_fine_buckets_are_compacted_not_lost() {
+        let cfg = MetricsConfig {
+            bucket_us: SEC,
+            retention_us: 3600 * SEC,
+            fine_window_us: 60 * SEC,
+            coarse_bucket_us: 60 * SEC,
+            max_metrics: 8,
+        };
+        let m = Metrics::new(cfg).unwrap();
+        let t0 = 6000 * SEC;
+        for s in 0..600 {
+            m.record_at("x", s as f64, t0 + s * SEC).unwrap();
+        }
+        m.maintain(t0 + 600 * SEC);
+        let stats = m.stats();
+        // 10 minutes: about 9 coarse buckets plus 60 fine ones, not 600.
+        assert!(stats.buckets <= 75, "{stats:?}");
+        assert_eq!(
+            m.aggregate("x", 0, i64::MAX, Aggregation::Count),
+            Some(600.0)
+        );
+        assert_eq!(
+            m.aggregate("x", 0, i64::MAX, Aggregation::Sum),
+            Some((0..600).sum::<i64>() as f64)
+        );
+        let views = m.buckets(&["x"], 0, i64::MAX);
+        assert!(views.windows(2).all(|w| w[0].start_us < w[1].start_us));
+        assert_eq!(views.iter().map(|b| b.summary.count).sum::<u64>(), 600);
+        // Two series merge bucket by bucket.
+        m.record_at("y", 1.0, t0 + 599 * SEC).unwrap();
+        let both = m.buckets(&["x", "y"], t0 + 599 * SEC, t0 + 599 * SEC);
+        assert_eq!(both.len(), 1);
+        assert_eq!(both[0].summary.count, 2);
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let m = store(SEC, 10 * SEC);
+        assert!(m.record("x", f64::NAN).is_err());
+        assert!(m.record("x", f64::INFINITY).is_err());
+        assert!(m.record("", 1.0).is_err());
+        assert!(m.record(&"n".repeat(300), 1.0).is_err());
+        assert!(Metrics::new(MetricsConfig {
+            bucket_us: 0,
+            ..MetricsConfig::default()
+        })
+        .is_err());
+        let small = Metrics::new(MetricsConfig {
+            max_metrics: 2,
+            ..MetricsConfig::default()
+        })
+        .unwrap();
+        small.record("a", 1.0).unwrap();
+        small.record("b", 1.0).unwrap();
+        assert_eq!(
+            small.record("c", 1.0).unwrap_err().kind(),
+            "invalid_argument"
+        );
+        small.record("a", 2.0).unwrap();
+        // Extreme timestamps do not overflow.
+        m.record_at("x", 1.0, i64::MIN).unwrap();
+        m.record_at("x", 1.0, i64::MAX).unwrap();
+        m.maintain(i64::MAX);
+        let _ = m.aggregate("x", i64::MIN, i64::MAX, Aggregation::Quantile(0.5));
+    }
+
+    #[test]
+    fn concurrent_recording_loses_nothing() {
+        let m = Arc::new(store(1000, 3600 * SEC));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000i64 {
+                        // Timestamps cross bucket edges and go backwards a
+                        // little, as clock reads of racing threads do.
+                        let at = 1_000_000 * SEC + i * 7 - (t * 13) % 50;
+                        m.record_at("x", (i % 100) as f64, at).unwrap();
+                        if i % 5000 == 0 {
+                            let _ = m.aggregate("x", 0, i64::MAX, Aggregation::Count);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let want_sum = 8.0 * (0..20_000i64).map(|i| (i % 100) as f64).sum::<f64>();
+        assert_eq!(
+            m.aggregate("x", 0, i64::MAX, Aggregation::Count),
+            Some(160_000.0)
+        );
+        assert_eq!(
+            m.aggregate("x", 0, i64::MAX, Aggregation::Sum),
+            Some(want_sum)
+        );
+        m.maintain(2_000_000 * SEC);
+        assert_eq!(m.totals("x").count, 160_000);
+    }
+
+    proptest! {
+        #[test]
+        fn range_queries_match_a_sorted_reference(
+            samples in prop::collection::vec((0i64..120, 0.0..1e6f64), 1..1500),
+            from in 0i64..120,
+            len in 0i64..120,
+            q in prop_oneof![Just(0.5), Just(0.95), Just(0.99), 0.001..=1.0f64],
+        ) {
+            let m = store(SEC, 3600 * SEC);
+            let t0 = 10_000 * SEC;
+            for &(s, v) in &samples {
+                m.record_at("x", v, t0 + s * SEC).unwrap();
+            }
+            if from % 3 == 0 {
+                m.maintain(t0 + 200 * SEC);
+            }
+            let to = from + len;
+            let mut inside: Vec<f64> = samples
+                .iter()
+                .filter(|(s, _)| (from..=to).contains(s))
+                .map(|&(_, v)| v)
+                .collect();
+            inside.sort_by(f64::total_cmp);
+            let merged = m.query("x", t0 + from * SEC, t0 + to * SEC);
+            prop_assert_eq!(merged.get(Aggregation::Count), Some(inside.len() as f64));
+            if inside.is_empty() {
+                prop_assert_eq!(merged.get(Aggregation::Quantile(q)), None);
+            } else {
+                let rank = ((q * inside.len() as f64).ceil() as usize).clamp(1, inside.len());
+                let want = inside[rank - 1];
+                let got = merged.get(Aggregation::Quantile(q)).unwrap();
+                prop_assert!((got - want).abs() <= want * RELATIVE_ERROR + 1e-9,
+                    "q={} want={} got={}", q, want, got);
+                prop_assert_eq!(merged.get(Aggregation::Min), Some(inside[0]));
+                prop_assert_eq!(merged.get(Aggregation::Max), inside.last().copied());
+                let sum: f64 = inside.iter().sum();
+                let got_sum = merged.get(Aggregation::Sum).unwrap();
+                prop_assert!((got_sum - sum).abs() <= sum * 1e-9);
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+defmodule DSPex.Bridge.Backend.PortTest do
+  # Kills the shared port program: must not overlap with other tests.
+  use ExUnit.Case, async: false
+
+  alias DSPex.Bridge.Backend.Port, as: PortBackend
+  alias DSPex.Bridge.{MsgPack, SessionStore}
+  alias DSPex.TelemetryHelper
+
+  setup do
+    wait_for_port()
+    :ok
+  end
+
+  defp wait_for_port(old \\ nil, deadline \\ System.monotonic_time(:millisecond) + 5_000) do
+    case PortBackend.os_pid() do
+      pid when is_integer(pid) and pid != old ->
+        pid
+
+      _ ->
+        if System.monotonic_time(:millisecond) > deadline, do: flunk("the port did not restart")
+        Process.sleep(10)
+        wait_for_port(old, deadline)
+    end
+  end
+
+  defp session(backend) do
+    sid = "port_test_#{backend}_#{System.unique_integer([:positive])}"
+    {:ok, ^sid} = SessionStore.create_session(sid, backend: backend)
+    on_exit(fn -> SessionStore.delete_session(sid) end)
+    sid
+  end
+
+  describe "pipelining" do
+    test "16 concurrent callers each see their own writes, in order" do
+      sid = session(:port)
+
+      for i <- 1..16, do: {:ok, _} = SessionStore.register_variable(sid, :"v#{i}", :integer, 0)
+
+      1..16
+      |> Enum.map(fn i ->
+        Task.async(fn ->
+          for n <- 1..300 do
+            :ok = SessionStore.update_variable(sid, :"v#{i}", n)
+            ^n = SessionStore.get_variable_value(sid, :"v#{i}")
+          end
+        end)
+      end)
+      |> Enum.each(&Task.await(&1, 30_000))
+
+      for i <- 1..16,
+          do: assert({:ok, %{version: 300}} = SessionStore.get_variable(sid, :"v#{i}"))
+    end
+
+    test "a call past its timeout returns {:error, :timeout} and leaves nothing behind" do
+      assert PortBackend.request("session_list", [], 0) == {:error, :timeout}
+      refute_receive _, 200
+      assert {:ok, ids} = PortBackend.request("session_list", [])
+      assert is_list(ids)
+    end
+
+    test "unknown commands and bad arguments are errors for that call only" do
+      assert {:error, {:bad_request, "unknown command `format_disk`"}} =
+               PortBackend.request("format_disk", [])
+
+      assert {:error, {:bad_request, _}} = PortBackend.request("session_info", [42])
+      assert {:error, {:invalid_value, :unsupported_term}} = PortBackend.request("x", [self()])
+      assert {:ok, _} = PortBackend.request("session_list", [])
+    end
+  end
+
+  describe "the port program dies" do
+    test "kill -9 mid-traffic: callers get errors, not hangs; the rest lives on; it restarts" do
+      ref =
+        TelemetryHelper.attach([
+          [:dspex, :bridge, :port, :exited],
+          [:dspex, :bridge, :port, :started]
+        ])
+
+      port_sid = session(:port)
+      nif_sid = session(:nif)
+      {:ok, _} = SessionStore.register_variable(port_sid, :x, :integer, 0)
+      {:ok, _} = SessionStore.register_variable(nif_sid, :x, :integer, 0)
+      os_pid = PortBackend.os_pid()
+
+      callers =
+        for i <- 1..16 do
+          Task.async(fn -> hammer(port_sid, i, System.monotonic_time(:millisecond) + 600) end)
+        end
+
+      Process.sleep(150)
+      {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+
+      outcomes = callers |> Task.await_many(10_000) |> List.flatten()
+      errors = Enum.reject(outcomes, &(&1 == :ok))
+      assert outcomes -- errors != [], "some calls succeeded before the kill"
+      assert {:error, :backend_unavailable} in errors
+
+      assert Enum.all?(
+               errors,
+               &(&1 in [{:error, :backend_unavailable}, {:error, :session_not_found}])
+             ),
+             inspect(Enum.uniq(errors))
+
+      assert_receive {[:dspex, :bridge, :port, :exited], ^ref, _, %{os_pid: ^os_pid, status: 137}}
+
+      # The VM and the NIF's sessions never noticed.
+      assert :ok = SessionStore.update_variable(nif_sid, :x, 42)
+      assert SessionStore.get_variable_value(nif_sid, :x) == 42
+
+      # A fresh program serves again; the old one's sessions went with it.
+      new_pid = wait_for_port(os_pid)
+      assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: ^new_pid}}
+      assert {:error, :session_not_found} = SessionStore.get_variable(port_sid, :x)
+      again = session(:port)
+      assert {:ok, _} = SessionStore.register_variable(again, :x, :integer, 7)
+      assert SessionStore.get_variable_value(again, :x) == 7
+    end
+  end
+
+  defp hammer(sid, i, deadline) do
+    if System.monotonic_time(:millisecond) > deadline do
+      []
+    else
+      [SessionStore.update_variable(sid, :x, i) | hammer(sid, i, deadline)]
+    end
+  end
+
+  describe "bad input straight to the program" do
+    setup do
+      port =
+        Port.open({:spawn_executable, PortBackend.executable()}, [
+          :binary,
+          {:packet, 4},
+          :exit_status,
+          args: ["--max-frame-bytes", "1024"]
+        ])
+
+      on_exit(fn -> if Port.info(port), do: Port.close(port) end)
+      %{port: port}
+    end
+
+    defp reply(port) do
+      receive do
+        {^port, {:data, frame}} ->
+          {:ok, [id, result]} = MsgPack.decode(frame)
+          {id, result}
+
+        {^port, {:exit_status, status}} ->
+          flunk("the program exited with #{status}")
+      after
+        2_000 -> flunk("no reply")
+      end
+    end
+
+    defp frame(id, command, args) do
+      IO.iodata_to_binary([0x92, MsgPack.uint(id), MsgPack.encode!(%{command => args})])
+    end
+
+    test "each bad frame gets an error reply and the program carries on", %{port: port} do
+      # Not MessagePack: no id to answer to.
+      Port.command(port, <<0xC1, 0xC1, "junk">>)
+      assert {nil, {:error, {:bad_request, _}}} = reply(port)
+
+      # An empty frame.
+      Port.command(port, "")
+      assert {nil, {:error, {:bad_request, _}}} = reply(port)
+
+      # Unknown command: answered by id.
+      Port.command(port, frame(7, "launch_rockets", []))
+      assert {7, {:error, {:bad_request, "unknown command `launch_rockets`"}}} = reply(port)
+
+      # Truncated body: answered by id.
+      good = frame(8, "session_create", ["s"])
+      Port.command(port, binary_part(good, 0, byte_size(good) - 1))
+      assert {8, {:error, {:bad_request, _}}} = reply(port)
+
+      # Arguments of the wrong type: answered by id.
+      Port.command(port, frame(9, "session_create", [%{}]))
+      assert {9, {:error, {:bad_request, _}}} = reply(port)
+
+      # Oversized (limit 1024 here): skipped unread, answered by id.
+      Port.command(
+        port,
+        frame(10, "session_create", ["big", nil, nil, %{m: :binary.copy("x", 5000)}])
+      )
+
+      assert {10, {:error, {:too_large, 1024}}} = reply(port)
+
+      # Random garbage, many times.
+      for _ <- 1..200, do: Port.command(port, :crypto.strong_rand_bytes(:rand.uniform(100)))
+      for _ <- 1..200, do: assert({_, {:error, _}} = reply(port))
+
+      # Still serving.
+      Port.command(port, frame(11, "session_create", ["s"]))
+      assert {11, :ok} = reply(port)
+      Port.command(port, frame(12, "session_list", []))
+      assert {12, {:ok, ["s"]}} = reply(port)
+    end
+
+    test "end of input: the program exits on its own", %{port: port} do
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      Port.close(port)
+      assert exits_within?(os_pid, 2_000)
+    end
+  end
+
+  defp exits_within?(os_pid, ms) do
+    cond do
+      match?(
+        {_, 1},
+        System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
+      ) ->
+        true
+
+      ms <= 0 ->
+        false
+
+      true ->
+        Process.sleep(10)
+        exits_within?(os_pid, ms - 10)
+    end
+  end
+end
