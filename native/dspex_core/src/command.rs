@@ -1227,6 +1227,73 @@ mod tests {
     }
 
     #[test]
+    fn graph_commands() {
+        let store = Store::new();
+        assert_eq!(run(&store, create("g")), Value::atom("ok"));
+        for name in ["a", "b", "c"] {
+            run(&store, register("g", name, "integer", Value::Int(0)));
+        }
+        let edge = |from: &str, to: &str| Command::GraphAddEdge {
+            session: "g".into(),
+            from: Value::atom(from),
+            to: Value::atom(to),
+            edge_type: None,
+            principal: None,
+            context: None,
+        };
+        assert_eq!(run(&store, edge("a", "b")), ok(Value::Bool(true)));
+        assert_eq!(run(&store, edge("a", "b")), ok(Value::Bool(false)));
+        assert_eq!(run(&store, edge("b", "c")), ok(Value::Bool(true)));
+        let path = ["c", "a", "b", "c"].map(Value::atom).to_vec();
+        assert_eq!(
+            run(&store, edge("c", "a")),
+            err(Value::tagged(
+                "would_create_cycle",
+                Value::List(path.into())
+            ))
+        );
+        assert_eq!(
+            run(&store, edge("a", "a")),
+            err(Value::atom("self_dependency"))
+        );
+        assert_eq!(
+            run(&store, edge("a", "zz")),
+            err(Value::tagged("not_found", Value::atom("zz")))
+        );
+        let order = Command::GraphUpdateOrder {
+            session: "g".into(),
+            changed: vec![Value::atom("a")],
+            principal: None,
+            context: None,
+        };
+        let abc = ["a", "b", "c"].map(Value::atom).to_vec();
+        assert_eq!(run(&store, order), ok(Value::List(abc.into())));
+        let deps = Command::GraphDependencies {
+            session: "g".into(),
+            ident: Value::atom("c"),
+            transitive: true,
+            principal: None,
+            context: None,
+        };
+        let ab = ["a", "b"].map(Value::atom).to_vec();
+        assert_eq!(run(&store, deps), ok(Value::List(ab.into())));
+        let render = Command::GraphRender {
+            session: "g".into(),
+            format: Value::atom("mermaid"),
+            principal: Some("intruder".into()),
+            context: None,
+        };
+        assert_eq!(run(&store, render), err(Value::atom("access_denied")));
+        let clear = Command::GraphClear {
+            session: "g".into(),
+            ident: Value::atom("b"),
+            principal: None,
+            context: None,
+        };
+        assert_eq!(run(&store, clear), ok(Value::Int(2)));
+    }
+
+    #[test]
     fn commands_decode_by_name_and_by_position() {
         use rmpv::Value as M;
         let named = M::Map(vec![(
@@ -1308,6 +1375,22 @@ mod tests {
                 Command::SessionImport {
                     snapshot: b,
                     session: None,
+                }
+            }),
+            (text, text, text).prop_map(|(s, a, b)| Command::GraphAddEdge {
+                session: s,
+                from: Value::atom(&a),
+                to: Value::str(&b),
+                edge_type: Some(Value::atom("data")),
+                principal: None,
+                context: None,
+            }),
+            (text, proptest::collection::vec(text, 0..4)).prop_map(|(s, names)| {
+                Command::GraphUpdateOrder {
+                    session: s,
+                    changed: names.iter().map(|n| Value::atom(n)).collect(),
+                    principal: None,
+                    context: None,
                 }
             }),
         ]
