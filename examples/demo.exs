@@ -13,6 +13,7 @@ defmodule Demo do
     sid = "demo-tuning-#{System.unique_integer([:positive])}"
     sessions(sid)
     dependencies(sid)
+    optimizers()
     port_backend()
     context()
     SessionStore.delete_session(sid)
@@ -99,6 +100,102 @@ defmodule Demo do
     {:ok, diag} = SessionStore.get_session_diagnostics(sid)
     say("diagnostics: #{diag.variable_count} variables, #{diag.memory_bytes} bytes in the engine")
     SessionStore.delete_session(copy)
+  end
+
+  # Two optimizers compete for one variable: the second waits, then
+  # preempts the first once it has run 10 iterations; the first's late
+  # writes are fenced off.
+  defp optimizers do
+    section("Optimizer coordination: two optimizers, one variable")
+    alias DSPex.Bridge.OptimizerCoordinator
+    sid = "demo-optimize-#{System.unique_integer([:positive])}"
+    {:ok, ^sid} = SessionStore.create_session(sid)
+    {:ok, _} = SessionStore.register_variable(sid, :temperature, :float, 0.7)
+    demo = self()
+
+    slow =
+      spawn(fn ->
+        {:ok, %{token: token}} =
+          SessionStore.start_optimization(sid, :temperature, self(), optimizer_id: "grid")
+
+        send(demo, {:started, token})
+
+        # A grid search: one write and one progress report per iteration,
+        # until preempted.
+        Enum.reduce_while(1..1_000, nil, fn i, _ ->
+          value = 0.5 + i / 100
+          write = SessionStore.update_variable(sid, :temperature, value, %{}, lock_token: token)
+          {:ok, _} = OptimizerCoordinator.report_progress("grid", i, value, %{loss: 1 / i})
+
+          receive do
+            {:optimization_preempted, :temperature} ->
+              send(demo, {:preempted, i})
+              {:halt, nil}
+
+            :write_again ->
+              late = SessionStore.update_variable(sid, :temperature, 0.0, %{}, lock_token: token)
+              send(demo, {:late_write, late})
+              {:cont, write}
+          after
+            5 -> {:cont, write}
+          end
+        end)
+
+        receive do
+          :write_again ->
+            late = SessionStore.update_variable(sid, :temperature, 0.0, %{}, lock_token: token)
+            send(demo, {:late_write, late})
+        end
+      end)
+
+    receive do:
+              ({:started, token} ->
+                 say("optimizer \"grid\" locked :temperature (token #{token})"))
+
+    show(
+      "a plain write while it optimizes",
+      SessionStore.update_variable(sid, :temperature, 1.0)
+    )
+
+    show(
+      "\"bayes\" asking with conflict_resolution: :abort",
+      SessionStore.start_optimization(sid, :temperature, self(), optimizer_id: "bayes")
+    )
+
+    say("\"bayes\" asks again with :preempt; it waits until \"grid\" has run 10 iterations")
+
+    {:ok, %{token: token}} =
+      SessionStore.start_optimization(sid, :temperature, self(),
+        optimizer_id: "bayes",
+        conflict_resolution: :preempt,
+        timeout: 5_000
+      )
+
+    receive do: ({:preempted, i} -> say("\"grid\" was preempted after #{i} iterations"))
+    say("\"bayes\" holds the lock with token #{token}")
+    send(slow, :write_again)
+    receive do: ({:late_write, result} -> show("\"grid\" writing with its old token", result))
+
+    show(
+      "\"bayes\" writing with its token",
+      SessionStore.update_variable(sid, :temperature, 0.42, %{}, lock_token: token)
+    )
+
+    {:ok, %{waiters: 0, optimizer_id: "bayes"}} =
+      OptimizerCoordinator.get_lock_info(:temperature, session_id: sid)
+
+    {:ok, _} = OptimizerCoordinator.report_progress("bayes", 1, 0.42, %{loss: 0.05})
+    {:ok, status} = OptimizerCoordinator.get_optimization_status("bayes")
+    show("status of \"bayes\"", Map.take(status, [:iteration, :best_value, :best_metrics]))
+    :ok = SessionStore.stop_optimization(sid, :temperature, optimizer_id: "bayes")
+
+    show(
+      "after stop_optimization, a plain write",
+      SessionStore.update_variable(sid, :temperature, 0.8)
+    )
+
+    Process.exit(slow, :kill)
+    SessionStore.delete_session(sid)
   end
 
   # The same API on the port backend: the engine in its own OS process.

@@ -34,7 +34,8 @@ defmodule DSPex.Bridge.Application do
       {DynamicSupervisor,
        name: DSPex.Bridge.DependencyManager.Supervisor, strategy: :one_for_one},
       {DSPex.Bridge.SessionStore,
-       sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)}
+       sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
+      DSPex.Bridge.OptimizerCoordinator
       | observability_children()
     ]
 

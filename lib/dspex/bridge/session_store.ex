@@ -46,6 +46,11 @@ defmodule DSPex.Bridge.SessionStore do
   - `principal:` the session on whose behalf the call is made (default: the
     session itself). Sessions are isolated: another principal is denied
     (`{:error, :access_denied}`) unless an access rule grants it.
+  - `lock_token:` / `optimizer_id:` on writes (update, batch, rollback,
+    delete): the optimizer lock the write is made under. While a variable is
+    being optimized (`start_optimization/4`), writes without the holder's
+    token or id get `{:error, {:locked_by, optimizer_id}}`, and writes with
+    an older token (a preempted optimizer's) `{:error, :stale_lock_token}`.
 
   ## Limits
 
@@ -325,12 +330,12 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Writes a variable. `metadata` is kept with the new version in history;
   `expected_version:` (in `metadata` or `opts`) makes the write conditional.
-  Options: `expected_version:`, `principal:`.
+  Options: `expected_version:`, `principal:`, `lock_token:`, `optimizer_id:`.
   """
   @spec update_variable(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
   def update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []) do
     {expected, metadata} = expected_version(metadata, opts)
-    principal = if opts == [], do: nil, else: opts[:principal]
+    principal = caller(opts)
 
     if Telemetry.enabled?(@write) do
       start = System.monotonic_time()
@@ -355,14 +360,14 @@ defmodule DSPex.Bridge.SessionStore do
   @spec update_variables(session_id, map | list, keyword) ::
           :ok | {:ok, map} | {:error, reason}
   def update_variables(session_id, updates, opts \\ []) do
-    opts = Keyword.validate!(opts, [:atomic, :principal, :metadata])
+    opts = Keyword.validate!(opts, [:atomic, :principal, :metadata, :lock_token, :optimizer_id])
     base_meta = opts[:metadata] || %{}
 
     with {:ok, normalized} <- normalize_updates(updates, base_meta) do
       start = System.monotonic_time()
       atomic = opts[:atomic] == true
 
-      case backend().set_values(session_id, normalized, atomic, opts[:principal]) do
+      case backend().set_values(session_id, normalized, atomic, caller(opts)) do
         {:ok, results} when atomic ->
           us = Telemetry.since_us(start)
 
@@ -441,7 +446,7 @@ defmodule DSPex.Bridge.SessionStore do
   @doc "Deletes a variable and its dependency edges."
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
   def delete_variable(session_id, ident, opts \\ []) do
-    with :ok <- backend().delete_variable(session_id, ident, opts[:principal]) do
+    with :ok <- backend().delete_variable(session_id, ident, caller(opts)) do
       Propagator.notify_delete(session_id, ident)
     end
   end
@@ -471,7 +476,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec rollback_variable(session_id, ident, non_neg_integer, keyword) :: :ok | {:error, reason}
   def rollback_variable(session_id, ident, version, opts \\ []) do
-    case backend().rollback(session_id, ident, version, opts[:principal]) do
+    case backend().rollback(session_id, ident, version, caller(opts)) do
       {:ok, new_version} ->
         Telemetry.execute(
           [:dspex, :bridge, :variable, :rollback],
@@ -484,6 +489,51 @@ defmodule DSPex.Bridge.SessionStore do
       error ->
         error
     end
+  end
+
+  ## Optimization
+
+  @doc """
+  Starts optimizing a variable: takes its optimizer lock (see
+  `DSPex.Bridge.OptimizerCoordinator`) for `optimizer_pid`, which needs the
+  `:optimize` permission. Returns the optimizer id and the fencing token the
+  optimizer's writes carry (`lock_token:`); until `stop_optimization/3`,
+  other writes to the variable get `{:error, {:locked_by, optimizer_id}}`.
+
+  Options: `optimizer_id:` (default: generated), `conflict_resolution:`
+  (default `:abort`, which answers `{:error, {:already_optimizing, status}}`
+  with `status = %{optimizing: true, optimizer_id, optimizer_pid,
+  started_at, token}`; `:wait` and `:preempt` as in `acquire_lock/4`),
+  `timeout:`, `lease:`, `principal:`.
+
+      iex> alias DSPex.Bridge.SessionStore
+      iex> {:ok, sid} = SessionStore.create_session("doc-optimize")
+      iex> {:ok, _} = SessionStore.register_variable(sid, :t, :float, 0.5)
+      iex> {:ok, %{optimizer_id: "opt-a", token: token}} =
+      ...>   SessionStore.start_optimization(sid, :t, self(), optimizer_id: "opt-a")
+      iex> SessionStore.update_variable(sid, :t, 0.6)
+      {:error, {:locked_by, "opt-a"}}
+      iex> SessionStore.update_variable(sid, :t, 0.6, %{}, lock_token: token)
+      :ok
+      iex> SessionStore.stop_optimization(sid, :t)
+      :ok
+  """
+  @spec start_optimization(session_id, ident, pid, keyword) ::
+          {:ok, %{optimizer_id: String.t(), token: pos_integer}}
+          | {:error, {:already_optimizing, map} | reason}
+  def start_optimization(session_id, ident, optimizer_pid, opts \\ []) do
+    DSPex.Bridge.OptimizerCoordinator.start_optimization(session_id, ident, optimizer_pid, opts)
+  end
+
+  @doc """
+  Stops the optimization of a variable, releasing its lock (to the next
+  waiter, if any). With `optimizer_id:` only that optimizer's; without, any.
+  Options: `optimizer_id:`, `principal:`.
+  """
+  @spec stop_optimization(session_id, ident, keyword) ::
+          :ok | {:error, :not_optimizing | :not_lock_owner | reason}
+  def stop_optimization(session_id, ident, opts \\ []) do
+    DSPex.Bridge.OptimizerCoordinator.stop_optimization(session_id, ident, opts)
   end
 
   ## GenServer: the TTL sweeper
@@ -512,6 +562,22 @@ defmodule DSPex.Bridge.SessionStore do
   end
 
   ## Helpers
+
+  # The backend's caller term: the principal, or with a lock claim
+  # `{principal, lock_token, optimizer_id}`.
+  defp caller([]), do: nil
+
+  defp caller(opts) do
+    case {opts[:lock_token], opts[:optimizer_id]} do
+      {nil, nil} -> opts[:principal]
+      {token, optimizer} -> {opts[:principal], token, optimizer_text(optimizer)}
+    end
+  end
+
+  defp optimizer_text(id) when is_atom(id) and id not in [nil, true, false],
+    do: Atom.to_string(id)
+
+  defp optimizer_text(id), do: id
 
   defp check_type(type) when type in @types, do: :ok
   defp check_type(type), do: {:error, {:invalid_argument, {:unknown_type, type}}}

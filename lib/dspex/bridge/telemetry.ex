@@ -63,6 +63,27 @@ defmodule DSPex.Bridge.Telemetry do
   whose compute function raised or whose result was rejected (the pass goes
   on), then `:stop`.
 
+  ### Optimizer coordination (`DSPex.Bridge.OptimizerCoordinator`)
+
+  `key` is the lock key: the term given as `var_id`, or `{session_id,
+  var_id}` for a session variable. `token` is the grant's fencing token.
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :optimization, :lock_acquired]` | `wait_us` | `key`, `optimizer_id`, `pid`, `token`, `how` (`:immediate`, `:after_wait`, `:preempted`) |
+  | `[:dspex, :optimization, :lock_conflict]` | `system_time` | `key`, `optimizer_id` (the requester), `resolution` (`:wait`, `:abort`, `:preempt`) |
+  | `[:dspex, :optimization, :lock_released]` | `system_time` | `key`, `optimizer_id`, `token`, `reason` (`:released`, `:owner_down`, `:expired`, `:preempted`) |
+  | `[:dspex, :optimization, :preempted]` | `system_time` | `key`, `optimizer_id` (the preempted), `pid`, `token` (its grant), `preempted_by` |
+  | `[:dspex, :optimization, :lock_expired]` | `system_time` | `key`, `optimizer_id`, `pid`, `token` |
+  | `[:dspex, :optimization, :started]` | `system_time` | `optimizer_id`, `key`, `pid` (its first lock) |
+  | `[:dspex, :optimization, :progress]` | `iteration` | `optimizer_id`, `best` (this report is the best so far), `value`, `metrics` |
+  | `[:dspex, :optimization, :completed]` | `system_time` | `optimizer_id`, `key` (it released its last lock) |
+  | `[:dspex, :optimization, :failed]` | `system_time` | `optimizer_id`, `key`, `reason` (`:owner_down`, `:expired`, `:preempted`: it lost its last lock) |
+
+  `:lock_acquired`, `:lock_conflict`, `:preempted`, `:started` and
+  `:completed` are emitted by the calling process; a holder's death or lease
+  expiry is reported by the coordinator's process.
+
   ### Observability (`DSPex.Bridge.Analytics`)
 
   Analytics emits no events of its own: it consumes the events of this
@@ -81,6 +102,10 @@ defmodule DSPex.Bridge.Telemetry do
 
   - *principal*: the session on whose behalf a call is made (`principal:`
     option); the session itself when not given.
+  - *fencing token*: the number every lock grant carries; larger than any
+    granted before, so a write carrying an older one is known to be stale.
+  - *lease*: how long a lock grant lasts unless renewed (`renew_lock/3`, or
+    any progress report of its holder).
   - *hot path*: `get_variable_value/3` and `update_variable/5`. They measure
     time only when a handler is attached to their event (see `enabled?/1`).
   """
@@ -117,6 +142,25 @@ defmodule DSPex.Bridge.Telemetry do
   @spec enabled?(event) :: boolean
   def enabled?(event) do
     telemetry?() or handlers(event) != []
+  end
+
+  @doc """
+  `{enabled?(a), enabled?(b)}` with one look at the handler table, for a hot
+  path that may emit two events (a lock grant and the start of an
+  optimization, say).
+  """
+  @spec enabled?(event, event) :: {boolean, boolean}
+  def enabled?(a, b) do
+    cond do
+      telemetry?() ->
+        {true, true}
+
+      table = :persistent_term.get(@handlers_key, nil) ->
+        {Map.get(table, a, []) != [], Map.get(table, b, []) != []}
+
+      true ->
+        {false, false}
+    end
   end
 
   @doc "Attaches `fun` to one event. Same contract as `:telemetry.attach/4`."
@@ -208,10 +252,14 @@ defmodule DSPex.Bridge.Telemetry do
     end
   end
 
-  @doc "Microseconds elapsed since `start` (a `System.monotonic_time/0` reading)."
-  @spec since_us(integer) :: non_neg_integer
+  @doc """
+  Microseconds elapsed since `start` (a `System.monotonic_time/0` reading),
+  as a float: NIF reads take well under a microsecond, and a whole number
+  would round them to zero.
+  """
+  @spec since_us(integer) :: float
   def since_us(start) do
-    System.convert_time_unit(System.monotonic_time() - start, :native, :microsecond)
+    System.convert_time_unit(System.monotonic_time() - start, :native, :nanosecond) / 1000
   end
 
   @doc "Handlers of the built-in dispatcher attached to `event`: `[{id, fun, config}]`."

@@ -2,6 +2,7 @@
 //! checks it against the variable before touching it.
 
 use crate::error::{Error, Result};
+use crate::locks::LockClaim;
 use crate::value::Value;
 use crate::variable::Variable;
 
@@ -49,6 +50,8 @@ pub struct Caller<'a> {
     pub principal: Option<&'a str>,
     /// Compared against rule conditions.
     pub context: Option<&'a Value>,
+    /// The optimizer lock a write claims to hold (checked on writes).
+    pub lock: LockClaim<'a>,
 }
 
 impl<'a> Caller<'a> {
@@ -56,12 +59,17 @@ impl<'a> Caller<'a> {
     pub const OWNER: Caller<'static> = Caller {
         principal: None,
         context: None,
+        lock: LockClaim {
+            token: None,
+            optimizer: None,
+        },
     };
 
     pub fn principal(principal: &'a str) -> Self {
         Caller {
             principal: Some(principal),
             context: None,
+            lock: LockClaim::default(),
         }
     }
 

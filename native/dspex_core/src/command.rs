@@ -710,6 +710,7 @@ fn caller<'a>(principal: &'a Option<String>, context: &'a Option<Value>) -> Call
     Caller {
         principal: principal.as_deref(),
         context: context.as_ref(),
+        ..Caller::OWNER
     }
 }
 

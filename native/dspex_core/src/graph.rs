@@ -955,11 +955,18 @@ impl Session {
         let text = ident
             .as_text()
             .ok_or_else(|| Error::invalid_arg("name_must_be_atom_or_string"))?;
-        self.with_var(text, caller, perm, |v| Ok(v.name.clone()))
-            .map_err(|e| match e {
-                Error::NotFound => Error::MissingVariable(ident.clone()),
-                e => e,
-            })
+        // Access rules apply; an optimizer's lock does not: an edge changes
+        // the graph, not the variable's value.
+        self.with_cell(text, |cell| {
+            let var = cell.lock();
+            caller
+                .authorize(&self.id, &var, perm)
+                .map(|_| var.name.clone())
+        })
+        .map_err(|e| match e {
+            Error::NotFound => Error::MissingVariable(ident.clone()),
+            e => e,
+        })?
     }
 }
 

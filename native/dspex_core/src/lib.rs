@@ -10,6 +10,7 @@ pub mod glob;
 pub mod graph;
 pub mod histogram;
 pub mod limits;
+pub mod locks;
 pub mod metrics;
 pub mod prometheus;
 pub mod session;

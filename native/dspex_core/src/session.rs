@@ -208,6 +208,9 @@ impl Session {
         self.with_cell(ident, |cell| {
             let mut var = cell.lock();
             caller.authorize(&self.id, &var, perm)?;
+            if perm == Permission::Write {
+                var.lock.admit(&caller.lock)?;
+            }
             f(&mut var)
         })?
     }
@@ -266,6 +269,7 @@ impl Session {
         for ((_, guard), u) in guards.iter().zip(&updates) {
             let result = caller
                 .authorize(&self.id, guard, Permission::Write)
+                .and_then(|_| guard.lock.admit(&caller.lock))
                 .and_then(|_| guard.check(u.value.clone(), u.meta.expected_version));
             match result {
                 Ok(v) => checked.push(v),

@@ -255,6 +255,7 @@ impl VarSnapshot {
             last_write: non_empty(&self.last_write),
             history,
             max_history,
+            lock: Default::default(),
         };
         Ok((key, var))
     }

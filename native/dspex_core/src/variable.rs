@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use crate::error::{Error, Result};
+use crate::locks::VarLock;
 use crate::types::{validate, Constraints, VarType};
 use crate::value::Value;
 
@@ -35,6 +36,8 @@ pub struct Variable {
     pub last_write: Option<Box<Value>>,
     pub history: VecDeque<HistoryEntry>,
     pub max_history: usize,
+    /// The optimizer lock on this variable, kept by the lock table.
+    pub lock: VarLock,
 }
 
 /// What a write needs beyond the value.
@@ -72,6 +75,7 @@ impl Variable {
             last_write: None,
             history: VecDeque::new(),
             max_history,
+            lock: VarLock::default(),
         })
     }
 

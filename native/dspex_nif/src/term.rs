@@ -4,8 +4,9 @@
 //! and nesting is bounded, so a hostile term costs little and never overflows
 //! the scheduler's stack.
 
+use dspex_core::locks::LockClaim;
 use dspex_core::value::MAX_DEPTH;
-use dspex_core::{Error, Value};
+use dspex_core::{Caller, Error, Value};
 use rustler::types::tuple::{get_tuple, make_tuple};
 use rustler::{Atom, Binary, Encoder, Env, MapIterator, OwnedBinary, Term, TermType};
 
@@ -207,6 +208,36 @@ pub fn decode_principal<'a>(term: Term<'a>) -> Result<Option<&'a str>, Error> {
     std::str::from_utf8(bin.as_slice())
         .map(Some)
         .map_err(|_| Error::invalid_arg("bad_principal"))
+}
+
+/// Who a variable operation is for: `nil` (the session itself), a binary
+/// principal, or `{principal, lock_token, optimizer_id}` (each may be `nil`)
+/// for a write made under an optimizer lock.
+pub fn decode_caller<'a>(term: Term<'a>) -> Result<Caller<'a>, Error> {
+    let Ok((principal, token, optimizer)) = term.decode::<(Term, Term, Term)>() else {
+        return Ok(Caller {
+            principal: decode_principal(term)?,
+            ..Caller::OWNER
+        });
+    };
+    let optimizer = if is_nil(optimizer) {
+        None
+    } else {
+        let bin =
+            Binary::from_term(optimizer).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
+        Some(
+            std::str::from_utf8(bin.as_slice())
+                .map_err(|_| Error::invalid_arg("bad_optimizer_id"))?,
+        )
+    };
+    Ok(Caller {
+        principal: decode_principal(principal)?,
+        lock: LockClaim {
+            token: decode_opt_u64(token).map_err(|_| Error::invalid_arg("bad_lock_token"))?,
+            optimizer,
+        },
+        ..Caller::OWNER
+    })
 }
 
 /// A session id: a non-empty UTF-8 binary.

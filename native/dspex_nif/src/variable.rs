@@ -12,8 +12,8 @@ use crate::atoms;
 use crate::error::{error, ok_or, reason, unit_or};
 use crate::store::StoreRef;
 use crate::term::{
-    decode_name, decode_opt_u64, decode_principal, decode_sid, decode_value, encode_value,
-    ident_text, is_nil,
+    decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value, ident_text,
+    is_nil,
 };
 
 /// Runs `f` on the session with the decoded caller.
@@ -24,10 +24,7 @@ pub(crate) fn with_session<'a, T>(
     f: impl FnOnce(&Session, &Caller) -> Result<T, Error>,
 ) -> Result<T, Error> {
     let sid = decode_sid(sid)?;
-    let caller = Caller {
-        principal: decode_principal(principal)?,
-        context: None,
-    };
+    let caller = decode_caller(principal)?;
     store.store.with_session(sid, |s| f(s, &caller))?
 }
 

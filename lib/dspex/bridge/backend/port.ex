@@ -410,6 +410,9 @@ defmodule DSPex.Bridge.Backend.Port do
     if String.valid?(p), do: str(p), else: throw({:invalid_argument, :bad_principal})
   end
 
+  # A write under an optimizer lock: the port does not fence writes (see
+  # OptimizerCoordinator), so only the principal goes over.
+  defp principal!({p, _lock_token, _optimizer_id}), do: principal!(p)
   defp principal!(_), do: throw({:invalid_argument, :bad_principal})
 
   defp expected!(nil), do: <<0xC0>>
@@ -542,6 +545,25 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    exited(state, status)
+  end
+
+  # Writing to a program that was just killed can close the port (epipe)
+  # before the exit status is reaped; the status follows shortly.
+  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
+    status =
+      receive do
+        {^port, {:exit_status, status}} -> status
+      after
+        1_000 -> nil
+      end
+
+    exited(state, status)
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  defp exited(state, status) do
     fail_pending(state)
 
     Telemetry.execute(
@@ -552,13 +574,6 @@ defmodule DSPex.Bridge.Backend.Port do
 
     {:stop, {:shutdown, {:port_exited, status}}, %{state | pending: %{}, port: nil}}
   end
-
-  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
-    fail_pending(state)
-    {:stop, {:shutdown, :port_closed}, %{state | pending: %{}, port: nil}}
-  end
-
-  def handle_info(_other, state), do: {:noreply, state}
 
   @impl GenServer
   def terminate(_reason, state) do

@@ -101,7 +101,9 @@ defmodule DSPex.Bridge.Backend.PortTest do
              ),
              inspect(Enum.uniq(errors))
 
-      assert_receive {[:dspex, :bridge, :port, :exited], ^ref, _, %{os_pid: ^os_pid, status: 137}}
+      assert_receive {[:dspex, :bridge, :port, :exited], ^ref, _,
+                      %{os_pid: ^os_pid, status: 137}},
+                     5_000
 
       # The VM and the NIF's sessions never noticed.
       assert :ok = SessionStore.update_variable(nif_sid, :x, 42)

@@ -1,0 +1,639 @@
+defmodule DSPex.Bridge.OptimizerCoordinator do
+  @moduledoc """
+  Optimization locks: at most one optimizer works on a variable at a time.
+
+      {:ok, :lock_acquired} = OptimizerCoordinator.acquire_lock("temperature", "opt1", self())
+
+      {:error, {:lock_held_by, "opt1"}} =
+        OptimizerCoordinator.acquire_lock("temperature", "opt2", self(),
+          conflict_resolution: :abort)
+
+      {:ok, true} = OptimizerCoordinator.report_progress("opt1", 1, 0.7, %{loss: 0.31})
+      :ok = OptimizerCoordinator.release_lock("temperature", "opt1")
+
+  The lock table lives in Rust (`DSPex.Bridge.Native`, a resource kept in
+  `:persistent_term`): acquiring a free lock and releasing it are one NIF
+  call each from the caller's process, with no message to this module's
+  process. Every holder and waiter is watched by a resource monitor, so when
+  a holder dies its lock passes to the next waiter at once, from inside the
+  VM's own exit handling.
+
+  ## Keys
+
+  A lock key is any term: a variable id, a name, `{session, var}`. With
+  `session_id:` the lock is on a session variable: the key becomes
+  `{session_id, var_id}` (name and id give the same lock), the caller needs
+  the `:optimize` permission on it, and the variable enforces the lock on
+  writes (see "Fencing").
+
+  ## Conflicts
+
+  - `:wait` (default) queues the request FIFO. When the holder releases,
+    dies or its lease runs out, the first waiter still waiting is *granted*
+    the lock and its call returns `{:ok, :lock_acquired_after_wait}`. A
+    waiter whose `timeout:` passes gets `{:error, :timeout}` and leaves the
+    queue; it never gets the lock later. A waiter that dies leaves too.
+  - `:abort` returns `{:error, {:lock_held_by, holder_id}}` at once.
+  - `:preempt` takes the lock at once when the holder's optimizer has
+    reported at least `preempt_after` iterations (default 10, seed 002's
+    policy); the old holder's process is sent
+    `{:optimization_preempted, var_id}`. Otherwise the request waits.
+
+  ## Leases
+
+  A grant lasts `lease:` milliseconds (default 5 minutes, see
+  "Configuration"); `renew_lock/3` and every `report_progress/4` of the
+  holder extend it. An expired lock passes on like a released one and emits
+  `[:dspex, :optimization, :lock_expired]`.
+
+  ## Fencing
+
+  Every grant carries a token, larger than any token granted before on any
+  key, so tokens on a key strictly increase. While a session variable is
+  locked, `SessionStore.update_variable/5` (and the other writes) succeed
+  only with the holder's `lock_token:` or `optimizer_id:`; others get
+  `{:error, {:locked_by, optimizer_id}}`, and a preempted holder, or any
+  write carrying an older token, gets `{:error, :stale_lock_token}`.
+
+  ## Configuration
+
+      config :dspex_bridge, DSPex.Bridge.OptimizerCoordinator,
+        lease: :timer.minutes(5),      # default lease of a grant, ms
+        preempt_after: 10,             # iterations before :preempt wins; :never
+        sweep_interval: 1_000          # longest pause between lease sweeps, ms
+
+  Telemetry: see the "Optimizer coordination" table in `DSPex.Bridge.Telemetry`.
+  """
+  use GenServer
+
+  alias DSPex.Bridge.{Native, SessionStore, Telemetry}
+  alias DSPex.Bridge.Backend.Native, as: NativeBackend
+  alias DSPex.Bridge.Backend.Router
+
+  @type key :: term
+  @type optimizer_id :: String.t() | atom
+  @type reason :: atom | {atom, term}
+
+  @table_key {__MODULE__, :table}
+  @lock_acquired [:dspex, :optimization, :lock_acquired]
+  @lock_released [:dspex, :optimization, :lock_released]
+  @started [:dspex, :optimization, :started]
+  @completed [:dspex, :optimization, :completed]
+  @failed [:dspex, :optimization, :failed]
+  @never 18_446_744_073_709_551_615
+  @acquire_opts [:timeout, :conflict_resolution, :session_id, :principal, :lease]
+
+  ## Lifecycle
+
+  @doc """
+  Starts the coordinator (the application does). Options override the
+  application environment: `lease:`, `preempt_after:`, `sweep_interval:`.
+  The lock table outlives a restart of this process.
+  """
+  def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+
+  ## Locks
+
+  @doc """
+  Acquires the optimization lock on `var_id` for `optimizer_id`, held by
+  `pid` (watched: the lock passes on when it dies).
+
+  Options: `timeout:` how long to wait (ms or `:infinity`, default 5000),
+  `conflict_resolution:` `:wait | :abort | :preempt` (default `:wait`),
+  `session_id:` lock a session variable (and `principal:` on whose behalf),
+  `lease:` ms before the grant expires unless renewed.
+
+  An optimizer that already holds the lock gets `{:ok, :lock_acquired}`
+  again and its lease is renewed.
+
+      iex> alias DSPex.Bridge.OptimizerCoordinator
+      iex> OptimizerCoordinator.acquire_lock("doc_var", "opt1", self())
+      {:ok, :lock_acquired}
+      iex> OptimizerCoordinator.acquire_lock("doc_var", "opt2", self(), conflict_resolution: :abort)
+      {:error, {:lock_held_by, "opt1"}}
+      iex> OptimizerCoordinator.release_lock("doc_var", "opt1")
+      :ok
+  """
+  @spec acquire_lock(key, optimizer_id, pid, keyword) ::
+          {:ok, :lock_acquired | :lock_acquired_after_wait}
+          | {:error, {:lock_held_by, String.t()} | :timeout | reason}
+  def acquire_lock(var_id, optimizer_id, pid \\ self(), opts \\ [])
+
+  # The common call, with no options to parse; the NIF checks the rest.
+  def acquire_lock(var_id, optimizer_id, pid, [])
+      when is_binary(optimizer_id) and byte_size(optimizer_id) in 1..255 and is_pid(pid) and
+             node(pid) == node() do
+    case run_acquire(var_id, var_id, optimizer_id, pid, :wait, 5_000, nil, nil) do
+      {:ok, how, _token} -> {:ok, how}
+      error -> error
+    end
+  end
+
+  def acquire_lock(var_id, optimizer_id, pid, opts) do
+    case acquire(var_id, optimizer_id, pid, opts) do
+      {:ok, how, _token} -> {:ok, how}
+      error -> error
+    end
+  end
+
+  @doc """
+  Releases the lock if `optimizer_id` holds it; the first live waiter gets
+  it. Options: `session_id:`, `principal:`.
+  """
+  @spec release_lock(key, optimizer_id, keyword) :: :ok | {:error, :not_lock_owner | reason}
+  def release_lock(var_id, optimizer_id, opts \\ [])
+
+  def release_lock(var_id, optimizer_id, [])
+      when is_binary(optimizer_id) and byte_size(optimizer_id) in 1..255,
+      do: release(var_id, optimizer_id)
+
+  def release_lock(var_id, optimizer_id, opts) do
+    with {:ok, opts} <- validate(opts, [:session_id, :principal]),
+         {:ok, optimizer_id} <- optimizer(optimizer_id),
+         {:ok, key} <- key(var_id, opts) do
+      release(key, optimizer_id)
+    end
+  end
+
+  defp release(key, optimizer_id) do
+    case Native.lock_release(table(), key, optimizer_id) do
+      {:ok, token, finished} ->
+        ended(key, optimizer_id, token, finished, :released)
+        :ok
+
+      error ->
+        error
+    end
+  end
+
+  @doc """
+  Extends the lease of `optimizer_id`'s lock: `{:ok, token}`. Options:
+  `lease:` (default: the configured lease), `session_id:`, `principal:`.
+  """
+  @spec renew_lock(key, optimizer_id, keyword) ::
+          {:ok, pos_integer} | {:error, :not_lock_owner | reason}
+  def renew_lock(var_id, optimizer_id, opts \\ []) do
+    with {:ok, opts} <- validate(opts, [:session_id, :principal, :lease]),
+         {:ok, optimizer_id} <- optimizer(optimizer_id),
+         {:ok, lease} <- lease(opts[:lease]),
+         {:ok, key} <- key(var_id, opts) do
+      if lease, do: hint_lease(lease)
+      Native.lock_renew(table(), key, optimizer_id, lease)
+    end
+  end
+
+  @doc """
+  Records an iteration of an active optimization (one holding a lock) and
+  renews its leases. The best report is the one with the lowest
+  `:primary_metric` (else `:loss`); `{:ok, true}` when this one is it.
+  """
+  @spec report_progress(optimizer_id, non_neg_integer, term, map) ::
+          {:ok, boolean} | {:error, :not_optimizing | reason}
+  def report_progress(optimizer_id, iteration, value, metrics \\ %{}) do
+    with {:ok, optimizer_id} <- optimizer(optimizer_id),
+         {:ok, best} <- Native.lock_progress(table(), optimizer_id, iteration, value, metrics) do
+      Telemetry.execute(
+        [:dspex, :optimization, :progress],
+        %{iteration: iteration},
+        %{optimizer_id: optimizer_id, best: best, value: value, metrics: metrics}
+      )
+
+      {:ok, best}
+    end
+  end
+
+  @doc """
+  The lock on `var_id`: `{:ok, %{optimizer_id, pid, token, acquired_at,
+  lease_left_ms, iteration, waiters}}` or `{:error, :not_locked}`.
+  Options: `session_id:`, `principal:`.
+  """
+  @spec get_lock_info(key, keyword) :: {:ok, map} | {:error, :not_locked | reason}
+  def get_lock_info(var_id, opts \\ []) do
+    with {:ok, opts} <- validate(opts, [:session_id, :principal]),
+         {:ok, key} <- key(var_id, opts) do
+      case Native.lock_info(table(), key) do
+        nil -> {:error, :not_locked}
+        info -> {:ok, %{info | acquired_at: datetime(info.acquired_at)}}
+      end
+    end
+  end
+
+  @doc """
+  An active optimization: `{:ok, %{optimizer_id, pid, keys, iteration,
+  reports, best_value, best_metrics, best_iteration, started_at,
+  last_update}}` or `{:error, :not_found}`.
+  """
+  @spec get_optimization_status(optimizer_id) :: {:ok, map} | {:error, :not_found | reason}
+  def get_optimization_status(optimizer_id) do
+    with {:ok, optimizer_id} <- optimizer(optimizer_id) do
+      case Native.lock_status(table(), optimizer_id) do
+        nil -> {:error, :not_found}
+        status -> {:ok, status(status)}
+      end
+    end
+  end
+
+  @doc "Every active optimization (one holding at least one lock), by optimizer id."
+  @spec get_all_active_optimizations() :: {:ok, [map]}
+  def get_all_active_optimizations do
+    {:ok, Enum.map(Native.lock_active(table()), &status/1)}
+  end
+
+  ## Session variables (used by SessionStore)
+
+  @doc false
+  def start_optimization(session_id, ident, pid, opts) do
+    {id, opts} = Keyword.pop_lazy(opts, :optimizer_id, &new_optimizer_id/0)
+    opts = Keyword.put_new(opts, :conflict_resolution, :abort)
+
+    case acquire(ident, id, pid, [{:session_id, session_id} | opts]) do
+      {:ok, _how, token} ->
+        {:ok, %{optimizer_id: to_string(id), token: token}}
+
+      {:error, {:lock_held_by, _}} ->
+        case get_lock_info(ident, session_id: session_id, principal: opts[:principal]) do
+          {:ok, info} ->
+            status = %{
+              optimizing: true,
+              optimizer_id: info.optimizer_id,
+              optimizer_pid: info.pid,
+              started_at: info.acquired_at,
+              token: info.token
+            }
+
+            {:error, {:already_optimizing, status}}
+
+          # Released in between: one retry is enough to be fair.
+          {:error, :not_locked} ->
+            start_optimization(session_id, ident, pid, [{:optimizer_id, id} | opts])
+
+          error ->
+            error
+        end
+
+      error ->
+        error
+    end
+  end
+
+  @doc false
+  def stop_optimization(session_id, ident, opts) do
+    with {:ok, opts} <- validate(opts, [:optimizer_id, :principal]),
+         {:ok, key} <- key(ident, session_id: session_id, principal: opts[:principal]) do
+      result =
+        case opts[:optimizer_id] do
+          nil ->
+            Native.lock_release_any(table(), key)
+
+          id ->
+            with {:ok, id} <- optimizer(id),
+                 {:ok, token, finished} <- Native.lock_release(table(), key, id) do
+              {:ok, token, finished, id}
+            end
+        end
+
+      case result do
+        {:ok, token, finished, id} ->
+          ended(key, id, token, finished, :released)
+          :ok
+
+        {:error, :not_lock_owner} = error ->
+          if Native.lock_info(table(), key), do: error, else: {:error, :not_optimizing}
+
+        error ->
+          error
+      end
+    end
+  end
+
+  ## The acquire path
+
+  defp acquire(var_id, optimizer_id, pid, opts) do
+    with {:ok, opts} <- validate(opts, @acquire_opts),
+         {:ok, optimizer_id} <- optimizer(optimizer_id),
+         {:ok, mode} <- conflict(opts[:conflict_resolution] || :wait),
+         {:ok, timeout} <- timeout(Keyword.get(opts, :timeout, 5_000)),
+         {:ok, lease} <- lease(opts[:lease]),
+         :ok <- check_pid(pid),
+         {:ok, key} <- key(var_id, opts) do
+      if lease, do: hint_lease(lease)
+      run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence(key, opts))
+    end
+  end
+
+  defp run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence) do
+    start = start_time()
+    table = table()
+
+    case Native.lock_acquire(table, key, optimizer_id, pid, mode, timeout, lease, fence) do
+      {:ok, :granted, token, started} ->
+        acquired(key, optimizer_id, pid, token, started, :immediate, start)
+        {:ok, :lock_acquired, token}
+
+      {:ok, :already_held, token} ->
+        {:ok, :lock_acquired, token}
+
+      {:ok, :preempted, token, started, previous} ->
+        preempted(var_id, key, previous, optimizer_id)
+        acquired(key, optimizer_id, pid, token, started, :preempted, start)
+        {:ok, :lock_acquired, token}
+
+      {:wait, waiter} ->
+        conflict_event(key, optimizer_id, mode)
+
+        case await_grant(table, key, waiter, timeout) do
+          {:ok, token, started, nil} ->
+            acquired(key, optimizer_id, pid, token, started, :after_wait, start)
+            {:ok, :lock_acquired_after_wait, token}
+
+          # The holder reached the preemption threshold while we waited.
+          {:ok, token, started, previous} ->
+            preempted(var_id, key, previous, optimizer_id)
+            acquired(key, optimizer_id, pid, token, started, :preempted, start)
+            {:ok, :lock_acquired_after_wait, token}
+
+          error ->
+            error
+        end
+
+      {:error, {:lock_held_by, _}} = error ->
+        conflict_event(key, optimizer_id, mode)
+        error
+
+      error ->
+        error
+    end
+  end
+
+  # The grant is a message from whoever freed the lock. On timeout the
+  # request is cancelled in the table; if it was granted meanwhile, the
+  # grant message is already on its way and the lock is ours.
+  defp await_grant(table, key, waiter, timeout) do
+    receive do
+      {:dspex_lock_granted, ^waiter, token, started, previous} ->
+        {:ok, token, started, previous}
+    after
+      timeout_ms(timeout) ->
+        case Native.lock_cancel(table, key, waiter) do
+          :removed ->
+            {:error, :timeout}
+
+          {:granted, _token} ->
+            receive do
+              {:dspex_lock_granted, ^waiter, token, started, previous} ->
+                {:ok, token, started, previous}
+            end
+
+          :gone ->
+            receive do
+              {:dspex_lock_granted, ^waiter, _, _, _} -> :ok
+            after
+              0 -> :ok
+            end
+
+            {:error, :timeout}
+        end
+    end
+  end
+
+  defp timeout_ms(nil), do: :infinity
+  defp timeout_ms(ms), do: ms
+
+  ## GenServer: lease sweeps and events from the lock table
+
+  @impl true
+  def init(opts) do
+    env = Application.get_env(:dspex_bridge, __MODULE__, [])
+    opts = Keyword.merge(env, opts)
+    lease = Keyword.get(opts, :lease, :timer.minutes(5))
+    preempt_after = Keyword.get(opts, :preempt_after, 10)
+    sweep = Keyword.get(opts, :sweep_interval, 1_000)
+
+    unless is_integer(lease) and lease > 0,
+      do: raise(ArgumentError, "lease must be a positive integer, got: #{inspect(lease)}")
+
+    unless preempt_after == :never or (is_integer(preempt_after) and preempt_after >= 0),
+      do: raise(ArgumentError, "preempt_after must be an integer or :never")
+
+    unless is_integer(sweep) and sweep > 0,
+      do: raise(ArgumentError, "sweep_interval must be a positive integer")
+
+    table =
+      case :persistent_term.get(@table_key, nil) do
+        nil ->
+          {:ok, table} =
+            Native.lock_table_new(
+              lease,
+              if(preempt_after == :never, do: @never, else: preempt_after)
+            )
+
+          :persistent_term.put(@table_key, table)
+          table
+
+        table ->
+          table
+      end
+
+    :ok = Native.lock_listen(table, self())
+    send(self(), :sweep)
+    {:ok, %{table: table, sweep: sweep, timer: nil}}
+  end
+
+  @impl true
+  def handle_info(:sweep, state) do
+    next = Native.lock_expire(state.table)
+    wait = if is_integer(next), do: min(max(next, 1), state.sweep), else: state.sweep
+    {:noreply, %{state | timer: Process.send_after(self(), :sweep, wait)}}
+  end
+
+  # A grant with a custom lease may end before the next planned sweep.
+  def handle_info({:lease, ms}, state) when is_integer(ms) do
+    left = state.timer && Process.read_timer(state.timer)
+
+    if is_integer(left) and left > ms do
+      Process.cancel_timer(state.timer)
+      {:noreply, %{state | timer: Process.send_after(self(), :sweep, max(ms, 1))}}
+    else
+      {:noreply, state}
+    end
+  end
+
+  def handle_info({:dspex_lock_ended, reason, key, optimizer_id, pid, token, finished}, state) do
+    if reason == :expired do
+      emit([:dspex, :optimization, :lock_expired], fn ->
+        {now(), %{key: key, optimizer_id: optimizer_id, pid: pid, token: token}}
+      end)
+    end
+
+    ended(key, optimizer_id, token, finished, reason)
+
+    {:noreply, state}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  ## Helpers
+
+  defp table do
+    :persistent_term.get(@table_key, nil) ||
+      raise ArgumentError, "DSPex.Bridge.OptimizerCoordinator is not started"
+  end
+
+  defp validate([], _allowed), do: {:ok, []}
+
+  defp validate(opts, allowed) when is_list(opts) do
+    case Keyword.validate(opts, allowed) do
+      {:ok, opts} -> {:ok, opts}
+      {:error, unknown} -> {:error, {:invalid_argument, {:unknown_options, unknown}}}
+    end
+  rescue
+    ArgumentError -> {:error, {:invalid_argument, {:options, opts}}}
+  end
+
+  defp validate(opts, _allowed), do: {:error, {:invalid_argument, {:options, opts}}}
+
+  defp optimizer(id) when is_binary(id) and byte_size(id) in 1..255, do: {:ok, id}
+
+  defp optimizer(id) when is_atom(id) and id not in [nil, true, false],
+    do: optimizer(Atom.to_string(id))
+
+  defp optimizer(id), do: {:error, {:invalid_argument, {:optimizer_id, id}}}
+
+  defp conflict(mode) when mode in [:wait, :abort, :preempt], do: {:ok, mode}
+  defp conflict(mode), do: {:error, {:invalid_argument, {:conflict_resolution, mode}}}
+
+  defp timeout(:infinity), do: {:ok, nil}
+  defp timeout(ms) when is_integer(ms) and ms >= 0, do: {:ok, ms}
+  defp timeout(ms), do: {:error, {:invalid_argument, {:timeout, ms}}}
+
+  defp lease(nil), do: {:ok, nil}
+  defp lease(ms) when is_integer(ms) and ms > 0, do: {:ok, ms}
+  defp lease(ms), do: {:error, {:invalid_argument, {:lease, ms}}}
+
+  defp hint_lease(ms) do
+    if pid = Process.whereis(__MODULE__), do: send(pid, {:lease, ms})
+  end
+
+  defp check_pid(pid) when is_pid(pid) and node(pid) == node(), do: :ok
+  defp check_pid(pid), do: {:error, {:invalid_argument, {:pid, pid}}}
+
+  # Session variables lock under {session_id, var_id}, so a name and its id
+  # are the same lock.
+  defp key(var_id, opts) do
+    case opts[:session_id] do
+      nil ->
+        {:ok, var_id}
+
+      sid ->
+        with {:ok, %{id: id}} <-
+               SessionStore.backend().get_variable(sid, var_id, opts[:principal]) do
+          {:ok, {sid, id}}
+        end
+    end
+  end
+
+  # Writes are fenced inside the engine, so on sessions of the NIF backend;
+  # a port session's variables are locked for optimizers but not fenced.
+  defp fence({sid, id}, opts) do
+    if opts[:session_id] && Router.kind_of(sid) == :nif,
+      do: {NativeBackend.store(), sid, id, opts[:principal]}
+  end
+
+  defp fence(_key, _opts), do: nil
+
+  defp new_optimizer_id, do: "opt_#{System.unique_integer([:positive])}"
+
+  defp status(status) do
+    %{
+      status
+      | started_at: datetime(status.started_at),
+        last_update: datetime(status.last_update)
+    }
+  end
+
+  defp datetime(us), do: DateTime.from_unix!(us, :microsecond)
+
+  ## Telemetry
+  #
+  # Events are built only when a handler may see them: the uncontended
+  # acquire/release cycle costs less than the clock reads they need.
+
+  defp emit(event, build) do
+    if Telemetry.enabled?(event) do
+      {measurements, metadata} = build.()
+      Telemetry.execute(event, measurements, metadata)
+    end
+
+    :ok
+  end
+
+  defp now, do: %{system_time: System.system_time()}
+
+  # What an acquire will report: the start time when `:lock_acquired` is
+  # observed, and whether `:started` is.
+  defp start_time do
+    {acquired?, started?} = Telemetry.enabled?(@lock_acquired, @started)
+    {acquired? && System.monotonic_time(), started?}
+  end
+
+  defp acquired(key, optimizer_id, pid, token, started, how, {start, started?}) do
+    if start do
+      Telemetry.execute(@lock_acquired, %{wait_us: Telemetry.since_us(start)}, %{
+        key: key,
+        optimizer_id: optimizer_id,
+        pid: pid,
+        token: token,
+        how: how
+      })
+    end
+
+    if started and started? do
+      Telemetry.execute(@started, now(), %{optimizer_id: optimizer_id, key: key, pid: pid})
+    end
+  end
+
+  defp conflict_event(key, optimizer_id, mode) do
+    emit([:dspex, :optimization, :lock_conflict], fn ->
+      {now(), %{key: key, optimizer_id: optimizer_id, resolution: mode}}
+    end)
+  end
+
+  defp preempted(var_id, key, {previous, pid, token, finished}, by) do
+    if is_pid(pid), do: send(pid, {:optimization_preempted, var_id})
+
+    emit([:dspex, :optimization, :preempted], fn ->
+      {now(), %{key: key, optimizer_id: previous, pid: pid, token: token, preempted_by: by}}
+    end)
+
+    ended(key, previous, token, finished, :preempted)
+  end
+
+  # A holder lost its lock: `:lock_released`, and when it held no other
+  # lock `:completed` (released) or `:failed` (anything else).
+  defp ended(key, optimizer_id, token, finished, reason) do
+    over = if reason == :released, do: @completed, else: @failed
+    {released?, over?} = Telemetry.enabled?(@lock_released, over)
+
+    if released? do
+      Telemetry.execute(@lock_released, now(), %{
+        key: key,
+        optimizer_id: optimizer_id,
+        token: token,
+        reason: reason
+      })
+    end
+
+    cond do
+      not (finished and over?) ->
+        :ok
+
+      reason == :released ->
+        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key})
+
+      true ->
+        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key, reason: reason})
+    end
+
+    :ok
+  end
+end
