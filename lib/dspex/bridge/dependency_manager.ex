@@ -259,9 +259,11 @@ defmodule DSPex.Bridge.DependencyManager do
   def dead_letters(session_id), do: call(session_id, :dead_letters, {:ok, []})
 
   @doc """
-  Recomputes every variable in the dead letters now, from the current
-  values of its inputs, and propagates from it. Entries that succeed leave
-  the list: `{:ok, %{replayed: n, failed: m}}`.
+  Recomputes every derived variable in the dead letters now, from the
+  current values of its inputs, and propagates from it. Entries that succeed
+  leave the list, as do failures that happen again (they come back as new
+  entries): `{:ok, %{replayed: n, failed: m}}`. Entries for rejected
+  `propagate_change/4` writes are not recomputations and stay.
   """
   @spec replay_dead_letters(session_id) :: {:ok, map} | {:error, reason}
   def replay_dead_letters(session_id),

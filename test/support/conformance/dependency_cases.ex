@@ -296,6 +296,10 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
     assert {:ok, [%{variable: :inv, reason: %ArithmeticError{}, caused_by: [%{variable: :n}]}]} =
              DependencyManager.dead_letters(sid)
 
+    # Replaying while the input is still bad fails again, as a new entry.
+    assert {:ok, %{replayed: 0, failed: 1}} = DependencyManager.replay_dead_letters(sid)
+    assert {:ok, [%{variable: :inv, id: 2}]} = DependencyManager.dead_letters(sid)
+
     # The session carries on; a replay after fixing the input recomputes.
     {:ok, %{version: v}} = SessionStore.get_variable(sid, :n)
     :ok = SessionStore.update_variable(sid, :n, 4, %{expected_version: v})
@@ -365,6 +369,10 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
 
     assert {:ok, [%{variable: :a, reason: {:write_rejected, _}}]} =
              DependencyManager.dead_letters(sid)
+
+    # Not a recomputation: a replay leaves it.
+    assert {:ok, %{replayed: 0, failed: 0}} = DependencyManager.replay_dead_letters(sid)
+    assert {:ok, [%{variable: :a}]} = DependencyManager.dead_letters(sid)
   end
 
   conformance "defderived/6: sessions without derived variables have no worker; deletion stops it",

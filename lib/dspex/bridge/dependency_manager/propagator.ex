@@ -136,19 +136,25 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def handle_call(:dead_letters, _from, state),
     do: {:reply, {:ok, :queue.to_list(state.dead_letters)}, state}
 
+  # Recomputes the variables of the dead letters; letters that are not
+  # recomputations (a rejected `propagate_change/4` write) stay.
   def handle_call(:replay, _from, state) do
-    letters = :queue.to_list(state.dead_letters)
-    state = %{state | dead_letters: :queue.new(), dead_count: 0}
-
-    keys =
-      letters
-      |> Enum.map(&to_string(&1.variable))
-      |> Enum.uniq()
-      |> Enum.filter(&Map.has_key?(state.derived, &1))
+    derived? = &Map.has_key?(state.derived, to_string(&1.variable))
+    {replayable, kept} = state.dead_letters |> :queue.to_list() |> Enum.split_with(derived?)
+    keys = replayable |> Enum.map(&to_string(&1.variable)) |> Enum.uniq()
+    state = %{state | dead_letters: :queue.from_list(kept), dead_count: length(kept)}
 
     roots = Enum.map(keys, fn key -> {state.derived[key].name, [%{replay: true}]} end)
     state = propagate(state, roots, MapSet.new(keys))
-    failed = :queue.len(state.dead_letters)
+
+    failed =
+      state.dead_letters
+      |> :queue.to_list()
+      |> Enum.map(&to_string(&1.variable))
+      |> Enum.filter(&(&1 in keys))
+      |> Enum.uniq()
+      |> length()
+
     {:reply, {:ok, %{replayed: length(keys) - failed, failed: failed}}, state}
   end
 
@@ -317,6 +323,9 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
         {:error, state} ->
           {state, dirty, %{counts | failed: counts.failed + 1}}
+
+        {:gone, state} ->
+          {state, dirty, counts}
       end
     else
       _ -> acc
@@ -356,8 +365,9 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         d = %{d | status: :fresh, error: nil, computed_at: DateTime.utc_now()}
         {:ok, put_in(state.derived[d.key], d)}
 
+      # Deleted under us (the delete notice is on its way): forget it.
       :gone ->
-        {:error, %{state | derived: Map.delete(state.derived, d.key)}}
+        {:gone, %{state | derived: Map.delete(state.derived, d.key)}}
 
       {:error, reason} ->
         state = put_in(state.derived[d.key], %{d | status: :stale, error: dead_reason(reason)})
