@@ -388,6 +388,18 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
     assert Propagator.whereis(sid) == nil
   end
 
+  conformance "defderived/6: a write that reaches no derived variable makes no pass", %{sid: sid} do
+    vars(sid, [:a, :z])
+    {:ok, _} = DependencyManager.defderived(sid, :b, :integer, [:a], & &1.a)
+    ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :start]])
+    :ok = SessionStore.update_variable(sid, :z, 5)
+    :ok = DependencyManager.await_propagation(sid)
+    refute_receive {_, ^ref, _, %{session_id: ^sid}}
+    :ok = SessionStore.update_variable(sid, :a, 5)
+    :ok = DependencyManager.await_propagation(sid)
+    assert_receive {_, ^ref, _, %{session_id: ^sid, changed: [:a]}}
+  end
+
   conformance "defderived/6: a deleted derived variable is forgotten", %{sid: sid} do
     vars(sid, [:a])
     {:ok, _} = DependencyManager.defderived(sid, :b, :integer, [:a], & &1.a)

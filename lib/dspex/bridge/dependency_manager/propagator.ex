@@ -236,10 +236,28 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   # `roots` are `{ident, causes}`; `forced` are keys recomputed even when no
   # input is dirty (a replay).
+  # A pass: the update order of the changed variables, walked once. Writes
+  # that reach no derived variable end here, without events.
   defp propagate(state, roots, forced) do
     start = System.monotonic_time()
     changed = Enum.map(roots, &elem(&1, 0))
     sid = state.session_id
+
+    case update_order(sid, changed) do
+      {:ok, order} ->
+        if Enum.any?(order, &Map.has_key?(state.derived, to_string(&1))),
+          do: walk(state, roots, order, forced, start),
+          else: state
+
+      {:error, :session_not_found} ->
+        GenServer.cast(self(), :stop)
+        state
+    end
+  end
+
+  defp walk(state, roots, order, forced, start) do
+    sid = state.session_id
+    changed = Enum.map(roots, &elem(&1, 0))
 
     Telemetry.execute(
       [:dspex, :bridge, :propagation, :start],
@@ -247,30 +265,20 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
       %{session_id: sid, changed: changed}
     )
 
-    case update_order(sid, changed) do
-      {:ok, order} ->
-        dirty = root_keys(sid, roots, order)
+    dirty = root_keys(sid, roots, order)
 
-        {state, counts} =
-          Enum.reduce(order, {state, dirty, %{recomputed: 0, failed: 0}}, fn name, acc ->
-            step(acc, name, forced)
-          end)
-          |> then(fn {state, _dirty, counts} -> {state, counts} end)
+    {state, _dirty, counts} =
+      Enum.reduce(order, {state, dirty, %{recomputed: 0, failed: 0}}, &step(&2, &1, forced))
 
-        stop = System.monotonic_time()
+    stop = System.monotonic_time()
 
-        Telemetry.execute(
-          [:dspex, :bridge, :propagation, :stop],
-          Map.merge(counts, %{duration: stop - start, monotonic_time: stop}),
-          %{session_id: sid, changed: changed}
-        )
+    Telemetry.execute(
+      [:dspex, :bridge, :propagation, :stop],
+      Map.merge(counts, %{duration: stop - start, monotonic_time: stop}),
+      %{session_id: sid, changed: changed}
+    )
 
-        state
-
-      {:error, :session_not_found} ->
-        GenServer.cast(self(), :stop)
-        state
-    end
+    state
   end
 
   # The engine's order for the changed variables that still exist.
