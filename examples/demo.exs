@@ -12,6 +12,7 @@ defmodule Demo do
   def run do
     sid = "demo-tuning-#{System.unique_integer([:positive])}"
     sessions(sid)
+    dependencies(sid)
     optimizers()
     access_control()
     port_backend()
@@ -198,6 +199,73 @@ defmodule Demo do
     SessionStore.delete_session(sid)
   end
 
+  # Derived variables: a small pipeline that follows the tuner, recomputed
+  # in topological order after each change, once per change.
+  defp dependencies(sid) do
+    section("Dependencies: derived variables reacting to tuning")
+    alias DSPex.Bridge.DependencyManager, as: Deps
+
+    {:ok, _} = Deps.defderived(sid, :token_budget, :integer, [:max_tokens], &(&1.max_tokens * 4))
+
+    {:ok, _} =
+      Deps.defderived(sid, :sampling, :string, [:strategy, :temperature], fn v ->
+        "#{v.strategy} at t=#{v.temperature}"
+      end)
+
+    {:ok, _} =
+      Deps.defderived(sid, :cost_estimate, :float, [:token_budget, :temperature], fn v ->
+        Float.round(v.token_budget * 0.002 * (1 + v.temperature), 4)
+      end)
+
+    say("token_budget <- max_tokens; sampling <- strategy, temperature;")
+    say("cost_estimate <- token_budget, temperature")
+    {:ok, order} = Deps.get_update_order(sid, :max_tokens)
+    show("update order when max_tokens changes", order)
+    {:ok, mermaid} = Deps.visualize_graph(sid, :mermaid)
+    say("the graph, as Mermaid:")
+    IO.write(mermaid)
+
+    for {t, n} <- [{0.4, 512}, {0.9, 1024}] do
+      :ok = SessionStore.update_variables(sid, %{temperature: t, max_tokens: n}, atomic: true)
+      :ok = Deps.await_propagation(sid)
+      get = &SessionStore.get_variable_value(sid, &1)
+
+      say(
+        "  tuner set temperature=#{t}, max_tokens=#{n}: token_budget=#{get.(:token_budget)}, " <>
+          "sampling=#{inspect(get.(:sampling))}, cost_estimate=#{get.(:cost_estimate)}"
+      )
+    end
+
+    {:ok, cost} = SessionStore.get_variable(sid, :cost_estimate)
+    show("cost_estimate's last write names its causes", cost.last_write)
+
+    show(
+      "adding cost_estimate -> max_tokens",
+      Deps.add_dependency(sid, :cost_estimate, :max_tokens)
+    )
+
+    {:ok, _} =
+      Deps.defderived(sid, :tokens_per_degree, :float, [:max_tokens, :temperature], fn v ->
+        v.max_tokens / v.temperature
+      end)
+
+    :ok = SessionStore.update_variable(sid, :temperature, 0.0)
+    :ok = Deps.await_propagation(sid)
+    {:ok, status} = Deps.derived_status(sid, :tokens_per_degree)
+    say("temperature=0.0 makes tokens_per_degree's function raise:")
+    show("status", Map.take(status, [:status, :error]))
+    show("value kept", SessionStore.get_variable_value(sid, :tokens_per_degree))
+    {:ok, [letter | _]} = Deps.dead_letters(sid)
+    show("dead letter", Map.take(letter, [:variable, :reason, :caused_by]))
+    :ok = SessionStore.update_variable(sid, :temperature, 0.8)
+    :ok = Deps.await_propagation(sid)
+    {:ok, %{status: status}} = Deps.derived_status(sid, :tokens_per_degree)
+
+    say(
+      "temperature=0.8: tokens_per_degree=#{SessionStore.get_variable_value(sid, :tokens_per_degree)}, #{status} again"
+    )
+  end
+
   # The same API on the port backend: the engine in its own OS process.
   # A variable shared across sessions: readable by anyone, writable by
   # "admin_*" only; denials audited; a rate-limited session.
@@ -360,7 +428,7 @@ defmodule Demo do
 
     now = System.os_time(:microsecond)
     {:ok, p99} = Analytics.get_metrics(:read_latency, now - 60_000_000, now, :p99)
-    say("p99 read latency over the last minute: #{us(p99)} (durations are whole microseconds)")
+    say("p99 read latency over the last minute: #{us(p99)}")
 
     say("Prometheus (a few lines of Analytics.prometheus_text/0):")
 

@@ -38,6 +38,29 @@ defmodule DSPex.Variables do
   def defvariable!(ctx, name, type, initial, opts \\ []),
     do: bang(defvariable(ctx, name, type, initial, opts), name)
 
+  @doc """
+  Defines `name`, a variable computed by `compute_fun` from `inputs` and
+  recomputed whenever one of them changes (see
+  `DSPex.Bridge.DependencyManager.defderived/6`). Dependencies live in the
+  session, so this bridges a local context first.
+
+      {:ok, _} = DSPex.Variables.defderived(ctx, :budget, :integer, [:max_tokens],
+                   fn %{max_tokens: n} -> n * 4 end)
+  """
+  @spec defderived(ctx, name, atom, [name, ...], (map -> term), keyword) ::
+          {:ok, String.t()} | {:error, term}
+  def defderived(ctx, name, type, inputs, compute_fun, opts \\ []) do
+    with :ok <- Context.ensure_bridged(ctx),
+         {:ok, sid} <- Context.session_id(ctx) do
+      DSPex.Bridge.DependencyManager.defderived(sid, name, type, inputs, compute_fun, opts)
+    end
+  end
+
+  @doc "As `defderived/6`; returns the id or raises."
+  @spec defderived!(ctx, name, atom, [name, ...], (map -> term), keyword) :: String.t()
+  def defderived!(ctx, name, type, inputs, compute_fun, opts \\ []),
+    do: bang(defderived(ctx, name, type, inputs, compute_fun, opts), name)
+
   @doc "The value of `name`, or `default` when there is no such variable."
   @spec get(ctx, name, term) :: term
   def get(ctx, name, default \\ nil) do

@@ -30,6 +30,9 @@ defmodule DSPex.Bridge.Application do
              ]
            ]}
       },
+      {Registry, keys: :unique, name: DSPex.Bridge.DependencyManager.Registry},
+      {DynamicSupervisor,
+       name: DSPex.Bridge.DependencyManager.Supervisor, strategy: :one_for_one},
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
       DSPex.Bridge.OptimizerCoordinator

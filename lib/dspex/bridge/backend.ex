@@ -54,4 +54,18 @@ defmodule DSPex.Bridge.Backend do
   @callback check_access(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
   @callback authorize(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
   @callback audit_log(sid, limit :: non_neg_integer) :: {:ok, [map]} | {:error, reason}
+  # Dependency graph (DSPex.Bridge.DependencyManager)
+  @callback graph_add_edge(sid, from :: ident, to :: ident, type :: atom, principal) ::
+              {:ok, new? :: boolean} | {:error, reason}
+  @callback graph_remove_edge(sid, from :: ident, to :: ident, principal) ::
+              {:ok, removed? :: boolean} | {:error, reason}
+  @callback graph_clear(sid, ident, principal) :: {:ok, non_neg_integer} | {:error, reason}
+  @callback graph_dependencies(sid, ident, transitive :: boolean, principal) ::
+              {:ok, [ident]} | {:error, reason}
+  @callback graph_dependents(sid, ident, transitive :: boolean, principal) ::
+              {:ok, [ident]} | {:error, reason}
+  @callback graph_update_order(sid, [ident], principal) :: {:ok, [ident]} | {:error, reason}
+  @callback graph_render(sid, format :: :dot | :mermaid, principal) ::
+              {:ok, binary} | {:error, reason}
+  @callback graph_info(sid, principal) :: {:ok, map} | {:error, reason}
 end

@@ -74,6 +74,16 @@ defmodule DSPex.Bridge.Native do
   def log_subscribe(_pid), do: err()
   def log_dropped, do: err()
   def log_emit(_level, _message), do: err()
+  # dependency graph
+  def graph_add_edge(_store, _sid, _from, _to, _type, _principal), do: err()
+  def graph_add_edge_dirty(_store, _sid, _from, _to, _type, _principal), do: err()
+  def graph_remove_edge(_store, _sid, _from, _to, _principal), do: err()
+  def graph_clear(_store, _sid, _var, _principal), do: err()
+  def graph_dependencies(_store, _sid, _var, _transitive, _principal), do: err()
+  def graph_dependents(_store, _sid, _var, _transitive, _principal), do: err()
+  def graph_update_order(_store, _sid, _changed, _principal), do: err()
+  def graph_render(_store, _sid, _format, _principal), do: err()
+  def graph_info(_store, _sid, _principal), do: err()
 
   defp err, do: :erlang.nif_error(:nif_not_loaded)
 end

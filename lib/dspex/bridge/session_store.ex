@@ -76,6 +76,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   alias DSPex.Bridge.{AccessControl, Telemetry}
   alias DSPex.Bridge.Backend.Router
+  alias DSPex.Bridge.DependencyManager.Propagator
 
   @type session_id :: String.t()
   @type ident :: atom | String.t()
@@ -176,6 +177,8 @@ defmodule DSPex.Bridge.SessionStore do
   @spec delete_session(session_id) :: :ok | {:error, reason}
   def delete_session(session_id) do
     with :ok <- backend().delete_session(session_id) do
+      Propagator.session_closed(session_id)
+
       Telemetry.execute(
         [:dspex, :bridge, :session, :deleted],
         %{system_time: System.system_time()},
@@ -385,7 +388,7 @@ defmodule DSPex.Bridge.SessionStore do
         written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
       else
         case backend().set_value(session_id, ident, value, metadata, expected, principal) do
-          {:ok, _version} -> :ok
+          {:ok, version} -> Propagator.notify_write(session_id, ident, version)
           error -> written(error, session_id, ident, metadata, expected, 0)
         end
       end
@@ -428,6 +431,7 @@ defmodule DSPex.Bridge.SessionStore do
           Enum.zip(normalized, results)
           |> Enum.each(fn {{ident, _, meta, _}, version} ->
             emit_write(session_id, ident, meta, version, us)
+            Propagator.notify_write(session_id, ident, version)
           end)
 
           :ok
@@ -440,6 +444,7 @@ defmodule DSPex.Bridge.SessionStore do
             |> Map.new(fn
               {{ident, _, meta, _}, {:ok, version}} ->
                 emit_write(session_id, ident, meta, version, us)
+                Propagator.notify_write(session_id, ident, version)
                 {ident, :ok}
 
               {{ident, _, _, _}, {:error, _} = error} ->
@@ -512,7 +517,7 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
-  @doc "Deletes a variable (and, once dependencies exist, its edges). Needs `:write`."
+  @doc "Deletes a variable and its dependency edges. Needs `:write`."
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
   def delete_variable(session_id, ident, opts \\ []) do
     caller = AccessControl.caller(opts)
@@ -520,6 +525,10 @@ defmodule DSPex.Bridge.SessionStore do
     session_id
     |> backend().delete_variable(ident, caller)
     |> AccessControl.refusal(session_id, ident, caller, :write)
+    |> case do
+      :ok -> Propagator.notify_delete(session_id, ident)
+      error -> error
+    end
   end
 
   @doc """
@@ -595,7 +604,7 @@ defmodule DSPex.Bridge.SessionStore do
           %{session_id: session_id, variable: ident}
         )
 
-        :ok
+        Propagator.notify_write(session_id, ident, new_version)
 
       error ->
         AccessControl.refusal(error, session_id, ident, caller, :write)
@@ -659,6 +668,8 @@ defmodule DSPex.Bridge.SessionStore do
   @impl true
   def handle_info(:sweep, state) do
     for sid <- backend().sweep_expired() do
+      Propagator.session_closed(sid)
+
       Telemetry.execute(
         [:dspex, :bridge, :session, :expired],
         %{system_time: System.system_time()},
@@ -695,7 +706,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   defp written({:ok, version}, session_id, ident, metadata, _expected, us) do
     emit_write(session_id, ident, metadata, version, us)
-    :ok
+    Propagator.notify_write(session_id, ident, version)
   end
 
   defp written({:error, {:version_mismatch, current}} = error, session_id, ident, _, expected, _) do

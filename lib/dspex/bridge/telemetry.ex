@@ -48,6 +48,21 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
   | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`; `nil` when a write found the pipe closed before the status was reaped) |
 
+  ### Dependencies (`DSPex.Bridge.DependencyManager`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :dependency, :added]` | `system_time` | `session_id`, `from`, `to`, `type` |
+  | `[:dspex, :bridge, :dependency, :removed]` | `count` | `session_id`, `from`, `to` (`nil` for `clear_dependencies/2`, which adds `variable`) |
+  | `[:dspex, :bridge, :dependency, :cycle_detected]` | `system_time`, `path_length` | `session_id`, `from`, `to`, `path` (`[from, to, .., from]`) |
+  | `[:dspex, :bridge, :propagation, :start]` | `system_time`, `monotonic_time` | `session_id`, `changed` (the variables written) |
+  | `[:dspex, :bridge, :propagation, :stop]` | `duration`, `monotonic_time`, `recomputed`, `failed` | `session_id`, `changed` |
+  | `[:dspex, :bridge, :propagation, :exception]` | `duration`, `monotonic_time` | `session_id`, `variable`, `kind`, `reason`, `stacktrace`, `caused_by` |
+
+  A propagation pass emits `:start`, one `:exception` per derived variable
+  whose compute function raised or whose result was rejected (the pass goes
+  on), then `:stop`.
+
   ### Optimizer coordination (`DSPex.Bridge.OptimizerCoordinator`)
 
   `key` is the lock key: the term given as `var_id`, or `{session_id,

@@ -29,6 +29,7 @@ use crate::audit::{self, AuditEntry};
 use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
 use crate::glob::Glob;
+use crate::graph::{Direction, Format, DEFAULT_EDGE_TYPE};
 use crate::ratelimit::RateLimit;
 use crate::session::{access_rules_of, RegisterOpts, Session, SessionOpts, Update};
 use crate::store::Store;
@@ -228,6 +229,87 @@ pub enum Command {
         #[serde(default)]
         limit: Option<u64>,
     },
+    /// `from -> to` (`to` depends on `from`): `{:ok, new?}`, or
+    /// `{:error, {:would_create_cycle, path}}`, `:self_dependency`,
+    /// `{:not_found, ident}`. `edge_type` is an atom (default `:data`).
+    GraphAddEdge {
+        session: String,
+        from: Value,
+        to: Value,
+        #[serde(default)]
+        edge_type: Option<Value>,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// `{:ok, removed?}`
+    GraphRemoveEdge {
+        session: String,
+        from: Value,
+        to: Value,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// Removes every edge touching `ident`: `{:ok, count}`.
+    GraphClear {
+        session: String,
+        ident: Value,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// What `ident` depends on, in topological order: `{:ok, [name]}`.
+    GraphDependencies {
+        session: String,
+        ident: Value,
+        #[serde(default)]
+        transitive: bool,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// What depends on `ident`, in topological order: `{:ok, [name]}`.
+    GraphDependents {
+        session: String,
+        ident: Value,
+        #[serde(default)]
+        transitive: bool,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// `{:ok, [changed.., dependents..]}` in update order.
+    GraphUpdateOrder {
+        session: String,
+        changed: Vec<Value>,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// The graph as text, `format` `:dot` or `:mermaid`: `{:ok, binary}`.
+    GraphRender {
+        session: String,
+        format: Value,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// `{:ok, %{edges: n, vertices: n}}`
+    GraphInfo {
+        session: String,
+        #[serde(default)]
+        principal: Option<String>,
+        #[serde(default)]
+        context: Option<Value>,
+    },
 }
 
 /// One write of [`Command::VarSetMany`]: `[ident, value]` or a map with
@@ -264,6 +346,14 @@ impl Command {
             Command::VarDelete { .. } => "var_delete",
             Command::VarList { .. } => "var_list",
             Command::VarNames { .. } => "var_names",
+            Command::GraphAddEdge { .. } => "graph_add_edge",
+            Command::GraphRemoveEdge { .. } => "graph_remove_edge",
+            Command::GraphClear { .. } => "graph_clear",
+            Command::GraphDependencies { .. } => "graph_dependencies",
+            Command::GraphDependents { .. } => "graph_dependents",
+            Command::GraphUpdateOrder { .. } => "graph_update_order",
+            Command::GraphRender { .. } => "graph_render",
+            Command::GraphInfo { .. } => "graph_info",
             Command::AclSetRules { .. } => "acl_set_rules",
             Command::AclCheck { .. } => "acl_check",
             Command::AclAuthorize { .. } => "acl_authorize",
@@ -282,7 +372,12 @@ impl Command {
             | Command::SessionExport { .. }
             | Command::SessionImport { .. }
             | Command::VarList { .. }
-            | Command::VarNames { .. } => true,
+            | Command::VarNames { .. }
+            | Command::GraphAddEdge { .. }
+            | Command::GraphDependencies { .. }
+            | Command::GraphDependents { .. }
+            | Command::GraphUpdateOrder { .. }
+            | Command::GraphRender { .. } => true,
             Command::VarSetMany { updates, .. } => updates.len() > 64,
             _ => false,
         }
@@ -593,6 +688,118 @@ impl Store {
                 Ok(V(Value::List(
                     entries.iter().map(audit_entry_value).collect(),
                 )))
+            }
+            Command::GraphAddEdge {
+                session,
+                from,
+                to,
+                edge_type,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let edge_type = match &edge_type {
+                    None | Some(Value::Nil) => DEFAULT_EDGE_TYPE,
+                    Some(Value::Atom(t)) => t,
+                    Some(_) => {
+                        return Err(Error::InvalidArgument(Value::tagged(
+                            "edge_type",
+                            Value::atom("expected_atom"),
+                        )))
+                    }
+                };
+                let added = self.with_session(&session, |s| {
+                    s.add_dependency(&from, &to, edge_type, &caller)
+                })??;
+                Ok(V(Value::Bool(added)))
+            }
+            Command::GraphRemoveEdge {
+                session,
+                from,
+                to,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let removed =
+                    self.with_session(&session, |s| s.remove_dependency(&from, &to, &caller))??;
+                Ok(V(Value::Bool(removed)))
+            }
+            Command::GraphClear {
+                session,
+                ident,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let n =
+                    self.with_session(&session, |s| s.clear_dependencies(&ident, &caller))??;
+                Ok(V(version_value(n as u64)))
+            }
+            Command::GraphDependencies {
+                session,
+                ident,
+                transitive,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                self.with_session(&session, |s| {
+                    s.dependencies_of(&ident, Direction::Dependencies, transitive, &caller)
+                })?
+                .map(|names| V(Value::List(names.into())))
+            }
+            Command::GraphDependents {
+                session,
+                ident,
+                transitive,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                self.with_session(&session, |s| {
+                    s.dependencies_of(&ident, Direction::Dependents, transitive, &caller)
+                })?
+                .map(|names| V(Value::List(names.into())))
+            }
+            Command::GraphUpdateOrder {
+                session,
+                changed,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                self.with_session(&session, |s| s.update_order(&changed, &caller))?
+                    .map(|names| V(Value::List(names.into())))
+            }
+            Command::GraphRender {
+                session,
+                format,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                let format = match &format {
+                    Value::Atom(f) => Format::parse(f)?,
+                    _ => {
+                        return Err(Error::InvalidArgument(Value::tagged(
+                            "format",
+                            Value::atom("expected_atom"),
+                        )))
+                    }
+                };
+                let text =
+                    self.with_session(&session, |s| s.render_dependencies(format, &caller))??;
+                Ok(V(Value::Str(text.into())))
+            }
+            Command::GraphInfo {
+                session,
+                principal,
+                context,
+            } => {
+                let caller = caller(&principal, &context);
+                self.with_session(&session, |s| s.dependency_info(&caller))?
+                    .map(V)
             }
         }
     }
@@ -1181,6 +1388,73 @@ mod tests {
             ),
             Value::Tuple(_)
         ));
+    }
+
+    #[test]
+    fn graph_commands() {
+        let store = Store::new();
+        assert_eq!(run(&store, create("g")), Value::atom("ok"));
+        for name in ["a", "b", "c"] {
+            run(&store, register("g", name, "integer", Value::Int(0)));
+        }
+        let edge = |from: &str, to: &str| Command::GraphAddEdge {
+            session: "g".into(),
+            from: Value::atom(from),
+            to: Value::atom(to),
+            edge_type: None,
+            principal: None,
+            context: None,
+        };
+        assert_eq!(run(&store, edge("a", "b")), ok(Value::Bool(true)));
+        assert_eq!(run(&store, edge("a", "b")), ok(Value::Bool(false)));
+        assert_eq!(run(&store, edge("b", "c")), ok(Value::Bool(true)));
+        let path = ["c", "a", "b", "c"].map(Value::atom).to_vec();
+        assert_eq!(
+            run(&store, edge("c", "a")),
+            err(Value::tagged(
+                "would_create_cycle",
+                Value::List(path.into())
+            ))
+        );
+        assert_eq!(
+            run(&store, edge("a", "a")),
+            err(Value::atom("self_dependency"))
+        );
+        assert_eq!(
+            run(&store, edge("a", "zz")),
+            err(Value::tagged("not_found", Value::atom("zz")))
+        );
+        let order = Command::GraphUpdateOrder {
+            session: "g".into(),
+            changed: vec![Value::atom("a")],
+            principal: None,
+            context: None,
+        };
+        let abc = ["a", "b", "c"].map(Value::atom).to_vec();
+        assert_eq!(run(&store, order), ok(Value::List(abc.into())));
+        let deps = Command::GraphDependencies {
+            session: "g".into(),
+            ident: Value::atom("c"),
+            transitive: true,
+            principal: None,
+            context: None,
+        };
+        let ab = ["a", "b"].map(Value::atom).to_vec();
+        assert_eq!(run(&store, deps), ok(Value::List(ab.into())));
+        let render = Command::GraphRender {
+            session: "g".into(),
+            format: Value::atom("mermaid"),
+            principal: Some("intruder".into()),
+            context: None,
+        };
+        assert_eq!(run(&store, render), err(Value::atom("access_denied")));
+        let clear = Command::GraphClear {
+            session: "g".into(),
+            ident: Value::atom("b"),
+            principal: None,
+            context: None,
+        };
+        assert_eq!(run(&store, clear), ok(Value::Int(2)));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::acl::Acl;
 use crate::audit::{AuditEntry, AuditEvent, AuditRing, DEFAULT_CAPACITY};
 use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
+use crate::graph::SessionGraph;
 use crate::limits::Limits;
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::time::now_us;
@@ -87,6 +88,7 @@ pub struct Session {
     by_id: ConcurrentMap<Box<str>, VarCell>,
     limiter: Option<TokenBucket>,
     audit: AuditRing,
+    dependencies: SessionGraph,
 }
 
 /// Touches to `last_access` closer together than this are skipped, so the
@@ -107,7 +109,13 @@ impl Session {
             limiter: opts.rate_limit.map(TokenBucket::new),
             audit: AuditRing::new(opts.audit_capacity),
             opts,
+            dependencies: SessionGraph::default(),
         }
+    }
+
+    /// Which variables depend on which (see `graph.rs`).
+    pub fn dependencies(&self) -> &SessionGraph {
+        &self.dependencies
     }
 
     pub fn limits(&self) -> &Limits {
@@ -445,6 +453,9 @@ impl Session {
             .ok_or(Error::NotFound)?;
         self.by_name.remove(&key);
         self.by_id.remove(&var.id);
+        // After the variable is gone, so an edge being added concurrently
+        // either sees it missing or is removed here.
+        self.dependencies.update(|g| g.remove_vertex(&key));
         Ok(var)
     }
 

@@ -11,6 +11,7 @@ use crate::acl::Acl;
 use crate::audit::{self, DEFAULT_CAPACITY};
 use crate::caller::Caller;
 use crate::error::{Error, Result};
+use crate::graph::DependencyGraph;
 use crate::limits::Limits;
 use crate::ratelimit::RateLimit;
 use crate::session::{access_rules_of, Session, SessionOpts};
@@ -36,10 +37,21 @@ pub struct Snapshot {
     pub rate_limit: Option<RateLimit>,
     #[serde(default = "default_audit_capacity")]
     pub audit_capacity: u64,
+    /// Dependency edges between the variables, by name (absent before the
+    /// graph existed, hence the default).
+    #[serde(default)]
+    pub edges: Vec<EdgeSnapshot>,
 }
 
 fn default_audit_capacity() -> u64 {
     DEFAULT_CAPACITY as u64
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EdgeSnapshot {
+    pub from: String,
+    pub to: String,
+    pub edge_type: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +83,29 @@ pub struct HistorySnapshot {
 
 impl Snapshot {
     pub fn of(session: &Session) -> Snapshot {
+        let variables: Vec<VarSnapshot> = session
+            .sorted_variables(&Caller::OWNER)
+            .iter()
+            .map(VarSnapshot::of)
+            .collect();
+        // Only edges between variables in this snapshot: a variable deleted
+        // while it was taken must not leave an edge import would reject.
+        let present: std::collections::HashSet<&str> =
+            variables.iter().filter_map(|v| v.name.as_text()).collect();
+        let edges = session
+            .dependencies()
+            .read()
+            .edges()
+            .iter()
+            .filter_map(|e| {
+                let (from, to) = (e.from.as_text()?, e.to.as_text()?);
+                (present.contains(from) && present.contains(to)).then(|| EdgeSnapshot {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    edge_type: e.edge_type.to_string(),
+                })
+            })
+            .collect();
         Snapshot {
             format: FORMAT,
             session_id: session.id.to_string(),
@@ -78,13 +113,10 @@ impl Snapshot {
             ttl_ms: session.opts.ttl_ms,
             max_history: session.opts.max_history as u64,
             metadata: session.opts.metadata.clone(),
-            variables: session
-                .sorted_variables(&Caller::OWNER)
-                .iter()
-                .map(VarSnapshot::of)
-                .collect(),
+            variables,
             rate_limit: session.opts.rate_limit,
             audit_capacity: session.opts.audit_capacity as u64,
+            edges,
         }
     }
 
@@ -132,6 +164,30 @@ impl Snapshot {
             .iter()
             .map(|v| v.restore(limits, max_history).map_err(bad))
             .collect()
+    }
+}
+
+impl Snapshot {
+    /// Rebuilds the dependency graph; every edge must join two variables of
+    /// the snapshot and the whole must be acyclic.
+    pub fn graph(&self) -> Result<DependencyGraph> {
+        let names: std::collections::HashMap<&str, &Value> = self
+            .variables
+            .iter()
+            .filter_map(|v| Some((v.name.as_text()?, &v.name)))
+            .collect();
+        let name = |key: &str| {
+            names
+                .get(key)
+                .copied()
+                .ok_or_else(|| Error::InvalidSnapshot(format!("edge to unknown variable {key:?}")))
+        };
+        let edges = self
+            .edges
+            .iter()
+            .map(|e| Ok((name(&e.from)?, name(&e.to)?, e.edge_type.as_str())))
+            .collect::<Result<Vec<_>>>()?;
+        DependencyGraph::from_edges(edges).map_err(bad)
     }
 }
 
@@ -280,6 +336,73 @@ mod tests {
             store.import_session(&bytes, None),
             Err(Error::AlreadyExists)
         );
+    }
+
+    #[test]
+    fn dependencies_travel_with_the_snapshot() {
+        let store = Store::new();
+        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        for name in ["x", "y", "z"] {
+            s.register(
+                Value::atom(name),
+                VarType::Float,
+                Value::Float(0.0),
+                Default::default(),
+            )
+            .unwrap();
+        }
+        let owner = &crate::Caller::OWNER;
+        s.add_dependency(&Value::atom("x"), &Value::atom("y"), "data", owner)
+            .unwrap();
+        s.add_dependency(&Value::str("y"), &Value::atom("z"), "control", owner)
+            .unwrap();
+        let bytes = store.export_session("a").unwrap();
+        store.import_session(&bytes, Some("b")).unwrap();
+        let b = store.session("b").unwrap();
+        let graph = b.dependencies().read();
+        assert_eq!(
+            graph.update_order(&[Value::atom("x")]),
+            [Value::atom("x"), Value::atom("y"), Value::atom("z")]
+        );
+        assert_eq!(graph.edge_type("y", "z"), Some("control"));
+        drop(graph);
+        assert_eq!(b.dependencies().edge_count(), 2);
+    }
+
+    #[test]
+    fn a_cyclic_or_dangling_edge_list_is_rejected() {
+        let store = Store::new();
+        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        for name in ["x", "y"] {
+            s.register(
+                Value::atom(name),
+                VarType::Float,
+                Value::Float(0.0),
+                Default::default(),
+            )
+            .unwrap();
+        }
+        let mut snapshot = super::Snapshot::of(&s);
+        for (from, to) in [("x", "y"), ("y", "x")] {
+            snapshot.edges.push(super::EdgeSnapshot {
+                from: from.into(),
+                to: to.into(),
+                edge_type: "data".into(),
+            });
+        }
+        let cyclic = snapshot.encode().unwrap();
+        assert!(matches!(
+            store.import_session(&cyclic, Some("b")),
+            Err(Error::InvalidSnapshot(_))
+        ));
+        snapshot.edges.truncate(1);
+        snapshot.edges[0].to = "nope".into();
+        let dangling = snapshot.encode().unwrap();
+        assert!(matches!(
+            store.import_session(&dangling, Some("b")),
+            Err(Error::InvalidSnapshot(_))
+        ));
+        assert!(store.session("b").is_err());
     }
 
     #[test]

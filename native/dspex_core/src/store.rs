@@ -161,6 +161,7 @@ impl Store {
         let id = new_id.unwrap_or(&snapshot.session_id).to_owned();
         let opts = snapshot.session_opts(&self.limits)?;
         let vars = snapshot.variables(&self.limits)?;
+        let graph = snapshot.graph()?;
         self.limits.check_session_id(&id)?;
         // Build the whole session before publishing it: an import either
         // lands complete or not at all.
@@ -170,6 +171,7 @@ impl Store {
                 Error::InvalidSnapshot(format!("duplicate variable name {key:?}", key = "?"))
             })?;
         }
+        session.dependencies().replace(graph);
         match self.sessions.entry(id.as_str().into()) {
             Entry::Occupied(e) if !e.get().is_expired(now_us()) => Err(Error::AlreadyExists),
             entry => {

@@ -108,4 +108,6 @@ rustler::atoms! {
     bad_level,
     not_registered,
     native_log = "Elixir.DSPex.Bridge.NativeLog",
+    // graph
+    over_budget,
 }

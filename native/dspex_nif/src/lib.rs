@@ -5,6 +5,7 @@ mod acl;
 mod alloc;
 mod atoms;
 mod error;
+mod graph;
 mod locks;
 mod log;
 mod metrics;

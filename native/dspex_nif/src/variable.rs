@@ -18,7 +18,7 @@ use crate::term::{
 };
 
 /// Runs `f` on the session with the decoded caller.
-pub fn with_session<'a, T>(
+pub(crate) fn with_session<'a, T>(
     store: &StoreRef,
     sid: Term<'a>,
     principal: Term<'a>,

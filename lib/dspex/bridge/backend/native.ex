@@ -111,4 +111,39 @@ defmodule DSPex.Bridge.Backend.Native do
 
   @impl true
   def audit_log(sid, limit), do: Native.acl_audit_log(store(), sid, limit)
+  # Most inserts need a small search and run on the caller's scheduler; the
+  # engine says when one does not, and it is redone on a dirty scheduler.
+  @impl true
+  def graph_add_edge(sid, from, to, type, principal) do
+    case Native.graph_add_edge(store(), sid, from, to, type, principal) do
+      :over_budget -> Native.graph_add_edge_dirty(store(), sid, from, to, type, principal)
+      result -> result
+    end
+  end
+
+  @impl true
+  def graph_remove_edge(sid, from, to, principal),
+    do: Native.graph_remove_edge(store(), sid, from, to, principal)
+
+  @impl true
+  def graph_clear(sid, var, principal), do: Native.graph_clear(store(), sid, var, principal)
+
+  @impl true
+  def graph_dependencies(sid, var, transitive, principal),
+    do: Native.graph_dependencies(store(), sid, var, transitive, principal)
+
+  @impl true
+  def graph_dependents(sid, var, transitive, principal),
+    do: Native.graph_dependents(store(), sid, var, transitive, principal)
+
+  @impl true
+  def graph_update_order(sid, changed, principal),
+    do: Native.graph_update_order(store(), sid, changed, principal)
+
+  @impl true
+  def graph_render(sid, format, principal),
+    do: Native.graph_render(store(), sid, format, principal)
+
+  @impl true
+  def graph_info(sid, principal), do: Native.graph_info(store(), sid, principal)
 end

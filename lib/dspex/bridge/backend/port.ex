@@ -305,6 +305,76 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl DSPex.Bridge.Backend
   def audit_log(sid, limit), do: call("acl_audit_log", fn -> [sid!(sid), limit!(limit)] end)
 
+  # Dependency graph (DSPex.Bridge.DependencyManager). Idents go through
+  # `encode!/1`, so `nil` and booleans are refused as names, as the NIF does.
+
+  @impl DSPex.Bridge.Backend
+  def graph_add_edge(sid, from, to, type, principal) do
+    call("graph_add_edge", fn ->
+      [sid!(sid), MsgPack.encode!(from), MsgPack.encode!(to), type!(type), principal!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_remove_edge(sid, from, to, principal) do
+    call("graph_remove_edge", fn ->
+      [sid!(sid), MsgPack.encode!(from), MsgPack.encode!(to), principal!(principal)]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_clear(sid, var, principal) do
+    call("graph_clear", fn -> [sid!(sid), MsgPack.encode!(var), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_dependencies(sid, var, transitive, principal) do
+    call("graph_dependencies", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode!(var),
+        MsgPack.encode!(transitive == true),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_dependents(sid, var, transitive, principal) do
+    call("graph_dependents", fn ->
+      [
+        sid!(sid),
+        MsgPack.encode!(var),
+        MsgPack.encode!(transitive == true),
+        principal!(principal)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_update_order(sid, changed, principal) when is_list(changed) do
+    call("graph_update_order", fn ->
+      [
+        sid!(sid),
+        [MsgPack.array_header(length(changed)) | Enum.map(changed, &MsgPack.encode!/1)],
+        principal!(principal)
+      ]
+    end)
+  end
+
+  def graph_update_order(_sid, _changed, _principal),
+    do: {:error, {:invalid_argument, :expected_a_list}}
+
+  @impl DSPex.Bridge.Backend
+  def graph_render(sid, format, principal) do
+    call("graph_render", fn -> [sid!(sid), type!(format), principal!(principal)] end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def graph_info(sid, principal) do
+    call("graph_info", fn -> [sid!(sid), principal!(principal)] end)
+  end
+
   ## Requests (in the caller's process)
 
   defp default_timeout, do: Application.get_env(:dspex_bridge, :port_timeout, 5_000)

@@ -312,4 +312,92 @@ defmodule DSPex.Bridge.Backend.Router do
         result
     end
   end
+
+  @impl true
+  def graph_add_edge(sid, from, to, type, principal) do
+    case Native.graph_add_edge(sid, from, to, type, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_add_edge(sid, from, to, type, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_remove_edge(sid, from, to, principal) do
+    case Native.graph_remove_edge(sid, from, to, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_remove_edge(sid, from, to, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_clear(sid, var, principal) do
+    case Native.graph_clear(sid, var, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_clear(sid, var, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_dependencies(sid, var, transitive, principal) do
+    case Native.graph_dependencies(sid, var, transitive, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_dependencies(sid, var, transitive, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_dependents(sid, var, transitive, principal) do
+    case Native.graph_dependents(sid, var, transitive, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_dependents(sid, var, transitive, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_update_order(sid, changed, principal) do
+    case Native.graph_update_order(sid, changed, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_update_order(sid, changed, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_render(sid, format, principal) do
+    case Native.graph_render(sid, format, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_render(sid, format, principal) end)
+
+      result ->
+        result
+    end
+  end
+
+  @impl true
+  def graph_info(sid, principal) do
+    case Native.graph_info(sid, principal) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn -> Port.graph_info(sid, principal) end)
+
+      result ->
+        result
+    end
+  end
 end
