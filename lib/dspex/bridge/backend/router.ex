@@ -98,6 +98,17 @@ defmodule DSPex.Bridge.Backend.Router do
     if is_binary(sid) and Port.owns?(sid), do: call.(), else: miss
   end
 
+  # A session-scoped call (the session id first): served by the NIF, or by
+  # the port when the NIF does not have the session and the port does.
+  # `get_value/3` and `set_value/6` spell this out to keep `apply/3` off the
+  # hot path.
+  defp routed(fun, [sid | _] = args) do
+    case apply(Native, fun, args) do
+      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> apply(Port, fun, args) end)
+      result -> result
+    end
+  end
+
   @impl true
   def create_session(sid, opts) do
     {kind, opts} = Map.pop(opts, :backend)
@@ -114,70 +125,24 @@ defmodule DSPex.Bridge.Backend.Router do
   def sweep_expired, do: Native.sweep_expired() ++ Port.sweep_expired()
 
   @impl true
-  def session_info(sid) do
-    case Native.session_info(sid) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> Port.session_info(sid) end)
-      result -> result
-    end
-  end
+  def session_info(sid), do: routed(:session_info, [sid])
 
   @doc "Heap bytes held by one session's variables, in whichever backend."
   @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
-  def session_memory(sid) do
-    case Native.session_memory(sid) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.session_memory(sid) end)
-
-      result ->
-        result
-    end
-  end
+  def session_memory(sid), do: routed(:session_memory, [sid])
 
   @impl true
-  def delete_session(sid) do
-    case Native.delete_session(sid) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.delete_session(sid) end)
-
-      result ->
-        result
-    end
-  end
+  def delete_session(sid), do: routed(:delete_session, [sid])
 
   @impl true
-  def export_session(sid) do
-    case Native.export_session(sid) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.export_session(sid) end)
-
-      result ->
-        result
-    end
-  end
+  def export_session(sid), do: routed(:export_session, [sid])
 
   @impl true
-  def register_variable(sid, name, type, initial, opts, principal) do
-    case Native.register_variable(sid, name, type, initial, opts, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn ->
-          Port.register_variable(sid, name, type, initial, opts, principal)
-        end)
-
-      result ->
-        result
-    end
-  end
+  def register_variable(sid, name, type, initial, opts, principal),
+    do: routed(:register_variable, [sid, name, type, initial, opts, principal])
 
   @impl true
-  def get_variable(sid, ident, principal) do
-    case Native.get_variable(sid, ident, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.get_variable(sid, ident, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def get_variable(sid, ident, principal), do: routed(:get_variable, [sid, ident, principal])
 
   @impl true
   def get_value(sid, ident, principal) do
@@ -204,200 +169,69 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   @impl true
-  def set_values(sid, updates, atomic, principal) do
-    case Native.set_values(sid, updates, atomic, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.set_values(sid, updates, atomic, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def set_values(sid, updates, atomic, principal),
+    do: routed(:set_values, [sid, updates, atomic, principal])
 
   @impl true
-  def history(sid, ident, limit, principal) do
-    case Native.history(sid, ident, limit, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.history(sid, ident, limit, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def history(sid, ident, limit, principal), do: routed(:history, [sid, ident, limit, principal])
 
   @impl true
-  def rollback(sid, ident, version, principal) do
-    case Native.rollback(sid, ident, version, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.rollback(sid, ident, version, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def rollback(sid, ident, version, principal),
+    do: routed(:rollback, [sid, ident, version, principal])
 
   @impl true
-  def delete_variable(sid, ident, principal) do
-    case Native.delete_variable(sid, ident, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.delete_variable(sid, ident, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def delete_variable(sid, ident, principal),
+    do: routed(:delete_variable, [sid, ident, principal])
 
   @impl true
-  def list_variables(sid, pattern, principal) do
-    case Native.list_variables(sid, pattern, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.list_variables(sid, pattern, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def list_variables(sid, pattern, principal),
+    do: routed(:list_variables, [sid, pattern, principal])
 
   @impl true
-  def variable_names(sid, pattern, principal) do
-    case Native.variable_names(sid, pattern, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.variable_names(sid, pattern, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def variable_names(sid, pattern, principal),
+    do: routed(:variable_names, [sid, pattern, principal])
 
   @impl true
-  def set_access_rules(sid, ident, rules, principal) do
-    case Native.set_access_rules(sid, ident, rules, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.set_access_rules(sid, ident, rules, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def set_access_rules(sid, ident, rules, principal),
+    do: routed(:set_access_rules, [sid, ident, rules, principal])
 
   @impl true
-  def check_access(sid, ident, principal, permission) do
-    case Native.check_access(sid, ident, principal, permission) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.check_access(sid, ident, principal, permission) end)
-
-      result ->
-        result
-    end
-  end
+  def check_access(sid, ident, principal, permission),
+    do: routed(:check_access, [sid, ident, principal, permission])
 
   @impl true
-  def authorize(sid, ident, principal, permission) do
-    case Native.authorize(sid, ident, principal, permission) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.authorize(sid, ident, principal, permission) end)
-
-      result ->
-        result
-    end
-  end
+  def authorize(sid, ident, principal, permission),
+    do: routed(:authorize, [sid, ident, principal, permission])
 
   @impl true
-  def audit_log(sid, limit) do
-    case Native.audit_log(sid, limit) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.audit_log(sid, limit) end)
-
-      result ->
-        result
-    end
-  end
+  def audit_log(sid, limit), do: routed(:audit_log, [sid, limit])
 
   @impl true
-  def graph_add_edge(sid, from, to, type, principal) do
-    case Native.graph_add_edge(sid, from, to, type, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_add_edge(sid, from, to, type, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_add_edge(sid, from, to, type, principal),
+    do: routed(:graph_add_edge, [sid, from, to, type, principal])
 
   @impl true
-  def graph_remove_edge(sid, from, to, principal) do
-    case Native.graph_remove_edge(sid, from, to, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_remove_edge(sid, from, to, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_remove_edge(sid, from, to, principal),
+    do: routed(:graph_remove_edge, [sid, from, to, principal])
 
   @impl true
-  def graph_clear(sid, var, principal) do
-    case Native.graph_clear(sid, var, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_clear(sid, var, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_clear(sid, var, principal), do: routed(:graph_clear, [sid, var, principal])
 
   @impl true
-  def graph_dependencies(sid, var, transitive, principal) do
-    case Native.graph_dependencies(sid, var, transitive, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_dependencies(sid, var, transitive, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_dependencies(sid, var, transitive, principal),
+    do: routed(:graph_dependencies, [sid, var, transitive, principal])
 
   @impl true
-  def graph_dependents(sid, var, transitive, principal) do
-    case Native.graph_dependents(sid, var, transitive, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_dependents(sid, var, transitive, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_dependents(sid, var, transitive, principal),
+    do: routed(:graph_dependents, [sid, var, transitive, principal])
 
   @impl true
-  def graph_update_order(sid, changed, principal) do
-    case Native.graph_update_order(sid, changed, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_update_order(sid, changed, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_update_order(sid, changed, principal),
+    do: routed(:graph_update_order, [sid, changed, principal])
 
   @impl true
-  def graph_render(sid, format, principal) do
-    case Native.graph_render(sid, format, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_render(sid, format, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_render(sid, format, principal), do: routed(:graph_render, [sid, format, principal])
 
   @impl true
-  def graph_info(sid, principal) do
-    case Native.graph_info(sid, principal) do
-      {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.graph_info(sid, principal) end)
-
-      result ->
-        result
-    end
-  end
+  def graph_info(sid, principal), do: routed(:graph_info, [sid, principal])
 end
