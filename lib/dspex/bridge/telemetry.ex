@@ -127,6 +127,9 @@ defmodule DSPex.Bridge.Telemetry do
   @type handler :: (event, map, map, term -> any)
 
   @handlers_key {__MODULE__, :handlers}
+  # What `enabled?/1` reads: `:all` when `:telemetry` dispatches, else a map
+  # of the events that have a handler. One lookup under a literal key.
+  @enabled_key {__MODULE__, :enabled}
 
   @doc """
   Emits `event`. Measurements and metadata are maps.
@@ -152,8 +155,14 @@ defmodule DSPex.Bridge.Telemetry do
   """
   @spec enabled?(event) :: boolean
   def enabled?(event) do
-    telemetry?() or handlers(event) != []
+    case :persistent_term.get(@enabled_key, nil) do
+      nil -> enabled_in(publish_enabled(), event)
+      enabled -> enabled_in(enabled, event)
+    end
   end
+
+  defp enabled_in(:all, _event), do: true
+  defp enabled_in(enabled, event), do: is_map_key(enabled, event)
 
   @doc """
   `{enabled?(a), enabled?(b)}` with one look at the handler table, for a hot
@@ -162,15 +171,9 @@ defmodule DSPex.Bridge.Telemetry do
   """
   @spec enabled?(event, event) :: {boolean, boolean}
   def enabled?(a, b) do
-    cond do
-      telemetry?() ->
-        {true, true}
-
-      table = :persistent_term.get(@handlers_key, nil) ->
-        {Map.get(table, a, []) != [], Map.get(table, b, []) != []}
-
-      true ->
-        {false, false}
+    case :persistent_term.get(@enabled_key, nil) || publish_enabled() do
+      :all -> {true, true}
+      enabled -> {is_map_key(enabled, a), is_map_key(enabled, b)}
     end
   end
 
@@ -318,6 +321,22 @@ defmodule DSPex.Bridge.Telemetry do
 
   # Attach and detach are rare; :global.trans serialises them without a process.
   # Mirrors the changed events of the table into their per-event terms.
+  defp publish_enabled do
+    enabled =
+      if telemetry?() do
+        :all
+      else
+        for {event, [_ | _]} <- :persistent_term.get(@handlers_key, %{}),
+            into: %{},
+            do: {event, true}
+      end
+
+    if :persistent_term.get(@enabled_key, nil) != enabled,
+      do: :persistent_term.put(@enabled_key, enabled)
+
+    enabled
+  end
+
   defp publish(old_table, new_table) do
     for event <- Enum.uniq(Map.keys(old_table) ++ Map.keys(new_table)),
         Map.get(old_table, event) != Map.get(new_table, event) do
@@ -340,6 +359,7 @@ defmodule DSPex.Bridge.Telemetry do
         if new_table != table do
           :persistent_term.put(@handlers_key, new_table)
           publish(table, new_table)
+          publish_enabled()
         end
 
         reply

@@ -47,39 +47,7 @@ fn number(term: Term) -> Result<f64, Error> {
 
 fn record_one(m: &MetricsRef, name: Term, value: Term) -> Result<(), Error> {
     let value = number(value)?;
-    // The hot path: a metric type is nearly always an atom; read its text
-    // into a stack buffer instead of allocating a String per sample.
-    if let Some(r) = with_atom_text(name, |n| m.metrics.record(n, value)) {
-        return r;
-    }
     m.metrics.record(&ident_text(name)?, value)
-}
-
-/// Runs `f` on the text of an ASCII atom of at most 255 bytes; `None` for
-/// anything else (the caller falls back to `ident_text`).
-fn with_atom_text<R>(term: Term, f: impl FnOnce(&str) -> R) -> Option<R> {
-    if !term.is_atom() {
-        return None;
-    }
-    let mut buf = [0u8; 256];
-    // SAFETY: `term` and its env are valid for the duration of this NIF
-    // call; `enif_get_atom` writes at most `buf.len()` bytes (NUL included)
-    // and returns 0 when the atom does not fit.
-    let n = unsafe {
-        rustler::sys::enif_get_atom(
-            term.get_env().as_c_arg(),
-            term.as_c_arg(),
-            buf.as_mut_ptr(),
-            buf.len() as u32,
-            rustler::sys::ErlNifCharEncoding::ERL_NIF_LATIN1,
-        )
-    };
-    let text = buf.get(..usize::try_from(n).ok()?.checked_sub(1)?)?;
-    // Latin-1 above 0x7f is not UTF-8 text: leave those to the slow path.
-    text.is_ascii()
-        .then(|| std::str::from_utf8(text).ok())
-        .flatten()
-        .map(f)
 }
 
 /// Records `value` (a number) under `name` (an atom or a string), now.

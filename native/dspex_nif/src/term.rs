@@ -121,6 +121,9 @@ pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
             .map_err(|_| Error::NotFound);
     }
     if term.is_atom() {
+        if let Some(inline) = ascii_atom(term) {
+            return Ok(inline);
+        }
         return term
             .atom_to_string()
             .map(IdentText::Owned)
@@ -131,9 +134,38 @@ pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
     )))
 }
 
+/// The text of an ASCII atom, copied into a stack buffer: the read and
+/// write paths name variables by atom, and this spares them an allocation.
+/// `None` for atoms with non-ASCII text (the caller falls back).
+fn ascii_atom(term: Term) -> Option<IdentText<'static>> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `term` and its env are valid for the duration of this NIF
+    // call; `enif_get_atom` writes at most `buf.len()` bytes (NUL included)
+    // and returns 0 when the atom does not fit.
+    let n = unsafe {
+        rustler::sys::enif_get_atom(
+            term.get_env().as_c_arg(),
+            term.as_c_arg(),
+            buf.as_mut_ptr(),
+            buf.len() as u32,
+            rustler::sys::ErlNifCharEncoding::ERL_NIF_LATIN1,
+        )
+    };
+    let len = usize::try_from(n).ok()?.checked_sub(1)?;
+    // Latin-1 above 0x7f is not UTF-8 text: leave those to the slow path.
+    buf[..len]
+        .is_ascii()
+        .then_some(IdentText::Inline(buf, len as u8))
+}
+
+// On the stack on purpose: it lives for one NIF call and spares a heap
+// allocation per atom-named read or write.
+#[allow(clippy::large_enum_variant)]
 pub enum IdentText<'a> {
     Borrowed(&'a str),
     Owned(String),
+    /// An ASCII atom's text: the buffer and its length.
+    Inline([u8; 256], u8),
 }
 
 impl std::ops::Deref for IdentText<'_> {
@@ -142,6 +174,8 @@ impl std::ops::Deref for IdentText<'_> {
         match self {
             IdentText::Borrowed(s) => s,
             IdentText::Owned(s) => s,
+            // Checked ASCII when built, so always valid UTF-8.
+            IdentText::Inline(buf, len) => std::str::from_utf8(&buf[..*len as usize]).unwrap_or(""),
         }
     }
 }
