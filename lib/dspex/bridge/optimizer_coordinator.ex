@@ -66,7 +66,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   """
   use GenServer
 
-  alias DSPex.Bridge.{Native, SessionStore, Telemetry}
+  alias DSPex.Bridge.{AccessControl, Native, SessionStore, Telemetry}
   alias DSPex.Bridge.Backend.Native, as: NativeBackend
   alias DSPex.Bridge.Backend.Router
 
@@ -150,7 +150,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   def release_lock(var_id, optimizer_id, opts) do
     with {:ok, opts} <- validate(opts, [:session_id, :principal]),
          {:ok, optimizer_id} <- optimizer(optimizer_id),
-         {:ok, key} <- key(var_id, opts) do
+         {:ok, key} <- key(var_id, opts, :optimize) do
       release(key, optimizer_id)
     end
   end
@@ -176,7 +176,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
     with {:ok, opts} <- validate(opts, [:session_id, :principal, :lease]),
          {:ok, optimizer_id} <- optimizer(optimizer_id),
          {:ok, lease} <- lease(opts[:lease]),
-         {:ok, key} <- key(var_id, opts) do
+         {:ok, key} <- key(var_id, opts, :optimize) do
       if lease, do: hint_lease(lease)
       Native.lock_renew(table(), key, optimizer_id, lease)
     end
@@ -279,7 +279,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @doc false
   def stop_optimization(session_id, ident, opts) do
     with {:ok, opts} <- validate(opts, [:optimizer_id, :principal]),
-         {:ok, key} <- key(ident, session_id: session_id, principal: opts[:principal]) do
+         {:ok, key} <-
+           key(ident, [session_id: session_id, principal: opts[:principal]], :optimize) do
       result =
         case opts[:optimizer_id] do
           nil ->
@@ -315,7 +316,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
          {:ok, timeout} <- timeout(Keyword.get(opts, :timeout, 5_000)),
          {:ok, lease} <- lease(opts[:lease]),
          :ok <- check_pid(pid),
-         {:ok, key} <- key(var_id, opts) do
+         {:ok, key} <- key(var_id, opts, :optimize) do
       if lease, do: hint_lease(lease)
       run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence(key, opts))
     end
@@ -518,19 +519,26 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   defp check_pid(pid), do: {:error, {:invalid_argument, {:pid, pid}}}
 
   # Session variables lock under {session_id, var_id}, so a name and its id
-  # are the same lock.
-  defp key(var_id, opts) do
+  # are the same lock. Taking, renewing or giving one up needs `:optimize`
+  # on the variable; looking at it, `:read`.
+  defp key(var_id, opts, permission \\ :read) do
     case opts[:session_id] do
       nil ->
         {:ok, var_id}
 
       sid ->
         with {:ok, %{id: id}} <-
-               SessionStore.backend().get_variable(sid, var_id, opts[:principal]) do
+               SessionStore.backend().get_variable(sid, var_id, opts[:principal]),
+             :ok <- authorize(sid, id, permission, opts) do
           {:ok, {sid, id}}
         end
     end
   end
+
+  defp authorize(_sid, _id, :read, _opts), do: :ok
+
+  defp authorize(sid, id, permission, opts),
+    do: AccessControl.authorize(sid, id, permission, principal: opts[:principal])
 
   # Writes are fenced inside the engine, so on sessions of the NIF backend;
   # a port session's variables are locked for optimizers but not fenced.

@@ -514,6 +514,43 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       %{sid: sid, id: id}
     end
 
+    test "optimizing another session's variable needs :optimize", %{sid: sid} do
+      rules = [
+        %{session_pattern: :any, permissions: [:read]},
+        %{session_pattern: "admin_*", permissions: [:read, :optimize]}
+      ]
+
+      :ok = SessionStore.set_variable_permissions(sid, :temperature, rules)
+      ref = TelemetryHelper.attach([[:dspex, :bridge, :access, :denied]])
+
+      assert {:error, :access_denied} =
+               SessionStore.start_optimization(sid, :temperature, self(), principal: "worker_1")
+
+      assert_receive {[:dspex, :bridge, :access, :denied], ^ref, _,
+                      %{principal: "worker_1", permission: :optimize}}
+
+      assert {:error, :access_denied} =
+               OptimizerCoordinator.acquire_lock(:temperature, "w", self(),
+                 session_id: sid,
+                 principal: "not_admin_1"
+               )
+
+      assert {:ok, %{optimizer_id: o}} =
+               SessionStore.start_optimization(sid, :temperature, self(), principal: "admin_1")
+
+      assert {:error, :access_denied} =
+               SessionStore.stop_optimization(sid, :temperature,
+                 optimizer_id: o,
+                 principal: "worker_1"
+               )
+
+      assert :ok =
+               SessionStore.stop_optimization(sid, :temperature,
+                 optimizer_id: o,
+                 principal: "admin_1"
+               )
+    end
+
     test "start_optimization locks the variable, by name or id", %{sid: sid, id: id} do
       assert {:ok, %{optimizer_id: "opt_" <> _ = o1, token: t1}} =
                SessionStore.start_optimization(sid, :temperature, self())
