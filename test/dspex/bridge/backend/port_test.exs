@@ -101,9 +101,13 @@ defmodule DSPex.Bridge.Backend.PortTest do
              ),
              inspect(Enum.uniq(errors))
 
+      # 137 (killed), or nil when a write found the pipe closed first and
+      # the port went before its exit status could be reaped.
       assert_receive {[:dspex, :bridge, :port, :exited], ^ref, _,
-                      %{os_pid: ^os_pid, status: 137}},
+                      %{os_pid: ^os_pid, status: status}},
                      5_000
+
+      assert status in [137, nil]
 
       # The VM and the NIF's sessions never noticed.
       assert :ok = SessionStore.update_variable(nif_sid, :x, 42)
