@@ -446,8 +446,7 @@ defmodule Demo do
   end
 
   defp us(nil), do: "n/a"
-  defp us(x) when x < 1, do: "< 1 us"
-  defp us(x), do: "#{Float.round(x * 1.0, 1)} us"
+  defp us(x), do: "#{Float.round(x * 1.0, 2)} us"
 end
 
 Demo.run()
