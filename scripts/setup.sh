@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what dspex_bridge needs on a fresh Debian machine: Erlang/OTP and
 # Elixir from Debian's packages (Rust is expected to be there already).
+# erlang-proper drives the property tests of the ExUnit suite.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
-packages=(elixir erlang-dev erlang-src)
+packages=(elixir erlang-dev erlang-src erlang-proper)
 # Extra tools used by the test suite when present.
 optional=(prometheus)
 

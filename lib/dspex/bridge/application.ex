@@ -7,7 +7,7 @@ defmodule DSPex.Bridge.Application do
     limits = Application.get_env(:dspex_bridge, :limits, %{}) |> Map.new()
 
     case DSPex.Bridge.Backend.Native.init(limits) do
-      {:ok, _store} -> :ok
+      :ok -> :ok
       {:error, reason} -> raise ArgumentError, "invalid :limits config: #{inspect(reason)}"
     end
 

@@ -45,10 +45,8 @@ defmodule DSPex.Bridge.Health do
   end
 
   defp check_store do
-    store = Backend.Native.store()
-
     cond do
-      not is_map(Native.store_limits(store)) -> {:error, :store_not_answering}
+      not is_map(Native.store_limits()) -> {:error, :store_not_answering}
       Process.whereis(SessionStore) == nil -> {:error, :session_store_not_running}
       true -> :ok
     end

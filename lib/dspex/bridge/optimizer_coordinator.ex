@@ -67,7 +67,6 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   use GenServer
 
   alias DSPex.Bridge.{AccessControl, Native, SessionStore, Telemetry}
-  alias DSPex.Bridge.Backend.Native, as: NativeBackend
   alias DSPex.Bridge.Backend.Router
 
   @type key :: term
@@ -544,7 +543,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   # a port session's variables are locked for optimizers but not fenced.
   defp fence({sid, id}, opts) do
     if opts[:session_id] && Router.kind_of(sid) == :nif,
-      do: {NativeBackend.store(), sid, id, opts[:principal]}
+      do: {sid, id, opts[:principal]}
   end
 
   defp fence(_key, _opts), do: nil

@@ -85,7 +85,9 @@ defmodule DSPex.Bridge.SessionStore do
   @types [:float, :integer, :string, :boolean, :choice, :module, :embedding, :tensor]
   @read [:dspex, :bridge, :variable, :read]
   @write [:dspex, :bridge, :variable, :write]
-  @backend_key {__MODULE__, :backend}
+  # Fixed at compile time, so the hot paths make a static call: the Router
+  # itself picks the NIF or the port for each session.
+  @backend Application.compile_env(:dspex_bridge, :backend, Router)
 
   ## Lifecycle
 
@@ -98,10 +100,7 @@ defmodule DSPex.Bridge.SessionStore do
   `:port`, see `create_session/2`).
   """
   @spec backend() :: module
-  def backend, do: :persistent_term.get(@backend_key, Router)
-
-  @doc false
-  def put_backend(module) when is_atom(module), do: :persistent_term.put(@backend_key, module)
+  def backend, do: @backend
 
   ## Sessions
 
@@ -139,7 +138,7 @@ defmodule DSPex.Bridge.SessionStore do
       backend: kind
     }
 
-    with :ok <- backend().create_session(session_id, native_opts) do
+    with :ok <- @backend.create_session(session_id, native_opts) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
@@ -157,7 +156,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec get_session(session_id) :: {:ok, map} | {:error, reason}
   def get_session(session_id) do
-    with {:ok, info} <- backend().session_info(session_id) do
+    with {:ok, info} <- @backend.session_info(session_id) do
       {:ok,
        %{
          id: info.session_id,
@@ -176,7 +175,7 @@ defmodule DSPex.Bridge.SessionStore do
   @doc "Deletes a session and all its variables."
   @spec delete_session(session_id) :: :ok | {:error, reason}
   def delete_session(session_id) do
-    with :ok <- backend().delete_session(session_id) do
+    with :ok <- @backend.delete_session(session_id) do
       Propagator.session_closed(session_id)
 
       Telemetry.execute(
@@ -189,7 +188,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc "Ids of all live sessions, sorted."
   @spec list_sessions() :: [session_id]
-  def list_sessions, do: backend().list_sessions()
+  def list_sessions, do: @backend.list_sessions()
 
   @doc """
   What an operator wants to know about a session: `get_session/1`'s fields,
@@ -199,7 +198,7 @@ defmodule DSPex.Bridge.SessionStore do
   @spec get_session_diagnostics(session_id) :: {:ok, map} | {:error, reason}
   def get_session_diagnostics(session_id) do
     with {:ok, session} <- get_session(session_id),
-         {:ok, vars} <- backend().list_variables(session_id, nil, nil) do
+         {:ok, vars} <- @backend.list_variables(session_id, nil, nil) do
       memory =
         case Router.session_memory(session_id) do
           {:ok, bytes} -> bytes
@@ -208,7 +207,7 @@ defmodule DSPex.Bridge.SessionStore do
 
       variables =
         Enum.map(vars, fn v ->
-          {:ok, history} = backend().history(session_id, v.id, 1_000_000, nil)
+          {:ok, history} = @backend.history(session_id, v.id, 1_000_000, nil)
 
           %{
             name: v.name,
@@ -234,7 +233,7 @@ defmodule DSPex.Bridge.SessionStore do
   metadata, versions and history. `import_session/2` restores it.
   """
   @spec export_session(session_id) :: {:ok, binary} | {:error, reason}
-  def export_session(session_id), do: backend().export_session(session_id)
+  def export_session(session_id), do: @backend.export_session(session_id)
 
   @doc """
   Creates a session from an `export_session/1` snapshot; `session_id:` gives
@@ -253,7 +252,7 @@ defmodule DSPex.Bridge.SessionStore do
     imported =
       if backend() == Router,
         do: Router.import_session(snapshot, opts[:session_id], kind),
-        else: backend().import_session(snapshot, opts[:session_id])
+        else: @backend.import_session(snapshot, opts[:session_id])
 
     with {:ok, sid} <- imported do
       Telemetry.execute(
@@ -300,7 +299,7 @@ defmodule DSPex.Bridge.SessionStore do
       }
 
       result =
-        backend().register_variable(
+        @backend.register_variable(
           session_id,
           name,
           type,
@@ -331,7 +330,7 @@ defmodule DSPex.Bridge.SessionStore do
     caller = AccessControl.caller(opts)
 
     timed_read(session_id, ident, fn ->
-      case backend().get_variable(session_id, ident, caller) do
+      case @backend.get_variable(session_id, ident, caller) do
         {:ok, var} -> {:ok, variable(var)}
         error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end
@@ -355,9 +354,9 @@ defmodule DSPex.Bridge.SessionStore do
 
     result =
       if Telemetry.enabled?(@read) do
-        timed_read(session_id, ident, fn -> backend().get_value(session_id, ident, principal) end)
+        timed_read(session_id, ident, fn -> @backend.get_value(session_id, ident, principal) end)
       else
-        backend().get_value(session_id, ident, principal)
+        @backend.get_value(session_id, ident, principal)
       end
 
     case result do
@@ -384,10 +383,10 @@ defmodule DSPex.Bridge.SessionStore do
     result =
       if Telemetry.enabled?(@write) do
         start = System.monotonic_time()
-        result = backend().set_value(session_id, ident, value, metadata, expected, principal)
+        result = @backend.set_value(session_id, ident, value, metadata, expected, principal)
         written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
       else
-        case backend().set_value(session_id, ident, value, metadata, expected, principal) do
+        case @backend.set_value(session_id, ident, value, metadata, expected, principal) do
           {:ok, version} -> Propagator.notify_write(session_id, ident, version)
           error -> written(error, session_id, ident, metadata, expected, 0)
         end
@@ -424,7 +423,7 @@ defmodule DSPex.Bridge.SessionStore do
       start = System.monotonic_time()
       atomic = opts[:atomic] == true
 
-      case backend().set_values(session_id, normalized, atomic, caller) do
+      case @backend.set_values(session_id, normalized, atomic, caller) do
         {:ok, results} when atomic ->
           us = Telemetry.since_us(start)
 
@@ -478,7 +477,7 @@ defmodule DSPex.Bridge.SessionStore do
     principal = AccessControl.caller(opts)
 
     Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
-      case backend().get_variable(session_id, ident, principal) do
+      case @backend.get_variable(session_id, ident, principal) do
         {:ok, var} ->
           {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
 
@@ -511,7 +510,7 @@ defmodule DSPex.Bridge.SessionStore do
   def list_variables(session_id, pattern \\ nil, opts \\ []) do
     caller = AccessControl.caller(opts)
 
-    case backend().list_variables(session_id, pattern, caller) do
+    case @backend.list_variables(session_id, pattern, caller) do
       {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
       error -> AccessControl.refusal(error, session_id, nil, caller, :read)
     end
@@ -523,7 +522,7 @@ defmodule DSPex.Bridge.SessionStore do
     caller = AccessControl.caller(opts)
 
     session_id
-    |> backend().delete_variable(ident, caller)
+    |> @backend.delete_variable(ident, caller)
     |> AccessControl.refusal(session_id, ident, caller, :write)
     |> case do
       :ok -> Propagator.notify_delete(session_id, ident)
@@ -544,7 +543,7 @@ defmodule DSPex.Bridge.SessionStore do
     caller = AccessControl.caller(opts)
 
     session_id
-    |> backend().set_access_rules(ident, rules, caller)
+    |> @backend.set_access_rules(ident, rules, caller)
     |> AccessControl.refusal(session_id, ident, caller, :write)
   end
 
@@ -560,7 +559,7 @@ defmodule DSPex.Bridge.SessionStore do
   def check_variable_access(session_id, ident, principal, permission, opts)
       when permission in [:read, :write, :observe, :optimize] do
     caller = AccessControl.caller(principal: principal, context: opts[:context])
-    backend().check_access(session_id, ident, caller, permission)
+    @backend.check_access(session_id, ident, caller, permission)
   end
 
   def check_variable_access(_session_id, _ident, _principal, permission, _opts),
@@ -578,7 +577,7 @@ defmodule DSPex.Bridge.SessionStore do
       when is_integer(limit) and limit >= 0 do
     caller = AccessControl.caller(opts)
 
-    case backend().history(session_id, ident, limit, caller) do
+    case @backend.history(session_id, ident, limit, caller) do
       {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
       error -> AccessControl.refusal(error, session_id, ident, caller, :read)
     end
@@ -596,7 +595,7 @@ defmodule DSPex.Bridge.SessionStore do
   def rollback_variable(session_id, ident, version, opts \\ []) do
     caller = AccessControl.caller(opts)
 
-    case backend().rollback(session_id, ident, version, caller) do
+    case @backend.rollback(session_id, ident, version, caller) do
       {:ok, new_version} ->
         Telemetry.execute(
           [:dspex, :bridge, :variable, :rollback],
@@ -667,7 +666,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   @impl true
   def handle_info(:sweep, state) do
-    for sid <- backend().sweep_expired() do
+    for sid <- @backend.sweep_expired() do
       Propagator.session_closed(sid)
 
       Telemetry.execute(
@@ -732,6 +731,8 @@ defmodule DSPex.Bridge.SessionStore do
   end
 
   # expected_version may come in the metadata (atom or string key) or opts.
+  defp expected_version(metadata, []) when map_size(metadata) == 0, do: {nil, metadata}
+
   defp expected_version(metadata, opts) when is_map(metadata) do
     cond do
       Map.has_key?(metadata, :expected_version) ->

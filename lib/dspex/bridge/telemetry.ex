@@ -129,7 +129,7 @@ defmodule DSPex.Bridge.Telemetry do
   @handlers_key {__MODULE__, :handlers}
   # What `enabled?/1` reads: `:all` when `:telemetry` dispatches, else a map
   # of the events that have a handler. One lookup under a literal key.
-  @enabled_key {__MODULE__, :enabled}
+  @enabled_key DSPex.Bridge.Telemetry.Enabled
 
   @doc """
   Emits `event`. Measurements and metadata are maps.

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::value::{Value, MAX_DEPTH};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Heap bytes of one value or one metadata map.
     pub max_value_bytes: usize,

@@ -142,7 +142,8 @@ impl Value {
     /// Nesting depth, computed iteratively.
     pub fn depth(&self) -> usize {
         match self {
-            Value::List(_) | Value::Tuple(_) | Value::Map(_) => {}
+            Value::List(xs) | Value::Tuple(xs) if !xs.is_empty() => {}
+            Value::Map(pairs) if !pairs.is_empty() => {}
             _ => return 1,
         }
         let mut max = 0;

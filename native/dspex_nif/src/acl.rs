@@ -9,11 +9,11 @@ use dspex_core::acl::{self, MAX_CONDITIONS, MAX_PATTERN_BYTES, MAX_RULES, MAX_RU
 use dspex_core::command;
 use dspex_core::glob;
 use dspex_core::{Error, Permission, Session, Value};
-use rustler::{Atom, Binary, Encoder, Env, MapIterator, ResourceArc, Term};
+use rustler::{Atom, Binary, Encoder, Env, MapIterator, Term};
 
 use crate::atoms;
 use crate::error::{error, unit_or};
-use crate::store::StoreRef;
+use crate::store::store;
 use crate::term::{decode_sid, decode_value, encode_value, ident_text};
 use crate::variable::with_session;
 
@@ -43,13 +43,12 @@ fn validate<'a>(env: Env<'a>, rules: Term<'a>) -> Term<'a> {
 #[rustler::nif(name = "acl_set_rules")]
 fn set_rules<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     ident: Term<'a>,
     rules: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         let rules = decode_rules(rules)?;
         s.set_access_rules(&ident_text(ident)?, &rules, caller)
     });
@@ -60,13 +59,12 @@ fn set_rules<'a>(
 #[rustler::nif(name = "acl_check")]
 fn check<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     ident: Term<'a>,
     principal: Term<'a>,
     permission: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         let perm = decode_permission(permission)?;
         s.check_access(&ident_text(ident)?, caller, perm)
     });
@@ -78,13 +76,12 @@ fn check<'a>(
 #[rustler::nif(name = "acl_authorize")]
 fn authorize<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     ident: Term<'a>,
     principal: Term<'a>,
     permission: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         let perm = decode_permission(permission)?;
         s.authorize(&ident_text(ident)?, caller, perm)
     });
@@ -257,20 +254,13 @@ fn context_value<'a>(env: Env<'a>, context: Term<'a>, key: Term<'a>) -> Option<T
 
 /// `{:ok, [entry]}`, newest first, at most `limit`.
 #[rustler::nif(name = "acl_audit_log")]
-fn audit_log<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    limit: Term<'a>,
-) -> Term<'a> {
+fn audit_log<'a>(env: Env<'a>, sid: Term<'a>, limit: Term<'a>) -> Term<'a> {
     let r = (|| {
         let limit = match limit.decode::<i64>() {
             Ok(n) if n >= 0 => n as usize,
             _ => return Err(Error::invalid_arg("bad_limit")),
         };
-        store
-            .store
-            .with_session(decode_sid(sid)?, |s| s.audit_log(limit))
+        store().with_session(decode_sid(sid)?, |s| s.audit_log(limit))
     })();
     match r {
         Ok(entries) => {

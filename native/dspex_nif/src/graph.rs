@@ -4,16 +4,16 @@
 
 use dspex_core::graph::{Direction, Format, Insert};
 use dspex_core::{Error, Value};
-use rustler::{Encoder, Env, ResourceArc, Term};
+use rustler::{Encoder, Env, Term};
 
 use crate::atoms;
 use crate::error::{error, ok_or};
-use crate::store::StoreRef;
+use crate::store::store;
 use crate::term::{decode_name, encode_value};
 use crate::variable::with_session;
 
-fn name(store: &StoreRef, term: Term) -> Result<Value, Error> {
-    decode_name(term, store.store.limits().max_name_bytes)
+fn name(term: Term) -> Result<Value, Error> {
+    decode_name(term, store().limits().max_name_bytes)
 }
 
 fn atom_text(term: Term, what: &str) -> Result<String, Error> {
@@ -42,15 +42,14 @@ const INSERT_BUDGET: usize = 10_000;
 #[rustler::nif(name = "graph_add_edge")]
 fn add_edge<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     from: Term<'a>,
     to: Term<'a>,
     edge_type: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
-        let (from, to) = (name(&store, from)?, name(&store, to)?);
+    let r = with_session(sid, principal, |s, caller| {
+        let (from, to) = (name(from)?, name(to)?);
         let edge_type = atom_text(edge_type, "edge_type")?;
         s.add_dependency_within(&from, &to, &edge_type, INSERT_BUDGET, caller)
     });
@@ -66,15 +65,14 @@ fn add_edge<'a>(
 #[rustler::nif(name = "graph_add_edge_dirty", schedule = "DirtyCpu")]
 fn add_edge_dirty<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     from: Term<'a>,
     to: Term<'a>,
     edge_type: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
-        let (from, to) = (name(&store, from)?, name(&store, to)?);
+    let r = with_session(sid, principal, |s, caller| {
+        let (from, to) = (name(from)?, name(to)?);
         let edge_type = atom_text(edge_type, "edge_type")?;
         s.add_dependency(&from, &to, &edge_type, caller)
     });
@@ -85,44 +83,36 @@ fn add_edge_dirty<'a>(
 #[rustler::nif(name = "graph_remove_edge")]
 fn remove_edge<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     from: Term<'a>,
     to: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
-        s.remove_dependency(&name(&store, from)?, &name(&store, to)?, caller)
+    let r = with_session(sid, principal, |s, caller| {
+        s.remove_dependency(&name(from)?, &name(to)?, caller)
     });
     ok_or(env, r)
 }
 
 /// Removes every edge touching the variable: `{:ok, count}`.
 #[rustler::nif(name = "graph_clear")]
-fn clear<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    var: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
-        s.clear_dependencies(&name(&store, var)?, caller)
+fn clear<'a>(env: Env<'a>, sid: Term<'a>, var: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
+        s.clear_dependencies(&name(var)?, caller)
     });
     ok_or(env, r)
 }
 
 fn neighbours<'a>(
     env: Env<'a>,
-    store: &StoreRef,
     sid: Term<'a>,
     var: Term<'a>,
     transitive: bool,
     principal: Term<'a>,
     direction: Direction,
 ) -> Term<'a> {
-    let r = with_session(store, sid, principal, |s, caller| {
-        s.dependencies_of(&name(store, var)?, direction, transitive, caller)
+    let r = with_session(sid, principal, |s, caller| {
+        s.dependencies_of(&name(var)?, direction, transitive, caller)
     });
     names(env, r)
 }
@@ -131,7 +121,6 @@ fn neighbours<'a>(
 #[rustler::nif(name = "graph_dependencies", schedule = "DirtyCpu")]
 fn dependencies<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     var: Term<'a>,
     transitive: bool,
@@ -139,7 +128,6 @@ fn dependencies<'a>(
 ) -> Term<'a> {
     neighbours(
         env,
-        &store,
         sid,
         var,
         transitive,
@@ -152,21 +140,12 @@ fn dependencies<'a>(
 #[rustler::nif(name = "graph_dependents", schedule = "DirtyCpu")]
 fn dependents<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     var: Term<'a>,
     transitive: bool,
     principal: Term<'a>,
 ) -> Term<'a> {
-    neighbours(
-        env,
-        &store,
-        sid,
-        var,
-        transitive,
-        principal,
-        Direction::Dependents,
-    )
+    neighbours(env, sid, var, transitive, principal, Direction::Dependents)
 }
 
 /// `[changed.., dependents..]` in update order, from a list of idents:
@@ -174,16 +153,15 @@ fn dependents<'a>(
 #[rustler::nif(name = "graph_update_order", schedule = "DirtyCpu")]
 fn update_order<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     changed: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         let changed = changed
             .into_list_iterator()
             .map_err(|_| Error::invalid_arg("expected_a_list"))?
-            .map(|t| name(&store, t))
+            .map(|t| name(t))
             .collect::<Result<Vec<_>, _>>()?;
         s.update_order(&changed, caller)
     });
@@ -192,14 +170,8 @@ fn update_order<'a>(
 
 /// The graph as DOT or Mermaid text: `{:ok, binary}`.
 #[rustler::nif(name = "graph_render", schedule = "DirtyCpu")]
-fn render<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    format: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+fn render<'a>(env: Env<'a>, sid: Term<'a>, format: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
         let format = Format::parse(&atom_text(format, "format")?)?;
         s.render_dependencies(format, caller)
     });
@@ -208,15 +180,8 @@ fn render<'a>(
 
 /// `{:ok, %{edges: n, vertices: n}}` for diagnostics.
 #[rustler::nif(name = "graph_info")]
-fn info<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
-        s.dependency_info(caller)
-    });
+fn info<'a>(env: Env<'a>, sid: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| s.dependency_info(caller));
     match r {
         Ok(v) => (atoms::ok(), encode_value(env, &v)).encode(env),
         Err(e) => error(env, &e),

@@ -29,7 +29,7 @@ use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
 
 use crate::atoms;
 use crate::error::error;
-use crate::store::StoreRef;
+use crate::store::store;
 use crate::term::{
     bytes as bytes_term, decode_principal, decode_sid, decode_value, encode_value, ident_text,
     is_nil,
@@ -258,21 +258,20 @@ fn decode_conflict(term: Term) -> Result<Conflict, Error> {
     }
 }
 
-/// `nil`, or `{store, session_id, var_id, principal}`: the variable whose
+/// `nil`, or `{session_id, var_id, principal}`: the variable whose
 /// writes follow this lock (the caller needs `:optimize` on it).
 fn decode_fence(term: Term) -> Result<Option<Arc<dyn Fence>>, Error> {
     if is_nil(term) {
         return Ok(None);
     }
     let bad = || Error::invalid_arg("bad_fence");
-    let (store, sid, ident, principal): (ResourceArc<StoreRef>, Term, Term, Term) =
-        term.decode().map_err(|_| bad())?;
+    let (sid, ident, principal): (Term, Term, Term) = term.decode().map_err(|_| bad())?;
     let caller = Caller {
         principal: decode_principal(principal)?,
         ..Caller::OWNER
     };
     let ident = ident_text(ident)?;
-    let cell = store.store.with_session(decode_sid(sid)?, |s| {
+    let cell = store().with_session(decode_sid(sid)?, |s| {
         s.with_var(&ident, &caller, Permission::Optimize, |_| Ok(()))?;
         s.cell(&ident)
     })??;

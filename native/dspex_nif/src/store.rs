@@ -1,42 +1,68 @@
-//! The store resource and the session-level NIFs.
+//! The VM's engine and the session-level NIFs.
 
-use std::sync::Arc;
+use std::sync::OnceLock;
 
 use dspex_core::audit;
 use dspex_core::limits::Limits;
 use dspex_core::ratelimit::RateLimit;
 use dspex_core::{Error, SessionOpts, Store, Value};
-use rustler::{Binary, Encoder, Env, ResourceArc, Term};
+use rustler::{Binary, Encoder, Env, Term};
 
 use crate::atoms;
 use crate::error::{error, ok_or, unit_or};
 use crate::term::{bytes, decode_sid, decode_value, encode_value, is_nil};
 
-/// The engine, shared by every process that holds the resource. The Elixir
-/// side keeps one in `:persistent_term`.
-pub struct StoreRef {
-    pub store: Arc<Store>,
+/// One engine per VM, like an ETS table with a registered name: every NIF
+/// reaches it without a resource argument, so the hot paths pay neither a
+/// `:persistent_term` lookup in Elixir nor a resource-type lookup and a
+/// reference-count round trip here.
+static STORE: OnceLock<Store> = OnceLock::new();
+
+/// The engine, created with the default limits if `store_init/1` has not
+/// run yet.
+pub fn store() -> &'static Store {
+    STORE.get_or_init(Store::new)
 }
 
-#[rustler::resource_impl]
-impl rustler::Resource for StoreRef {}
-
-/// `%{max_value_bytes: n, ...}` or `nil` for the defaults.
-#[rustler::nif(name = "store_new")]
-fn new<'a>(env: Env<'a>, limits: Term<'a>) -> Term<'a> {
-    let r = decode_limits(limits).map(|limits| {
-        ResourceArc::new(StoreRef {
-            store: Arc::new(Store::with_limits(limits)),
-        })
+/// Creates the engine with `limits` (`%{max_value_bytes: n, ...}` or `nil`
+/// for the defaults). `:ok` when it is created, or already exists with the
+/// same limits; `{:error, {:invalid_argument, {:store_exists, limits}}}`
+/// when it exists with others (limits are fixed for the VM's lifetime).
+#[rustler::nif(name = "store_init")]
+fn init<'a>(env: Env<'a>, limits: Term<'a>) -> Term<'a> {
+    let r = decode_limits(limits).and_then(|limits| {
+        let existing = STORE.get_or_init(|| Store::with_limits(limits.clone()));
+        if existing.limits() == &limits {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(Value::tagged(
+                "store_exists",
+                limits_value(existing.limits()),
+            )))
+        }
     });
-    ok_or(env, r)
+    unit_or(env, r)
+}
+
+fn limits_value(l: &Limits) -> Value {
+    let int = |n: usize| Value::Int(n as i64);
+    let pairs = [
+        ("max_value_bytes", l.max_value_bytes),
+        ("max_name_bytes", l.max_name_bytes),
+        ("max_variables", l.max_variables),
+        ("max_history", l.max_history),
+        ("max_snapshot_bytes", l.max_snapshot_bytes),
+    ];
+    Value::Map(pairs.map(|(k, n)| (Value::atom(k), int(n))).into())
 }
 
 fn decode_limits(term: Term) -> Result<Limits, Error> {
     let mut limits = Limits::default();
     let map = decode_value(term, 4096)?;
-    if map.is_nil() {
-        return Ok(limits);
+    match map {
+        Value::Nil => return Ok(limits),
+        Value::Map(_) => {}
+        _ => return Err(Error::invalid_arg("limits_must_be_a_map")),
     }
     let get = |key: &str, into: &mut usize| -> Result<(), Error> {
         match map.get(key) {
@@ -60,8 +86,8 @@ fn decode_limits(term: Term) -> Result<Limits, Error> {
 }
 
 #[rustler::nif(name = "store_limits")]
-fn limits(env: Env, store: ResourceArc<StoreRef>) -> Term {
-    let l = store.store.limits();
+fn limits(env: Env) -> Term {
+    let l = store().limits();
     let keys = [
         atoms::max_value_bytes(),
         atoms::max_name_bytes(),
@@ -82,15 +108,10 @@ fn limits(env: Env, store: ResourceArc<StoreRef>) -> Term {
 /// opts: `%{ttl_ms: nil | n, max_history: n, metadata: map,
 /// rate_limit: nil | {ops_per_sec, burst}, audit_capacity: nil | n}`
 #[rustler::nif(name = "session_create")]
-fn session_create<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    id: Term<'a>,
-    opts: Term<'a>,
-) -> Term<'a> {
+fn session_create<'a>(env: Env<'a>, id: Term<'a>, opts: Term<'a>) -> Term<'a> {
     let r = (|| {
         let id = decode_sid(id)?;
-        let limits = store.store.limits();
+        let limits = store().limits();
         let opts = decode_value(opts, limits.max_value_bytes)?;
         let mut session_opts = SessionOpts::default();
         match opts.get("ttl_ms") {
@@ -123,14 +144,14 @@ fn session_create<'a>(
                 )))
             }
         }
-        store.store.create_session(id, session_opts).map(|_| ())
+        store().create_session(id, session_opts).map(|_| ())
     })();
     unit_or(env, r)
 }
 
 #[rustler::nif(name = "session_info")]
-fn session_info<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) -> Term<'a> {
-    let r = decode_sid(id).and_then(|id| store.store.session(id));
+fn session_info<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
+    let r = decode_sid(id).and_then(|id| store().session(id));
     match r {
         Ok(s) => {
             let keys = [
@@ -165,23 +186,22 @@ fn session_info<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) ->
 
 /// Heap bytes of a session's variables; walks every variable.
 #[rustler::nif(name = "session_memory", schedule = "DirtyCpu")]
-fn session_memory<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) -> Term<'a> {
-    let r = decode_sid(id).and_then(|id| store.store.session(id).map(|s| s.heap_size()));
+fn session_memory<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
+    let r = decode_sid(id).and_then(|id| store().session(id).map(|s| s.heap_size()));
     ok_or(env, r)
 }
 
 #[rustler::nif(name = "session_delete")]
-fn session_delete<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) -> Term<'a> {
+fn session_delete<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
     unit_or(
         env,
-        decode_sid(id).and_then(|id| store.store.delete_session(id)),
+        decode_sid(id).and_then(|id| store().delete_session(id)),
     )
 }
 
 #[rustler::nif(name = "session_list")]
-fn session_list(store: ResourceArc<StoreRef>) -> Vec<String> {
-    store
-        .store
+fn session_list() -> Vec<String> {
+    store()
         .session_ids()
         .iter()
         .map(|s| s.to_string())
@@ -190,9 +210,8 @@ fn session_list(store: ResourceArc<StoreRef>) -> Vec<String> {
 
 /// Removes expired sessions; returns their ids.
 #[rustler::nif(name = "session_sweep", schedule = "DirtyCpu")]
-fn session_sweep(store: ResourceArc<StoreRef>) -> Vec<String> {
-    store
-        .store
+fn session_sweep() -> Vec<String> {
+    store()
         .sweep_expired()
         .iter()
         .map(|s| s.to_string())
@@ -200,20 +219,15 @@ fn session_sweep(store: ResourceArc<StoreRef>) -> Vec<String> {
 }
 
 #[rustler::nif(name = "session_export", schedule = "DirtyCpu")]
-fn session_export<'a>(env: Env<'a>, store: ResourceArc<StoreRef>, id: Term<'a>) -> Term<'a> {
-    match decode_sid(id).and_then(|id| store.store.export_session(id)) {
+fn session_export<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
+    match decode_sid(id).and_then(|id| store().export_session(id)) {
         Ok(b) => (atoms::ok(), bytes(env, &b)).encode(env),
         Err(e) => error(env, &e),
     }
 }
 
 #[rustler::nif(name = "session_import", schedule = "DirtyCpu")]
-fn session_import<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    snapshot: Term<'a>,
-    new_id: Term<'a>,
-) -> Term<'a> {
+fn session_import<'a>(env: Env<'a>, snapshot: Term<'a>, new_id: Term<'a>) -> Term<'a> {
     let r = (|| {
         let bin = Binary::from_term(snapshot)
             .map_err(|_| Error::InvalidSnapshot("expected a binary".into()))?;
@@ -222,8 +236,7 @@ fn session_import<'a>(
         } else {
             Some(decode_sid(new_id)?)
         };
-        store
-            .store
+        store()
             .import_session(bin.as_slice(), new_id)
             .map(|id| id.to_string())
     })();

@@ -7,11 +7,11 @@ use dspex_core::{
     Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta,
 };
 use rustler::types::tuple::get_tuple;
-use rustler::{Encoder, Env, ResourceArc, Term};
+use rustler::{Encoder, Env, Term};
 
 use crate::atoms;
 use crate::error::{error, ok_or, reason, unit_or};
-use crate::store::StoreRef;
+use crate::store::store;
 use crate::term::{
     decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value, ident_text,
     is_nil,
@@ -19,7 +19,6 @@ use crate::term::{
 
 /// Runs `f` on the session with the decoded caller.
 pub(crate) fn with_session<'a, T>(
-    store: &StoreRef,
     sid: Term<'a>,
     principal: Term<'a>,
     f: impl FnOnce(&Session, &Caller) -> Result<T, Error>,
@@ -27,7 +26,7 @@ pub(crate) fn with_session<'a, T>(
     let sid = decode_sid(sid)?;
     let caller = decode_caller(principal)?;
     let caller = caller.caller();
-    store.store.with_session(sid, |s| f(s, &caller))?
+    store().with_session(sid, |s| f(s, &caller))?
 }
 
 fn metadata_of(term: Term, budget: usize) -> Result<Value, Error> {
@@ -99,7 +98,6 @@ fn encode_entry<'a>(env: Env<'a>, e: &HistoryEntry) -> Term<'a> {
 #[allow(clippy::too_many_arguments)]
 fn register<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     name: Term<'a>,
     var_type: Term<'a>,
@@ -107,8 +105,8 @@ fn register<'a>(
     opts: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let limits = store.store.limits().clone();
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let limits = store().limits().clone();
+    let r = with_session(sid, principal, |s, caller| {
         s.check_register(caller)?;
         let name = decode_name(name, limits.max_name_bytes)?;
         let type_name = var_type
@@ -140,14 +138,8 @@ fn register<'a>(
 }
 
 #[rustler::nif(name = "var_get")]
-fn get<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    ident: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+fn get<'a>(env: Env<'a>, sid: Term<'a>, ident: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
         s.get(&ident_text(ident)?, caller)
     });
     match r {
@@ -158,14 +150,8 @@ fn get<'a>(
 
 /// The read hot path: `{:ok, value}` without building the variable map.
 #[rustler::nif(name = "var_value")]
-fn value<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    ident: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+fn value<'a>(env: Env<'a>, sid: Term<'a>, ident: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
         s.get_value(&ident_text(ident)?, caller)
     });
     match r {
@@ -179,7 +165,6 @@ fn value<'a>(
 #[allow(clippy::too_many_arguments)]
 fn set<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     ident: Term<'a>,
     value: Term<'a>,
@@ -187,8 +172,8 @@ fn set<'a>(
     expected_version: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let budget = store.store.limits().max_value_bytes;
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let budget = store().limits().max_value_bytes;
+    let r = with_session(sid, principal, |s, caller| {
         let meta = WriteMeta {
             metadata: metadata_of(metadata, budget)?,
             expected_version: decode_opt_u64(expected_version)?,
@@ -221,13 +206,12 @@ fn decode_update(term: Term, budget: usize) -> Result<Update, Error> {
 #[rustler::nif(name = "var_set_many")]
 fn set_many<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     updates: Term<'a>,
     atomic: bool,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let budget = store.store.limits().max_value_bytes;
+    let budget = store().limits().max_value_bytes;
     let decoded: Result<Vec<Update>, Error> = updates
         .list_length()
         .map_err(|_| Error::invalid_arg("updates_must_be_a_list"))
@@ -243,12 +227,10 @@ fn set_many<'a>(
         Err(e) => return error(env, &e),
     };
     if atomic {
-        let r = with_session(&store, sid, principal, |s, caller| {
-            s.update_atomic(updates, caller)
-        });
+        let r = with_session(sid, principal, |s, caller| s.update_atomic(updates, caller));
         return ok_or(env, r);
     }
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         Ok(s.update_each(updates, caller))
     });
     match r {
@@ -269,13 +251,12 @@ fn set_many<'a>(
 #[rustler::nif(name = "var_history")]
 fn history<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     ident: Term<'a>,
     limit: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         let limit = match limit.decode::<i64>() {
             Ok(n) if n >= 0 => n as usize,
             _ => return Err(Error::invalid_arg("bad_limit")),
@@ -294,13 +275,12 @@ fn history<'a>(
 #[rustler::nif(name = "var_rollback")]
 fn rollback<'a>(
     env: Env<'a>,
-    store: ResourceArc<StoreRef>,
     sid: Term<'a>,
     ident: Term<'a>,
     version: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+    let r = with_session(sid, principal, |s, caller| {
         let version = version
             .decode::<u64>()
             .map_err(|_| Error::VersionNotFound)?;
@@ -310,14 +290,8 @@ fn rollback<'a>(
 }
 
 #[rustler::nif(name = "var_delete")]
-fn delete<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    ident: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+fn delete<'a>(env: Env<'a>, sid: Term<'a>, ident: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
         s.delete(&ident_text(ident)?, caller).map(|_| ())
     });
     unit_or(env, r)
@@ -336,14 +310,8 @@ fn decode_pattern(term: Term) -> Result<Option<Glob>, Error> {
 /// Variable maps the caller may read, sorted by name, optionally filtered
 /// by a glob on the name.
 #[rustler::nif(name = "var_list", schedule = "DirtyCpu")]
-fn list<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    pattern: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+fn list<'a>(env: Env<'a>, sid: Term<'a>, pattern: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
         let glob = decode_pattern(pattern)?;
         let mut vars = s.variables(caller)?;
         if let Some(g) = glob {
@@ -362,14 +330,8 @@ fn list<'a>(
 
 /// Names as registered (atoms stay atoms), sorted.
 #[rustler::nif(name = "var_names", schedule = "DirtyCpu")]
-fn names<'a>(
-    env: Env<'a>,
-    store: ResourceArc<StoreRef>,
-    sid: Term<'a>,
-    pattern: Term<'a>,
-    principal: Term<'a>,
-) -> Term<'a> {
-    let r = with_session(&store, sid, principal, |s, caller| {
+fn names<'a>(env: Env<'a>, sid: Term<'a>, pattern: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
         let glob = decode_pattern(pattern)?;
         let mut names = s.names(caller)?;
         if let Some(g) = glob {

@@ -336,7 +336,7 @@ defmodule DSPex.Bridge.AnalyticsTest do
         promtool ->
           for v <- 1..50, do: Analytics.record_metric(:variable_read, v)
           {:ok, _} = SessionStore.create_session("promtool-#{System.unique_integer()}")
-          Native.session_import(DSPex.Bridge.Backend.Native.store(), "garbage", nil)
+          Native.session_import("garbage", nil)
           path = Path.join(System.tmp_dir!(), "dspex-metrics-#{System.unique_integer()}.prom")
           File.write!(path, Analytics.prometheus_text())
 

@@ -36,10 +36,9 @@ defmodule DSPex.Bridge.DependencyManagerTest do
       |> Enum.each(fn {a, b} -> :ok = DependencyManager.add_dependency(sid, a, b) end)
 
       :ok = DependencyManager.add_dependency(sid, :w, :x)
-      store = DSPex.Bridge.Backend.Native.store()
 
       # x sits after the whole chain: putting it before c0 moves 12,000 vertices.
-      assert :over_budget = DSPex.Bridge.Native.graph_add_edge(store, sid, :x, "c0", :data, nil)
+      assert :over_budget = DSPex.Bridge.Native.graph_add_edge(sid, :x, "c0", :data, nil)
       assert :ok = DependencyManager.add_dependency(sid, :x, "c0")
       {:ok, order} = DependencyManager.get_update_order(sid, :w)
       assert Enum.take(order, 3) == [:w, :x, "c0"]

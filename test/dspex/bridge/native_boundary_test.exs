@@ -7,7 +7,6 @@ defmodule DSPex.Bridge.NativeBoundaryTest do
   use ExUnit.Case, async: true
 
   alias DSPex.Bridge.{Native, SessionStore}
-  alias DSPex.Bridge.Backend
 
   @garbage [
     nil,
@@ -29,8 +28,7 @@ defmodule DSPex.Bridge.NativeBoundaryTest do
     sid = "boundary_#{System.unique_integer([:positive])}"
     {:ok, _} = SessionStore.create_session(sid)
     {:ok, _} = SessionStore.register_variable(sid, :keep, :integer, 42)
-    store = Backend.Native.store()
-    args_pool = [store, sid, self(), make_ref(), fn -> :ok end | @garbage]
+    args_pool = [sid, self(), make_ref(), fn -> :ok end | @garbage]
     :rand.seed(:exsss, {1, 2, 3})
 
     nifs =
