@@ -38,21 +38,21 @@ defmodule DSPex.Bridge.Native do
   def var_names(_sid, _pattern, _principal), do: err()
 
   # optimizer locks
-  def lock_table_new(_lease_ms, _preempt_after), do: err()
-  def lock_listen(_table, _pid), do: err()
+  def lock_table_init(_lease_ms, _preempt_after), do: err()
+  def lock_listen(_pid), do: err()
 
-  def lock_acquire(_table, _key, _optimizer, _pid, _conflict, _wait_ms, _lease_ms, _fence),
+  def lock_acquire(_key, _optimizer, _pid, _conflict, _wait_ms, _lease_ms, _fence),
     do: err()
 
-  def lock_release(_table, _key, _optimizer), do: err()
-  def lock_release_any(_table, _key), do: err()
-  def lock_cancel(_table, _key, _waiter), do: err()
-  def lock_renew(_table, _key, _optimizer, _lease_ms), do: err()
-  def lock_progress(_table, _optimizer, _iteration, _value, _metrics), do: err()
-  def lock_info(_table, _key), do: err()
-  def lock_status(_table, _optimizer), do: err()
-  def lock_active(_table), do: err()
-  def lock_expire(_table), do: err()
+  def lock_release(_key, _optimizer), do: err()
+  def lock_release_any(_key), do: err()
+  def lock_cancel(_key, _waiter), do: err()
+  def lock_renew(_key, _optimizer, _lease_ms), do: err()
+  def lock_progress(_optimizer, _iteration, _value, _metrics), do: err()
+  def lock_info(_key), do: err()
+  def lock_status(_optimizer), do: err()
+  def lock_active, do: err()
+  def lock_expire, do: err()
   # access control
   def acl_validate(_rules), do: err()
   def acl_check_map(_variable, _principal, _permission, _context), do: err()

@@ -11,8 +11,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
       {:ok, true} = OptimizerCoordinator.report_progress("opt1", 1, 0.7, %{loss: 0.31})
       :ok = OptimizerCoordinator.release_lock("temperature", "opt1")
 
-  The lock table lives in Rust (`DSPex.Bridge.Native`, a resource kept in
-  `:persistent_term`): acquiring a free lock and releasing it are one NIF
+  The lock table lives in Rust, one per VM, held by the NIF library (like
+  the session engine): acquiring a free lock and releasing it are one NIF
   call each from the caller's process, with no message to this module's
   process. Every holder and waiter is watched by a resource monitor, so when
   a holder dies its lock passes to the next waiter at once, from inside the
@@ -73,7 +73,6 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @type optimizer_id :: String.t() | atom
   @type reason :: atom | {atom, term}
 
-  @table_key {__MODULE__, :table}
   @lock_acquired [:dspex, :optimization, :lock_acquired]
   @lock_released [:dspex, :optimization, :lock_released]
   @started [:dspex, :optimization, :started]
@@ -155,7 +154,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   end
 
   defp release(key, optimizer_id) do
-    case Native.lock_release(table(), key, optimizer_id) do
+    case Native.lock_release(key, optimizer_id) do
       {:ok, token, finished} ->
         ended(key, optimizer_id, token, finished, :released)
         :ok
@@ -177,7 +176,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
          {:ok, lease} <- lease(opts[:lease]),
          {:ok, key} <- key(var_id, opts, :optimize) do
       if lease, do: hint_lease(lease)
-      Native.lock_renew(table(), key, optimizer_id, lease)
+      Native.lock_renew(key, optimizer_id, lease)
     end
   end
 
@@ -190,7 +189,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
           {:ok, boolean} | {:error, :not_optimizing | reason}
   def report_progress(optimizer_id, iteration, value, metrics \\ %{}) do
     with {:ok, optimizer_id} <- optimizer(optimizer_id),
-         {:ok, best} <- Native.lock_progress(table(), optimizer_id, iteration, value, metrics) do
+         {:ok, best} <- Native.lock_progress(optimizer_id, iteration, value, metrics) do
       Telemetry.execute(
         [:dspex, :optimization, :progress],
         %{iteration: iteration},
@@ -210,7 +209,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   def get_lock_info(var_id, opts \\ []) do
     with {:ok, opts} <- validate(opts, [:session_id, :principal]),
          {:ok, key} <- key(var_id, opts) do
-      case Native.lock_info(table(), key) do
+      case Native.lock_info(key) do
         nil -> {:error, :not_locked}
         info -> {:ok, %{info | acquired_at: datetime(info.acquired_at)}}
       end
@@ -225,7 +224,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @spec get_optimization_status(optimizer_id) :: {:ok, map} | {:error, :not_found | reason}
   def get_optimization_status(optimizer_id) do
     with {:ok, optimizer_id} <- optimizer(optimizer_id) do
-      case Native.lock_status(table(), optimizer_id) do
+      case Native.lock_status(optimizer_id) do
         nil -> {:error, :not_found}
         status -> {:ok, status(status)}
       end
@@ -235,7 +234,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @doc "Every active optimization (one holding at least one lock), by optimizer id."
   @spec get_all_active_optimizations() :: {:ok, [map]}
   def get_all_active_optimizations do
-    {:ok, Enum.map(Native.lock_active(table()), &status/1)}
+    {:ok, Enum.map(Native.lock_active(), &status/1)}
   end
 
   ## Session variables (used by SessionStore)
@@ -283,11 +282,11 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
       result =
         case opts[:optimizer_id] do
           nil ->
-            Native.lock_release_any(table(), key)
+            Native.lock_release_any(key)
 
           id ->
             with {:ok, id} <- optimizer(id),
-                 {:ok, token, finished} <- Native.lock_release(table(), key, id) do
+                 {:ok, token, finished} <- Native.lock_release(key, id) do
               {:ok, token, finished, id}
             end
         end
@@ -298,7 +297,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
           :ok
 
         {:error, :not_lock_owner} = error ->
-          if Native.lock_info(table(), key), do: error, else: {:error, :not_optimizing}
+          if Native.lock_info(key), do: error, else: {:error, :not_optimizing}
 
         error ->
           error
@@ -323,9 +322,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   defp run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence) do
     start = start_time()
-    table = table()
 
-    case Native.lock_acquire(table, key, optimizer_id, pid, mode, timeout, lease, fence) do
+    case Native.lock_acquire(key, optimizer_id, pid, mode, timeout, lease, fence) do
       {:ok, :granted, token, started} ->
         acquired(key, optimizer_id, pid, token, started, :immediate, start)
         {:ok, :lock_acquired, token}
@@ -341,7 +339,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
       {:wait, waiter} ->
         conflict_event(key, optimizer_id, mode)
 
-        case await_grant(table, key, waiter, timeout) do
+        case await_grant(key, waiter, timeout) do
           {:ok, token, started, nil} ->
             acquired(key, optimizer_id, pid, token, started, :after_wait, start)
             {:ok, :lock_acquired_after_wait, token}
@@ -368,13 +366,13 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   # The grant is a message from whoever freed the lock. On timeout the
   # request is cancelled in the table; if it was granted meanwhile, the
   # grant message is already on its way and the lock is ours.
-  defp await_grant(table, key, waiter, timeout) do
+  defp await_grant(key, waiter, timeout) do
     receive do
       {:dspex_lock_granted, ^waiter, token, started, previous} ->
         {:ok, token, started, previous}
     after
       timeout_ms(timeout) ->
-        case Native.lock_cancel(table, key, waiter) do
+        case Native.lock_cancel(key, waiter) do
           :removed ->
             {:error, :timeout}
 
@@ -418,30 +416,27 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
     unless is_integer(sweep) and sweep > 0,
       do: raise(ArgumentError, "sweep_interval must be a positive integer")
 
-    table =
-      case :persistent_term.get(@table_key, nil) do
-        nil ->
-          {:ok, table} =
-            Native.lock_table_new(
-              lease,
-              if(preempt_after == :never, do: @never, else: preempt_after)
-            )
+    # The table outlives a restart of this process; its configuration is
+    # fixed for the VM's lifetime.
+    case Native.lock_table_init(
+           lease,
+           if(preempt_after == :never, do: @never, else: preempt_after)
+         ) do
+      :ok ->
+        :ok
 
-          :persistent_term.put(@table_key, table)
-          table
+      {:error, reason} ->
+        raise ArgumentError, "cannot configure the lock table: #{inspect(reason)}"
+    end
 
-        table ->
-          table
-      end
-
-    :ok = Native.lock_listen(table, self())
+    :ok = Native.lock_listen(self())
     send(self(), :sweep)
-    {:ok, %{table: table, sweep: sweep, timer: nil}}
+    {:ok, %{sweep: sweep, timer: nil}}
   end
 
   @impl true
   def handle_info(:sweep, state) do
-    next = Native.lock_expire(state.table)
+    next = Native.lock_expire()
     wait = if is_integer(next), do: min(max(next, 1), state.sweep), else: state.sweep
     {:noreply, %{state | timer: Process.send_after(self(), :sweep, wait)}}
   end
@@ -473,11 +468,6 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   def handle_info(_other, state), do: {:noreply, state}
 
   ## Helpers
-
-  defp table do
-    :persistent_term.get(@table_key, nil) ||
-      raise ArgumentError, "DSPex.Bridge.OptimizerCoordinator is not started"
-  end
 
   defp validate([], _allowed), do: {:ok, []}
 

@@ -24,7 +24,7 @@ use dspex_core::locks::{
     Acquired, Cancelled, Conflict, EndReason, Fence, LockConfig, LockTable, OptimizerId, Request,
     Status,
 };
-use dspex_core::{Caller, Error};
+use dspex_core::{Caller, Error, Value};
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
 
 use crate::atoms;
@@ -278,22 +278,63 @@ fn decode_fence(term: Term) -> Result<Option<Arc<dyn Fence>>, Error> {
     Ok(Some(cell as Arc<dyn Fence>))
 }
 
-#[rustler::nif(name = "lock_table_new")]
-fn table_new(env: Env, lease_ms: u64, preempt_after: u64) -> Term {
-    let res = ResourceArc::new(LockTableRef {
-        table: LockTable::new(LockConfig {
-            lease_ms,
-            preempt_after,
-        }),
+/// One lock table per VM, like the store: the lock NIFs reach it without a
+/// handle. It is a resource all the same, because process monitors belong
+/// to a resource (its `down` callback is how a holder's death is seen).
+static LOCKS: OnceLock<ResourceArc<LockTableRef>> = OnceLock::new();
+
+fn new_table(config: LockConfig) -> ResourceArc<LockTableRef> {
+    ResourceArc::new(LockTableRef {
+        table: LockTable::new(config),
         listener: Mutex::new(None),
         watched: Mutex::new(HashSet::default()),
-    });
-    (atoms::ok(), res).encode(env)
+    })
+}
+
+/// The lock table, created with the default configuration if
+/// `lock_table_init/2` has not run yet.
+fn locks() -> &'static ResourceArc<LockTableRef> {
+    LOCKS.get_or_init(|| new_table(LockConfig::default()))
+}
+
+/// Creates the lock table: `:ok` when created, or when it exists with the
+/// same configuration; `{:error, {:invalid_argument, {:lock_table_exists,
+/// %{lease_ms: n, preempt_after: n}}}}` when it exists with another.
+#[rustler::nif(name = "lock_table_init")]
+fn table_init(env: Env, lease_ms: u64, preempt_after: u64) -> Term {
+    let wanted = LockConfig {
+        lease_ms,
+        preempt_after,
+    };
+    if lease_ms == 0 {
+        return error(env, &Error::invalid_arg("bad_lease"));
+    }
+    let table = LOCKS.get_or_init(|| new_table(wanted.clone()));
+    let have = table.table.config();
+    if *have == wanted {
+        atoms::ok().encode(env)
+    } else {
+        let detail = Value::Map(
+            [
+                (Value::atom("lease_ms"), Value::Int(have.lease_ms as i64)),
+                (
+                    Value::atom("preempt_after"),
+                    Value::Int(have.preempt_after.min(i64::MAX as u64) as i64),
+                ),
+            ]
+            .into(),
+        );
+        error(
+            env,
+            &Error::InvalidArgument(Value::tagged("lock_table_exists", detail)),
+        )
+    }
 }
 
 /// The process told of holders that died or expired.
 #[rustler::nif(name = "lock_listen")]
-fn listen(res: ResourceArc<LockTableRef>, pid: LocalPid) -> Atom {
+fn listen(pid: LocalPid) -> Atom {
+    let res = locks();
     if let Ok(mut l) = res.listener.lock() {
         *l = Some(pid);
     }
@@ -310,7 +351,6 @@ fn listen(res: ResourceArc<LockTableRef>, pid: LocalPid) -> Atom {
 #[allow(clippy::too_many_arguments)]
 fn acquire<'a>(
     env: Env<'a>,
-    res: ResourceArc<LockTableRef>,
     key: Term<'a>,
     optimizer: Term<'a>,
     pid: LocalPid,
@@ -319,6 +359,7 @@ fn acquire<'a>(
     lease_ms: Term<'a>,
     fence: Term<'a>,
 ) -> Term<'a> {
+    let res = locks();
     let decoded = (|| {
         Ok::<_, Error>((
             decode_optimizer(optimizer)?,
@@ -333,7 +374,7 @@ fn acquire<'a>(
         Err(e) => return error(env, &e),
     };
     let owner = Owner::new(env, pid);
-    if !LockTableRef::watch(&res, env, owner) {
+    if !LockTableRef::watch(res, env, owner) {
         return error(env, &Error::invalid_arg("owner_not_alive"));
     }
     let caller = env.pid();
@@ -393,12 +434,8 @@ fn acquire<'a>(
 /// `{:ok, token, finished}` (`finished`: the optimizer holds no other lock)
 /// or `{:error, :not_lock_owner}`.
 #[rustler::nif(name = "lock_release")]
-fn release<'a>(
-    env: Env<'a>,
-    res: ResourceArc<LockTableRef>,
-    key: Term<'a>,
-    optimizer: Term<'a>,
-) -> Term<'a> {
+fn release<'a>(env: Env<'a>, key: Term<'a>, optimizer: Term<'a>) -> Term<'a> {
+    let res = locks();
     let optimizer = match optimizer_text(optimizer) {
         Ok(o) => o,
         Err(e) => return error(env, &e),
@@ -414,7 +451,8 @@ fn release<'a>(
 /// Releases whoever holds `key`: `{:ok, token, finished, optimizer_id}` or
 /// `{:error, :not_optimizing}`.
 #[rustler::nif(name = "lock_release_any")]
-fn release_any<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, key: Term<'a>) -> Term<'a> {
+fn release_any<'a>(env: Env<'a>, key: Term<'a>) -> Term<'a> {
+    let res = locks();
     let out = res.table.release_any(&key_of(key), now_ms());
     res.announce(env, &out.effects);
     match out.result {
@@ -426,12 +464,8 @@ fn release_any<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, key: Term<'a>) 
 /// After a wait timed out: `:removed`, `{:granted, token}` (the grant
 /// message is in flight: the caller holds the lock) or `:gone`.
 #[rustler::nif(name = "lock_cancel")]
-fn cancel<'a>(
-    env: Env<'a>,
-    res: ResourceArc<LockTableRef>,
-    key: Term<'a>,
-    waiter: u64,
-) -> Term<'a> {
+fn cancel<'a>(env: Env<'a>, key: Term<'a>, waiter: u64) -> Term<'a> {
+    let res = locks();
     match res.table.cancel(&key_of(key), waiter) {
         Cancelled::Removed(_) => atoms::removed().encode(env),
         Cancelled::Granted { token } => (atoms::granted(), token).encode(env),
@@ -441,13 +475,8 @@ fn cancel<'a>(
 
 /// `{:ok, token}` or `{:error, :not_lock_owner}`.
 #[rustler::nif(name = "lock_renew")]
-fn renew<'a>(
-    env: Env<'a>,
-    res: ResourceArc<LockTableRef>,
-    key: Term<'a>,
-    optimizer: Term<'a>,
-    lease_ms: Term<'a>,
-) -> Term<'a> {
+fn renew<'a>(env: Env<'a>, key: Term<'a>, optimizer: Term<'a>, lease_ms: Term<'a>) -> Term<'a> {
+    let res = locks();
     let decoded = optimizer_text(optimizer).and_then(|o| Ok((o, decode_ms(lease_ms)?)));
     let (optimizer, lease_ms) = match decoded {
         Ok(d) => d,
@@ -465,12 +494,12 @@ fn renew<'a>(
 #[rustler::nif(name = "lock_progress")]
 fn progress<'a>(
     env: Env<'a>,
-    res: ResourceArc<LockTableRef>,
     optimizer: Term<'a>,
     iteration: Term<'a>,
     value: Term<'a>,
     metrics: Term<'a>,
 ) -> Term<'a> {
+    let res = locks();
     let decoded = (|| {
         let iteration = iteration
             .decode::<u64>()
@@ -499,7 +528,8 @@ fn progress<'a>(
 /// `nil` or `%{optimizer_id, pid, token, acquired_at, lease_left_ms,
 /// iteration, waiters}`.
 #[rustler::nif(name = "lock_info")]
-fn info<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, key: Term<'a>) -> Term<'a> {
+fn info<'a>(env: Env<'a>, key: Term<'a>) -> Term<'a> {
+    let res = locks();
     let Some(i) = res.table.info(&key_of(key), now_ms()) else {
         return atoms::nil().encode(env);
     };
@@ -551,7 +581,8 @@ fn encode_status<'a>(env: Env<'a>, s: &Status<Key, Owner>) -> Term<'a> {
 
 /// `nil` or the optimization's status map.
 #[rustler::nif(name = "lock_status")]
-fn status<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, optimizer: Term<'a>) -> Term<'a> {
+fn status<'a>(env: Env<'a>, optimizer: Term<'a>) -> Term<'a> {
+    let res = locks();
     let found = optimizer_text(optimizer)
         .ok()
         .and_then(|o| res.table.status(o, now_ms()));
@@ -563,7 +594,8 @@ fn status<'a>(env: Env<'a>, res: ResourceArc<LockTableRef>, optimizer: Term<'a>)
 
 /// Every active optimization, sorted by optimizer id.
 #[rustler::nif(name = "lock_active", schedule = "DirtyCpu")]
-fn active(env: Env, res: ResourceArc<LockTableRef>) -> Term {
+fn active(env: Env) -> Term {
+    let res = locks();
     let all: Vec<Term> = res
         .table
         .active(now_ms())
@@ -576,7 +608,8 @@ fn active(env: Env, res: ResourceArc<LockTableRef>) -> Term {
 /// Ends passed leases and drops waiters past their deadline, announcing the
 /// changes; returns milliseconds until the next deadline, or `nil`.
 #[rustler::nif(name = "lock_expire", schedule = "DirtyCpu")]
-fn expire(env: Env, res: ResourceArc<LockTableRef>) -> Term {
+fn expire(env: Env) -> Term {
+    let res = locks();
     let now = now_ms();
     let fx = res.table.expire(now);
     res.announce(env, &fx);

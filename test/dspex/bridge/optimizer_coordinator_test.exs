@@ -400,9 +400,18 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   describe "the NIF boundary" do
+    test "the lock table keeps the configuration it was created with" do
+      alias DSPex.Bridge.Native
+
+      assert {:error, {:invalid_argument, {:lock_table_exists, %{lease_ms: lease} = config}}} =
+               Native.lock_table_init(1, 1)
+
+      assert :ok = Native.lock_table_init(lease, config.preempt_after)
+      assert {:error, {:invalid_argument, :bad_lease}} = Native.lock_table_init(0, 10)
+    end
+
     test "garbage arguments give an error or an ArgumentError, never a crash" do
       alias DSPex.Bridge.Native
-      table = :persistent_term.get({OptimizerCoordinator, :table})
 
       garbage = [
         nil,
@@ -420,17 +429,16 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       ]
 
       calls = [
-        &Native.lock_acquire(table, &1, &1, self(), &1, &1, &1, &1),
-        &Native.lock_acquire(table, "k", "o", &1, :wait, 0, nil, nil),
-        &Native.lock_acquire(&1, "k", "o", self(), :wait, 0, nil, nil),
-        &Native.lock_release(table, &1, &1),
-        &Native.lock_release_any(table, &1),
-        &Native.lock_cancel(table, &1, &1),
-        &Native.lock_renew(table, &1, &1, &1),
-        &Native.lock_progress(table, &1, &1, &1, &1),
-        &Native.lock_info(table, &1),
-        &Native.lock_status(table, &1),
-        &Native.lock_table_new(&1, &1)
+        &Native.lock_acquire(&1, &1, self(), &1, &1, &1, &1),
+        &Native.lock_acquire("k", "o", &1, :wait, 0, nil, nil),
+        &Native.lock_release(&1, &1),
+        &Native.lock_release_any(&1),
+        &Native.lock_cancel(&1, &1),
+        &Native.lock_renew(&1, &1, &1),
+        &Native.lock_progress(&1, &1, &1, &1),
+        &Native.lock_info(&1),
+        &Native.lock_status(&1),
+        &Native.lock_table_init(&1, &1)
       ]
 
       for call <- calls, arg <- garbage do
