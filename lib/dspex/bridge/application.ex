@@ -11,6 +11,8 @@ defmodule DSPex.Bridge.Application do
       {:error, reason} -> raise ArgumentError, "invalid :limits config: #{inspect(reason)}"
     end
 
+    :ok = DSPex.Bridge.Telemetry.publish()
+
     children = [
       DSPex.Context.Registry,
       # The port program may die (that is what it is for); its own supervisor

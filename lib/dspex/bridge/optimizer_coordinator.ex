@@ -69,6 +69,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   alias DSPex.Bridge.{AccessControl, Native, SessionStore, Telemetry}
   alias DSPex.Bridge.Backend.Router
 
+  require Telemetry
+
   @type key :: term
   @type optimizer_id :: String.t() | atom
   @type reason :: atom | {atom, term}
@@ -569,8 +571,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   # What an acquire will report: the start time when `:lock_acquired` is
   # observed, and whether `:started` is.
   defp start_time do
-    {acquired?, started?} = Telemetry.enabled?(@lock_acquired, @started)
-    {acquired? && System.monotonic_time(), started?}
+    {Telemetry.observed?(@lock_acquired) && System.monotonic_time(),
+     Telemetry.observed?(@started)}
   end
 
   defp acquired(key, optimizer_id, pid, token, started, how, {start, started?}) do
@@ -608,8 +610,12 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   # A holder lost its lock: `:lock_released`, and when it held no other
   # lock `:completed` (released) or `:failed` (anything else).
   defp ended(key, optimizer_id, token, finished, reason) do
-    over = if reason == :released, do: @completed, else: @failed
-    {released?, over?} = Telemetry.enabled?(@lock_released, over)
+    {over, over?} =
+      if reason == :released,
+        do: {@completed, Telemetry.observed?(@completed)},
+        else: {@failed, Telemetry.observed?(@failed)}
+
+    released? = Telemetry.observed?(@lock_released)
 
     if released? do
       Telemetry.execute(@lock_released, now(), %{

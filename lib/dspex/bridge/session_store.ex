@@ -78,6 +78,8 @@ defmodule DSPex.Bridge.SessionStore do
   alias DSPex.Bridge.Backend.Router
   alias DSPex.Bridge.DependencyManager.Propagator
 
+  require Telemetry
+
   @type session_id :: String.t()
   @type ident :: atom | String.t()
   @type reason :: atom | {atom, term}
@@ -353,7 +355,7 @@ defmodule DSPex.Bridge.SessionStore do
     principal = AccessControl.caller(opts)
 
     result =
-      if Telemetry.enabled?(@read) do
+      if Telemetry.observed?(@read) do
         timed_read(session_id, ident, fn -> @backend.get_value(session_id, ident, principal) end)
       else
         @backend.get_value(session_id, ident, principal)
@@ -381,7 +383,7 @@ defmodule DSPex.Bridge.SessionStore do
     principal = AccessControl.caller(opts)
 
     result =
-      if Telemetry.enabled?(@write) do
+      if Telemetry.observed?(@write) do
         start = System.monotonic_time()
         result = @backend.set_value(session_id, ident, value, metadata, expected, principal)
         written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
@@ -721,7 +723,7 @@ defmodule DSPex.Bridge.SessionStore do
   defp written(error, _session_id, _ident, _metadata, _expected, _us), do: error
 
   defp emit_write(session_id, ident, metadata, version, us) do
-    if Telemetry.enabled?(@write) do
+    if Telemetry.observed?(@write) do
       Telemetry.execute(@write, %{duration_us: us, version: version}, %{
         session_id: session_id,
         variable: ident,

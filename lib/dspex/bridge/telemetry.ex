@@ -117,8 +117,9 @@ defmodule DSPex.Bridge.Telemetry do
     granted before, so a write carrying an older one is known to be stale.
   - *lease*: how long a lock grant lasts unless renewed (`renew_lock/3`, or
     any progress report of its holder).
-  - *hot path*: `get_variable_value/3` and `update_variable/5`. They measure
-    time only when a handler is attached to their event (see `enabled?/1`).
+  - *hot path*: `get_variable_value/3`, `update_variable/5` and the lock
+    cycle. They measure time only when a handler is attached to their event,
+    and ask with `observed?/1`: one lookup of a boolean.
   """
 
   require Logger
@@ -130,6 +131,17 @@ defmodule DSPex.Bridge.Telemetry do
   # What `enabled?/1` reads: `:all` when `:telemetry` dispatches, else a map
   # of the events that have a handler. One lookup under a literal key.
   @enabled_key DSPex.Bridge.Telemetry.Enabled
+  # Events whose emitters sit on hot paths: each has a boolean of its own
+  # (see `observed?/1`).
+  @hot_events [
+    [:dspex, :bridge, :variable, :read],
+    [:dspex, :bridge, :variable, :write],
+    [:dspex, :optimization, :lock_acquired],
+    [:dspex, :optimization, :lock_released],
+    [:dspex, :optimization, :started],
+    [:dspex, :optimization, :completed],
+    [:dspex, :optimization, :failed]
+  ]
 
   @doc """
   Emits `event`. Measurements and metadata are maps.
@@ -165,17 +177,31 @@ defmodule DSPex.Bridge.Telemetry do
   defp enabled_in(enabled, event), do: is_map_key(enabled, event)
 
   @doc """
-  `{enabled?(a), enabled?(b)}` with one look at the handler table, for a hot
-  path that may emit two events (a lock grant and the start of an
-  optimization, say).
+  `enabled?/1` for the events of hot paths, resolved at compile time to one
+  `:persistent_term` lookup of a boolean under an atom key: what a read or
+  a write pays when nothing observes it. `event` must be a literal (or a
+  module attribute) naming one of the hot events:
+  #{Enum.map_join(@hot_events, ", ", &"`#{inspect(&1)}`")}.
+
+      require DSPex.Bridge.Telemetry
+      DSPex.Bridge.Telemetry.observed?([:dspex, :bridge, :variable, :read])
   """
-  @spec enabled?(event, event) :: {boolean, boolean}
-  def enabled?(a, b) do
-    case :persistent_term.get(@enabled_key, nil) || publish_enabled() do
-      :all -> {true, true}
-      enabled -> {is_map_key(enabled, a), is_map_key(enabled, b)}
+  defmacro observed?(event) do
+    event = Macro.expand(event, __CALLER__)
+
+    unless event in @hot_events do
+      raise ArgumentError,
+            "observed?/1 takes one of the hot events #{inspect(@hot_events)}, got: " <>
+              Macro.to_string(event)
     end
+
+    quote do: :persistent_term.get(unquote(hot_key(event)), false)
   end
+
+  @doc false
+  # Publishes the hot events' flags; the application calls it at start, so
+  # they are right even when handlers attach through `:telemetry` directly.
+  def publish, do: publish_enabled() && :ok
 
   @doc "Attaches `fun` to one event. Same contract as `:telemetry.attach/4`."
   @spec attach(term, event, handler, term) :: :ok | {:error, :already_exists}
@@ -334,8 +360,17 @@ defmodule DSPex.Bridge.Telemetry do
     if :persistent_term.get(@enabled_key, nil) != enabled,
       do: :persistent_term.put(@enabled_key, enabled)
 
+    # Booleans are immediates: putting one costs no global collection.
+    for event <- @hot_events do
+      flag = enabled_in(enabled, event)
+      key = hot_key(event)
+      if :persistent_term.get(key, nil) != flag, do: :persistent_term.put(key, flag)
+    end
+
     enabled
   end
+
+  defp hot_key(event), do: :"#{__MODULE__}.Hot.#{Enum.join(event, ".")}"
 
   defp publish(old_table, new_table) do
     for event <- Enum.uniq(Map.keys(old_table) ++ Map.keys(new_table)),

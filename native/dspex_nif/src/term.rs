@@ -134,11 +134,15 @@ pub fn ident_text<'a>(term: Term<'a>) -> Result<IdentText<'a>, Error> {
     )))
 }
 
-/// The text of an ASCII atom, copied into a stack buffer: the read and
+/// Longest atom text kept on the stack; longer names take the slow path.
+const INLINE_ATOM: usize = 64;
+
+/// The text of a short ASCII atom, copied into a stack buffer: the read and
 /// write paths name variables by atom, and this spares them an allocation.
-/// `None` for atoms with non-ASCII text (the caller falls back).
+/// `None` for long atoms and atoms with non-ASCII text (the caller falls
+/// back to an owned string).
 fn ascii_atom(term: Term) -> Option<IdentText<'static>> {
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; INLINE_ATOM];
     // SAFETY: `term` and its env are valid for the duration of this NIF
     // call; `enif_get_atom` writes at most `buf.len()` bytes (NUL included)
     // and returns 0 when the atom does not fit.
@@ -160,12 +164,11 @@ fn ascii_atom(term: Term) -> Option<IdentText<'static>> {
 
 // On the stack on purpose: it lives for one NIF call and spares a heap
 // allocation per atom-named read or write.
-#[allow(clippy::large_enum_variant)]
 pub enum IdentText<'a> {
     Borrowed(&'a str),
     Owned(String),
-    /// An ASCII atom's text: the buffer and its length.
-    Inline([u8; 256], u8),
+    /// A short ASCII atom's text: the buffer and its length.
+    Inline([u8; INLINE_ATOM], u8),
 }
 
 impl std::ops::Deref for IdentText<'_> {
@@ -174,8 +177,11 @@ impl std::ops::Deref for IdentText<'_> {
         match self {
             IdentText::Borrowed(s) => s,
             IdentText::Owned(s) => s,
-            // Checked ASCII when built, so always valid UTF-8.
-            IdentText::Inline(buf, len) => std::str::from_utf8(&buf[..*len as usize]).unwrap_or(""),
+            // SAFETY: `ascii_atom` builds `Inline` only after checking that
+            // the first `len` bytes are ASCII, which is valid UTF-8.
+            IdentText::Inline(buf, len) => unsafe {
+                std::str::from_utf8_unchecked(&buf[..*len as usize])
+            },
         }
     }
 }
@@ -220,7 +226,9 @@ pub fn bytes<'a>(env: Env<'a>, b: &[u8]) -> Term<'a> {
 }
 
 pub fn is_nil(term: Term) -> bool {
-    term.is_atom() && term == atoms::nil().to_term(term.get_env())
+    // Atoms are immediates: the same atom is the same word, so comparing
+    // the raw terms needs no call into the VM.
+    term.as_c_arg() == atoms::nil().to_term(term.get_env()).as_c_arg()
 }
 
 /// `nil` or a non-negative integer.

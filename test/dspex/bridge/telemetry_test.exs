@@ -3,6 +3,8 @@ defmodule DSPex.Bridge.TelemetryTest do
 
   alias DSPex.Bridge.Telemetry
 
+  require Telemetry
+
   doctest Telemetry
 
   setup do
@@ -24,6 +26,24 @@ defmodule DSPex.Bridge.TelemetryTest do
     assert {:error, :not_found} = Telemetry.detach(id)
     :ok = Telemetry.execute([:t, :one], %{n: 2}, %{})
     refute_receive {[:t, :one], _, _, _}
+  end
+
+  test "observed?/1 turns on with a handler of a hot event and off without", %{id: id} do
+    event = [:dspex, :optimization, :failed]
+    assert :ok = Telemetry.attach(id, event, fn _, _, _, _ -> :ok end, nil)
+    assert Telemetry.observed?([:dspex, :optimization, :failed])
+    assert :ok = Telemetry.detach(id)
+    # Other modules' tests may observe it too: the flag follows the table.
+    assert Telemetry.observed?([:dspex, :optimization, :failed]) == Telemetry.enabled?(event)
+  end
+
+  test "observed?/1 refuses, at compile time, an event that is not hot" do
+    assert_raise ArgumentError, ~r/hot events/, fn ->
+      Code.eval_string("""
+      require DSPex.Bridge.Telemetry
+      DSPex.Bridge.Telemetry.observed?([:my, :event])
+      """)
+    end
   end
 
   test "a failing handler is detached and does not break the caller", %{id: id} do

@@ -15,7 +15,8 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   Writers find the worker through `:persistent_term` (`whereis/1`), so a
   write to a session without derived variables does one lookup and nothing
-  else. The worker's own writes do not notify it: their effects are already
+  else; until the VM starts its first worker, a write looks up only a
+  boolean. The worker's own writes do not notify it: their effects are already
   part of the pass that made them.
   """
   use GenServer, restart: :temporary
@@ -32,6 +33,9 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # Changes taken into one pass, at most, so a flood cannot starve calls.
   @max_batch 10_000
   @missing {__MODULE__, :missing}
+  # Set when the first worker starts, never cleared: a boolean is an
+  # immediate, so reading it is cheaper than the per-session lookup.
+  @any_key DSPex.Bridge.DependencyManager.Propagator.Started
 
   ## Client side (runs in the caller)
 
@@ -62,10 +66,9 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # Called by SessionStore after every accepted write.
   @spec notify_write(String.t(), term, pos_integer) :: :ok
   def notify_write(session_id, ident, version) do
-    case whereis(session_id) do
-      nil -> :ok
-      pid when pid == self() -> :ok
-      pid -> send(pid, {:changed, ident, version})
+    with true <- :persistent_term.get(@any_key, false),
+         pid when is_pid(pid) and pid != self() <- whereis(session_id) do
+      send(pid, {:changed, ident, version})
     end
 
     :ok
@@ -104,6 +107,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def init(session_id) do
     Process.flag(:trap_exit, true)
     :persistent_term.put({__MODULE__, session_id}, self())
+    :persistent_term.get(@any_key, false) || :persistent_term.put(@any_key, true)
 
     {:ok,
      %{
