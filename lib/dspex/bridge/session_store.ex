@@ -382,19 +382,23 @@ defmodule DSPex.Bridge.SessionStore do
     {expected, metadata} = expected_version(metadata, opts)
     principal = AccessControl.caller(opts)
 
-    result =
-      if Telemetry.observed?(@write) do
-        start = System.monotonic_time()
-        result = @backend.set_value(session_id, ident, value, metadata, expected, principal)
-        written(result, session_id, ident, metadata, expected, Telemetry.since_us(start))
-      else
-        case @backend.set_value(session_id, ident, value, metadata, expected, principal) do
-          {:ok, version} -> Propagator.notify_write(session_id, ident, version)
-          error -> written(error, session_id, ident, metadata, expected, 0)
-        end
-      end
+    if Telemetry.observed?(@write) do
+      start = System.monotonic_time()
 
-    AccessControl.refusal(result, session_id, ident, principal, :write)
+      @backend.set_value(session_id, ident, value, metadata, expected, principal)
+      |> written(session_id, ident, metadata, expected, Telemetry.since_us(start))
+      |> AccessControl.refusal(session_id, ident, principal, :write)
+    else
+      case @backend.set_value(session_id, ident, value, metadata, expected, principal) do
+        {:ok, version} ->
+          Propagator.notify_write(session_id, ident, version)
+
+        error ->
+          error
+          |> written(session_id, ident, metadata, expected, 0)
+          |> AccessControl.refusal(session_id, ident, principal, :write)
+      end
+    end
   end
 
   @doc """
