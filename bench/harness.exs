@@ -11,6 +11,12 @@ defmodule DSPex.Bench do
 
   A job may also be `{fun, parallel: n}` to run `n` processes at once; ips is
   then the total throughput across them.
+
+  On a shared machine the speed of the whole machine drifts while a run
+  lasts, so a case measured a few seconds after its baseline may see another
+  machine. With `rounds: n` every job is measured `n` times, the jobs taking
+  turns, each for `time / n` seconds: the table pools all samples, and
+  `ratio/3` reports the median of the per-round ratios.
   """
 
   @doc "Runs the jobs and prints a table; returns `%{name => stats}`."
@@ -20,29 +26,70 @@ defmodule DSPex.Bench do
     title = Keyword.get(opts, :title, "benchmark")
     batch = Keyword.get(opts, :batch, 100)
 
+    rounds = Keyword.get(opts, :rounds, 1)
+
     IO.puts("\n## #{title}\n")
 
-    results =
+    jobs =
       for {name, job} <- Enum.sort_by(jobs, &elem(&1, 0)) do
-        {fun, parallel} =
-          case job do
-            {fun, job_opts} -> {fun, Keyword.get(job_opts, :parallel, 1)}
-            fun -> {fun, 1}
-          end
+        case job do
+          {fun, job_opts} -> {name, fun, Keyword.get(job_opts, :parallel, 1)}
+          fun -> {name, fun, 1}
+        end
+      end
 
-        measure_parallel(fun, parallel, warmup, batch)
-        {name, measure_parallel(fun, parallel, time, batch)}
+    for {_name, fun, parallel} <- jobs, do: measure_parallel(fun, parallel, warmup, batch)
+
+    per_round =
+      for _round <- 1..rounds do
+        for {name, fun, parallel} <- jobs,
+            do: {name, measure_parallel(fun, parallel, time / rounds, batch)}
+      end
+
+    results =
+      for {name, _fun, _parallel} <- jobs do
+        stats = Enum.map(per_round, &List.keyfind!(&1, name, 0)) |> Enum.map(&elem(&1, 1))
+        {name, pool(stats)}
       end
 
     print(results)
+    if rounds > 1, do: IO.puts("(#{rounds} rounds, the jobs taking turns)")
     Map.new(results)
   end
 
-  @doc "Ratio line: how many times faster `a` is than `b` (by ips)."
+  @doc """
+  Ratio line: how many times faster `a` is than `b` by ips; with rounds, the
+  median of the per-round ratios.
+  """
   def ratio(results, a, b) do
-    r = results[a].ips / results[b].ips
-    IO.puts("#{a} vs #{b}: #{Float.round(r, 2)}x")
+    ratios =
+      Enum.zip_with(results[a].round_ips, results[b].round_ips, fn x, y -> x / y end)
+      |> Enum.sort()
+
+    r = Enum.at(ratios, div(length(ratios), 2))
+
+    spread =
+      if length(ratios) > 1,
+        do:
+          " (median of #{length(ratios)} rounds, #{fmt_x(hd(ratios))}-#{fmt_x(List.last(ratios))})",
+        else: ""
+
+    IO.puts("#{a} vs #{b}: #{fmt_x(r)}#{spread}")
     r
+  end
+
+  defp fmt_x(r), do: "#{Float.round(r, 2)}x"
+
+  # One summary from the rounds of a job: samples pooled, ips over the whole
+  # measured time, and each round's ips kept for `ratio/3`.
+  defp pool(stats) do
+    samples = Enum.flat_map(stats, & &1.samples)
+    ips = Enum.map(stats, & &1.ips)
+    calls = Enum.sum(Enum.map(stats, & &1.calls))
+    seconds = Enum.sum(Enum.map(stats, &(&1.calls / &1.ips)))
+
+    %{summarize(samples, calls, seconds) | memory: hd(stats).memory}
+    |> Map.put(:round_ips, ips)
   end
 
   defp measure_parallel(fun, 1, seconds, batch), do: measure(fun, seconds, batch)

@@ -382,6 +382,17 @@ mod tests {
     }
 
     #[test]
+    fn depth_counts_containers_empty_or_not() {
+        assert_eq!(Value::Float(0.5).depth(), 1);
+        assert_eq!(Value::empty_map().depth(), 1);
+        assert_eq!(Value::List(Box::new([])).depth(), 1);
+        let nested = Value::List(vec![Value::Tuple(vec![Value::empty_map()].into())].into());
+        assert_eq!(nested.depth(), 3);
+        let map = Value::Map(vec![(Value::atom("k"), Value::List(Box::new([])))].into());
+        assert_eq!(map.depth(), 2);
+    }
+
+    #[test]
     fn deep_values_are_rejected_not_overflowed() {
         let mut v = Value::Nil;
         for _ in 0..100_000 {
