@@ -87,9 +87,10 @@ defmodule DSPex.Bridge.SessionStore do
   @types [:float, :integer, :string, :boolean, :choice, :module, :embedding, :tensor]
   @read [:dspex, :bridge, :variable, :read]
   @write [:dspex, :bridge, :variable, :write]
-  # Fixed at compile time, so the hot paths make a static call: the Router
-  # itself picks the NIF or the port for each session.
-  @backend Application.compile_env(:dspex_bridge, :backend, Router)
+  # The hot paths make a static call: the Router itself picks the NIF or the
+  # port for each session (`config :dspex_bridge, backend: :nif | :port` is
+  # the Router's default for new sessions).
+  @backend Router
 
   ## Lifecycle
 
