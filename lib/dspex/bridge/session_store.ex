@@ -252,12 +252,7 @@ defmodule DSPex.Bridge.SessionStore do
     opts = Keyword.validate!(opts, [:session_id, :backend])
     kind = opts[:backend] || Router.default_kind()
 
-    imported =
-      if backend() == Router,
-        do: Router.import_session(snapshot, opts[:session_id], kind),
-        else: @backend.import_session(snapshot, opts[:session_id])
-
-    with {:ok, sid} <- imported do
+    with {:ok, sid} <- Router.import_session(snapshot, opts[:session_id], kind) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
