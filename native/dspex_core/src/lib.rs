@@ -24,7 +24,7 @@ pub mod types;
 pub mod value;
 pub mod variable;
 
-/// The concurrent map used for every index: sharded, with aHash (fast on
+/// The concurrent map of a session's variable indexes: sharded, with aHash (fast on
 /// short keys, and keyed per process so hostile ids cannot flood a shard).
 pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 

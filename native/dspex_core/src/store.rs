@@ -1,9 +1,8 @@
-//! The `Store`: every session, in a sharded concurrent map keyed by id.
+//! The `Store`: every session, in a concurrent map keyed by id.
 
 use std::sync::Arc;
 
-use crate::ConcurrentMap;
-use dashmap::mapref::entry::Entry;
+use papaya::{Compute, Operation};
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -12,10 +11,31 @@ use crate::session::{Session, SessionOpts};
 use crate::snapshot::Snapshot;
 use crate::time::now_us;
 
-#[derive(Default)]
+/// The session map is read by every call and written only when a session
+/// comes or goes, and every scheduler reads the same hot sessions: its reads
+/// must not write shared memory. A lock-striped map (a read lock per shard)
+/// made two writers of one session bounce the shard's lock word between
+/// cores; `papaya`'s reads take no lock.
+type Sessions = papaya::HashMap<Arc<str>, Arc<Session>, ahash::RandomState>;
+
 pub struct Store {
-    sessions: ConcurrentMap<Arc<str>, Arc<Session>>,
+    sessions: Sessions,
     limits: Limits,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::with_limits(Limits::default())
+    }
+}
+
+fn sessions() -> Sessions {
+    // Sessions come and go rarely: a resize may block the writer that
+    // triggers it rather than make every read check for one in progress.
+    papaya::HashMap::builder()
+        .hasher(ahash::RandomState::default())
+        .resize_mode(papaya::ResizeMode::Blocking)
+        .build()
 }
 
 impl Store {
@@ -25,7 +45,7 @@ impl Store {
 
     pub fn with_limits(limits: Limits) -> Self {
         Store {
-            sessions: ConcurrentMap::default(),
+            sessions: sessions(),
             limits,
         }
     }
@@ -45,14 +65,25 @@ impl Store {
         }
         self.limits.check_value(&opts.metadata)?;
         let id: Arc<str> = id.into();
-        match self.sessions.entry(id.clone()) {
-            Entry::Occupied(e) if !e.get().is_expired(now_us()) => Err(Error::AlreadyExists),
-            entry => {
-                let session = Arc::new(Session::new(id, opts, self.limits.clone()));
-                entry.insert(session.clone());
-                metrics::counter!(names::SESSIONS_CREATED).increment(1);
-                Ok(session)
-            }
+        let session = Arc::new(Session::new(id.clone(), opts, self.limits.clone()));
+        self.publish(id, session.clone())?;
+        metrics::counter!(names::SESSIONS_CREATED).increment(1);
+        Ok(session)
+    }
+
+    /// Inserts `session` under `id` unless a live session holds the id (an
+    /// expired one is replaced), in one atomic step.
+    fn publish(&self, id: Arc<str>, session: Arc<Session>) -> Result<()> {
+        let now = now_us();
+        let sessions = self.sessions.pin();
+        // The closure may run again if the entry changes under it.
+        let outcome = sessions.compute(id, |entry| match entry {
+            Some((_, live)) if !live.is_expired(now) => Operation::Abort(()),
+            _ => Operation::Insert(session.clone()),
+        });
+        match outcome {
+            Compute::Inserted(..) | Compute::Updated { .. } => Ok(()),
+            Compute::Removed(..) | Compute::Aborted(()) => Err(Error::AlreadyExists),
         }
     }
 
@@ -63,10 +94,10 @@ impl Store {
 
     /// Runs `f` on the session without cloning the `Arc` (the read path).
     pub fn with_session<T>(&self, id: &str, f: impl FnOnce(&Arc<Session>) -> T) -> Result<T> {
-        match self.sessions.get(id) {
+        match self.sessions.pin().get(id) {
             Some(s) if s.opts.ttl_ms.is_none() || !s.is_expired(now_us()) => {
                 s.touch();
-                Ok(f(s.value()))
+                Ok(f(s))
             }
             _ => Err(Error::SessionNotFound),
         }
@@ -74,7 +105,10 @@ impl Store {
 
     pub fn delete_session(&self, id: &str) -> Result<()> {
         let _span = tracing::debug_span!("delete_session", session_id = id).entered();
-        self.sessions.remove(id).ok_or(Error::SessionNotFound)?;
+        self.sessions
+            .pin()
+            .remove(id)
+            .ok_or(Error::SessionNotFound)?;
         metrics::counter!(names::SESSIONS_DELETED).increment(1);
         Ok(())
     }
@@ -84,9 +118,10 @@ impl Store {
         let now = now_us();
         let mut ids: Vec<Arc<str>> = self
             .sessions
+            .pin()
             .iter()
-            .filter(|s| !s.is_expired(now))
-            .map(|s| s.key().clone())
+            .filter(|(_, s)| !s.is_expired(now))
+            .map(|(id, _)| id.clone())
             .collect();
         ids.sort();
         ids
@@ -104,18 +139,20 @@ impl Store {
     pub fn sweep_expired(&self) -> Vec<Arc<str>> {
         let _span = tracing::debug_span!("sweep_expired").entered();
         let now = now_us();
-        let candidates: Vec<Arc<str>> = self
-            .sessions
+        let sessions = self.sessions.pin();
+        let candidates: Vec<Arc<str>> = sessions
             .iter()
-            .filter(|s| s.is_expired(now))
-            .map(|s| s.key().clone())
+            .filter(|(_, s)| s.is_expired(now))
+            .map(|(id, _)| id.clone())
             .collect();
         let expired: Vec<Arc<str>> = candidates
             .into_iter()
             .filter(|id| {
-                self.sessions
-                    .remove_if(id, |_, s| s.is_expired(now))
-                    .is_some()
+                // A session recreated under the id since is not expired.
+                matches!(
+                    sessions.remove_if(id, |_, s| s.is_expired(now)),
+                    Ok(Some(_))
+                )
             })
             .collect();
         metrics::counter!(names::SESSIONS_EXPIRED).increment(expired.len() as u64);
@@ -172,12 +209,102 @@ impl Store {
             })?;
         }
         session.dependencies().replace(graph);
-        match self.sessions.entry(id.as_str().into()) {
-            Entry::Occupied(e) if !e.get().is_expired(now_us()) => Err(Error::AlreadyExists),
-            entry => {
-                entry.insert(Arc::new(session));
-                Ok(id.into())
-            }
+        self.publish(id.as_str().into(), Arc::new(session))?;
+        Ok(id.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ttl(ms: u64) -> SessionOpts {
+        SessionOpts {
+            ttl_ms: Some(ms),
+            ..SessionOpts::default()
         }
+    }
+
+    #[test]
+    fn an_id_is_taken_once() {
+        let store = Store::new();
+        store.create_session("s", SessionOpts::default()).unwrap();
+        assert!(matches!(
+            store.create_session("s", SessionOpts::default()),
+            Err(Error::AlreadyExists)
+        ));
+        store.delete_session("s").unwrap();
+        assert!(matches!(
+            store.delete_session("s"),
+            Err(Error::SessionNotFound)
+        ));
+        store.create_session("s", SessionOpts::default()).unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn an_expired_session_is_gone_and_its_id_free() {
+        let store = Store::new();
+        store.create_session("old", ttl(1)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(matches!(store.session("old"), Err(Error::SessionNotFound)));
+        assert!(store.session_ids().is_empty());
+        // Taking the id replaces the expired session; the sweep then keeps it.
+        store.create_session("old", SessionOpts::default()).unwrap();
+        assert!(store.sweep_expired().is_empty());
+        assert!(store.session("old").is_ok());
+    }
+
+    #[test]
+    fn the_sweep_removes_only_expired_sessions() {
+        let store = Store::new();
+        store.create_session("short", ttl(1)).unwrap();
+        store
+            .create_session("long", SessionOpts::default())
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let swept: Vec<String> = store
+            .sweep_expired()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(swept, ["short"]);
+        assert_eq!(store.session_ids().len(), 1);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn racing_creates_of_one_id_have_one_winner() {
+        let store = Store::new();
+        for round in 0..50 {
+            let id = format!("race-{round}");
+            let wins = std::thread::scope(|scope| {
+                let racers: Vec<_> = (0..4)
+                    .map(|_| scope.spawn(|| store.create_session(&id, SessionOpts::default())))
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|r| r.join().unwrap())
+                    .filter(Result::is_ok)
+                    .count()
+            });
+            assert_eq!(wins, 1, "round {round}");
+        }
+    }
+
+    #[test]
+    fn an_import_does_not_replace_a_live_session() {
+        let store = Store::new();
+        store.create_session("s", SessionOpts::default()).unwrap();
+        let snapshot = store.export_session("s").unwrap();
+        assert!(matches!(
+            store.import_session(&snapshot, None),
+            Err(Error::AlreadyExists)
+        ));
+        assert_eq!(
+            &*store.import_session(&snapshot, Some("copy")).unwrap(),
+            "copy"
+        );
+        assert_eq!(store.len(), 2);
     }
 }
