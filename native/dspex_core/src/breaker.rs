@@ -1313,11 +1313,11 @@ mod tests {
             });
         (
             prop_oneof![consecutive, rate],
-            1u64..200,
+            1u64..60,
             1u32..4,
             1u32..4,
             prop::option::of(1u64..50),
-            1u64..300,
+            1u64..30,
         )
             .prop_map(|(strategy, open_ms, hos, probes, slow, lease)| Config {
                 strategy,
@@ -1334,7 +1334,7 @@ mod tests {
             4 => (0u8..4).prop_map(Op::Ask),
             6 => (0u8..4, any::<bool>(), prop::option::of(0u64..100))
                 .prop_map(|(w, f, d)| Op::Record(w, f, d)),
-            3 => (0u64..150).prop_map(Op::Advance),
+            3 => prop_oneof![3 => 0u64..3, 1 => 0u64..40].prop_map(Op::Advance),
             1 => (0u8..4).prop_map(Op::Down),
             1 => prop_oneof![
                 Just(State::Closed),
@@ -1346,7 +1346,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(400))]
+        #![proptest_config(ProptestConfig::with_cases(1000))]
 
         #[test]
         fn the_breaker_behaves_as_the_model(
