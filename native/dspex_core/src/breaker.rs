@@ -315,10 +315,7 @@ impl Striped {
     }
 
     pub fn sum(&self) -> u64 {
-        self.stripes
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .sum()
+        self.stripes.iter().map(|s| s.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -609,8 +606,7 @@ impl<O: Clone + PartialEq> Breaker<O> {
             Outcome::Success => {
                 inner.successes += 1;
                 if inner.successes >= self.config.half_open_successes {
-                    fx.released
-                        .extend(inner.leases.drain(..).map(|l| l.owner));
+                    fx.released.extend(inner.leases.drain(..).map(|l| l.owner));
                     self.close(&mut inner, now, State::Closed);
                     fx.transition = Some(Transition {
                         from: State::HalfOpen,
@@ -621,8 +617,7 @@ impl<O: Clone + PartialEq> Breaker<O> {
                 }
             }
             Outcome::Failure => {
-                fx.released
-                    .extend(inner.leases.drain(..).map(|l| l.owner));
+                fx.released.extend(inner.leases.drain(..).map(|l| l.owner));
                 self.open(&mut inner, now);
                 fx.transition = Some(Transition {
                     from: State::HalfOpen,
@@ -830,6 +825,51 @@ impl RetryBudget {
     }
 }
 
+/// A breaker's or budget's name: an atom's term word (atoms live as long as
+/// the VM, so the word is stable), or any other term's external format.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Name {
+    Atom(usize),
+    Term(Box<[u8]>),
+}
+
+/// Named breakers or budgets: lookups take no lock and write no shared
+/// memory (papaya), so asks from every scheduler run in parallel.
+/// Inserts and removals are rare; callers serialise them if they must.
+pub struct Registry<V> {
+    map: papaya::HashMap<Name, V, foldhash::fast::RandomState>,
+}
+
+impl<V> Default for Registry<V> {
+    fn default() -> Self {
+        Registry {
+            map: papaya::HashMap::builder()
+                .hasher(foldhash::fast::RandomState::default())
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
+        }
+    }
+}
+
+impl<V: Clone + Send + Sync> Registry<V> {
+    pub fn with<R>(&self, name: &Name, f: impl FnOnce(&V) -> R) -> Option<R> {
+        self.map.pin().get(name).map(f)
+    }
+
+    /// Inserts or replaces.
+    pub fn insert(&self, name: Name, v: V) {
+        self.map.pin().insert(name, v);
+    }
+
+    pub fn remove(&self, name: &Name) -> bool {
+        self.map.pin().remove(name).is_some()
+    }
+
+    pub fn values(&self) -> Vec<V> {
+        self.map.pin().values().cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Unit tests, a model test (proptest: random operation sequences on a
@@ -874,7 +914,10 @@ mod tests {
     fn defaults_are_the_specs() {
         let c = Config::consecutive();
         assert_eq!(c.strategy, Strategy::Consecutive { threshold: 5 });
-        assert_eq!((c.open_ms, c.half_open_successes, c.half_open_probes), (60_000, 3, 1));
+        assert_eq!(
+            (c.open_ms, c.half_open_successes, c.half_open_probes),
+            (60_000, 3, 1)
+        );
         let r = Config::rate();
         assert_eq!(
             r.strategy,
@@ -928,7 +971,10 @@ mod tests {
         // The effective state shows the probe to come.
         assert_eq!(b.state(60_000), State::HalfOpen);
         let (v, fx) = b.ask(|| 60_000, || 1);
-        assert_eq!((v, fx.transition), (Verdict::Probe, t(State::Open, State::HalfOpen)));
+        assert_eq!(
+            (v, fx.transition),
+            (Verdict::Probe, t(State::Open, State::HalfOpen))
+        );
         assert_eq!(ask(&b, 60_001, 2), Verdict::Rejected(State::HalfOpen));
         assert_eq!(ask(&b, 60_001, 1), Verdict::Rejected(State::HalfOpen));
         // A report from someone without a permit does not count.
@@ -1064,14 +1110,23 @@ mod tests {
     #[test]
     fn forced_open_disabled_and_reset() {
         let b = B::new(consecutive(1), 0).unwrap();
-        assert_eq!(b.set(State::ForcedOpen, 0).transition, t(State::Closed, State::ForcedOpen));
+        assert_eq!(
+            b.set(State::ForcedOpen, 0).transition,
+            t(State::Closed, State::ForcedOpen)
+        );
         assert_eq!(ask(&b, 1_000_000, 0), Verdict::Rejected(State::ForcedOpen));
         assert_eq!(fail(&b, 1, 0), None);
-        assert_eq!(b.set(State::Disabled, 1).transition, t(State::ForcedOpen, State::Disabled));
+        assert_eq!(
+            b.set(State::Disabled, 1).transition,
+            t(State::ForcedOpen, State::Disabled)
+        );
         assert_eq!(fail(&b, 2, 0), None);
         assert_eq!(ask(&b, 2, 0), Verdict::Admitted);
         assert_eq!(b.set(State::Disabled, 2).transition, None);
-        assert_eq!(b.set(State::Closed, 3).transition, t(State::Disabled, State::Closed));
+        assert_eq!(
+            b.set(State::Closed, 3).transition,
+            t(State::Disabled, State::Closed)
+        );
         assert_eq!(fail(&b, 4, 0), t(State::Closed, State::Open));
         assert_eq!(b.info(5).rejected, 1);
     }
@@ -1103,8 +1158,14 @@ mod tests {
             ..Config::rate()
         };
         assert_eq!(e(rate(57, 0.5, 1)), detail("window", Value::Int(57)));
-        assert_eq!(e(rate(10, 1.5, 1)), detail("failure_rate", Value::Float(1.5)));
-        assert_eq!(e(rate(10, 0.5, 11)), detail("minimum_calls", Value::Int(11)));
+        assert_eq!(
+            e(rate(10, 1.5, 1)),
+            detail("failure_rate", Value::Float(1.5))
+        );
+        assert_eq!(
+            e(rate(10, 0.5, 11)),
+            detail("minimum_calls", Value::Int(11))
+        );
         let c = Config {
             half_open_probes: 256,
             ..Config::consecutive()
@@ -1235,7 +1296,13 @@ mod tests {
             (Verdict::Probe, tr)
         }
 
-        fn record(&mut self, now: u64, who: u8, failed: bool, took: Option<u64>) -> Option<Transition> {
+        fn record(
+            &mut self,
+            now: u64,
+            who: u8,
+            failed: bool,
+            took: Option<u64>,
+        ) -> Option<Transition> {
             let slow = matches!((self.cfg.slow_call_ms, took), (Some(s), Some(d)) if d >= s);
             let failed = failed || slow;
             match self.state {
@@ -1303,8 +1370,8 @@ mod tests {
 
     fn config_strategy() -> impl Gen<Value = Config> {
         let consecutive = (1u32..6).prop_map(|threshold| Strategy::Consecutive { threshold });
-        let rate = (1u32..12, prop_oneof![Just(0.2), Just(0.5), Just(1.0)])
-            .prop_flat_map(|(w, r)| {
+        let rate =
+            (1u32..12, prop_oneof![Just(0.2), Just(0.5), Just(1.0)]).prop_flat_map(|(w, r)| {
                 (1..=w).prop_map(move |m| Strategy::Rate {
                     window: w,
                     failure_rate: r,
