@@ -106,10 +106,18 @@ vs_fuse = DSPex.Bench.ratio(one, "CircuitBreaker.ask x10", "fuse-style ETS ask x
 vs_seed = DSPex.Bench.ratio(one, "CircuitBreaker.ask x10", "seed struct in a GenServer x10")
 
 scale =
-  DSPex.Bench.ratio(par, "CircuitBreaker.ask x10, 2 processes", "CircuitBreaker.ask x10, 1 process")
+  DSPex.Bench.ratio(
+    par,
+    "CircuitBreaker.ask x10, 2 processes",
+    "CircuitBreaker.ask x10, 1 process"
+  )
 
 fuse_scale =
-  DSPex.Bench.ratio(par, "fuse-style ETS ask x10, 2 processes", "fuse-style ETS ask x10, 1 process")
+  DSPex.Bench.ratio(
+    par,
+    "fuse-style ETS ask x10, 2 processes",
+    "fuse-style ETS ask x10, 1 process"
+  )
 
 ns = fn name -> Float.round(one[name].p50_ns / 10, 1) end
 loadavg = File.read!("/proc/loadavg") |> String.split() |> hd()
