@@ -15,9 +15,11 @@
 //!   `inner` (state, the number of leases, their earliest expiry);
 //! - at most `half_open_probes` leases are out, each owner holds at most one,
 //!   and leases exist only while HALF_OPEN;
-//! - a report from an owner without a lease is ignored while HALF_OPEN (it
-//!   was admitted in another period), and every report is ignored while
-//!   OPEN, FORCED_OPEN or DISABLED;
+//! - a report from an owner without a lease, or whose lease ran out, is
+//!   ignored while HALF_OPEN (it was admitted in another period, or
+//!   overstayed), and every report is ignored while OPEN, FORCED_OPEN or
+//!   DISABLED; an owner holds one permit and asking again before it reports
+//!   is refused;
 //! - consecutive: the breaker opens on the `threshold`-th failure in a row
 //!   (not the one after); a success resets the count;
 //! - rate: it opens when at least `minimum_calls` of the last `window`
