@@ -85,5 +85,20 @@ defmodule DSPex.Bridge.Native do
   def graph_render(_sid, _format, _principal), do: err()
   def graph_info(_sid, _principal), do: err()
 
+  # circuit breakers and retry budgets
+  def breaker_install(_name, _opts), do: err()
+  def breaker_ask(_name), do: err()
+  def breaker_record(_name, _outcome, _duration_ms), do: err()
+  def breaker_state(_name), do: err()
+  def breaker_set(_name, _state), do: err()
+  def breaker_remove(_name), do: err()
+  def breaker_list, do: err()
+  def breaker_info(_name), do: err()
+  def breaker_advance(_name, _ms), do: err()
+  def breaker_budget_configure(_name, _ratio, _min_per_second, _max_tokens), do: err()
+  def breaker_budget_deposit(_name), do: err()
+  def breaker_budget_withdraw(_name), do: err()
+  def breaker_budget_info(_name), do: err()
+
   defp err, do: :erlang.nif_error(:nif_not_loaded)
 end

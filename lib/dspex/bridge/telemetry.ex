@@ -95,6 +95,18 @@ defmodule DSPex.Bridge.Telemetry do
   in the session's audit log (`AccessControl.audit_log/2`). Questions
   (`check_variable_access/5`, `check_permission/4`) emit nothing.
 
+  ### Resilience (`DSPex.Bridge.CircuitBreaker`, `DSPex.Bridge.RetryPolicy`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :circuit_breaker, :state_change]` | `system_time` | `name`, `from`, `to`, `reason` (`:failures`, `:timeout_elapsed`, `:probe_failed`, `:probes_succeeded`, `:manual`) |
+  | `[:dspex, :bridge, :circuit_breaker, :rejected]` | `system_time` | `name`, `state` (`:open`, `:forced_open`, or `:half_open` with every probe permit out) |
+  | `[:dspex, :bridge, :retry, :attempt]` | `attempt` (the one about to start, from 2), `delay_ms` | `reason` (the error retried), `breaker`, `budget` |
+  | `[:dspex, :bridge, :retry, :exhausted]` | `attempts`, `elapsed_ms` | `reason`, `why` (`:max_attempts`, `:deadline`, `:budget`), `breaker`, `budget` |
+
+  Emitted by the calling process. Nothing is emitted for an admitted ask
+  or a successful call; `:rejected` fires for each refused call.
+
   ### Observability (`DSPex.Bridge.Analytics`)
 
   Analytics emits no events of its own: it consumes the events of this

@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod audit;
+pub mod breaker;
 pub mod caller;
 pub mod command;
 pub mod error;

@@ -4,6 +4,7 @@
 mod acl;
 mod alloc;
 mod atoms;
+mod breaker;
 mod error;
 mod graph;
 mod locks;
