@@ -50,8 +50,12 @@ defmodule DSPex.Bridge.Analytics do
   Derived types, merged at query time: `:read_latency` is `:variable_read`,
   `:write_latency` is `:variable_write`, `:operation_latency` is both,
   `:operation_error` is `:read_error`, `:version_conflict`, `:access_denied`
-  and `:rate_limited` together. Any other atom or string is a type of your
-  own for `record_metric/3` (at most 1024 types).
+  and `:rate_limited` together; they are read-only (`record_metric/3`
+  refuses them). Any other atom or string is a type of your own for
+  `record_metric/3`, except `nil`, `true` and `false` (almost always a
+  missing value, not a name). At most 1024 types of your own exist; the
+  built-in types above have room of their own, so yours never stop the
+  library's own counting.
 
   ## Dashboard
 
@@ -97,6 +101,14 @@ defmodule DSPex.Bridge.Analytics do
     [:dspex, :optimization, :lock_conflict] => [lock_conflict: :one],
     [:dspex, :optimization, :preempted] => [lock_preempted: :one]
   }
+
+  # The types the handler records into: reserved in the store, outside the
+  # cap on types of the caller's own.
+  @builtin_types @event_metrics
+                 |> Map.values()
+                 |> Enum.flat_map(&Keyword.keys/1)
+                 |> Kernel.++([:read_error])
+                 |> Enum.uniq()
 
   @derived %{
     read_latency: [:variable_read],
@@ -145,23 +157,28 @@ defmodule DSPex.Bridge.Analytics do
   @doc """
   Records one sample of `metric_type` now. `metadata` is accepted for
   compatibility and not stored: per-sample rows are what this module avoids.
-  Returns `{:error, :not_running}` when Analytics is not started.
+  Returns `{:error, :not_running}` when Analytics is not started,
+  `{:error, {:invalid_argument, {:bad_metric_type, type}}}` for `nil`,
+  `true`, `false`, a derived type or a non-atom non-string,
+  `{:error, {:invalid_argument, {:bad_value, value}}}` for a non-number, and
+  `{:error, {:invalid_argument, {:too_many_metrics, 1024}}}` for a new type
+  of your own past the cap (built-in types are always recorded).
 
       :ok = DSPex.Bridge.Analytics.record_metric(:model_loss, 0.25)
   """
   @spec record_metric(metric_type, number, map) :: :ok | {:error, term}
   def record_metric(metric_type, value, metadata \\ %{})
 
-  def record_metric(metric_type, value, _metadata)
-      when (is_atom(metric_type) or is_binary(metric_type)) and is_number(value) do
-    case metrics() do
-      nil -> {:error, :not_running}
-      ref -> Native.metrics_record(ref, metric_type, value)
-    end
+  def record_metric(metric_type, _value, _metadata) when is_map_key(@derived, metric_type) do
+    {:error, {:invalid_argument, {:bad_metric_type, metric_type}}}
   end
 
   def record_metric(metric_type, value, _metadata) do
-    {:error, {:invalid_argument, {:bad_metric, metric_type, value}}}
+    with {:ok, type} <- metric_type(metric_type),
+         {:ok, value} <- metric_value(value),
+         {:ok, ref} <- fetch_metrics() do
+      Native.metrics_record(ref, type, value)
+    end
   end
 
   @doc """
@@ -174,10 +191,11 @@ defmodule DSPex.Bridge.Analytics do
   @spec get_metrics(metric_type, time, time, aggregation) ::
           {:ok, number | nil} | {:error, term}
   def get_metrics(metric_type, from, to, aggregation \\ :avg) do
-    with {:ok, ref} <- fetch_metrics(),
+    with {:ok, type} <- metric_type(metric_type),
+         {:ok, ref} <- fetch_metrics(),
          {:ok, from, to} <- range(from, to),
          {:ok, agg} <- aggregation(aggregation),
-         {:ok, [value]} <- Native.metrics_query(ref, names(metric_type), from, to, [agg]) do
+         {:ok, [value]} <- Native.metrics_query(ref, names(type), from, to, [agg]) do
       {:ok, value}
     end
   end
@@ -242,7 +260,8 @@ defmodule DSPex.Bridge.Analytics do
   """
   @spec get_detailed_metrics(metric_type, time, time) :: {:ok, map} | {:error, term}
   def get_detailed_metrics(metric_type, from, to) do
-    with {:ok, ref} <- fetch_metrics(),
+    with {:ok, _type} <- metric_type(metric_type),
+         {:ok, ref} <- fetch_metrics(),
          {:ok, from_us, to_us} <- range(from, to),
          {:ok, from_dt} <- to_datetime(from_us),
          {:ok, to_dt} <- to_datetime(to_us),
@@ -382,6 +401,7 @@ defmodule DSPex.Bridge.Analytics do
 
     case Native.metrics_new(interval * 1000, opts[:retention_period] * 1000) do
       {:ok, ref} ->
+        :ok = Native.metrics_reserve(ref, @builtin_types)
         :persistent_term.put(@key, ref)
         _ = Telemetry.detach(@handler_id)
         :ok = Telemetry.attach_many(@handler_id, events(), &__MODULE__.handle_event/4, ref)
@@ -443,6 +463,17 @@ defmodule DSPex.Bridge.Analytics do
   defp now, do: System.os_time(:microsecond)
 
   defp names(type), do: Map.get(@derived, type, [type])
+
+  # `nil`, `true` and `false` are atoms, but as a metric name they are
+  # almost always a value that was missing.
+  defp metric_type(type) when type in [nil, true, false],
+    do: {:error, {:invalid_argument, {:bad_metric_type, type}}}
+
+  defp metric_type(type) when is_atom(type) or is_binary(type), do: {:ok, type}
+  defp metric_type(type), do: {:error, {:invalid_argument, {:bad_metric_type, type}}}
+
+  defp metric_value(v) when is_number(v), do: {:ok, v}
+  defp metric_value(v), do: {:error, {:invalid_argument, {:bad_value, v}}}
 
   defp query(names, from, to, aggs) do
     with ref when ref != nil <- metrics(),

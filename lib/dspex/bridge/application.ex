@@ -1,6 +1,7 @@
 defmodule DSPex.Bridge.Application do
   @moduledoc false
   use Application
+  require Logger
 
   @impl true
   def start(_type, _args) do
@@ -11,7 +12,10 @@ defmodule DSPex.Bridge.Application do
       {:error, reason} -> raise ArgumentError, "invalid :limits config: #{inspect(reason)}"
     end
 
-    :ok = DSPex.Bridge.Telemetry.publish()
+    # A host's `:telemetry` starts before anything attaches to it, whatever
+    # the boot order of the release; then the dispatcher is chosen.
+    :ok = start_telemetry()
+    :ok = DSPex.Bridge.Telemetry.refresh()
 
     children = [
       DSPex.Context.Registry,
@@ -42,6 +46,27 @@ defmodule DSPex.Bridge.Application do
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPex.Bridge.Supervisor)
+  end
+
+  # `:telemetry` is not a dependency (Elixir 1.14's Mix has no optional
+  # applications that a release would accept): started here when present.
+  @doc false
+  def start_telemetry do
+    if Application.spec(:telemetry) != nil or
+         :code.where_is_file(~c"telemetry.app") != :non_existing do
+      case Application.ensure_all_started(:telemetry, :permanent) do
+        {:ok, _} ->
+          :ok
+
+        {:error, reason} ->
+          Logger.warning(
+            "dspex_bridge: :telemetry is present but did not start (#{inspect(reason)}); " <>
+              "using the built-in telemetry dispatcher"
+          )
+      end
+    end
+
+    :ok
   end
 
   # Rust log forwarding always; Analytics and the HTTP endpoint when

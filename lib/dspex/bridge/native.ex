@@ -63,6 +63,7 @@ defmodule DSPex.Bridge.Native do
 
   # analytics metrics and log forwarding (issue 7)
   def metrics_new(_bucket_us, _retention_us), do: err()
+  def metrics_reserve(_metrics, _names), do: err()
   def metrics_record(_metrics, _name, _value), do: err()
   def metrics_record_at(_metrics, _name, _value, _t_us), do: err()
   def metrics_query(_metrics, _names, _from_us, _to_us, _aggregations), do: err()

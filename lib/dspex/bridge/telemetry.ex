@@ -3,12 +3,19 @@ defmodule DSPex.Bridge.Telemetry do
   Telemetry for dspex_bridge: the catalogue of every event the library emits,
   and the dispatcher that emits them.
 
-  Events go through `:telemetry` when the host application has it loaded, so
+  Events go through `:telemetry` when the host application has it, so
   `:telemetry.attach/4`, `telemetry_metrics` and friends see them. Without
   `:telemetry`, a compatible built-in dispatcher is used: `attach/4`,
   `attach_many/4`, `detach/1`, `execute/3` and `span/3` here behave as their
   `:telemetry` namesakes (a handler that raises is detached and logged, and
   never breaks the caller).
+
+  Which one dispatches is decided when dspex_bridge starts: it starts
+  `:telemetry` first when the application is present (whatever the boot
+  order of a release), then uses it. The choice is checked again on every
+  `attach/4` and `attach_many/4` while the built-in dispatcher is in use,
+  and by `refresh/0`: when `:telemetry` has started since, the built-in
+  dispatcher's handlers move to it.
 
       DSPex.Bridge.Telemetry.attach(
         "log-writes",
@@ -210,10 +217,39 @@ defmodule DSPex.Bridge.Telemetry do
     quote do: :persistent_term.get(unquote(hot_key(event)), false)
   end
 
-  @doc false
-  # Publishes the hot events' flags; the application calls it at start, so
-  # they are right even when handlers attach through `:telemetry` directly.
-  def publish, do: publish_enabled() && :ok
+  @doc """
+  Decides again which dispatcher emits: `:telemetry` while its application
+  runs, else the built-in one. Handlers of the built-in dispatcher move to
+  `:telemetry` when it takes over (a `:telemetry` that stops takes its
+  handlers with it). The application calls it at start; call it after
+  starting `:telemetry` yourself later on.
+
+      iex> DSPex.Bridge.Telemetry.refresh()
+      :ok
+  """
+  @spec refresh() :: :ok
+  def refresh do
+    was = :persistent_term.get({__MODULE__, :telemetry?}, nil)
+    if check_telemetry() and was != true, do: move_handlers_to_telemetry()
+    publish_enabled()
+    :ok
+  end
+
+  # The built-in table's handlers, attached to `:telemetry` under the same ids.
+  defp move_handlers_to_telemetry do
+    update_handlers(fn table ->
+      table
+      |> Enum.flat_map(fn {event, hs} ->
+        for {id, fun, config} <- hs, do: {id, fun, config, event}
+      end)
+      |> Enum.group_by(fn {id, fun, config, _} -> {id, fun, config} end, &elem(&1, 3))
+      |> Enum.each(fn {{id, fun, config}, events} ->
+        apply(:telemetry, :attach_many, [id, events, fun, config])
+      end)
+
+      {:ok, %{}}
+    end)
+  end
 
   @doc "Attaches `fun` to one event. Same contract as `:telemetry.attach/4`."
   @spec attach(term, event, handler, term) :: :ok | {:error, :already_exists}
@@ -222,7 +258,9 @@ defmodule DSPex.Bridge.Telemetry do
   @doc "Attaches `fun` to several events. Same contract as `:telemetry.attach_many/4`."
   @spec attach_many(term, [event], handler, term) :: :ok | {:error, :already_exists}
   def attach_many(id, events, fun, config) when is_function(fun, 4) and is_list(events) do
-    if telemetry?() do
+    # Attaching is rare: while the built-in dispatcher is in use, ask again
+    # whether `:telemetry` has started since.
+    if telemetry?() or (refresh() == :ok and telemetry?()) do
       apply(:telemetry, :attach_many, [id, events, fun, config])
     else
       update_handlers(fn table ->
@@ -330,10 +368,16 @@ defmodule DSPex.Bridge.Telemetry do
     end
   end
 
-  # Whether `:telemetry` is present is decided once, then cached.
+  # Whether `:telemetry` dispatches: its application runs (its handler table
+  # exists only then) and it has the API. Cached; see refresh/0.
   defp check_telemetry do
-    answer = Code.ensure_loaded?(:telemetry) and function_exported?(:telemetry, :execute, 3)
-    :persistent_term.put({__MODULE__, :telemetry?}, answer)
+    answer =
+      List.keymember?(Application.started_applications(), :telemetry, 0) and
+        Code.ensure_loaded?(:telemetry) and function_exported?(:telemetry, :execute, 3)
+
+    if :persistent_term.get({__MODULE__, :telemetry?}, nil) != answer,
+      do: :persistent_term.put({__MODULE__, :telemetry?}, answer)
+
     answer
   end
 

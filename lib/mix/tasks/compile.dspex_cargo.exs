@@ -1,12 +1,18 @@
 defmodule Mix.Tasks.Compile.DspexCargo do
-  @shortdoc "Builds the dspex_bridge Rust crates and places them under priv/native"
+  @shortdoc "Builds the dspex_bridge Rust crates into the app's priv/native"
   @moduledoc """
   Builds the Cargo workspace (release profile) and copies the NIF library and
-  the port program to `priv/native/`.
+  the port program to `priv/native/` of the application's *build* path
+  (`Mix.Project.app_path/0`), where `:code.priv_dir(:dspex_bridge)` looks in
+  dev, test, releases and `build_embedded: true` alike. (Without
+  `build_embedded` Mix links that `priv` to the source tree's, so the files
+  also show up in `priv/native/` of the checkout.)
 
   Cargo runs only when a Rust source, a `Cargo.toml` or `Cargo.lock` is newer
-  than the outputs, so an Elixir-only compile pays nothing. Set
-  `DSPEX_CARGO_FORCE=1` to always run cargo; `CARGO_TARGET_DIR` is honoured.
+  than the outputs, so an Elixir-only compile pays nothing. `--force` (as in
+  `mix compile --force`) or `DSPEX_CARGO_FORCE=1` always runs cargo;
+  `CARGO_TARGET_DIR` is honoured. `mix clean` removes the copied outputs
+  (not cargo's `target/`).
   """
   use Mix.Task.Compiler
 
@@ -16,22 +22,39 @@ defmodule Mix.Tasks.Compile.DspexCargo do
   ]
 
   @impl true
-  def run(_args) do
+  def run(args) do
+    {opts, _, _} = OptionParser.parse(args, switches: [force: :boolean])
     root = Path.dirname(Path.dirname(Path.dirname(__DIR__)))
-    priv = Path.join(root, "priv/native")
+    priv = output_dir()
 
-    if stale?(root, priv) do
+    if opts[:force] || System.get_env("DSPEX_CARGO_FORCE") in ["1", "true"] ||
+         stale?(root, priv) do
       build(root, priv)
     else
       {:noop, []}
     end
   end
 
+  @doc "Where the outputs go: `priv/native` under the app's build path."
+  @spec output_dir(keyword) :: Path.t()
+  def output_dir(config \\ Mix.Project.config()) do
+    Path.join(Mix.Project.app_path(config), "priv/native")
+  end
+
+  @doc "The files placed in `output_dir/0`."
+  @spec outputs() :: [String.t()]
+  def outputs, do: Enum.map(@outputs, &elem(&1, 0))
+
+  @impl true
+  def clean do
+    for name <- outputs(), do: File.rm(Path.join(output_dir(), name))
+    :ok
+  end
+
   defp stale?(root, priv) do
     outputs = Enum.map(@outputs, fn {dest, _} -> Path.join(priv, dest) end)
 
-    System.get_env("DSPEX_CARGO_FORCE") in ["1", "true"] or
-      not Enum.all?(outputs, &File.exists?/1) or
+    not Enum.all?(outputs, &File.exists?/1) or
       newest_source(root) > oldest(outputs)
   end
 
@@ -69,7 +92,7 @@ defmodule Mix.Tasks.Compile.DspexCargo do
   defp place(root, priv) do
     target = System.get_env("CARGO_TARGET_DIR") || Path.join(root, "target")
     release = Path.join(Path.expand(target, root), "release")
-    File.mkdir_p!(priv)
+    ensure_dir!(priv)
 
     missing =
       for {dest, candidates} <- @outputs,
@@ -81,6 +104,19 @@ defmodule Mix.Tasks.Compile.DspexCargo do
       [] -> {:ok, []}
       _ -> fail("cargo did not produce #{Enum.join(missing, ", ")} in #{release}")
     end
+  end
+
+  # A `priv` left as a link to a source `priv/` that is gone (Mix links it
+  # when the source has one) would make mkdir fail: replace it by a directory.
+  defp ensure_dir!(dir) do
+    parent = Path.dirname(dir)
+
+    with {:ok, %{type: :symlink}} <- File.lstat(parent),
+         false <- File.dir?(parent) do
+      File.rm!(parent)
+    end
+
+    File.mkdir_p!(dir)
   end
 
   # Copy to a temporary name and rename, so a running VM that has the old

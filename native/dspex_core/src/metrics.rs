@@ -29,14 +29,16 @@
 //! - every bucket kept overlaps `[now - retention_us, +inf)`; samples older
 //!   than that are dropped on arrival and counted in `late_samples`;
 //! - buckets in a ring are sorted by start and have distinct starts;
-//! - the number of metrics is bounded by `max_metrics`; bad names and
-//!   non-finite values are errors, never panics.
+//! - the number of metrics is bounded: at most `max_metrics` names besides
+//!   the reserved ones ([`Metrics::reserve`]), which are always accepted, so
+//!   names of a caller's own can never crowd out the built-in ones; bad
+//!   names and non-finite values are errors, never panics.
 //!
 //! Lock order: a shard, then a series. Queries take every shard (in index
 //! order) before the series, so a bucket moving from a shard to the ring is
 //! seen exactly once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -60,7 +62,7 @@ pub struct MetricsConfig {
     pub fine_window_us: i64,
     /// Width of a compacted bucket (a multiple of `bucket_us`).
     pub coarse_bucket_us: i64,
-    /// How many distinct metric names may exist.
+    /// How many distinct metric names may exist besides the reserved ones.
     pub max_metrics: usize,
 }
 
@@ -290,11 +292,21 @@ struct Shard {
     entries: HashMap<Box<str>, ShardEntry, ahash::RandomState>,
 }
 
+/// Every series by name, and what bounds their number.
+#[derive(Default)]
+struct Registry {
+    series: HashMap<Box<str>, SeriesCell>,
+    /// Names always accepted, outside the `max_metrics` count.
+    reserved: HashSet<Box<str>>,
+    /// Series whose name is not reserved: what `max_metrics` bounds.
+    counted: usize,
+}
+
 /// The store: every metric's buckets. Shared by all threads (`Sync`).
 pub struct Metrics {
     config: MetricsConfig,
     shards: Box<[CachePadded<Mutex<Shard>>]>,
-    registry: Mutex<HashMap<Box<str>, SeriesCell>>,
+    registry: Mutex<Registry>,
     late_samples: AtomicU64,
 }
 
@@ -390,22 +402,48 @@ impl Metrics {
         Ok(())
     }
 
+    /// Reserves `names`: they are always accepted and do not count against
+    /// `max_metrics`, however many other names exist. For the names a
+    /// library records into itself, which names of a caller's own must not
+    /// crowd out. Reservations outlive [`Metrics::reset`].
+    pub fn reserve(&self, names: &[&str]) -> Result<()> {
+        for name in names {
+            Self::check_name(name)?;
+        }
+        let mut registry = self.registry.lock();
+        for &name in names {
+            if registry.reserved.insert(name.into()) && registry.series.contains_key(name) {
+                // It was counted when created; it no longer is.
+                registry.counted -= 1;
+            }
+        }
+        Ok(())
+    }
+
     /// The series of `name`, created if the registry has room.
     fn series_cell(&self, name: &str) -> Result<SeriesCell> {
         Self::check_name(name)?;
         let mut registry = self.registry.lock();
-        if let Some(s) = registry.get(name) {
+        if let Some(s) = registry.series.get(name) {
             return Ok(s.clone());
         }
-        if registry.len() >= self.config.max_metrics {
-            return Err(Error::InvalidArgument(Value::tagged(
-                "too_many_metrics",
-                Value::Int(self.config.max_metrics as i64),
-            )));
+        let reserved = registry.reserved.contains(name);
+        if !reserved {
+            if registry.counted >= self.config.max_metrics {
+                return Err(Error::InvalidArgument(Value::tagged(
+                    "too_many_metrics",
+                    Value::Int(self.config.max_metrics as i64),
+                )));
+            }
+            registry.counted += 1;
         }
         let cell = SeriesCell::default();
-        registry.insert(name.into(), cell.clone());
+        registry.series.insert(name.into(), cell.clone());
         Ok(cell)
+    }
+
+    fn series(&self, name: &str) -> Option<SeriesCell> {
+        self.registry.lock().series.get(name).cloned()
     }
 
     fn lock_shards(&self) -> Vec<MutexGuard<'_, Shard>> {
@@ -416,7 +454,7 @@ impl Metrics {
     /// An unknown metric merges to nothing (count 0).
     pub fn query(&self, name: &str, from_us: i64, to_us: i64) -> Merged {
         let mut merged = Merged::default();
-        let Some(series) = self.registry.lock().get(name).cloned() else {
+        let Some(series) = self.series(name) else {
             return merged;
         };
         let width = self.config.bucket_us;
@@ -462,7 +500,7 @@ impl Metrics {
 
     /// Every bucket of one series, open and closed, unmerged.
     fn views(&self, name: &str) -> Vec<BucketView> {
-        let Some(series) = self.registry.lock().get(name).cloned() else {
+        let Some(series) = self.series(name) else {
             return Vec::new();
         };
         let width = self.config.bucket_us;
@@ -490,7 +528,7 @@ impl Metrics {
     /// Lifetime count and sum of `name` (every sample recorded, including
     /// expired ones), for Prometheus counters.
     pub fn totals(&self, name: &str) -> Summary {
-        let Some(series) = self.registry.lock().get(name).cloned() else {
+        let Some(series) = self.series(name) else {
             return Summary::default();
         };
         let shards = self.lock_shards();
@@ -506,7 +544,7 @@ impl Metrics {
 
     /// The names of every metric, sorted.
     pub fn names(&self) -> Vec<Box<str>> {
-        let mut names: Vec<Box<str>> = self.registry.lock().keys().cloned().collect();
+        let mut names: Vec<Box<str>> = self.registry.lock().series.keys().cloned().collect();
         names.sort();
         names
     }
@@ -527,20 +565,21 @@ impl Metrics {
                 }
             }
         }
-        let series: Vec<SeriesCell> = self.registry.lock().values().cloned().collect();
+        let series: Vec<SeriesCell> = self.registry.lock().series.values().cloned().collect();
         for s in series {
             s.lock().maintain(&self.config, now_us);
         }
     }
 
-    /// Forgets every metric.
+    /// Forgets every metric (reservations stay).
     pub fn reset(&self) {
         let mut shards = self.lock_shards();
         let mut registry = self.registry.lock();
         for shard in shards.iter_mut() {
             shard.entries.clear();
         }
-        registry.clear();
+        registry.series.clear();
+        registry.counted = 0;
         self.late_samples.store(0, Ordering::Relaxed);
     }
 
@@ -562,8 +601,8 @@ impl Metrics {
         }
         drop(shards);
         let registry = self.registry.lock();
-        stats.metrics = registry.len();
-        for s in registry.values() {
+        stats.metrics = registry.series.len();
+        for s in registry.series.values() {
             let s = s.lock();
             stats.buckets += s.fine.len() + s.coarse.len();
             stats.bytes += std::mem::size_of::<Series>()
@@ -734,6 +773,37 @@ mod tests {
         m.record_at("x", 1.0, i64::MAX).unwrap();
         m.maintain(i64::MAX);
         let _ = m.aggregate("x", i64::MIN, i64::MAX, Aggregation::Quantile(0.5));
+    }
+
+    #[test]
+    fn reserved_names_stay_open_past_the_cap() {
+        let m = Metrics::new(MetricsConfig {
+            max_metrics: 2,
+            ..MetricsConfig::default()
+        })
+        .unwrap();
+        m.record("mine", 1.0).unwrap();
+        m.reserve(&["builtin_a", "builtin_b", "mine"]).unwrap();
+        // `mine` no longer counts: two names of the caller's own fit.
+        m.record("x", 1.0).unwrap();
+        m.record("y", 1.0).unwrap();
+        let err = m.record("z", 1.0).unwrap_err();
+        assert_eq!(err.kind(), "invalid_argument");
+        // However full the cap, reserved names are recorded.
+        m.record("builtin_a", 2.0).unwrap();
+        m.record("builtin_b", 3.0).unwrap();
+        assert_eq!(
+            m.aggregate("builtin_b", 0, i64::MAX, Aggregation::Sum),
+            Some(3.0)
+        );
+        assert_eq!(m.stats().metrics, 5);
+        // A reset forgets the series, not the reservations.
+        m.reset();
+        m.record("p", 1.0).unwrap();
+        m.record("q", 1.0).unwrap();
+        assert!(m.record("r", 1.0).is_err());
+        m.record("builtin_a", 1.0).unwrap();
+        assert!(m.reserve(&[""]).is_err());
     }
 
     #[test]

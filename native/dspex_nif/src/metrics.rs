@@ -74,6 +74,21 @@ fn record_at<'a>(
     unit_or(env, r)
 }
 
+/// Reserves `names` (atoms or strings): always accepted, outside the cap on
+/// distinct names. Analytics reserves its built-in types with it.
+#[rustler::nif(name = "metrics_reserve")]
+fn reserve<'a>(env: Env<'a>, m: ResourceArc<MetricsRef>, names: Vec<Term<'a>>) -> Term<'a> {
+    let r = names
+        .into_iter()
+        .map(ident_text)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|names| {
+            let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+            m.metrics.reserve(&names)
+        });
+    unit_or(env, r)
+}
+
 /// Decodes `:avg | :sum | :min | :max | :count | :p50 | :p95 | :p99 |
 /// {:quantile, q}`.
 fn aggregation(term: Term) -> Result<Aggregation, Error> {

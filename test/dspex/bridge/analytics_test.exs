@@ -169,6 +169,58 @@ defmodule DSPex.Bridge.AnalyticsTest do
       assert {:error, {:invalid_argument, {:too_many_metrics, 1024}}} = List.last(results)
     end
 
+    test "types of one's own are capped, and the built-in types keep counting past the cap" do
+      results = for i <- 1..1024, do: Analytics.record_metric("mine.#{i}", 1)
+      assert Enum.all?(results, &(&1 == :ok))
+
+      assert {:error, {:invalid_argument, {:too_many_metrics, 1024}}} =
+               Analytics.record_metric("mine.1025", 1)
+
+      # A known type of one's own still records.
+      assert :ok = Analytics.record_metric("mine.1", 2)
+
+      meta = %{session_id: "s", variable: :v}
+      Telemetry.execute([:dspex, :bridge, :variable, :read], %{duration_us: 7}, meta)
+      Telemetry.execute([:dspex, :bridge, :variable, :write], %{duration_us: 9}, meta)
+      Telemetry.execute([:dspex, :bridge, :cache, :miss], %{}, meta)
+      :ok = Analytics.record_metric(:variable_read, 5)
+
+      assert last_hour(:variable_read, :count) == 2
+      assert last_hour(:variable_write, :sum) == 9.0
+      assert last_hour(:cache_miss, :count) == 1
+      assert Analytics.get_dashboard().last_minute.variable_writes == 1
+      assert {:ok, %{metrics: n}} = Analytics.stats()
+      assert n == 1024 + 3
+
+      # A reset empties the store; the built-in types keep their room.
+      :ok = Analytics.reset()
+      for i <- 1..1024, do: :ok = Analytics.record_metric("again.#{i}", 1)
+      Telemetry.execute([:dspex, :bridge, :variable, :read], %{duration_us: 7}, meta)
+      assert last_hour(:variable_read, :count) == 1
+    end
+
+    test "nil, true, false and derived types are refused as names" do
+      for bad <- [nil, true, false] do
+        assert {:error, {:invalid_argument, {:bad_metric_type, ^bad}}} =
+                 Analytics.record_metric(bad, 1)
+
+        assert {:error, {:invalid_argument, {:bad_metric_type, ^bad}}} =
+                 Analytics.get_metrics(bad, 0, 1, :avg)
+
+        assert {:error, {:invalid_argument, {:bad_metric_type, ^bad}}} =
+                 Analytics.get_detailed_metrics(bad, 0, 1)
+      end
+
+      # A derived type is read-only: a sample recorded under it would never be read.
+      for derived <- [:read_latency, :write_latency, :operation_latency, :operation_error] do
+        assert {:error, {:invalid_argument, {:bad_metric_type, ^derived}}} =
+                 Analytics.record_metric(derived, 1)
+      end
+
+      assert {:error, {:invalid_argument, {:bad_value, "1"}}} = Analytics.record_metric(:x, "1")
+      assert {:ok, %{metrics: 0}} = Analytics.stats()
+    end
+
     test "concurrent recording from many processes loses nothing" do
       1..8
       |> Enum.map(fn p ->

@@ -9,8 +9,23 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   | `GET /health/ready` | `200` when `DSPex.Bridge.Health.ready/0` passes, else `503`; the body lists each check |
 
   Other paths answer `404`, other methods `405`. Each connection is served
-  by its own process and closed after one response; a request line and
-  headers must arrive within 5 s and be at most 8 KiB.
+  by its own process and closed after one response (`connection: close`).
+  Hostile or broken clients get a status line, never a silent close, and
+  cannot exhaust the node:
+
+  | what | answer |
+  | --- | --- |
+  | request line over 8 KiB | `414` |
+  | request line and headers over 8 KiB together, or over 64 header lines | `431` |
+  | a body over 8 KiB, or of unknown length (`transfer-encoding`) | `413` (smaller bodies are read past) |
+  | bytes that are not an HTTP/1.x request, a bad `content-length` | `400` |
+  | a request not complete within `:read_timeout` of the connect | `408` |
+  | a connection while `:max_connections` are being served | `503` with `retry-after: 1`, answered and closed by the acceptor without a process |
+
+  Responses are sent within 5 s or the connection is dropped. After its
+  response a connection reads (and drops) what the client still sends, up to
+  64 KiB or 1 s, before closing, so the client reads the answer rather than
+  a reset.
 
   Off by default. Turn it on in config (the application then starts it):
 
@@ -24,18 +39,31 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
 
   alias DSPex.Bridge.{Analytics, Health}
 
-  @recv_timeout 5_000
+  @max_head_bytes 8192
   @max_headers 64
+  @max_body_bytes 8192
+  @send_timeout 5_000
+  @linger_ms 1_000
+  @linger_bytes 65_536
 
   @doc """
-  Starts listening. Options: `:port` (required, 0..65535), `:ip` (default
-  `{127, 0, 0, 1}`; `{0, 0, 0, 0}` for every interface), `:name` (default
-  this module). Raises `ArgumentError` on a bad option.
+  Starts listening. Options:
+  - `:port` (required, 0..65535);
+  - `:ip` (default `{127, 0, 0, 1}`; `{0, 0, 0, 0}` for every interface);
+  - `:max_connections`: connections served at once (default 100); more are
+    answered `503`;
+  - `:read_timeout`: ms a client has, from its connect, to send its whole
+    request (default 5000); then it is answered `408`;
+  - `:name` (default this module).
+
+  Raises `ArgumentError` on a bad option.
   """
   @spec start_link(keyword) :: GenServer.on_start()
   def start_link(opts) do
     port = Keyword.get(opts, :port)
     ip = Keyword.get(opts, :ip, {127, 0, 0, 1})
+    max = Keyword.get(opts, :max_connections, 100)
+    read_timeout = Keyword.get(opts, :read_timeout, 5_000)
 
     unless is_integer(port) and port in 0..65_535,
       do: raise(ArgumentError, ":port must be an integer in 0..65535, got: #{inspect(port)}")
@@ -43,7 +71,19 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
     unless is_tuple(ip) and tuple_size(ip) in [4, 8],
       do: raise(ArgumentError, ":ip must be an address tuple, got: #{inspect(ip)}")
 
-    GenServer.start_link(__MODULE__, {port, ip}, name: Keyword.get(opts, :name, __MODULE__))
+    unless is_integer(max) and max > 0,
+      do:
+        raise(ArgumentError, ":max_connections must be a positive integer, got: #{inspect(max)}")
+
+    unless is_integer(read_timeout) and read_timeout > 0,
+      do:
+        raise(
+          ArgumentError,
+          ":read_timeout must be a positive integer (ms), got: #{inspect(read_timeout)}"
+        )
+
+    config = %{port: port, ip: ip, max_connections: max, read_timeout: read_timeout}
+    GenServer.start_link(__MODULE__, config, name: Keyword.get(opts, :name, __MODULE__))
   end
 
   @doc false
@@ -55,17 +95,32 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   @spec port(GenServer.server()) :: {:ok, :inet.port_number()}
   def port(server \\ __MODULE__), do: GenServer.call(server, :port)
 
-  @impl true
-  def init({port, ip}) do
-    opts =
-      [:binary, packet: :http_bin, packet_size: 8192, active: false] ++
-        [reuseaddr: true, ip: ip, backlog: 128]
+  @doc """
+  The connections being served now and the cap:
+  `%{connections: n, max_connections: max}`.
+  """
+  @spec info(GenServer.server()) :: %{connections: non_neg_integer, max_connections: pos_integer}
+  def info(server \\ __MODULE__), do: GenServer.call(server, :info)
 
-    case :gen_tcp.listen(port, opts) do
+  # The server owns the listening socket and the connection processes
+  # (linked: they die with it); an acceptor process blocks in accept and
+  # asks the server to admit each connection, so the count is exact.
+  @impl true
+  def init(config) do
+    Process.flag(:trap_exit, true)
+
+    opts =
+      [:binary, packet: :raw, active: false, reuseaddr: true, ip: config.ip, backlog: 128] ++
+        [send_timeout: @send_timeout, send_timeout_close: true]
+
+    case :gen_tcp.listen(config.port, opts) do
       {:ok, listen} ->
         {:ok, actual} = :inet.port(listen)
-        acceptor = spawn_link(fn -> accept_loop(listen) end)
-        {:ok, %{listen: listen, port: actual, acceptor: acceptor}}
+        server = self()
+        acceptor = spawn_link(fn -> accept_loop(listen, server) end)
+
+        {:ok,
+         %{listen: listen, port: actual, acceptor: acceptor, conns: MapSet.new(), config: config}}
 
       {:error, reason} ->
         {:stop, {:listen_failed, reason}}
@@ -75,21 +130,48 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   @impl true
   def handle_call(:port, _from, state), do: {:reply, {:ok, state.port}, state}
 
-  defp accept_loop(listen) do
+  def handle_call(:info, _from, state) do
+    {:reply,
+     %{connections: MapSet.size(state.conns), max_connections: state.config.max_connections},
+     state}
+  end
+
+  def handle_call(:admit, _from, state) do
+    if MapSet.size(state.conns) >= state.config.max_connections do
+      {:reply, :full, state}
+    else
+      read_timeout = state.config.read_timeout
+
+      pid =
+        spawn_link(fn ->
+          receive do
+            {:go, socket} -> serve(socket, read_timeout)
+          after
+            @send_timeout -> :ok
+          end
+        end)
+
+      {:reply, {:ok, pid}, %{state | conns: MapSet.put(state.conns, pid)}}
+    end
+  end
+
+  @impl true
+  def handle_info({:EXIT, pid, reason}, %{acceptor: pid} = state), do: {:stop, reason, state}
+
+  def handle_info({:EXIT, pid, _reason}, state),
+    do: {:noreply, %{state | conns: MapSet.delete(state.conns, pid)}}
+
+  def handle_info(_msg, state), do: {:noreply, state}
+
+  defp accept_loop(listen, server) do
     case :gen_tcp.accept(listen) do
       {:ok, socket} ->
-        pid = spawn(fn -> receive(do: (:go -> serve(socket))) end)
-
-        case :gen_tcp.controlling_process(socket, pid) do
-          :ok ->
-            send(pid, :go)
-
-          {:error, _} ->
-            :gen_tcp.close(socket)
-            Process.exit(pid, :kill)
+        case GenServer.call(server, :admit) do
+          {:ok, pid} -> hand_over(socket, pid)
+          :full -> reject(socket)
         end
 
-        accept_loop(listen)
+        accept_loop(listen, server)
 
       {:error, :closed} ->
         :ok
@@ -98,45 +180,159 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
         Logger.warning("DSPex.Bridge.Analytics.Endpoint accept failed: #{inspect(reason)}")
         # Out of descriptors and the like: back off instead of spinning.
         Process.sleep(100)
-        accept_loop(listen)
+        accept_loop(listen, server)
     end
   end
 
-  @doc false
-  def serve(socket) do
-    response =
-      case read_request(socket) do
-        {:ok, method, path} -> route(method, path)
-        {:error, :timeout} -> nil
-        {:error, _} -> reply(400, "text/plain", "bad request\n")
-      end
+  defp hand_over(socket, pid) do
+    case :gen_tcp.controlling_process(socket, pid) do
+      :ok ->
+        send(pid, {:go, socket})
 
-    if response, do: :gen_tcp.send(socket, response)
+      {:error, _} ->
+        :gen_tcp.close(socket)
+        Process.exit(pid, :kill)
+    end
+  end
+
+  # Over the cap: answered here, without a process. What the client already
+  # sent is read first, so the close does not reset the answer away.
+  defp reject(socket) do
+    _ = :gen_tcp.send(socket, reply(503, "text/plain", "busy\n", nil, ["retry-after: 1\r\n"]))
+    _ = :gen_tcp.shutdown(socket, :write)
+    _ = :gen_tcp.recv(socket, 0, 0)
     :gen_tcp.close(socket)
   end
 
-  defp read_request(socket) do
-    with {:ok, {:http_request, method, {:abs_path, target}, _version}} <-
-           :gen_tcp.recv(socket, 0, @recv_timeout),
-         :ok <- skip_headers(socket, @max_headers) do
-      [path | _] = String.split(target, "?", parts: 2)
-      {:ok, method, path}
+  @doc false
+  def serve(socket, read_timeout) do
+    deadline = System.monotonic_time(:millisecond) + read_timeout
+
+    response =
+      case read_request(socket, deadline, "") do
+        {:ok, method, path} -> route(method, path)
+        {:error, :closed} -> nil
+        {:error, status} -> error_reply(status)
+      end
+
+    if response, do: :gen_tcp.send(socket, response)
+    linger_close(socket)
+  end
+
+  # Reads until the head (request line and headers) is complete and within
+  # the limits. A body is not used: linger_close/1 reads past it.
+  defp read_request(socket, deadline, buffer) do
+    case parse_head(buffer) do
+      :more ->
+        with {:ok, data} <- recv(socket, deadline),
+             do: read_request(socket, deadline, buffer <> data)
+
+      result ->
+        result
+    end
+  end
+
+  defp recv(socket, deadline) do
+    case deadline - System.monotonic_time(:millisecond) do
+      left when left <= 0 ->
+        {:error, 408}
+
+      left ->
+        case :gen_tcp.recv(socket, 0, left) do
+          {:ok, data} -> {:ok, data}
+          {:error, :timeout} -> {:error, 408}
+          {:error, _closed} -> {:error, :closed}
+        end
+    end
+  end
+
+  defp parse_head(buffer) do
+    case :erlang.decode_packet(:http_bin, buffer, []) do
+      {:ok, {:http_request, method, {:abs_path, target}, {1, _}}, rest} ->
+        line = byte_size(buffer) - byte_size(rest)
+
+        if line > @max_head_bytes do
+          {:error, 414}
+        else
+          [path | _] = String.split(target, "?", parts: 2)
+
+          with {:ok, _body_length} <- parse_headers(rest, line, 0, 0),
+               do: {:ok, method, path}
+        end
+
+      {:more, _} when byte_size(buffer) > @max_head_bytes ->
+        # A request line this long is 414; anything else this long is noise.
+        if Regex.match?(~r/\A[A-Z]{1,16} \//, buffer), do: {:error, 414}, else: {:error, 400}
+
+      {:more, _} ->
+        :more
+
+      # http_error, a response, an absolute URI, another HTTP version.
+      {:ok, _other, _rest} ->
+        {:error, 400}
+
+      {:error, _} ->
+        {:error, 400}
+    end
+  end
+
+  defp parse_headers(buffer, used, count, body_length) do
+    case :erlang.decode_packet(:httph_bin, buffer, []) do
+      {:ok, :http_eoh, _body} ->
+        if used + 2 > @max_head_bytes, do: {:error, 431}, else: {:ok, body_length}
+
+      {:ok, {:http_header, _, name, _, value}, rest} ->
+        used = used + byte_size(buffer) - byte_size(rest)
+
+        if used > @max_head_bytes or count >= @max_headers do
+          {:error, 431}
+        else
+          with {:ok, n} <- body_length(name, value, body_length),
+               do: parse_headers(rest, used, count + 1, n)
+        end
+
+      {:more, _} ->
+        if used + byte_size(buffer) > @max_head_bytes, do: {:error, 431}, else: :more
+
+      {:ok, {:http_error, _}, _rest} ->
+        {:error, 400}
+
+      {:error, _} ->
+        {:error, 400}
+    end
+  end
+
+  defp body_length(:"Content-Length", value, _acc) do
+    case Integer.parse(value) do
+      {n, ""} when n > @max_body_bytes -> {:error, 413}
+      {n, ""} when n >= 0 -> {:ok, n}
+      _ -> {:error, 400}
+    end
+  end
+
+  # A chunked body has no length to check against the limit. (Known header
+  # names come decoded as atoms, whatever their case.)
+  defp body_length(:"Transfer-Encoding", _value, _acc), do: {:error, 413}
+  defp body_length(_name, _value, acc), do: {:ok, acc}
+
+  defp linger_close(socket) do
+    _ = :gen_tcp.shutdown(socket, :write)
+    drain(socket, System.monotonic_time(:millisecond) + @linger_ms, @linger_bytes)
+    :gen_tcp.close(socket)
+  end
+
+  defp drain(socket, deadline, left) when left > 0 do
+    timeout = deadline - System.monotonic_time(:millisecond)
+
+    with true <- timeout > 0,
+         {:ok, data} <- :gen_tcp.recv(socket, 0, timeout) do
+      drain(socket, deadline, left - byte_size(data))
     else
-      {:ok, other} -> {:error, {:unexpected, other}}
-      {:error, reason} -> {:error, reason}
+      _ -> :ok
     end
   end
 
-  defp skip_headers(_socket, 0), do: {:error, :too_many_headers}
-
-  defp skip_headers(socket, left) do
-    case :gen_tcp.recv(socket, 0, @recv_timeout) do
-      {:ok, :http_eoh} -> :ok
-      {:ok, {:http_header, _, _, _, _}} -> skip_headers(socket, left - 1)
-      {:ok, other} -> {:error, {:unexpected, other}}
-      {:error, reason} -> {:error, reason}
-    end
-  end
+  defp drain(_socket, _deadline, _left), do: :ok
 
   defp route(method, path) when method in [:GET, :HEAD] do
     {status, type, body} =
@@ -173,12 +369,17 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   defp format_check(:not_configured), do: "not configured"
   defp format_check({:error, reason}), do: "error #{inspect(reason)}"
 
-  defp reply(status, type, body, length \\ nil) do
+  defp error_reply(status),
+    do: reply(status, "text/plain", String.downcase(reason(status)) <> "\n")
+
+  defp reply(status, type, body, length \\ nil, extra_headers \\ []) do
     length = length || IO.iodata_length(body)
 
     [
       "HTTP/1.1 #{status} #{reason(status)}\r\n",
-      "content-type: #{type}\r\ncontent-length: #{length}\r\nconnection: close\r\n\r\n",
+      "content-type: #{type}\r\ncontent-length: #{length}\r\nconnection: close\r\n",
+      extra_headers,
+      "\r\n",
       body
     ]
   end
@@ -187,5 +388,9 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   defp reason(400), do: "Bad Request"
   defp reason(404), do: "Not Found"
   defp reason(405), do: "Method Not Allowed"
+  defp reason(408), do: "Request Timeout"
+  defp reason(413), do: "Content Too Large"
+  defp reason(414), do: "URI Too Long"
+  defp reason(431), do: "Request Header Fields Too Large"
   defp reason(503), do: "Service Unavailable"
 end

@@ -116,5 +116,141 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
   test "start_link validates its options" do
     assert_raise ArgumentError, fn -> Endpoint.start_link(port: -1) end
     assert_raise ArgumentError, fn -> Endpoint.start_link(port: 80, ip: "localhost") end
+
+    assert_raise ArgumentError, ~r/max_connections/, fn ->
+      Endpoint.start_link(port: 0, max_connections: 0)
+    end
+
+    assert_raise ArgumentError, ~r/read_timeout/, fn ->
+      Endpoint.start_link(port: 0, read_timeout: :never)
+    end
+  end
+
+  describe "hostile clients (raw :gen_tcp)" do
+    test "an oversized request line gets 414, with connection: close" do
+      port = port()
+      response = exchange(port, ["GET /", String.duplicate("a", 20_000), " HTTP/1.1\r\n\r\n"])
+      assert "HTTP/1.1 414 " <> _ = response
+      assert response =~ "connection: close\r\n"
+    end
+
+    test "oversized headers get 431: too many bytes, or too many lines" do
+      port = port()
+      big = for i <- 1..100, do: "x-filler-#{i}: #{String.duplicate("v", 100)}\r\n"
+      assert "HTTP/1.1 431 " <> _ = exchange(port, ["GET /metrics HTTP/1.1\r\n", big, "\r\n"])
+      many = for i <- 1..100, do: "x-#{i}: v\r\n"
+      assert "HTTP/1.1 431 " <> _ = exchange(port, ["GET /metrics HTTP/1.1\r\n", many, "\r\n"])
+    end
+
+    test "a body too large (or of unknown length) gets 413, a bad length 400" do
+      port = port()
+      head = "GET /health/live HTTP/1.1\r\nhost: x\r\n"
+      body = String.duplicate("b", 30_000)
+      assert "HTTP/1.1 413 " <> _ = exchange(port, [head, "content-length: 30000\r\n\r\n", body])
+
+      assert "HTTP/1.1 413 " <> _ =
+               exchange(port, [head, "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"])
+
+      assert "HTTP/1.1 400 " <> _ = exchange(port, [head, "content-length: lots\r\n\r\n"])
+      # A small body is read past and ignored.
+      assert "HTTP/1.1 200 " <> _ = exchange(port, [head, "content-length: 5\r\n\r\nhello"])
+    end
+
+    test "garbage bytes get 400" do
+      port = port()
+      :rand.seed(:exsss, {1, 2, 3})
+      noise = for _ <- 1..4_000, into: <<>>, do: <<:rand.uniform(256) - 1>>
+      assert "HTTP/1.1 400 " <> _ = exchange(port, [noise])
+      # Noise with no line end, past the head limit: 400 as well.
+      assert "HTTP/1.1 400 " <> _ = exchange(port, [String.duplicate(<<0, 1, 2>>, 5_000)])
+      assert "HTTP/1.1 400 " <> _ = exchange(port, ["GET http://elsewhere/ HTTP/1.1\r\n\r\n"])
+      assert "HTTP/1.1 400 " <> _ = exchange(port, ["HTTP/1.1 200 OK\r\n\r\n"])
+      assert {200, _, _} = get(~c"http://127.0.0.1:#{port}/health/live")
+    end
+
+    test "a client too slow to send its request gets 408" do
+      start_supervised!({Endpoint, port: 0, name: :slow_endpoint, read_timeout: 300},
+        id: :slow_endpoint
+      )
+
+      {:ok, port} = Endpoint.port(:slow_endpoint)
+      {:ok, socket} = :gen_tcp.connect(~c"127.0.0.1", port, [:binary, active: false])
+      :ok = :gen_tcp.send(socket, "GET /metrics HTTP/1.1\r\nhost: x")
+      assert "HTTP/1.1 408 " <> _ = recv_all(socket)
+      # A client that sends nothing at all is answered the same.
+      {:ok, idle} = :gen_tcp.connect(~c"127.0.0.1", port, [:binary, active: false])
+      assert "HTTP/1.1 408 " <> _ = recv_all(idle)
+    end
+
+    test "past max_connections, connections get 503 and the endpoint stays bounded" do
+      max = 4
+      name = :capped_endpoint
+
+      start_supervised!(
+        {Endpoint, port: 0, name: name, max_connections: max, read_timeout: 60_000},
+        id: name
+      )
+
+      {:ok, port} = Endpoint.port(name)
+
+      # Hogs: connections that never finish their request.
+      hogs =
+        for _ <- 1..max do
+          {:ok, s} = :gen_tcp.connect(~c"127.0.0.1", port, [:binary, active: false])
+          :ok = :gen_tcp.send(s, "GET /metrics HTTP/1.1\r\n")
+          s
+        end
+
+      assert wait_until(fn -> Endpoint.info(name).connections == max end)
+      ports_before = length(:erlang.ports())
+      procs_before = :erlang.system_info(:process_count)
+
+      extra = 30
+
+      clients =
+        for _ <- 1..extra do
+          {:ok, s} = :gen_tcp.connect(~c"127.0.0.1", port, [:binary, active: false])
+          s
+        end
+
+      for s <- clients do
+        response = recv_all(s)
+        assert "HTTP/1.1 503 " <> _ = response
+        assert response =~ "connection: close\r\n"
+      end
+
+      # Only the clients' own sockets were added: the endpoint kept none of
+      # the refused connections, and started no process for them.
+      assert length(:erlang.ports()) - ports_before <= extra + 2
+      assert :erlang.system_info(:process_count) - procs_before <= 2
+      assert Endpoint.info(name) == %{connections: max, max_connections: max}
+
+      Enum.each(clients, &:gen_tcp.close/1)
+      Enum.each(hogs, &:gen_tcp.close/1)
+
+      # The hogs gone, their slots are free again.
+      assert wait_until(fn -> Endpoint.info(name).connections == 0 end)
+      assert "HTTP/1.1 200 " <> _ = exchange(port, ["GET /health/live HTTP/1.1\r\n\r\n"])
+    end
+  end
+
+  defp port do
+    {:ok, port} = Endpoint.port(:test_endpoint)
+    port
+  end
+
+  # Sends the whole request, then reads until the server closes.
+  defp exchange(port, request) do
+    {:ok, socket} = :gen_tcp.connect(~c"127.0.0.1", port, [:binary, active: false])
+    :ok = :gen_tcp.send(socket, request)
+    recv_all(socket)
+  end
+
+  defp recv_all(socket, acc \\ "") do
+    case :gen_tcp.recv(socket, 0, 5_000) do
+      {:ok, data} -> recv_all(socket, acc <> data)
+      {:error, :closed} -> :gen_tcp.close(socket) && acc
+      {:error, reason} -> :gen_tcp.close(socket) && {:error, reason, acc}
+    end
   end
 end
