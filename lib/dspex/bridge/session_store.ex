@@ -465,6 +465,8 @@ defmodule DSPex.Bridge.SessionStore do
   With `atomic: true` every write is applied or none: `:ok` or
   `{:error, {:validation_failed, %{ident => reason}}}`. Otherwise each write
   stands alone and the result is `{:ok, %{ident => :ok | {:error, reason}}}`.
+  Options: `atomic:`, `metadata:` (for every write), `principal:`,
+  `context:`, `lock_token:`, `optimizer_id:`.
   """
   @spec update_variables(session_id, map | list, keyword) ::
           :ok | {:ok, map} | {:error, reason}
@@ -523,9 +525,9 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`.
   Variables the principal may not read, and names that cannot name a
-  variable, count as missing; what concerns the whole call (an unknown or
-  malformed session id, a bad principal or context, the rate limit) is an
-  error, also for an empty list. Options: `principal:`, `context:`.
+  variable, count as missing; what concerns the whole call is its error:
+  an unknown or malformed session id (also with no names), a bad principal
+  or context, the rate limit. Options: `principal:`, `context:`.
   """
   @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
   def get_variables(session_id, idents, opts \\ [])
