@@ -42,9 +42,25 @@ defmodule DSPex.Bridge.AccessControl do
   optimize on the variable. Denials are recorded in a bounded audit ring per
   session (`audit_log/2`) and emit `[:dspex, :bridge, :access, :denied]`.
   See `docs/security.md` for the isolation guarantees and the limits.
+
+  ## Session-level operations
+
+  What concerns a whole session rather than a variable (its information,
+  diagnostics, snapshot and audit log, its deletion) is reserved to the
+  session itself: `principal:` left out or naming the session. Any other
+  principal gets `{:error, :access_denied}`, audited (with no variable) and
+  reported like every other denial; see `authorize_session/3`.
+
+  ## Options
+
+  Options are keyword lists of the keys each function documents; anything
+  else is answered with `{:error, {:invalid_argument, {:bad_options, opts}}}`
+  or `{:error, {:invalid_argument, {:unknown_options, keys}}}`, so a
+  misspelt `principal:` never runs a call as the session itself.
   """
 
-  alias DSPex.Bridge.{Native, SessionStore, Telemetry}
+  alias DSPex.Bridge.{Native, Options, SessionStore, Telemetry}
+  alias DSPex.Bridge.Backend.Router
 
   @type permission :: :read | :write | :observe | :optimize
   @type rule :: %{
@@ -60,6 +76,8 @@ defmodule DSPex.Bridge.AccessControl do
           variable: String.t() | nil,
           permission: permission | nil
         }
+
+  @type reason :: atom | {atom, term}
 
   @permissions [:read, :write, :observe, :optimize]
 
@@ -140,54 +158,109 @@ defmodule DSPex.Bridge.AccessControl do
   @doc """
   The session's audit log, newest first: access denials, calls refused by
   the rate limit, and rule changes. Options: `limit:` (default 100),
-  `event:` to keep one kind, `principal:` to keep one principal's entries.
-  An unknown session has an empty log.
+  `event:` to keep one kind, `by:` to keep one principal's entries,
+  `principal:` on whose behalf the log is read (a session-level operation:
+  only the session itself may, see "Session-level operations"). An unknown
+  session has an empty log.
 
   The ring keeps the last `audit_size` entries per session (default 256, set
   with `SessionStore.create_session/2`); `seq` numbers every entry ever
   recorded, so a gap shows how many were dropped.
+
+      iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-audit")
+      iex> DSPex.Bridge.AccessControl.audit_log(sid, principal: "someone_else")
+      {:error, :access_denied}
+      iex> [%{event: :denied, principal: "someone_else", variable: nil}] =
+      ...>   DSPex.Bridge.AccessControl.audit_log(sid, by: "someone_else")
+      iex> DSPex.Bridge.AccessControl.audit_log(sid, limit: -1)
+      {:error, {:invalid_argument, {:limit, -1}}}
   """
-  @spec audit_log(String.t(), keyword) :: [audit_entry]
+  @spec audit_log(String.t(), keyword) :: [audit_entry] | {:error, reason}
   def audit_log(session_id, opts \\ []) do
-    opts = Keyword.validate!(opts, limit: 100, event: nil, principal: nil)
-    limit = opts[:limit]
+    with {:ok, opts} <- Options.validate(opts, [:limit, :event, :by, :principal]),
+         {:ok, limit} <- audit_limit(Keyword.get(opts, :limit, 100)),
+         :ok <- audit_reader(session_id, opts) do
+      # Filters apply before the limit, so read the whole ring when filtering.
+      read = if opts[:event] || opts[:by], do: 1_000_000, else: limit
 
-    unless is_integer(limit) and limit >= 0 do
-      raise ArgumentError, "expected :limit to be a non-negative integer, got: #{inspect(limit)}"
-    end
+      case SessionStore.backend().audit_log(session_id, read) do
+        {:ok, entries} ->
+          entries
+          |> Enum.filter(&keep?(&1, opts[:event], opts[:by]))
+          |> Enum.take(limit)
+          |> Enum.map(&%{&1 | at: DateTime.from_unix!(&1.at, :microsecond)})
 
-    # Filters apply before the limit, so read the whole ring when filtering.
-    read = if opts[:event] || opts[:principal], do: 1_000_000, else: limit
-
-    case SessionStore.backend().audit_log(session_id, read) do
-      {:ok, entries} ->
-        entries
-        |> Enum.filter(&keep?(&1, opts[:event], opts[:principal]))
-        |> Enum.take(limit)
-        |> Enum.map(&%{&1 | at: DateTime.from_unix!(&1.at, :microsecond)})
-
-      {:error, _} ->
-        []
+        {:error, _} ->
+          []
+      end
     end
   end
+
+  # An unknown session has an empty log, whoever asks.
+  defp audit_reader(session_id, opts) do
+    case authorize_session(session_id, :read, Keyword.take(opts, [:principal])) do
+      {:error, :session_not_found} -> :ok
+      result -> result
+    end
+  end
+
+  defp audit_limit(limit) when is_integer(limit) and limit >= 0, do: {:ok, limit}
+  defp audit_limit(limit), do: {:error, {:invalid_argument, {:limit, limit}}}
+
+  @doc """
+  The guard of session-level operations (`SessionStore.get_session/2`,
+  `get_session_diagnostics/2`, `export_session/2`, `delete_session/2`,
+  `audit_log/2`): `:ok` when the `principal:` is left out or is the session
+  itself. Any other principal is refused with `{:error, :access_denied}`,
+  recorded in the session's audit log (`variable: nil`, with the
+  `permission` given: `:read` for the reads, `:write` for a deletion) and
+  reported with `[:dspex, :bridge, :access, :denied]`. The engine holding
+  the session makes the check; it takes no rate-limit token. Options:
+  `principal:`.
+  """
+  @spec authorize_session(String.t(), permission, keyword) ::
+          :ok | {:error, :access_denied | :session_not_found | {:invalid_argument, term}}
+  def authorize_session(session_id, permission, opts \\ [])
+
+  def authorize_session(session_id, permission, opts) when permission in @permissions do
+    with {:ok, opts} <- Options.validate(opts, [:principal]) do
+      case opts[:principal] do
+        nil ->
+          :ok
+
+        principal when is_binary(principal) ->
+          session_id
+          |> Router.authorize_session(principal, permission)
+          |> refusal(session_id, nil, principal, permission)
+
+        _other ->
+          {:error, {:invalid_argument, :bad_principal}}
+      end
+    end
+  end
+
+  def authorize_session(_session_id, permission, _opts),
+    do: {:error, {:invalid_argument, {:unknown_permission, permission}}}
 
   @doc """
   The guard for operations on a variable made outside `SessionStore`'s own
   functions (optimizer locks ask for `:optimize`, observers for `:observe`):
   takes a token from the session's rate limit, checks the ACL for the
   `principal:` (with `context:`), audits and reports a refusal exactly as the
-  store's own operations do.
+  store's own operations do. Options: `principal:`, `context:`.
   """
   @spec authorize(String.t(), atom | String.t(), permission, keyword) ::
           :ok | {:error, :access_denied | :rate_limited | atom | {atom, term}}
   def authorize(session_id, ident, permission, opts \\ [])
 
   def authorize(session_id, ident, permission, opts) when permission in @permissions do
-    caller = caller(opts)
+    with {:ok, opts} <- Options.validate(opts, [:principal, :context]) do
+      caller = caller(opts)
 
-    session_id
-    |> SessionStore.backend().authorize(ident, caller, permission)
-    |> refusal(session_id, ident, caller, permission)
+      session_id
+      |> SessionStore.backend().authorize(ident, caller, permission)
+      |> refusal(session_id, ident, caller, permission)
+    end
   end
 
   def authorize(_session_id, _ident, permission, _opts),
@@ -251,8 +324,8 @@ defmodule DSPex.Bridge.AccessControl do
   defp principal_of(caller) when is_tuple(caller), do: elem(caller, 0)
   defp principal_of(principal), do: principal
 
-  defp keep?(entry, event, principal) do
-    (event == nil or entry.event == event) and (principal == nil or entry.principal == principal)
+  defp keep?(entry, event, by) do
+    (event == nil or entry.event == event) and (by == nil or entry.principal == by)
   end
 
   defp bad_check_argument(variable, _sid, _ctx) when not is_map(variable),

@@ -7,6 +7,11 @@ defmodule DSPex.Bridge.Backend do
   return raw engine shapes (timestamps as microseconds since the epoch);
   `SessionStore` turns them into the documented API. `principal` is the
   session a call is made on behalf of, or `nil` for the session itself.
+
+  The guard of session-level operations is not a callback yet:
+  `DSPex.Bridge.Backend.Router.authorize_session/3` calls
+  `DSPex.Bridge.Backend.Native.authorize_session/3` or the port program's
+  `acl_authorize_session` command.
   """
 
   @type sid :: String.t()

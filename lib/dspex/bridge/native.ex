@@ -59,6 +59,7 @@ defmodule DSPex.Bridge.Native do
   def acl_set_rules(_sid, _ident, _rules, _principal), do: err()
   def acl_check(_sid, _ident, _principal, _permission), do: err()
   def acl_authorize(_sid, _ident, _principal, _permission), do: err()
+  def acl_authorize_session(_sid, _principal, _permission), do: err()
   def acl_audit_log(_sid, _limit), do: err()
 
   # analytics metrics and log forwarding (issue 7)

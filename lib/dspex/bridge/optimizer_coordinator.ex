@@ -20,11 +20,24 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   ## Keys
 
-  A lock key is any term: a variable id, a name, `{session, var}`. With
+  A lock key is any term: a variable id, a name, a tuple. With
   `session_id:` the lock is on a session variable: the key becomes
-  `{session_id, var_id}` (name and id give the same lock), the caller needs
-  the `:optimize` permission on it, and the variable enforces the lock on
-  writes (see "Fencing").
+  `{:dspex_session, session_id, var_id}` (name and id give the same lock),
+  the variable enforces the lock on writes (see "Fencing"), and every call
+  on it is checked for the `principal:` (default: the session itself):
+  `acquire_lock/4`, `release_lock/3` and `renew_lock/3` need `:optimize`
+  on the variable, `get_lock_info/2` `:read`. A denial is audited and
+  reported like every other (see `DSPex.Bridge.AccessControl`).
+
+  Session-variable locks are reachable only through `session_id:`: the two
+  key spaces are disjoint, and a raw key of the reserved form
+  `{:dspex_session, _, _}` is refused with
+  `{:error, {:invalid_argument, {:reserved_key, key}}}`. A raw key
+  `{session_id, var_id}` is an ordinary lock, unrelated to the variable.
+
+  Options are keyword lists of the keys each function documents; anything
+  else is `{:error, {:invalid_argument, {:bad_options, opts}}}` or
+  `{:error, {:invalid_argument, {:unknown_options, keys}}}`.
 
   ## Conflicts
 
@@ -66,7 +79,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   """
   use GenServer
 
-  alias DSPex.Bridge.{AccessControl, Native, SessionStore, Telemetry}
+  alias DSPex.Bridge.{AccessControl, Native, Options, SessionStore, Telemetry}
   alias DSPex.Bridge.Backend.Router
 
   require Telemetry
@@ -82,6 +95,13 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @failed [:dspex, :optimization, :failed]
   @never 18_446_744_073_709_551_615
   @acquire_opts [:timeout, :conflict_resolution, :session_id, :principal, :lease]
+  @start_opts [:optimizer_id, :timeout, :conflict_resolution, :principal, :lease]
+
+  # Session-variable locks live under `{:dspex_session, session_id, var_id}`,
+  # a form no raw key may take, so no raw key names one.
+  @session :dspex_session
+  defguardp reserved?(key)
+            when is_tuple(key) and tuple_size(key) == 3 and elem(key, 0) == @session
 
   ## Lifecycle
 
@@ -119,6 +139,9 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
           | {:error, {:lock_held_by, String.t()} | :timeout | reason}
   def acquire_lock(var_id, optimizer_id, pid \\ self(), opts \\ [])
 
+  def acquire_lock(var_id, _optimizer_id, _pid, _opts) when reserved?(var_id),
+    do: reserved(var_id)
+
   # The common call, with no options to parse; the NIF checks the rest.
   def acquire_lock(var_id, optimizer_id, pid, [])
       when is_binary(optimizer_id) and byte_size(optimizer_id) in 1..255 and is_pid(pid) and
@@ -143,12 +166,14 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @spec release_lock(key, optimizer_id, keyword) :: :ok | {:error, :not_lock_owner | reason}
   def release_lock(var_id, optimizer_id, opts \\ [])
 
+  def release_lock(var_id, _optimizer_id, _opts) when reserved?(var_id), do: reserved(var_id)
+
   def release_lock(var_id, optimizer_id, [])
       when is_binary(optimizer_id) and byte_size(optimizer_id) in 1..255,
       do: release(var_id, optimizer_id)
 
   def release_lock(var_id, optimizer_id, opts) do
-    with {:ok, opts} <- validate(opts, [:session_id, :principal]),
+    with {:ok, opts} <- Options.validate(opts, [:session_id, :principal]),
          {:ok, optimizer_id} <- optimizer(optimizer_id),
          {:ok, key} <- key(var_id, opts, :optimize) do
       release(key, optimizer_id)
@@ -173,7 +198,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @spec renew_lock(key, optimizer_id, keyword) ::
           {:ok, pos_integer} | {:error, :not_lock_owner | reason}
   def renew_lock(var_id, optimizer_id, opts \\ []) do
-    with {:ok, opts} <- validate(opts, [:session_id, :principal, :lease]),
+    with {:ok, opts} <- Options.validate(opts, [:session_id, :principal, :lease]),
          {:ok, optimizer_id} <- optimizer(optimizer_id),
          {:ok, lease} <- lease(opts[:lease]),
          {:ok, key} <- key(var_id, opts, :optimize) do
@@ -205,12 +230,12 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @doc """
   The lock on `var_id`: `{:ok, %{optimizer_id, pid, token, acquired_at,
   lease_left_ms, iteration, waiters}}` or `{:error, :not_locked}`.
-  Options: `session_id:`, `principal:`.
+  Options: `session_id:`, `principal:` (who needs `:read` on the variable).
   """
   @spec get_lock_info(key, keyword) :: {:ok, map} | {:error, :not_locked | reason}
   def get_lock_info(var_id, opts \\ []) do
-    with {:ok, opts} <- validate(opts, [:session_id, :principal]),
-         {:ok, key} <- key(var_id, opts) do
+    with {:ok, opts} <- Options.validate(opts, [:session_id, :principal]),
+         {:ok, key} <- key(var_id, opts, :read) do
       case Native.lock_info(key) do
         nil -> {:error, :not_locked}
         info -> {:ok, %{info | acquired_at: datetime(info.acquired_at)}}
@@ -243,9 +268,13 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   @doc false
   def start_optimization(session_id, ident, pid, opts) do
-    {id, opts} = Keyword.pop_lazy(opts, :optimizer_id, &new_optimizer_id/0)
-    opts = Keyword.put_new(opts, :conflict_resolution, :abort)
+    with {:ok, opts} <- Options.validate(opts, @start_opts) do
+      {id, opts} = Keyword.pop_lazy(opts, :optimizer_id, &new_optimizer_id/0)
+      start(session_id, ident, pid, id, Keyword.put_new(opts, :conflict_resolution, :abort))
+    end
+  end
 
+  defp start(session_id, ident, pid, id, opts) do
     case acquire(ident, id, pid, [{:session_id, session_id} | opts]) do
       {:ok, _how, token} ->
         {:ok, %{optimizer_id: to_string(id), token: token}}
@@ -265,7 +294,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
           # Released in between: one retry is enough to be fair.
           {:error, :not_locked} ->
-            start_optimization(session_id, ident, pid, [{:optimizer_id, id} | opts])
+            start(session_id, ident, pid, id, opts)
 
           error ->
             error
@@ -278,7 +307,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   @doc false
   def stop_optimization(session_id, ident, opts) do
-    with {:ok, opts} <- validate(opts, [:optimizer_id, :principal]),
+    with {:ok, opts} <- Options.validate(opts, [:optimizer_id, :principal]),
          {:ok, key} <-
            key(ident, [session_id: session_id, principal: opts[:principal]], :optimize) do
       result =
@@ -310,7 +339,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   ## The acquire path
 
   defp acquire(var_id, optimizer_id, pid, opts) do
-    with {:ok, opts} <- validate(opts, @acquire_opts),
+    with {:ok, opts} <- Options.validate(opts, @acquire_opts),
          {:ok, optimizer_id} <- optimizer(optimizer_id),
          {:ok, mode} <- conflict(opts[:conflict_resolution] || :wait),
          {:ok, timeout} <- timeout(Keyword.get(opts, :timeout, 5_000)),
@@ -471,18 +500,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   ## Helpers
 
-  defp validate([], _allowed), do: {:ok, []}
-
-  defp validate(opts, allowed) when is_list(opts) do
-    case Keyword.validate(opts, allowed) do
-      {:ok, opts} -> {:ok, opts}
-      {:error, unknown} -> {:error, {:invalid_argument, {:unknown_options, unknown}}}
-    end
-  rescue
-    ArgumentError -> {:error, {:invalid_argument, {:options, opts}}}
-  end
-
-  defp validate(opts, _allowed), do: {:error, {:invalid_argument, {:options, opts}}}
+  defp reserved(key), do: {:error, {:invalid_argument, {:reserved_key, key}}}
 
   defp optimizer(id) when is_binary(id) and byte_size(id) in 1..255, do: {:ok, id}
 
@@ -509,31 +527,31 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   defp check_pid(pid) when is_pid(pid) and node(pid) == node(), do: :ok
   defp check_pid(pid), do: {:error, {:invalid_argument, {:pid, pid}}}
 
-  # Session variables lock under {session_id, var_id}, so a name and its id
-  # are the same lock. Taking, renewing or giving one up needs `:optimize`
-  # on the variable; looking at it, `:read`.
-  defp key(var_id, opts, permission \\ :read) do
+  # Session variables lock under {:dspex_session, session_id, var_id}, so a
+  # name and its id are the same lock, and no raw key is one. Taking,
+  # renewing or giving one up needs `:optimize` on the variable; looking at
+  # it, `:read`: one check, audited and reported, for the principal. The
+  # name is resolved as the session itself so that the check made is the
+  # one asked for (an optimizer needs `:optimize`, not also `:read`).
+  defp key(var_id, opts, permission) do
     case opts[:session_id] do
+      nil when reserved?(var_id) ->
+        reserved(var_id)
+
       nil ->
         {:ok, var_id}
 
       sid ->
-        with {:ok, %{id: id}} <-
-               SessionStore.backend().get_variable(sid, var_id, opts[:principal]),
-             :ok <- authorize(sid, id, permission, opts) do
-          {:ok, {sid, id}}
+        with {:ok, %{id: id}} <- SessionStore.backend().get_variable(sid, var_id, nil),
+             :ok <- AccessControl.authorize(sid, id, permission, principal: opts[:principal]) do
+          {:ok, {@session, sid, id}}
         end
     end
   end
 
-  defp authorize(_sid, _id, :read, _opts), do: :ok
-
-  defp authorize(sid, id, permission, opts),
-    do: AccessControl.authorize(sid, id, permission, principal: opts[:principal])
-
   # Writes are fenced inside the engine, so on sessions of the NIF backend;
   # a port session's variables are locked for optimizers but not fenced.
-  defp fence({sid, id}, opts) do
+  defp fence({@session, sid, id}, opts) do
     if opts[:session_id] && Router.kind_of(sid) == :nif,
       do: {sid, id, opts[:principal]}
   end

@@ -54,6 +54,16 @@ defmodule DSPex.Bridge.SessionStore do
     token or id get `{:error, {:locked_by, optimizer_id}}`, and writes with
     an older token (a preempted optimizer's) `{:error, :stale_lock_token}`.
 
+  Options are a keyword list of the keys a function documents: anything
+  else returns `{:error, {:invalid_argument, {:bad_options, opts}}}` or
+  `{:error, {:invalid_argument, {:unknown_options, keys}}}` (a misspelt
+  `principal:` never runs a call as the session itself).
+
+  Session-level operations (`get_session/2`, `get_session_diagnostics/2`,
+  `export_session/2`, `delete_session/2`) are reserved to the session itself:
+  another `principal:` gets `{:error, :access_denied}`, audited and reported
+  as every denial is (see `DSPex.Bridge.AccessControl.authorize_session/3`).
+
   ## Access control and rate limits
 
   Every read, write, observe and optimize is checked inside the engine
@@ -74,7 +84,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   use GenServer
 
-  alias DSPex.Bridge.{AccessControl, Telemetry}
+  alias DSPex.Bridge.{AccessControl, Options, Telemetry}
   alias DSPex.Bridge.Backend.Router
   alias DSPex.Bridge.DependencyManager.Propagator
 
@@ -91,6 +101,11 @@ defmodule DSPex.Bridge.SessionStore do
   # port for each session (`config :dspex_bridge, backend: :nif | :port` is
   # the Router's default for new sessions).
   @backend Router
+
+  @read_opts [:principal, :context]
+  # What the engines answer for a name that cannot name a variable.
+  @ident_errors [:name_must_be_atom_or_string, :bad_name_length]
+  @write_opts [:principal, :context, :lock_token, :optimizer_id]
 
   ## Lifecycle
 
@@ -127,21 +142,25 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec create_session(session_id, keyword) :: {:ok, session_id} | {:error, reason}
   def create_session(session_id, opts \\ []) do
-    opts =
-      Keyword.validate!(opts, [:ttl, :max_history, :metadata, :rate_limit, :audit_size, :backend])
-
-    kind = opts[:backend] || Router.default_kind()
-
-    native_opts = %{
-      ttl_ms: opts[:ttl],
-      max_history: opts[:max_history],
-      metadata: opts[:metadata] || %{},
-      rate_limit: opts[:rate_limit],
-      audit_capacity: opts[:audit_size],
-      backend: kind
-    }
-
-    with :ok <- @backend.create_session(session_id, native_opts) do
+    with {:ok, opts} <-
+           Options.validate(opts, [
+             :ttl,
+             :max_history,
+             :metadata,
+             :rate_limit,
+             :audit_size,
+             :backend
+           ]),
+         kind = opts[:backend] || Router.default_kind(),
+         native_opts = %{
+           ttl_ms: opts[:ttl],
+           max_history: opts[:max_history],
+           metadata: opts[:metadata] || %{},
+           rate_limit: opts[:rate_limit],
+           audit_capacity: opts[:audit_size],
+           backend: kind
+         },
+         :ok <- @backend.create_session(session_id, native_opts) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
@@ -155,11 +174,12 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Session information: id, timestamps, ttl, max_history, variable_count,
   metadata, rate_limit (`nil` or `%{ops_per_sec, burst, available}`) and
-  audit_size.
+  audit_size. Options: `principal:` (only the session itself may).
   """
-  @spec get_session(session_id) :: {:ok, map} | {:error, reason}
-  def get_session(session_id) do
-    with {:ok, info} <- @backend.session_info(session_id) do
+  @spec get_session(session_id, keyword) :: {:ok, map} | {:error, reason}
+  def get_session(session_id, opts \\ []) do
+    with :ok <- session_guard(session_id, :read, opts),
+         {:ok, info} <- @backend.session_info(session_id) do
       {:ok,
        %{
          id: info.session_id,
@@ -175,10 +195,14 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
-  @doc "Deletes a session and all its variables."
-  @spec delete_session(session_id) :: :ok | {:error, reason}
-  def delete_session(session_id) do
-    with :ok <- @backend.delete_session(session_id) do
+  @doc """
+  Deletes a session and all its variables. Options: `principal:` (only the
+  session itself may).
+  """
+  @spec delete_session(session_id, keyword) :: :ok | {:error, reason}
+  def delete_session(session_id, opts \\ []) do
+    with :ok <- session_guard(session_id, :write, opts),
+         :ok <- @backend.delete_session(session_id) do
       Propagator.session_closed(session_id)
 
       Telemetry.execute(
@@ -194,33 +218,23 @@ defmodule DSPex.Bridge.SessionStore do
   def list_sessions, do: @backend.list_sessions()
 
   @doc """
-  What an operator wants to know about a session: `get_session/1`'s fields,
+  What an operator wants to know about a session: `get_session/2`'s fields,
   the engine memory its variables hold, and per variable its type, version
-  and history length.
+  and history length. Options: `principal:` (only the session itself may).
+  A variable deleted meanwhile is left out; a refusal of the session's rate
+  limit is returned.
   """
-  @spec get_session_diagnostics(session_id) :: {:ok, map} | {:error, reason}
-  def get_session_diagnostics(session_id) do
-    with {:ok, session} <- get_session(session_id),
-         {:ok, vars} <- @backend.list_variables(session_id, nil, nil) do
+  @spec get_session_diagnostics(session_id, keyword) :: {:ok, map} | {:error, reason}
+  def get_session_diagnostics(session_id, opts \\ []) do
+    with :ok <- session_guard(session_id, :read, opts),
+         {:ok, session} <- get_session(session_id),
+         {:ok, vars} <- @backend.list_variables(session_id, nil, nil),
+         {:ok, variables} <- diagnose(session_id, vars) do
       memory =
         case Router.session_memory(session_id) do
           {:ok, bytes} -> bytes
           _ -> nil
         end
-
-      variables =
-        Enum.map(vars, fn v ->
-          {:ok, history} = @backend.history(session_id, v.id, 1_000_000, nil)
-
-          %{
-            name: v.name,
-            id: v.id,
-            type: v.type,
-            version: v.version,
-            history_length: length(history),
-            updated_at: datetime(v.updated_at)
-          }
-        end)
 
       {:ok,
        Map.merge(session, %{
@@ -231,12 +245,45 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
+  # One entry per variable; one deleted since the listing is left out.
+  defp diagnose(session_id, vars) do
+    Enum.reduce_while(vars, {:ok, []}, fn v, {:ok, acc} ->
+      case @backend.history(session_id, v.id, 1_000_000, nil) do
+        {:ok, history} ->
+          entry = %{
+            name: v.name,
+            id: v.id,
+            type: v.type,
+            version: v.version,
+            history_length: length(history),
+            updated_at: datetime(v.updated_at)
+          }
+
+          {:cont, {:ok, [entry | acc]}}
+
+        {:error, :not_found} ->
+          {:cont, {:ok, acc}}
+
+        {:error, _} = error ->
+          {:halt, error}
+      end
+    end)
+    |> case do
+      {:ok, entries} -> {:ok, Enum.reverse(entries)}
+      error -> error
+    end
+  end
+
   @doc """
   A MessagePack snapshot of the whole session: variables, constraints,
   metadata, versions and history. `import_session/2` restores it.
+  Options: `principal:` (only the session itself may).
   """
-  @spec export_session(session_id) :: {:ok, binary} | {:error, reason}
-  def export_session(session_id), do: @backend.export_session(session_id)
+  @spec export_session(session_id, keyword) :: {:ok, binary} | {:error, reason}
+  def export_session(session_id, opts \\ []) do
+    with :ok <- session_guard(session_id, :read, opts),
+         do: @backend.export_session(session_id)
+  end
 
   @doc """
   Creates a session from an `export_session/1` snapshot; `session_id:` gives
@@ -249,10 +296,9 @@ defmodule DSPex.Bridge.SessionStore do
   def import_session(snapshot, opts \\ [])
 
   def import_session(snapshot, opts) when is_binary(snapshot) do
-    opts = Keyword.validate!(opts, [:session_id, :backend])
-    kind = opts[:backend] || Router.default_kind()
-
-    with {:ok, sid} <- Router.import_session(snapshot, opts[:session_id], kind) do
+    with {:ok, opts} <- Options.validate(opts, [:session_id, :backend]),
+         kind = opts[:backend] || Router.default_kind(),
+         {:ok, sid} <- Router.import_session(snapshot, opts[:session_id], kind) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
@@ -278,17 +324,16 @@ defmodule DSPex.Bridge.SessionStore do
   @spec register_variable(session_id, ident, atom, term, keyword) ::
           {:ok, String.t()} | {:error, reason}
   def register_variable(session_id, name, type, initial, opts \\ []) do
-    opts =
-      Keyword.validate!(opts, [
-        :constraints,
-        :metadata,
-        :description,
-        :access_rules,
-        :principal,
-        :context
-      ])
-
-    with :ok <- check_type(type) do
+    with {:ok, opts} <-
+           Options.validate(opts, [
+             :constraints,
+             :metadata,
+             :description,
+             :access_rules,
+             :principal,
+             :context
+           ]),
+         :ok <- check_type(type) do
       native_opts = %{
         constraints: opts[:constraints] || %{},
         metadata: opts[:metadata] || %{},
@@ -322,22 +367,26 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   The whole variable: `id name type value version constraints metadata
   description created_at updated_at last_write access_rules`.
+  Options: `principal:`, `context:`.
   """
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
   def get_variable(session_id, ident, opts \\ []) do
-    caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @read_opts) do
+      caller = AccessControl.caller(opts)
 
-    timed_read(session_id, ident, fn ->
-      case @backend.get_variable(session_id, ident, caller) do
-        {:ok, var} -> {:ok, variable(var)}
-        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
-      end
-    end)
+      timed_read(session_id, ident, fn ->
+        case @backend.get_variable(session_id, ident, caller) do
+          {:ok, var} -> {:ok, variable(var)}
+          error -> AccessControl.refusal(error, session_id, ident, caller, :read)
+        end
+      end)
+    end
   end
 
   @doc """
   The value of a variable, or `default` when it cannot be read (unknown
-  session or variable, or access denied). The hot read path.
+  session or variable, access denied, or options other than `principal:`
+  and `context:`). The hot read path.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-value")
       iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
@@ -348,8 +397,13 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec get_variable_value(session_id, ident, term, keyword) :: term
   def get_variable_value(session_id, ident, default \\ nil, opts \\ []) do
-    principal = AccessControl.caller(opts)
+    case Options.validate(opts, @read_opts) do
+      {:ok, opts} -> value(session_id, ident, default, AccessControl.caller(opts))
+      {:error, _} -> default
+    end
+  end
 
+  defp value(session_id, ident, default, principal) do
     result =
       if Telemetry.observed?(@read) do
         timed_read(session_id, ident, fn -> @backend.get_value(session_id, ident, principal) end)
@@ -375,6 +429,13 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec update_variable(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
   def update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []) do
+    case Options.validate(opts, [:expected_version | @write_opts]) do
+      {:ok, opts} -> update(session_id, ident, value, metadata, opts)
+      error -> error
+    end
+  end
+
+  defp update(session_id, ident, value, metadata, opts) do
     {expected, metadata} = expected_version(metadata, opts)
     principal = AccessControl.caller(opts)
 
@@ -404,24 +465,15 @@ defmodule DSPex.Bridge.SessionStore do
   With `atomic: true` every write is applied or none: `:ok` or
   `{:error, {:validation_failed, %{ident => reason}}}`. Otherwise each write
   stands alone and the result is `{:ok, %{ident => :ok | {:error, reason}}}`.
+  Options: `atomic:`, `metadata:` (for every write), `principal:`,
+  `context:`, `lock_token:`, `optimizer_id:`.
   """
   @spec update_variables(session_id, map | list, keyword) ::
           :ok | {:ok, map} | {:error, reason}
   def update_variables(session_id, updates, opts \\ []) do
-    opts =
-      Keyword.validate!(opts, [
-        :atomic,
-        :principal,
-        :context,
-        :metadata,
-        :lock_token,
-        :optimizer_id
-      ])
-
-    base_meta = opts[:metadata] || %{}
-    caller = AccessControl.caller(opts)
-
-    with {:ok, normalized} <- normalize_updates(updates, base_meta) do
+    with {:ok, opts} <- Options.validate(opts, [:atomic, :metadata | @write_opts]),
+         {:ok, normalized} <- normalize_updates(updates, opts[:metadata] || %{}) do
+      caller = AccessControl.caller(opts)
       start = System.monotonic_time()
       atomic = opts[:atomic] == true
 
@@ -472,12 +524,31 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`.
-  Variables the principal may not read count as missing.
+  Variables the principal may not read, and names that cannot name a
+  variable, count as missing; what concerns the whole call is its error:
+  an unknown or malformed session id (also with no names), a bad principal
+  or context, the rate limit. Options: `principal:`, `context:`.
   """
   @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
-  def get_variables(session_id, idents, opts \\ []) when is_list(idents) do
-    principal = AccessControl.caller(opts)
+  def get_variables(session_id, idents, opts \\ [])
 
+  def get_variables(session_id, idents, opts) when is_list(idents) do
+    with {:ok, opts} <- Options.validate(opts, @read_opts),
+         principal = AccessControl.caller(opts),
+         {:ok, acc} <- read_each(session_id, idents, principal) do
+      {:ok, %{acc | missing: Enum.reverse(acc.missing)}}
+    end
+  end
+
+  def get_variables(_session_id, idents, _opts),
+    do: {:error, {:invalid_argument, {:idents, idents}}}
+
+  # With no name to read, the session is still checked.
+  defp read_each(session_id, [], _principal) do
+    with {:ok, _} <- @backend.session_info(session_id), do: {:ok, %{found: %{}, missing: []}}
+  end
+
+  defp read_each(session_id, idents, principal) do
     Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
       case @backend.get_variable(session_id, ident, principal) do
         {:ok, var} ->
@@ -487,48 +558,52 @@ defmodule DSPex.Bridge.SessionStore do
           AccessControl.refusal(denied, session_id, ident, principal, :read)
           {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
 
-        {:error, :not_found} ->
-          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
-
-        {:error, {:invalid_argument, _}} ->
-          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
-
-        {:error, _} = error ->
-          {:halt, AccessControl.refusal(error, session_id, ident, principal, :read)}
+        {:error, reason} = error ->
+          if ident_error?(reason),
+            do: {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}},
+            else: {:halt, AccessControl.refusal(error, session_id, ident, principal, :read)}
       end
     end)
-    |> case do
-      {:ok, acc} -> {:ok, %{acc | missing: Enum.reverse(acc.missing)}}
-      error -> error
-    end
   end
+
+  # Errors about one name rather than the call: it names no variable.
+  defp ident_error?(:not_found), do: true
+  defp ident_error?({:invalid_argument, detail}), do: detail in @ident_errors
+  defp ident_error?(_reason), do: false
 
   @doc """
   Variables of a session, sorted by name; with a `pattern` (an anchored glob,
   `*` and `?`) only those whose name matches. Variables the principal may
-  not read are left out.
+  not read are left out. Options: `principal:`, `context:`.
   """
   @spec list_variables(session_id, String.t() | nil, keyword) :: {:ok, [map]} | {:error, reason}
   def list_variables(session_id, pattern \\ nil, opts \\ []) do
-    caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @read_opts) do
+      caller = AccessControl.caller(opts)
 
-    case @backend.list_variables(session_id, pattern, caller) do
-      {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
-      error -> AccessControl.refusal(error, session_id, nil, caller, :read)
+      case @backend.list_variables(session_id, pattern, caller) do
+        {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
+        error -> AccessControl.refusal(error, session_id, nil, caller, :read)
+      end
     end
   end
 
-  @doc "Deletes a variable and its dependency edges. Needs `:write`."
+  @doc """
+  Deletes a variable and its dependency edges. Needs `:write`. Options:
+  `principal:`, `context:`, `lock_token:`, `optimizer_id:`.
+  """
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
   def delete_variable(session_id, ident, opts \\ []) do
-    caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @write_opts) do
+      caller = AccessControl.caller(opts)
 
-    session_id
-    |> @backend.delete_variable(ident, caller)
-    |> AccessControl.refusal(session_id, ident, caller, :write)
-    |> case do
-      :ok -> Propagator.notify_delete(session_id, ident)
-      error -> error
+      session_id
+      |> @backend.delete_variable(ident, caller)
+      |> AccessControl.refusal(session_id, ident, caller, :write)
+      |> case do
+        :ok -> Propagator.notify_delete(session_id, ident)
+        error -> error
+      end
     end
   end
 
@@ -537,16 +612,19 @@ defmodule DSPex.Bridge.SessionStore do
   Only the variable's owner may: the session itself (the default principal)
   or the principal named in its `owner_session`/`created_by` metadata.
   Invalid rules return `{:error, {:invalid_rules, detail}}` and leave the old
-  ones in place. The change is recorded in the audit log.
+  ones in place. The change is recorded in the audit log. Options:
+  `principal:`, `context:`.
   """
   @spec set_variable_permissions(session_id, ident, [AccessControl.rule()], keyword) ::
           :ok | {:error, reason}
   def set_variable_permissions(session_id, ident, rules, opts \\ []) do
-    caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @read_opts) do
+      caller = AccessControl.caller(opts)
 
-    session_id
-    |> @backend.set_access_rules(ident, rules, caller)
-    |> AccessControl.refusal(session_id, ident, caller, :write)
+      session_id
+      |> @backend.set_access_rules(ident, rules, caller)
+      |> AccessControl.refusal(session_id, ident, caller, :write)
+    end
   end
 
   @doc """
@@ -560,8 +638,10 @@ defmodule DSPex.Bridge.SessionStore do
 
   def check_variable_access(session_id, ident, principal, permission, opts)
       when permission in [:read, :write, :observe, :optimize] do
-    caller = AccessControl.caller(principal: principal, context: opts[:context])
-    @backend.check_access(session_id, ident, caller, permission)
+    with {:ok, opts} <- Options.validate(opts, [:context]) do
+      caller = AccessControl.caller(principal: principal, context: opts[:context])
+      @backend.check_access(session_id, ident, caller, permission)
+    end
   end
 
   def check_variable_access(_session_id, _ident, _principal, permission, _opts),
@@ -569,7 +649,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   Previous versions of a variable, newest first: `[%{version, value,
-  updated_at, metadata}]`.
+  updated_at, metadata}]`. Options: `principal:`, `context:`.
   """
   @spec get_variable_history(session_id, ident, non_neg_integer, keyword) ::
           {:ok, [map]} | {:error, reason}
@@ -577,11 +657,13 @@ defmodule DSPex.Bridge.SessionStore do
 
   def get_variable_history(session_id, ident, limit, opts)
       when is_integer(limit) and limit >= 0 do
-    caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @read_opts) do
+      caller = AccessControl.caller(opts)
 
-    case @backend.history(session_id, ident, limit, caller) do
-      {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
-      error -> AccessControl.refusal(error, session_id, ident, caller, :read)
+      case @backend.history(session_id, ident, limit, caller) do
+        {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
+        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
+      end
     end
   end
 
@@ -591,12 +673,18 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Writes the value `version` had as a new version (v1, v2, rollback to 1 ->
   v3 with v1's value). `{:error, :version_not_found}` once the version has
-  left the history.
+  left the history. Options: `principal:`, `context:`, `lock_token:`,
+  `optimizer_id:`.
   """
   @spec rollback_variable(session_id, ident, non_neg_integer, keyword) :: :ok | {:error, reason}
   def rollback_variable(session_id, ident, version, opts \\ []) do
-    caller = AccessControl.caller(opts)
+    case Options.validate(opts, @write_opts) do
+      {:ok, opts} -> rollback(session_id, ident, version, AccessControl.caller(opts))
+      error -> error
+    end
+  end
 
+  defp rollback(session_id, ident, version, caller) do
     case @backend.rollback(session_id, ident, version, caller) do
       {:ok, new_version} ->
         Telemetry.execute(
@@ -684,8 +772,9 @@ defmodule DSPex.Bridge.SessionStore do
 
   ## Helpers
 
-  # The backend's caller term: the principal, or with a lock claim
-  # `{principal, lock_token, optimizer_id}`.
+  defp session_guard(session_id, permission, opts),
+    do: AccessControl.authorize_session(session_id, permission, opts)
+
   defp check_type(type) when type in @types, do: :ok
   defp check_type(type), do: {:error, {:invalid_argument, {:unknown_type, type}}}
 

@@ -23,14 +23,21 @@
 //!   `prefix*` ones, about 130 ns.)
 //! - Compiling never panics and rejects anything that is not a list of
 //!   well-formed rules with a matchable `{:invalid_rules, detail}` reason.
+//!
+//! Session-level operations (the session's information, diagnostics,
+//! snapshot and audit log, its deletion) have no variable and so no rules:
+//! [`authorize_session`] reserves them to the session itself and audits a
+//! refusal without a variable, as a refused registration is.
 
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
+use crate::audit::AuditEvent;
 use crate::caller::Permission;
 use crate::error::{Error, Result};
 use crate::glob::Glob;
+use crate::session::Session;
 use crate::value::Value;
 
 /// Rules on one variable.
@@ -39,6 +46,8 @@ pub const MAX_RULES: usize = 64;
 pub const MAX_CONDITIONS: usize = 16;
 /// Bytes of one session pattern.
 pub const MAX_PATTERN_BYTES: usize = 255;
+/// Bytes of a principal (a session id).
+pub const MAX_PRINCIPAL_BYTES: usize = 255;
 /// Heap bytes of a whole rule list as given.
 pub const MAX_RULES_BYTES: usize = 64 * 1024;
 /// Principals whose decisions one variable remembers; the cache starts over
@@ -275,6 +284,30 @@ pub fn authorize(
     }
 }
 
+/// The check of a session-level operation: `Ok` for no principal (the
+/// session itself) or the session naming itself; anyone else is refused
+/// with `AccessDenied`, audited with `perm` and no variable. A principal that
+/// is empty or longer than [`MAX_PRINCIPAL_BYTES`] is `bad_principal`.
+pub fn authorize_session(
+    session: &Session,
+    principal: Option<&str>,
+    perm: Permission,
+) -> Result<()> {
+    match principal {
+        None => Ok(()),
+        Some(p) if p.is_empty() || p.len() > MAX_PRINCIPAL_BYTES => {
+            Err(Error::invalid_arg("bad_principal"))
+        }
+        Some(p) if p == &*session.id => Ok(()),
+        Some(p) => {
+            session
+                .audit_ring()
+                .record(AuditEvent::Denied, Some(p), None, Some(perm));
+            Err(Error::AccessDenied)
+        }
+    }
+}
+
 /// Checks `rules` without keeping them: `Ok` or the reason they are invalid.
 pub fn validate(rules: &Value) -> Result<()> {
     compile(rules).map(drop)
@@ -443,6 +476,36 @@ mod tests {
             ("permissions", perms(ps)),
             ("conditions", map(conditions)),
         ])
+    }
+
+    #[test]
+    fn session_operations_are_reserved_to_the_session() {
+        use crate::audit::AuditEvent;
+        use crate::limits::Limits;
+        use crate::session::SessionOpts;
+
+        let s = Session::new("s1".into(), SessionOpts::default(), Limits::default());
+        assert_eq!(authorize_session(&s, None, Read), Ok(()));
+        assert_eq!(authorize_session(&s, Some("s1"), Read), Ok(()));
+        assert!(s.audit_log(10).is_empty());
+
+        assert_eq!(
+            authorize_session(&s, Some("s10"), Read),
+            Err(Error::AccessDenied)
+        );
+        let long = "x".repeat(MAX_PRINCIPAL_BYTES + 1);
+        for bad in ["", long.as_str()] {
+            assert_eq!(
+                authorize_session(&s, Some(bad), Read),
+                Err(Error::invalid_arg("bad_principal"))
+            );
+        }
+        let log = s.audit_log(10);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].event, AuditEvent::Denied);
+        assert_eq!(log[0].principal.as_deref(), Some("s10"));
+        assert_eq!(log[0].variable, None);
+        assert_eq!(log[0].permission, Some(Read));
     }
 
     /// The seed's variable: owned by "owner_session", readable by anyone,

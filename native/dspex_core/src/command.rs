@@ -25,6 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl;
 use crate::audit::{self, AuditEntry};
 use crate::caller::{Caller, Permission};
 use crate::error::{Error, Result};
@@ -223,6 +224,15 @@ pub enum Command {
         #[serde(default)]
         context: Option<Value>,
     },
+    /// The guard of a session-level operation (information, diagnostics,
+    /// export, audit log, deletion), see [`acl::authorize_session`]: `:ok`,
+    /// or `{:error, :access_denied}` (audited) for anyone but the session.
+    AclAuthorizeSession {
+        session: String,
+        permission: Value,
+        #[serde(default)]
+        principal: Option<String>,
+    },
     /// `{:ok, [entry]}` newest first, see [`audit_entry_value`].
     AclAuditLog {
         session: String,
@@ -357,6 +367,7 @@ impl Command {
             Command::AclSetRules { .. } => "acl_set_rules",
             Command::AclCheck { .. } => "acl_check",
             Command::AclAuthorize { .. } => "acl_authorize",
+            Command::AclAuthorizeSession { .. } => "acl_authorize_session",
             Command::AclAuditLog { .. } => "acl_audit_log",
         }
     }
@@ -681,6 +692,17 @@ impl Store {
                 let (ident, perm) = (ident_text(&ident)?, permission_of(&permission)?);
                 self.with_session(&session, |s| s.authorize(ident, &caller, perm))?
                     .map(|_| Done)
+            }
+            Command::AclAuthorizeSession {
+                session,
+                permission,
+                principal,
+            } => {
+                let perm = permission_of(&permission)?;
+                self.with_session(&session, |s| {
+                    acl::authorize_session(s, principal.as_deref(), perm)
+                })?
+                .map(|_| Done)
             }
             Command::AclAuditLog { session, limit } => {
                 let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -1033,6 +1055,45 @@ mod tests {
             principal: None,
             context: None,
         }
+    }
+
+    #[test]
+    fn session_operations_are_reserved_to_the_session() {
+        let store = Store::new();
+        run(&store, create("s"));
+        let guard = |principal: Option<&str>| Command::AclAuthorizeSession {
+            session: "s".into(),
+            permission: Value::atom("read"),
+            principal: principal.map(Into::into),
+        };
+        assert_eq!(run(&store, guard(None)), Value::atom("ok"));
+        assert_eq!(run(&store, guard(Some("s"))), Value::atom("ok"));
+        assert_eq!(
+            run(&store, guard(Some("other"))),
+            err(Value::atom("access_denied"))
+        );
+        let log = run(
+            &store,
+            Command::AclAuditLog {
+                session: "s".into(),
+                limit: None,
+            },
+        );
+        let Value::Tuple(parts) = log else {
+            panic!("not a tuple")
+        };
+        let Value::List(entries) = &parts[1] else {
+            panic!("not a list")
+        };
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].get("principal"), Some(&Value::str("other")));
+        assert_eq!(entries[0].get("variable"), Some(&Value::Nil));
+        let missing = Command::AclAuthorizeSession {
+            session: "nope".into(),
+            permission: Value::atom("read"),
+            principal: Some("other".into()),
+        };
+        assert_eq!(run(&store, missing), err(Value::atom("session_not_found")));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! still allowed once the lock has moved on.
 //!
 //! A [`LockTable`] maps any key (the NIF uses the external term format of an
-//! Erlang term, so strings, atoms and `{session_id, var_id}` tuples all work)
+//! Erlang term, so strings, atoms and tuples all work)
 //! to at most one holder and a FIFO queue of waiters. Every grant carries a
 //! *fencing token*. Optimizers report progress, which the table keeps per
 //! optimizer along with its best result; the iteration count drives the

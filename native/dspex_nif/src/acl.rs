@@ -14,7 +14,7 @@ use rustler::{Atom, Binary, Encoder, Env, MapIterator, Term};
 use crate::atoms;
 use crate::error::{error, unit_or};
 use crate::store::store;
-use crate::term::{decode_sid, decode_value, encode_value, ident_text};
+use crate::term::{decode_principal, decode_sid, decode_value, encode_value, ident_text};
 use crate::variable::with_session;
 
 /// Rules as a value; oversized input is an invalid rule list, not a value error.
@@ -85,6 +85,26 @@ fn authorize<'a>(
         let perm = decode_permission(permission)?;
         s.authorize(&ident_text(ident)?, caller, perm)
     });
+    unit_or(env, r)
+}
+
+/// The guard of a session-level operation (information, diagnostics,
+/// export, audit log, deletion): `:ok` for the session itself, else
+/// `{:error, :access_denied}`, audited.
+#[rustler::nif(name = "acl_authorize_session")]
+fn authorize_session<'a>(
+    env: Env<'a>,
+    sid: Term<'a>,
+    principal: Term<'a>,
+    permission: Term<'a>,
+) -> Term<'a> {
+    let r = (|| {
+        let perm = decode_permission(permission)?;
+        let principal = decode_principal(principal)?;
+        store().with_session(decode_sid(sid)?, |s| {
+            acl::authorize_session(s, principal, perm)
+        })?
+    })();
     unit_or(env, r)
 }
 

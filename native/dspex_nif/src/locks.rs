@@ -37,9 +37,10 @@ use crate::term::{
 
 /// A key in the external term format, or in a shorter form for the common
 /// shapes, which skip encoding: `b"b" ++ bytes` for a binary, and
-/// `b"p" ++ len(a) as u32 ++ a ++ b` for a pair of binaries (a session
-/// variable's `{session_id, var_id}`). No external term starts with `b` or
-/// `p`, so the forms never collide.
+/// `b"p" ++ len(a) as u32 ++ a ++ b` for a pair of binaries. No external
+/// term starts with `b` or `p`, so the forms never collide. (A session
+/// variable's lock is `{:dspex_session, session_id, var_id}`, a form the
+/// coordinator refuses as a raw key, so no raw key reaches it.)
 type Key = Arc<[u8]>;
 type Table = LockTable<Key, Owner>;
 type Effects = dspex_core::locks::Effects<Key, Owner>;

@@ -1,7 +1,8 @@
 defmodule DSPex.Bridge.AccessControlTest do
   use ExUnit.Case, async: true
 
-  use DSPex.Bridge.Conformance, cases: [DSPex.Bridge.Conformance.AccessControlCases]
+  use DSPex.Bridge.Conformance,
+    cases: [DSPex.Bridge.Conformance.AccessControlCases, DSPex.Bridge.Conformance.SessionAclCases]
 
   alias DSPex.Bridge.{AccessControl, SessionStore}
 

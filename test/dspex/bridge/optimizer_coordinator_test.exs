@@ -376,7 +376,7 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       assert {:error, {:invalid_argument, {:unknown_options, [:bogus]}}} =
                acquire.("o", self(), bogus: 1)
 
-      assert {:error, {:invalid_argument, {:options, :not_a_list}}} =
+      assert {:error, {:invalid_argument, {:bad_options, :not_a_list}}} =
                acquire.("o", self(), :not_a_list)
 
       assert {:error, :session_not_found} = acquire.("o", self(), session_id: "no-such-session")
@@ -568,7 +568,9 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
 
       assert %{optimizing: true, optimizer_id: ^o1, optimizer_pid: pid, token: ^t1} = status
       assert pid == self()
-      assert {:ok, %{keys: [{^sid, ^id}]}} = OptimizerCoordinator.get_optimization_status(o1)
+
+      assert {:ok, %{keys: [{:dspex_session, ^sid, ^id}]}} =
+               OptimizerCoordinator.get_optimization_status(o1)
 
       assert {:error, {:locked_by, ^o1}} = SessionStore.update_variable(sid, :temperature, 0.7)
       assert {:error, {:locked_by, ^o1}} = SessionStore.delete_variable(sid, :temperature)
@@ -591,6 +593,31 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
       assert {:error, :not_optimizing} = SessionStore.stop_optimization(sid, :temperature)
       assert :ok = SessionStore.update_variable(sid, :temperature, 1.0)
       assert 1.0 == SessionStore.get_variable_value(sid, :temperature)
+    end
+
+    test "a raw {sid, id} key reaches neither the holder, its token nor the write fence",
+         %{sid: sid, id: id} do
+      {:ok, %{optimizer_id: o, token: token}} =
+        SessionStore.start_optimization(sid, :temperature, self())
+
+      assert {:error, :not_locked} = OptimizerCoordinator.get_lock_info({sid, id})
+      assert {:error, :not_lock_owner} = OptimizerCoordinator.release_lock({sid, id}, o)
+      assert {:error, {:locked_by, ^o}} = SessionStore.update_variable(sid, :temperature, 0.1)
+
+      assert {:ok, %{optimizer_id: ^o, token: ^token}} =
+               OptimizerCoordinator.get_lock_info(:temperature, session_id: sid)
+
+      # A raw lock taken on the same pair is its own lock: no fence, no squat.
+      :ok = SessionStore.stop_optimization(sid, :temperature, optimizer_id: o)
+      assert {:ok, :lock_acquired} = OptimizerCoordinator.acquire_lock({sid, id}, "sq", self())
+      assert :ok = SessionStore.update_variable(sid, :temperature, 0.2)
+
+      assert {:ok, %{optimizer_id: o2}} =
+               SessionStore.start_optimization(sid, :temperature, self())
+
+      assert {:error, {:locked_by, ^o2}} = SessionStore.update_variable(sid, :temperature, 0.3)
+      :ok = SessionStore.stop_optimization(sid, :temperature, optimizer_id: o2)
+      :ok = OptimizerCoordinator.release_lock({sid, id}, "sq")
     end
 
     test "fencing: a preempted holder's token is stale", %{sid: sid} do

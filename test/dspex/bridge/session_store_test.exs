@@ -1,9 +1,10 @@
 defmodule DSPex.Bridge.SessionStoreTest do
   # Every SessionStore case, once per backend: see DSPex.Bridge.Conformance
-  # and test/support/conformance/session_store_cases.ex.
+  # test/support/conformance/session_store_cases.ex and batch_cases.ex.
   use ExUnit.Case, async: true
 
-  use DSPex.Bridge.Conformance, cases: [DSPex.Bridge.Conformance.SessionStoreCases]
+  use DSPex.Bridge.Conformance,
+    cases: [DSPex.Bridge.Conformance.SessionStoreCases, DSPex.Bridge.Conformance.BatchCases]
 
   doctest DSPex.Bridge.SessionStore
 end

@@ -200,7 +200,7 @@ defmodule DSPex.Bridge.Conformance.AccessControlCases do
     assert length(log) == 3
     assert [%{event: :denied, principal: "reader", permission: :read, seq: 6} | _] = log
     assert [%DateTime{} | _] = Enum.map(log, & &1.at)
-    assert [%{principal: "p5"}] = AccessControl.audit_log(sid, principal: "p5")
+    assert [%{principal: "p5"}] = AccessControl.audit_log(sid, by: "p5")
     assert [_] = AccessControl.audit_log(sid, limit: 1)
 
     # Allowed operations leave no entry; rule changes do.

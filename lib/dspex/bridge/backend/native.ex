@@ -98,6 +98,15 @@ defmodule DSPex.Bridge.Backend.Native do
 
   @impl true
   def audit_log(sid, limit), do: Native.acl_audit_log(sid, limit)
+
+  @doc """
+  The guard of a session-level operation: `:ok` for the session itself (no
+  principal, or the session's id), else `{:error, :access_denied}`, audited.
+  """
+  @spec authorize_session(String.t(), String.t() | nil, atom) :: :ok | {:error, term}
+  def authorize_session(sid, principal, permission),
+    do: Native.acl_authorize_session(sid, principal, permission)
+
   # Most inserts need a small search and run on the caller's scheduler; the
   # engine says when one does not, and it is redone on a dirty scheduler.
   @impl true

@@ -206,6 +206,25 @@ defmodule DSPex.Bridge.Backend.Router do
   @impl true
   def audit_log(sid, limit), do: routed(:audit_log, [sid, limit])
 
+  @doc """
+  The guard of a session-level operation (see
+  `DSPex.Bridge.AccessControl.authorize_session/3`), made by the engine
+  holding the session: `:ok`, or `{:error, :access_denied}` (audited) for a
+  principal other than the session.
+  """
+  @spec authorize_session(String.t(), String.t() | nil, atom) :: :ok | {:error, term}
+  def authorize_session(sid, principal, permission) do
+    case Native.authorize_session(sid, principal, permission) do
+      {:error, :session_not_found} = miss ->
+        on_port(miss, sid, fn ->
+          Port.request("acl_authorize_session", [sid, permission, principal])
+        end)
+
+      result ->
+        result
+    end
+  end
+
   @impl true
   def graph_add_edge(sid, from, to, type, principal),
     do: routed(:graph_add_edge, [sid, from, to, type, principal])
