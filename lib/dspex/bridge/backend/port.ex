@@ -22,9 +22,10 @@ defmodule DSPex.Bridge.Backend.Port do
     imports, registers, sets, rolls back, changes rules or edges, sweeps):
     the request may still be waiting in the pipe or running, so the write may
     or may not take effect later. Read the state back before retrying. The
-    caller never exits. A session whose create or delete ended so keeps its
-    id claimed by the port (reads answer `{:error, :session_not_found}` if it
-    was never created); `delete_session/1` releases it.
+    caller never exits. A create or delete that timed out leaves the id
+    claimed by the port, so a session that does appear is reachable (if it
+    never does, reads answer `{:error, :session_not_found}` and
+    `delete_session/1` releases the id).
   - When the OS process dies, every call in flight returns
     `{:error, :backend_unavailable}` at once. The port's sessions lived in
     that process and are gone; sessions of the NIF backend are untouched.
@@ -85,7 +86,8 @@ defmodule DSPex.Bridge.Backend.Port do
   @max_i64 0x7FFF_FFFF_FFFF_FFFF
 
   # Commands that change the engine's state: past its timeout, whether such a
-  # request took effect is unknown (see "Failure").
+  # request took effect is unknown (see "Failure"). `acl_authorize` only
+  # takes a rate-limit token and audits a refusal: it counts as a read.
   @writes ~w(session_create session_delete session_import session_sweep var_register
              var_set var_set_many var_rollback var_delete acl_set_rules graph_add_edge
              graph_remove_edge graph_clear)

@@ -165,10 +165,10 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert {:ok, _} = SessionStore.register_variable(port_sid, :y, :integer, 7)
       assert SessionStore.get_variable_value(port_sid, :y) == 7
 
-      # Leave the backoff reset for later tests: one death of a program that
-      # ran for longer than the longest delay starts the count again.
-      restart_delays(1, 20)
-      Process.sleep(50)
+      # Leave the backoff reset for later tests: the death of a program that
+      # ran for the longest delay (1 ms here; it has served several calls)
+      # starts the count again.
+      restart_delays(1, 1)
       os_pid = PortBackend.os_pid()
       kill(os_pid, "-9")
       next_start(ref, os_pid)
@@ -284,6 +284,15 @@ defmodule DSPex.Bridge.Backend.PortTest do
         if round == :measured, do: assert(grown < div(n, 10))
       end
     end
+  end
+
+  test "the engine's vocabulary is made of atoms before any reply carries it" do
+    names = Enum.map(PortBackend.engine_atoms(), &Atom.to_string/1)
+    error_rs = File.read!(Path.expand("../../../../native/dspex_core/src/error.rs", __DIR__))
+    kinds = for [_, kind] <- Regex.scan(~r/=> "([a-z_]+)"/, error_rs), uniq: true, do: kind
+    assert length(kinds) > 10
+    assert kinds -- names == []
+    assert ~w(version_not_found session_id updated_at write embedding) -- names == []
   end
 
   defp fresh_name, do: "f" <> Base.encode16(:crypto.strong_rand_bytes(8))
