@@ -673,6 +673,8 @@ defmodule DSPex.Bridge.Backend.Port do
 
     deaths = if lived >= max_delay, do: 1, else: state.deaths + 1
     delay = min(max_delay, min_delay * Bitwise.bsl(1, min(deaths - 1, 32)))
+    # A program that keeps dying (a bad option exits with 2) must show up.
+    Logger.warning("dspex_bridge: port program down (#{deaths} in a row); restart in #{delay} ms")
     Process.send_after(self(), :restart, delay)
     %{state | port: nil, os_pid: nil, started_at: nil, deaths: deaths}
   end
