@@ -19,11 +19,16 @@ defmodule DSPex.Bridge.Application do
 
     children = [
       DSPex.Context.Registry,
-      # The port program may die (that is what it is for); its own supervisor
-      # restarts it without counting against the restarts of everything else.
+      # The port program may die (that is what it is for): the Port server
+      # restarts it with a backoff and never exits for it. Its supervisor only
+      # sees the server's own crashes; should even those exhaust it, it stops
+      # (`:transient`: not restarted, not counted) and the port backend answers
+      # `{:error, :backend_unavailable}` while the rest of the application
+      # runs on.
       %{
         id: DSPex.Bridge.Backend.Port.Supervisor,
         type: :supervisor,
+        restart: :transient,
         start:
           {Supervisor, :start_link,
            [

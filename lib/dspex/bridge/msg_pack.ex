@@ -14,13 +14,19 @@ defmodule DSPex.Bridge.MsgPack do
   `str` when valid UTF-8 and `bin` otherwise; integers must fit in 64 signed
   bits. Terms the engine cannot store are refused with the reason the NIF
   gives for them: `{:invalid_value, :unsupported_term | :integer_out_of_range
-  | :improper_list | :bitstring | :nested_too_deeply}`.
+  | :improper_list | :bitstring | :nested_too_deeply}`. No integer is ever
+  truncated: one outside the range of its encoding is refused.
+
+  Decoding never creates an atom: an atom whose name is not already an atom
+  of the VM comes back as its name, a binary (see `decode/1`), so data can
+  not exhaust the atom table.
   """
 
   @ext_atom 1
   @ext_tuple 2
   # As the NIF's decoder: the outermost term is depth 0, 64 is the deepest.
   @max_depth 64
+  @max_u64 0xFFFF_FFFF_FFFF_FFFF
 
   @type reason :: {:invalid_value, atom} | :invalid_msgpack
 
@@ -47,13 +53,18 @@ defmodule DSPex.Bridge.MsgPack do
   def encode_ident!(atom) when is_atom(atom), do: atom(atom)
   def encode_ident!(other), do: value(other, 0)
 
-  @doc "The MessagePack unsigned integer `n`."
+  @doc """
+  The MessagePack unsigned integer `n`, `0..2**64 - 1`. Throws
+  `{:invalid_value, :integer_out_of_range}` for any other term (never
+  truncates).
+  """
   @spec uint(non_neg_integer) :: binary
-  def uint(n) when n < 0x80, do: <<n>>
-  def uint(n) when n < 0x100, do: <<0xCC, n>>
-  def uint(n) when n < 0x10000, do: <<0xCD, n::16>>
-  def uint(n) when n < 0x100000000, do: <<0xCE, n::32>>
-  def uint(n), do: <<0xCF, n::64>>
+  def uint(n) when is_integer(n) and n >= 0 and n < 0x80, do: <<n>>
+  def uint(n) when is_integer(n) and n >= 0 and n < 0x100, do: <<0xCC, n>>
+  def uint(n) when is_integer(n) and n >= 0 and n < 0x10000, do: <<0xCD, n::16>>
+  def uint(n) when is_integer(n) and n >= 0 and n < 0x100000000, do: <<0xCE, n::32>>
+  def uint(n) when is_integer(n) and n >= 0 and n <= @max_u64, do: <<0xCF, n::64>>
+  def uint(_), do: throw({:invalid_value, :integer_out_of_range})
 
   defp value(nil, _), do: <<0xC0>>
   defp value(false, _), do: <<0xC2>>
@@ -145,8 +156,17 @@ defmodule DSPex.Bridge.MsgPack do
   @doc """
   Decodes one whole MessagePack message. Trailing bytes, truncated input,
   unknown extension types and non-finite floats are `{:error,
-  :invalid_msgpack}`. Atoms are created as needed (the engine only hands
-  back atoms it was given, or read from a snapshot).
+  :invalid_msgpack}`.
+
+  An atom (extension type 1) decodes to that atom only if the VM already has
+  it; otherwise to its name as a binary. Decoding never creates atoms (names
+  come from data: a snapshot, another node, the port program), so no input
+  can fill the atom table. A name that is not UTF-8 is `:invalid_msgpack`.
+
+      iex> DSPex.Bridge.MsgPack.decode(<<0xC7, 15, 1, "never an atom 1">>)
+      {:ok, "never an atom 1"}
+      iex> DSPex.Bridge.MsgPack.decode(<<0xD4, 1, "x">>)
+      {:ok, :x}
   """
   @spec decode(binary) :: {:ok, term} | {:error, :invalid_msgpack}
   def decode(bin) when is_binary(bin) do
@@ -161,9 +181,6 @@ defmodule DSPex.Bridge.MsgPack do
   def decode_prefix(bin) when is_binary(bin) do
     {term, rest} = term(bin)
     {:ok, term, rest}
-  rescue
-    # binary_to_atom/2 on a name that is not UTF-8 or too long
-    ArgumentError -> {:error, :invalid_msgpack}
   catch
     :invalid -> {:error, :invalid_msgpack}
   end
@@ -232,8 +249,8 @@ defmodule DSPex.Bridge.MsgPack do
     {data, rest} = bytes(bin, n)
 
     case type do
-      @ext_atom when n <= 255 ->
-        {:erlang.binary_to_atom(data, :utf8), rest}
+      @ext_atom ->
+        {existing_atom(data), rest}
 
       @ext_tuple ->
         case term(data) do
@@ -244,5 +261,17 @@ defmodule DSPex.Bridge.MsgPack do
       _ ->
         throw(:invalid)
     end
+  end
+
+  # The atom named `name` if the VM has it, else the name itself: never a
+  # new atom. (A name too long for an atom cannot exist and stays a binary.)
+  defp existing_atom(name) do
+    if String.valid?(name), do: lookup_atom(name), else: throw(:invalid)
+  end
+
+  defp lookup_atom(name) do
+    :erlang.binary_to_existing_atom(name, :utf8)
+  rescue
+    ArgumentError -> name
   end
 end

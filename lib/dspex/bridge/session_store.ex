@@ -134,7 +134,11 @@ defmodule DSPex.Bridge.SessionStore do
   or `:port` (the engine in its own OS process, see
   `DSPex.Bridge.Backend.Port`); the default is `config :dspex_bridge,
   backend: :nif | :port`, else `:nif`. The API and its results are the same
-  for both.
+  for both, except that a port call past `config :dspex_bridge,
+  :port_timeout` returns `{:error, :timeout}` if it reads and
+  `{:error, :timeout_unknown_outcome}` if it writes (the write may still take
+  effect), and `{:error, :backend_unavailable}` while the port program
+  restarts.
 
       iex> {:ok, "doc-create"} = DSPex.Bridge.SessionStore.create_session("doc-create")
       iex> DSPex.Bridge.SessionStore.create_session("doc-create")
@@ -213,8 +217,12 @@ defmodule DSPex.Bridge.SessionStore do
     end
   end
 
-  @doc "Ids of all live sessions, sorted."
-  @spec list_sessions() :: [session_id]
+  @doc """
+  Ids of all live sessions, sorted; `{:error, {:partial, %{sessions: ids,
+  missing: :port, reason: reason}}}` when the port backend holds sessions
+  but does not answer (see `DSPex.Bridge.Backend.Router.list_sessions/0`).
+  """
+  @spec list_sessions() :: [session_id] | {:error, {:partial, map}}
   def list_sessions, do: @backend.list_sessions()
 
   @doc """

@@ -78,6 +78,38 @@ defmodule DSPex.Bridge.MsgPackTest do
       assert {:error, :invalid_msgpack} = MsgPack.decode(<<0xCB, 0x7FF0::16, 0::48>>)
     end
 
+    test "an atom the VM does not have decodes to its name, and no atom is created" do
+      names =
+        for len <- [16, 31, 200, 255, 256, 1000] do
+          fresh = "fresh " <> Base.encode16(:crypto.strong_rand_bytes(8))
+          binary_part(String.duplicate(fresh, div(len, byte_size(fresh)) + 1), 0, len)
+        end
+
+      names = ["é" <> Base.encode16(:crypto.strong_rand_bytes(8)) | names]
+
+      for name <- names do
+        ext = IO.iodata_to_binary([<<0xC9, byte_size(name)::32, 1>>, name])
+        assert MsgPack.decode(ext) == {:ok, name}
+        assert MsgPack.decode(<<0x81, ext::binary, ext::binary>>) == {:ok, %{name => name}}
+        assert_raise ArgumentError, fn -> :erlang.binary_to_existing_atom(name, :utf8) end
+      end
+    end
+
+    test "an atom the VM has decodes to the atom, whatever its byte length" do
+      # Characters, not bytes, bound an atom's name: 200 "é" are 400 bytes.
+      long = String.to_atom(String.duplicate("é", 200))
+      assert round_trip(long) == {:ok, long}
+      assert round_trip(%{long => [long]}) == {:ok, %{long => [long]}}
+    end
+
+    test "uint/1 refuses what does not fit in 64 unsigned bits instead of truncating" do
+      assert MsgPack.uint(2 ** 64 - 1) == <<0xCF, 2 ** 64 - 1::64>>
+
+      for n <- [2 ** 64, 2 ** 64 + 1, 2 ** 200, -1, 1.0] do
+        assert catch_throw(MsgPack.uint(n)) == {:invalid_value, :integer_out_of_range}
+      end
+    end
+
     test "random bytes never raise" do
       for _ <- 1..2_000 do
         bin = :crypto.strong_rand_bytes(:rand.uniform(64))

@@ -17,23 +17,48 @@ defmodule DSPex.Bridge.Backend.Port do
   ## Failure
 
   - A call that gets no answer within its timeout (default 5 s, config
-    `:port_timeout`) returns `{:error, :timeout}`; the caller never exits.
+    `:port_timeout`) returns `{:error, :timeout}` if it only reads, and
+    `{:error, :timeout_unknown_outcome}` if it writes (creates, deletes,
+    imports, registers, sets, rolls back, changes rules or edges, sweeps):
+    the request may still be waiting in the pipe or running, so the write may
+    or may not take effect later. Read the state back before retrying. The
+    caller never exits. A create or delete that timed out leaves the id
+    claimed by the port, so a session that does appear is reachable (if it
+    never does, reads answer `{:error, :session_not_found}` and
+    `delete_session/1` releases the id).
   - When the OS process dies, every call in flight returns
-    `{:error, :backend_unavailable}` at once, the server stops and its
-    supervisor starts a fresh port program. The port's sessions lived in that
-    process and are gone; sessions of the NIF backend are untouched. Calls
-    made while it restarts return `{:error, :backend_unavailable}`.
+    `{:error, :backend_unavailable}` at once. The port's sessions lived in
+    that process and are gone; sessions of the NIF backend are untouched.
+    This server stays up and starts a fresh program after a delay that
+    doubles with each death in a row (`min_restart_delay_ms`, default 10,
+    up to `max_restart_delay_ms`, default 5 000; a program that ran for the
+    longest delay starts the count again). Calls made meanwhile return
+    `{:error, :backend_unavailable}` at once. However often the program
+    dies, this server does not exit for it, so a crash loop never reaches
+    the application's supervisor.
   - Bad frames never reach the program from here; the program answers those
     it gets from elsewhere with `{:error, {:bad_request, _}}` and carries on.
+  - No integer is truncated on the way: an argument outside the range the
+    NIF accepts gets the NIF's error (`expected_version` beyond 64 unsigned
+    bits `{:error, {:invalid_argument, :expected_non_negative_integer}}`, a
+    rollback version beyond them `{:error, :version_not_found}`, a history
+    or audit limit beyond 63 bits `{:error, {:invalid_argument, :bad_limit}}`,
+    values `{:error, {:invalid_value, :integer_out_of_range}}`).
+  - Replies never create atoms: an atom name the VM does not know comes back
+    as a binary (`DSPex.Bridge.MsgPack.decode/1`). The engine's own
+    vocabulary (reasons, keys, types) exists as atoms once this module is
+    loaded.
 
   ## Configuration
 
       config :dspex_bridge,
         port_timeout: 5_000,               # per call, milliseconds
-        port: [max_frame_bytes: 64 * 1024 * 1024, workers: 2]
+        port: [max_frame_bytes: 64 * 1024 * 1024, workers: 2,
+               min_restart_delay_ms: 10, max_restart_delay_ms: 5_000]
 
   The store limits (`config :dspex_bridge, limits: ...`) apply to both
-  backends. Telemetry: `[:dspex, :bridge, :port, :started | :exited]`.
+  backends. The restart delays are read at each restart. Telemetry:
+  `[:dspex, :bridge, :port, :started | :exited]`.
 
   ## Wire format
 
@@ -57,6 +82,28 @@ defmodule DSPex.Bridge.Backend.Port do
     max_history: "--max-history",
     max_snapshot_bytes: "--max-snapshot-bytes"
   ]
+  @max_u64 0xFFFF_FFFF_FFFF_FFFF
+  @max_i64 0x7FFF_FFFF_FFFF_FFFF
+
+  # Commands that change the engine's state: past its timeout, whether such a
+  # request took effect is unknown (see "Failure"). `acl_authorize` only
+  # takes a rate-limit token and audits a refusal: it counts as a read.
+  @writes ~w(session_create session_delete session_import session_sweep var_register
+             var_set var_set_many var_rollback var_delete acl_set_rules graph_add_edge
+             graph_remove_edge graph_clear)
+
+  # Every atom the engine can put in a reply (error reasons, map keys, type
+  # and permission names) is a string literal of its sources. Listing them
+  # here makes them atoms when this module loads, so replies decode them as
+  # atoms although decoding never creates one (`MsgPack.decode/1`).
+  @engine_files Path.wildcard(Path.expand("../../../../native/dspex_core/src/**/*.rs", __DIR__))
+  for file <- @engine_files, do: @external_resource(file)
+
+  @engine_atoms for file <- @engine_files,
+                    code = file |> File.read!() |> String.split("#[cfg(test)]") |> hd(),
+                    [_, name] <- Regex.scan(~r/"([a-z_][a-z0-9_]*)"/, code),
+                    uniq: true,
+                    do: String.to_atom(name)
 
   ## Lifecycle
 
@@ -69,7 +116,10 @@ defmodule DSPex.Bridge.Backend.Port do
     GenServer.start_link(__MODULE__, opts, name: Keyword.get(opts, :name, __MODULE__))
   end
 
-  @doc "A child spec for a supervisor that restarts the server when the program dies."
+  @doc """
+  A child spec. The server outlives the program (it restarts it itself), so
+  its supervisor only sees the server's own failures.
+  """
   @spec child_spec(keyword) :: Supervisor.child_spec()
   def child_spec(opts) do
     %{id: __MODULE__, start: {__MODULE__, :start_link, [opts]}, restart: :permanent}
@@ -79,12 +129,24 @@ defmodule DSPex.Bridge.Backend.Port do
   @spec executable() :: Path.t()
   def executable, do: Path.join(:code.priv_dir(:dspex_bridge), "native/dspex_port")
 
-  @doc "The OS pid of the running port program, or `nil`."
+  @doc false
+  # The engine's vocabulary, as atoms (see @engine_atoms).
+  def engine_atoms, do: @engine_atoms
+
+  @doc "The OS pid of the running port program, or `nil` while it is down."
   @spec os_pid() :: non_neg_integer | nil
   def os_pid do
     GenServer.call(__MODULE__, :os_pid)
   catch
     :exit, _ -> nil
+  end
+
+  @doc "True if the port backend holds any session (one `:ets` lookup)."
+  @spec owns_any?() :: boolean
+  def owns_any? do
+    :ets.first(@sessions) != :"$end_of_table"
+  rescue
+    ArgumentError -> false
   end
 
   @doc "True if `sid` is a session of the port backend (one `:ets` lookup)."
@@ -99,7 +161,9 @@ defmodule DSPex.Bridge.Backend.Port do
   @doc """
   Sends one command and waits for its result: `:ok`, `{:ok, value}` or
   `{:error, reason}`. `args` are encoded in the order the command declares
-  them (`command.rs`); trailing optional ones may be left off.
+  them (`command.rs`); trailing optional ones may be left off. Past
+  `timeout`, `{:error, :timeout}`, or `{:error, :timeout_unknown_outcome}`
+  for a command that writes.
 
       DSPex.Bridge.Backend.Port.request("session_list", [])
       #=> {:ok, ["p1"]}
@@ -129,7 +193,8 @@ defmodule DSPex.Bridge.Backend.Port do
           ]
         end)
 
-      if result != :ok, do: release(sid)
+      # Past its timeout the session may yet be created: keep the id.
+      if result not in [:ok, {:error, :timeout_unknown_outcome}], do: release(sid)
       result
     end
   end
@@ -141,18 +206,36 @@ defmodule DSPex.Bridge.Backend.Port do
   @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
   def session_memory(sid), do: call("session_memory", fn -> [sid!(sid)] end)
 
+  @doc """
+  Deletes a session. An id the program does not have (it expired, or a
+  create timed out and never happened) is released too, so it can be used
+  again.
+  """
   @impl DSPex.Bridge.Backend
   def delete_session(sid) do
-    with :ok <- call("session_delete", fn -> [sid!(sid)] end) do
-      release(sid)
+    case call("session_delete", fn -> [sid!(sid)] end) do
+      :ok ->
+        release(sid)
+
+      {:error, :session_not_found} = error ->
+        release(sid)
+        error
+
+      error ->
+        error
     end
   end
 
+  @doc """
+  Ids of the program's live sessions, or `{:error, reason}` when it does not
+  answer (`:timeout`, `:backend_unavailable`): never a silently empty list.
+  """
   @impl DSPex.Bridge.Backend
+  @spec list_sessions() :: [String.t()] | {:error, term}
   def list_sessions do
     case call("session_list", fn -> [] end) do
       {:ok, ids} -> ids
-      {:error, _} -> []
+      {:error, _} = error -> error
     end
   end
 
@@ -179,6 +262,9 @@ defmodule DSPex.Bridge.Backend.Port do
         {:ok, sid} = ok ->
           :ets.insert(@sessions, {sid})
           ok
+
+        {:error, :timeout_unknown_outcome} = error ->
+          error
 
         error ->
           if new_id, do: release(new_id)
@@ -252,19 +338,20 @@ defmodule DSPex.Bridge.Backend.Port do
     end)
   end
 
+  # As the NIF: the session and the caller are checked before the version,
+  # and a version that is not a 64-bit unsigned integer is not found.
   @impl DSPex.Bridge.Backend
-  def rollback(sid, ident, version, principal) when is_integer(version) and version >= 0 do
+  def rollback(sid, ident, version, principal) do
     call("var_rollback", fn ->
-      [
-        sid!(sid),
-        MsgPack.encode_ident!(ident),
-        MsgPack.uint(version),
-        MsgPack.encode!(nil) | caller!(principal)
-      ]
+      sid = sid!(sid)
+      caller = caller!(principal)
+
+      unless is_integer(version) and version >= 0 and version <= @max_u64,
+        do: throw(:version_not_found)
+
+      [sid, MsgPack.encode_ident!(ident), MsgPack.uint(version), MsgPack.encode!(nil) | caller]
     end)
   end
-
-  def rollback(_sid, _ident, _version, _principal), do: {:error, :version_not_found}
 
   @impl DSPex.Bridge.Backend
   def delete_variable(sid, ident, principal) do
@@ -386,6 +473,7 @@ defmodule DSPex.Bridge.Backend.Port do
   catch
     {:invalid_value, _} = reason -> {:error, reason}
     {:invalid_argument, _} = reason -> {:error, reason}
+    :version_not_found -> {:error, :version_not_found}
   end
 
   defp send_command(command, args, timeout) do
@@ -402,6 +490,7 @@ defmodule DSPex.Bridge.Backend.Port do
         error
     end
   catch
+    :exit, {:timeout, _} when command in @writes -> {:error, :timeout_unknown_outcome}
     :exit, {:timeout, _} -> {:error, :timeout}
     :exit, _ -> {:error, :backend_unavailable}
   end
@@ -460,10 +549,11 @@ defmodule DSPex.Bridge.Backend.Port do
   defp permission!(p) when is_atom(p), do: MsgPack.encode_ident!(p)
 
   defp expected!(nil), do: <<0xC0>>
-  defp expected!(n) when is_integer(n) and n >= 0, do: MsgPack.uint(n)
+  # The NIF's ranges: u64 for versions, i64 for limits.
+  defp expected!(n) when is_integer(n) and n >= 0 and n <= @max_u64, do: MsgPack.uint(n)
   defp expected!(_), do: throw({:invalid_argument, :expected_non_negative_integer})
 
-  defp limit!(n) when is_integer(n) and n >= 0, do: MsgPack.uint(n)
+  defp limit!(n) when is_integer(n) and n >= 0 and n <= @max_i64, do: MsgPack.uint(n)
   defp limit!(_), do: throw({:invalid_argument, :bad_limit})
 
   defp type!(type) when is_atom(type), do: MsgPack.encode_ident!(type)
@@ -508,6 +598,11 @@ defmodule DSPex.Bridge.Backend.Port do
 
   ## Server
 
+  # The server owns the program: when it dies the server answers
+  # `:backend_unavailable` and starts another after a backoff; it never
+  # exits because the program did (a crash loop must not reach the
+  # supervisors above it).
+
   @impl GenServer
   def init(opts) do
     Process.flag(:trap_exit, true)
@@ -516,28 +611,76 @@ defmodule DSPex.Bridge.Backend.Port do
     path = executable()
 
     if File.exists?(path) do
-      port =
-        Port.open({:spawn_executable, path}, [
-          :binary,
-          {:packet, 4},
-          :exit_status,
-          args: args(config)
-        ])
+      state = %{
+        path: path,
+        args: args(config),
+        opts: opts,
+        port: nil,
+        os_pid: nil,
+        started_at: nil,
+        deaths: 0,
+        next_id: 1,
+        pending: %{}
+      }
 
-      {:os_pid, os_pid} = Port.info(port, :os_pid)
-
-      Telemetry.execute(
-        [:dspex, :bridge, :port, :started],
-        %{system_time: System.system_time()},
-        %{os_pid: os_pid}
-      )
-
-      {:ok, %{port: port, os_pid: os_pid, next_id: 1, pending: %{}}}
+      {:ok, spawn_program(state)}
     else
       Logger.warning("dspex_bridge: #{path} is missing; the port backend is not started")
       :ignore
     end
   end
+
+  defp spawn_program(state) do
+    port =
+      Port.open({:spawn_executable, state.path}, [
+        :binary,
+        {:packet, 4},
+        :exit_status,
+        args: state.args
+      ])
+
+    # No os_pid: the program is already gone, and its exit is on its way.
+    os_pid =
+      case Port.info(port, :os_pid) do
+        {:os_pid, os_pid} -> os_pid
+        nil -> nil
+      end
+
+    Telemetry.execute(
+      [:dspex, :bridge, :port, :started],
+      %{system_time: System.system_time()},
+      %{os_pid: os_pid}
+    )
+
+    %{state | port: port, os_pid: os_pid, started_at: System.monotonic_time(:millisecond)}
+  rescue
+    # Out of processes or file descriptors, say: try again later.
+    e in [ErlangError, ArgumentError] ->
+      Logger.warning("dspex_bridge: cannot start the port program: #{Exception.message(e)}")
+      schedule_restart(state)
+  end
+
+  # The delay before the next start doubles with each death in a row, from
+  # `min_restart_delay_ms` to `max_restart_delay_ms`; a program that ran at
+  # least the longest delay starts the count again.
+  defp schedule_restart(state) do
+    config = Keyword.merge(Application.get_env(:dspex_bridge, :port, []), state.opts)
+    min_delay = positive(config[:min_restart_delay_ms], 10)
+    max_delay = max(positive(config[:max_restart_delay_ms], 5_000), min_delay)
+
+    lived =
+      if state.started_at, do: System.monotonic_time(:millisecond) - state.started_at, else: 0
+
+    deaths = if lived >= max_delay, do: 1, else: state.deaths + 1
+    delay = min(max_delay, min_delay * Bitwise.bsl(1, min(deaths - 1, 32)))
+    # A program that keeps dying (a bad option exits with 2) must show up.
+    Logger.warning("dspex_bridge: port program down (#{deaths} in a row); restart in #{delay} ms")
+    Process.send_after(self(), :restart, delay)
+    %{state | port: nil, os_pid: nil, started_at: nil, deaths: deaths}
+  end
+
+  defp positive(n, _default) when is_integer(n) and n > 0, do: n
+  defp positive(_, default), do: default
 
   defp args(config) do
     limits = Keyword.get(config, :limits) || Application.get_env(:dspex_bridge, :limits, %{})
@@ -560,6 +703,9 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl GenServer
+  def handle_call({:request, _frame}, _from, %{port: nil} = state),
+    do: {:reply, {:error, :backend_unavailable}, state}
+
   def handle_call({:request, frame}, from, %{port: port, next_id: id} = state) do
     Port.command(port, [0x92, MsgPack.uint(id) | frame])
     {:noreply, %{state | next_id: id + 1, pending: Map.put(state.pending, id, from)}}
@@ -588,20 +734,24 @@ defmodule DSPex.Bridge.Backend.Port do
     end
   end
 
-  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) when is_port(port) do
     exited(state, status)
   end
 
   # Writing to a program that was just killed can close the port (epipe)
   # first; the port is then gone and no exit status will follow.
-  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
+  def handle_info({:EXIT, port, _reason}, %{port: port} = state) when is_port(port) do
     exited(state, nil)
   end
+
+  def handle_info(:restart, %{port: nil} = state), do: {:noreply, spawn_program(state)}
 
   def handle_info(_other, state), do: {:noreply, state}
 
   defp exited(state, status) do
     fail_pending(state)
+    # The program's sessions died with it.
+    :ets.delete_all_objects(@sessions)
 
     Telemetry.execute(
       [:dspex, :bridge, :port, :exited],
@@ -609,7 +759,7 @@ defmodule DSPex.Bridge.Backend.Port do
       %{os_pid: state.os_pid, status: status}
     )
 
-    {:stop, {:shutdown, {:port_exited, status}}, %{state | pending: %{}, port: nil}}
+    {:noreply, schedule_restart(%{state | pending: %{}})}
   end
 
   @impl GenServer

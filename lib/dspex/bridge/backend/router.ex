@@ -118,8 +118,30 @@ defmodule DSPex.Bridge.Backend.Router do
   @impl true
   def import_session(snapshot, new_id), do: import_session(snapshot, new_id, nil)
 
+  @doc """
+  Ids of every live session, sorted. The port is asked only when it holds
+  sessions. If it holds some and does not answer, the result is
+  `{:error, {:partial, %{sessions: nif_ids, missing: :port, reason: reason}}}`
+  (`reason` `:timeout` or `:backend_unavailable`): the NIF's sessions, and
+  an explicit note that the port's are left out.
+  """
   @impl true
-  def list_sessions, do: Enum.sort(Native.list_sessions() ++ Port.list_sessions())
+  @spec list_sessions() :: [String.t()] | {:error, {:partial, map}}
+  def list_sessions do
+    nif = Native.list_sessions()
+
+    if Port.owns_any?() do
+      case Port.list_sessions() do
+        ids when is_list(ids) ->
+          Enum.sort(nif ++ ids)
+
+        {:error, reason} ->
+          {:error, {:partial, %{sessions: Enum.sort(nif), missing: :port, reason: reason}}}
+      end
+    else
+      Enum.sort(nif)
+    end
+  end
 
   @impl true
   def sweep_expired, do: Native.sweep_expired() ++ Port.sweep_expired()

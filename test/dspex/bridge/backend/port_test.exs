@@ -123,6 +123,226 @@ defmodule DSPex.Bridge.Backend.PortTest do
     end
   end
 
+  describe "a crash loop" do
+    test "84 kill -9 in a row never reach the application; calls fail fast meanwhile; it comes back" do
+      app = Process.whereis(DSPex.Bridge.Supervisor)
+      port_sup = Process.whereis(DSPex.Bridge.Backend.Port.Supervisor)
+      server = Process.whereis(PortBackend)
+      ref = TelemetryHelper.attach([[:dspex, :bridge, :port, :started]])
+      nif_sid = session(:nif)
+      {:ok, _} = SessionStore.register_variable(nif_sid, :x, :integer, 0)
+
+      # Quick restarts, so 84 of them take a moment (the default backoff
+      # would stretch them over minutes).
+      restart_delays(1, 20)
+
+      Enum.reduce(1..84, PortBackend.os_pid(), fn i, os_pid ->
+        kill(os_pid, "-9")
+        :ok = SessionStore.update_variable(nif_sid, :x, i)
+        next_start(ref, os_pid)
+      end)
+
+      assert Process.whereis(DSPex.Bridge.Supervisor) == app
+      assert Process.whereis(DSPex.Bridge.Backend.Port.Supervisor) == port_sup
+      # The server owns the program and outlived every one of them.
+      assert Process.whereis(PortBackend) == server
+      assert SessionStore.get_variable_value(nif_sid, :x) == 84
+
+      # A long outage: while the program is down, calls are answered at once
+      # (well inside the 5 s call timeout) and the backend has no pid.
+      restart_delays(2_000, 2_000)
+      os_pid = PortBackend.os_pid()
+      kill(os_pid, "-9")
+      sid = "crash_loop_#{System.unique_integer([:positive])}"
+      assert {:error, :backend_unavailable} = SessionStore.create_session(sid, backend: :port)
+      assert {:error, :backend_unavailable} = PortBackend.request("session_list", [])
+      assert PortBackend.os_pid() == nil
+      refute sid in SessionStore.list_sessions()
+
+      # And then it is back.
+      next_start(ref, os_pid, 10_000)
+      port_sid = session(:port)
+      assert {:ok, _} = SessionStore.register_variable(port_sid, :y, :integer, 7)
+      assert SessionStore.get_variable_value(port_sid, :y) == 7
+
+      # Leave the backoff reset for later tests: the death of a program that
+      # ran for the longest delay (1 ms here; it has served several calls)
+      # starts the count again.
+      restart_delays(1, 1)
+      os_pid = PortBackend.os_pid()
+      kill(os_pid, "-9")
+      next_start(ref, os_pid)
+    end
+  end
+
+  describe "a stopped program (SIGSTOP) and short call timeouts" do
+    setup do
+      timeout = Application.fetch_env(:dspex_bridge, :port_timeout)
+      Application.put_env(:dspex_bridge, :port_timeout, 200)
+      on_exit(fn -> restore_env(:port_timeout, timeout) end)
+      %{timeout: timeout}
+    end
+
+    test "a write past its timeout is :timeout_unknown_outcome (it may land later), a read :timeout",
+         ctx do
+      sid = session(:port)
+      {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 0)
+      os_pid = stop_program()
+
+      assert {:error, :timeout_unknown_outcome} = SessionStore.update_variable(sid, :x, 1)
+      assert {:error, :timeout} = SessionStore.get_variable(sid, :x)
+      assert {:error, :timeout} = PortBackend.request("session_list", [])
+
+      # A create past its timeout keeps the id: if the session does appear,
+      # it is reachable (and no NIF session can take its id meanwhile).
+      late = "late_#{System.unique_integer([:positive])}"
+
+      assert {:error, :timeout_unknown_outcome} =
+               SessionStore.create_session(late, backend: :port)
+
+      on_exit(fn -> SessionStore.delete_session(late) end)
+      assert {:error, :already_exists} = SessionStore.create_session(late, backend: :nif)
+
+      kill(os_pid, "-CONT")
+      restore_env(:port_timeout, ctx.timeout)
+
+      # Both writes were only late: that is why their outcome is "unknown".
+      assert {:ok, %{value: 1, version: 1}} = SessionStore.get_variable(sid, :x)
+      assert {:ok, %{id: ^late}} = SessionStore.get_session(late)
+    end
+
+    test "list_sessions/0 says the port's sessions are missing instead of dropping them", ctx do
+      port_sid = session(:port)
+      nif_sid = session(:nif)
+      os_pid = stop_program()
+
+      assert {:error, {:partial, %{sessions: listed, missing: :port, reason: :timeout}}} =
+               SessionStore.list_sessions()
+
+      assert nif_sid in listed
+      refute port_sid in listed
+
+      kill(os_pid, "-CONT")
+      restore_env(:port_timeout, ctx.timeout)
+      listed = SessionStore.list_sessions()
+      assert port_sid in listed and nif_sid in listed
+    end
+  end
+
+  describe "atoms in replies" do
+    test "names the VM has never seen come back as binaries and create no atoms" do
+      # A port session whose values, write metadata, session metadata and
+      # rule conditions carry placeholder atoms; in its snapshot the
+      # placeholders are swapped for fresh names of the same length, as a
+      # snapshot from elsewhere would carry them.
+      n = 200
+      sid = session(:port)
+      placeholders = for i <- 1..n, do: "placeholder_#{String.pad_leading("#{i}", 5, "0")}"
+      atoms = Enum.map(placeholders, &String.to_atom/1)
+
+      for {atom, i} <- Enum.with_index(atoms) do
+        {:ok, _} =
+          SessionStore.register_variable(sid, "v#{i}", :choice, atom,
+            constraints: %{choices: [atom]},
+            access_rules: [
+              %{session_pattern: :any, permissions: [:read], conditions: %{atom => 1}}
+            ]
+          )
+
+        :ok = SessionStore.update_variable(sid, "v#{i}", atom, %{atom => atom})
+      end
+
+      {:ok, snapshot} = SessionStore.export_session(sid)
+
+      # Twice: the first import warms up whatever loads lazily, the second
+      # counts atoms.
+      for round <- [:warm_up, :measured] do
+        fresh = for _ <- placeholders, do: fresh_name()
+        swapped = Enum.zip(placeholders, fresh) |> Enum.reduce(snapshot, &swap/2)
+        new_id = "fresh_#{System.unique_integer([:positive])}"
+        before = :erlang.system_info(:atom_count)
+
+        {:ok, ^new_id} = SessionStore.import_session(swapped, session_id: new_id, backend: :port)
+
+        on_exit(fn -> SessionStore.delete_session(new_id) end)
+
+        for {name, i} <- Enum.with_index(fresh) do
+          assert {:ok, var} = SessionStore.get_variable(new_id, "v#{i}")
+          assert var.value == name
+          assert var.last_write == %{name => name}
+          assert [%{conditions: conditions}] = var.access_rules
+          assert conditions == %{name => 1}
+          assert {:ok, [%{value: ^name} | _]} = SessionStore.get_variable_history(new_id, "v#{i}")
+        end
+
+        grown = :erlang.system_info(:atom_count) - before
+
+        for name <- fresh do
+          assert_raise ArgumentError, fn -> :erlang.binary_to_existing_atom(name, :utf8) end
+        end
+
+        if round == :measured, do: assert(grown < div(n, 10))
+      end
+    end
+  end
+
+  test "the engine's vocabulary is made of atoms before any reply carries it" do
+    names = Enum.map(PortBackend.engine_atoms(), &Atom.to_string/1)
+    error_rs = File.read!(Path.expand("../../../../native/dspex_core/src/error.rs", __DIR__))
+    kinds = for [_, kind] <- Regex.scan(~r/=> "([a-z_]+)"/, error_rs), uniq: true, do: kind
+    assert length(kinds) > 10
+    assert kinds -- names == []
+    assert ~w(version_not_found session_id updated_at write embedding) -- names == []
+  end
+
+  defp fresh_name, do: "f" <> Base.encode16(:crypto.strong_rand_bytes(8))
+
+  defp swap({placeholder, fresh}, bin), do: :binary.replace(bin, placeholder, fresh, [:global])
+
+  defp stop_program do
+    os_pid = PortBackend.os_pid()
+    kill(os_pid, "-STOP")
+    # Never leave a stopped program behind, whatever the test did.
+    on_exit(fn ->
+      System.cmd("kill", ["-CONT", Integer.to_string(os_pid)], stderr_to_stdout: true)
+    end)
+
+    os_pid
+  end
+
+  defp kill(os_pid, signal) when is_integer(os_pid) do
+    {_, 0} = System.cmd("kill", [signal, Integer.to_string(os_pid)])
+  end
+
+  # The next program start after `old`'s, awaited on its telemetry event.
+  defp next_start(ref, old, timeout \\ 5_000) do
+    receive do
+      {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: pid}}
+      when is_integer(pid) and pid != old ->
+        pid
+    after
+      timeout -> flunk("the port program did not restart")
+    end
+  end
+
+  defp restart_delays(min, max) do
+    saved = Application.fetch_env(:dspex_bridge, :port)
+    config = Application.get_env(:dspex_bridge, :port, [])
+
+    Application.put_env(
+      :dspex_bridge,
+      :port,
+      Keyword.merge(config, min_restart_delay_ms: min, max_restart_delay_ms: max)
+    )
+
+    # Only the first call of a test saves what to restore.
+    unless Process.get(:saved_port_env), do: on_exit(fn -> restore_env(:port, saved) end)
+    Process.put(:saved_port_env, true)
+  end
+
+  defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)
+  defp restore_env(key, :error), do: Application.delete_env(:dspex_bridge, key)
+
   defp hammer(sid, i, deadline) do
     if System.monotonic_time(:millisecond) > deadline do
       []
