@@ -7,6 +7,7 @@ pub mod acl;
 pub mod audit;
 pub mod caller;
 pub mod command;
+pub mod decode;
 pub mod error;
 pub mod glob;
 pub mod graph;
