@@ -24,6 +24,7 @@ pub mod time;
 pub mod types;
 pub mod value;
 pub mod variable;
+pub mod vocabulary;
 
 /// The concurrent map of a session's variable indexes: sharded, with aHash (fast on
 /// short keys, and keyed per process so hostile ids cannot flood a shard).
