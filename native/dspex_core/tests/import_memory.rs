@@ -10,7 +10,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dspex_core::session::SessionOpts;
-use dspex_core::{Caller, Store, Value, VarType, WriteMeta};
+use dspex_core::snapshot::Snapshot;
+use dspex_core::{Caller, Error, Store, Value, VarType, WriteMeta};
 
 struct Peak;
 
@@ -110,4 +111,27 @@ fn an_import_costs_a_small_multiple_of_the_snapshot() {
         );
         assert!(ratio < 8.0, "{shape}: import peak {ratio:.1}x the snapshot");
     }
+
+    // A value far over the value limit, in a snapshot under the snapshot
+    // limit: refused at that value, having allocated about the limit, not
+    // the ~56 bytes per element a decoded tree of it would take.
+    let s = store.session("floats").unwrap();
+    let mut snapshot = Snapshot::of(&s);
+    snapshot.variables[0].metadata = Value::Map(
+        vec![(
+            Value::atom("blob"),
+            Value::List(vec![Value::Nil; 1_000_000].into()),
+        )]
+        .into(),
+    );
+    let bytes = snapshot.encode().unwrap();
+    drop(snapshot);
+    let (r, peak) = peak_of(|| store.import_session(&bytes, Some("oversized")));
+    let ratio = peak as f64 / bytes.len() as f64;
+    eprintln!(
+        "oversized value: snapshot {} bytes, rejected import peak {peak} bytes ({ratio:.1}x)",
+        bytes.len()
+    );
+    assert!(matches!(r, Err(Error::InvalidSnapshot(_))), "{r:?}");
+    assert!(ratio < 8.0, "a rejected import peaked at {ratio:.1}x the snapshot");
 }
