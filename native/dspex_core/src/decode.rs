@@ -403,7 +403,10 @@ mod tests {
         };
         let ok = nest(MAX_DEPTH - 1);
         assert_eq!(ok.depth(), MAX_DEPTH);
-        assert_eq!(decode(&rmp_serde::to_vec(&ok).unwrap(), 1 << 20).unwrap(), ok);
+        assert_eq!(
+            decode(&rmp_serde::to_vec(&ok).unwrap(), 1 << 20).unwrap(),
+            ok
+        );
         let mut deep = vec![0x91u8; 100_000];
         deep.push(0xc0);
         assert_eq!(

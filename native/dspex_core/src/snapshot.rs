@@ -434,7 +434,10 @@ fn decode_edge<'a>(r: &mut Reader<'a>) -> Result<(&'a str, &'a str, &'a str)> {
 
 /// The dependency graph; every edge must join two variables of the snapshot
 /// and the whole must be acyclic.
-fn graph(variables: &[(Box<str>, Variable)], edges: &[(&str, &str, &str)]) -> Result<DependencyGraph> {
+fn graph(
+    variables: &[(Box<str>, Variable)],
+    edges: &[(&str, &str, &str)],
+) -> Result<DependencyGraph> {
     if edges.is_empty() {
         return Ok(DependencyGraph::new());
     }
@@ -472,7 +475,11 @@ const VAR_FIELDS: [&str; 13] = [
 /// have checked it. Fields may come in any order, so the ones that depend on
 /// others (value on type and constraints, rules on metadata) are checked
 /// once the map is read.
-fn decode_variable(r: &mut Reader, limits: &Limits, max_history: usize) -> Result<(Box<str>, Variable)> {
+fn decode_variable(
+    r: &mut Reader,
+    limits: &Limits,
+    max_history: usize,
+) -> Result<(Box<str>, Variable)> {
     let value_budget = || Budget::new(limits.max_value_bytes);
     let mut id = "";
     let mut name = Value::Nil;
@@ -486,56 +493,61 @@ fn decode_variable(r: &mut Reader, limits: &Limits, max_history: usize) -> Resul
     let mut last_write = Value::Nil;
     let mut history = VecDeque::new();
     let mut rules = Value::Nil;
-    fields(r, &VAR_FIELDS, &[0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11], |i, r| {
-        match i {
-            0 => {
-                id = r.str()?;
-                if id.is_empty() || id.len() > 2 * limits.max_name_bytes {
-                    return Err(Error::invalid_arg("bad_variable_id"));
-                }
-            }
-            1 => {
-                name = r
-                    .value(&mut Budget::new(limits.max_name_bytes), 1)
-                    .map_err(|e| match e {
-                        Error::TooLarge(_) => Error::invalid_arg("bad_name_length"),
-                        e => e,
-                    })?;
-                limits.check_name(&name)?;
-            }
-            2 => var_type = r.str()?,
-            3 => constraints = r.value(&mut value_budget(), 1)?,
-            4 => value = r.value(&mut value_budget(), 1)?,
-            5 => version = self::version(r.u64()?)?,
-            6 => metadata = metadata_map(r.value(&mut value_budget(), 1)?, false)?,
-            7 => {
-                description = if r.nil()? {
-                    None
-                } else {
-                    let d = r.str()?;
-                    if d.len() > limits.max_value_bytes {
-                        return Err(Error::TooLarge(limits.max_value_bytes));
+    fields(
+        r,
+        &VAR_FIELDS,
+        &[0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11],
+        |i, r| {
+            match i {
+                0 => {
+                    id = r.str()?;
+                    if id.is_empty() || id.len() > 2 * limits.max_name_bytes {
+                        return Err(Error::invalid_arg("bad_variable_id"));
                     }
-                    Some(d.into())
                 }
+                1 => {
+                    name = r
+                        .value(&mut Budget::new(limits.max_name_bytes), 1)
+                        .map_err(|e| match e {
+                            Error::TooLarge(_) => Error::invalid_arg("bad_name_length"),
+                            e => e,
+                        })?;
+                    limits.check_name(&name)?;
+                }
+                2 => var_type = r.str()?,
+                3 => constraints = r.value(&mut value_budget(), 1)?,
+                4 => value = r.value(&mut value_budget(), 1)?,
+                5 => version = self::version(r.u64()?)?,
+                6 => metadata = metadata_map(r.value(&mut value_budget(), 1)?, false)?,
+                7 => {
+                    description = if r.nil()? {
+                        None
+                    } else {
+                        let d = r.str()?;
+                        if d.len() > limits.max_value_bytes {
+                            return Err(Error::TooLarge(limits.max_value_bytes));
+                        }
+                        Some(d.into())
+                    }
+                }
+                8 => created_at = timestamp(r.i64()?)?,
+                9 => updated_at = timestamp(r.i64()?)?,
+                10 => last_write = metadata_map(r.value(&mut value_budget(), 1)?, true)?,
+                11 => {
+                    let n = r.array_len()?;
+                    if n > max_history {
+                        return Err(invalid("history longer than max_history"));
+                    }
+                    history.reserve(r.capacity_for(n, 16));
+                    for _ in 0..n {
+                        history.push_back(decode_entry(r, limits)?);
+                    }
+                }
+                _ => rules = r.value(&mut Budget::new(MAX_RULES_BYTES), 1)?,
             }
-            8 => created_at = timestamp(r.i64()?)?,
-            9 => updated_at = timestamp(r.i64()?)?,
-            10 => last_write = metadata_map(r.value(&mut value_budget(), 1)?, true)?,
-            11 => {
-                let n = r.array_len()?;
-                if n > max_history {
-                    return Err(invalid("history longer than max_history"));
-                }
-                history.reserve(r.capacity_for(n, 16));
-                for _ in 0..n {
-                    history.push_back(decode_entry(r, limits)?);
-                }
-            }
-            _ => rules = r.value(&mut Budget::new(MAX_RULES_BYTES), 1)?,
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     let key: Box<str> = limits.check_name(&name)?.into();
     let var_type = VarType::parse(var_type)?;
     let constraints = Constraints::compile(var_type, &constraints)?;
@@ -578,18 +590,23 @@ fn decode_entry(r: &mut Reader, limits: &Limits) -> Result<HistoryEntry> {
         updated_at: 0,
         metadata: None,
     };
-    fields(r, &["version", "value", "updated_at", "metadata"], &[0, 1, 2, 3], |i, r| {
-        match i {
-            0 => entry.version = version(r.u64()?)?,
-            1 => entry.value = r.value(&mut Budget::new(limits.max_value_bytes), 1)?,
-            2 => entry.updated_at = timestamp(r.i64()?)?,
-            _ => {
-                let m = r.value(&mut Budget::new(limits.max_value_bytes), 1)?;
-                entry.metadata = non_empty(metadata_map(m, true)?);
+    fields(
+        r,
+        &["version", "value", "updated_at", "metadata"],
+        &[0, 1, 2, 3],
+        |i, r| {
+            match i {
+                0 => entry.version = version(r.u64()?)?,
+                1 => entry.value = r.value(&mut Budget::new(limits.max_value_bytes), 1)?,
+                2 => entry.updated_at = timestamp(r.i64()?)?,
+                _ => {
+                    let m = r.value(&mut Budget::new(limits.max_value_bytes), 1)?;
+                    entry.metadata = non_empty(metadata_map(m, true)?);
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     Ok(entry)
 }
 
@@ -722,8 +739,13 @@ mod tests {
         )
         .unwrap();
         for f in [0.2, 0.3] {
-            s.update("t", Value::Float(f), WriteMeta::default(), &crate::Caller::OWNER)
-                .unwrap();
+            s.update(
+                "t",
+                Value::Float(f),
+                WriteMeta::default(),
+                &crate::Caller::OWNER,
+            )
+            .unwrap();
         }
         super::Snapshot::of(&s)
     }
@@ -753,15 +775,27 @@ mod tests {
         let far = 1i64 << 62;
         type Poison = Box<dyn FnOnce(&mut super::Snapshot, &crate::Variable)>;
         let cases: Vec<(&str, Poison)> = vec![
-            ("session created_at", Box::new(move |s, _| s.created_at = far)),
+            (
+                "session created_at",
+                Box::new(move |s, _| s.created_at = far),
+            ),
             ("negative created_at", Box::new(|s, _| s.created_at = -1)),
-            ("created_at", Box::new(move |s, _| s.variables[0].created_at = far)),
-            ("updated_at", Box::new(move |s, _| s.variables[0].updated_at = far)),
+            (
+                "created_at",
+                Box::new(move |s, _| s.variables[0].created_at = far),
+            ),
+            (
+                "updated_at",
+                Box::new(move |s, _| s.variables[0].updated_at = far),
+            ),
             (
                 "history updated_at",
                 Box::new(move |s, _| s.variables[0].history[1].updated_at = far),
             ),
-            ("version", Box::new(|s, _| s.variables[0].version = u64::MAX)),
+            (
+                "version",
+                Box::new(|s, _| s.variables[0].version = u64::MAX),
+            ),
             (
                 "history order",
                 Box::new(|s, _| s.variables[0].history.swap(0, 1)),
@@ -806,11 +840,16 @@ mod tests {
             ),
             (
                 "rules",
-                Box::new(|s, _| s.variables[0].access_rules = Value::List(vec![Value::Int(1)].into())),
+                Box::new(|s, _| {
+                    s.variables[0].access_rules = Value::List(vec![Value::Int(1)].into())
+                }),
             ),
             ("ttl", Box::new(|s, _| s.ttl_ms = Some(0))),
             ("max_history", Box::new(|s, _| s.max_history = 1)),
-            ("audit capacity", Box::new(|s, _| s.audit_capacity = u64::MAX)),
+            (
+                "audit capacity",
+                Box::new(|s, _| s.audit_capacity = u64::MAX),
+            ),
             (
                 "rate limit",
                 Box::new(|s, _| {
@@ -821,12 +860,18 @@ mod tests {
                 }),
             ),
             ("session id", Box::new(|s, _| s.session_id = String::new())),
-            ("variable id", Box::new(|s, _| s.variables[0].id = String::new())),
+            (
+                "variable id",
+                Box::new(|s, _| s.variables[0].id = String::new()),
+            ),
             (
                 "name",
                 Box::new(|s, _| s.variables[0].name = Value::str(&"n".repeat(256))),
             ),
-            ("type", Box::new(|s, _| s.variables[0].var_type = "nope".into())),
+            (
+                "type",
+                Box::new(|s, _| s.variables[0].var_type = "nope".into()),
+            ),
             (
                 "duplicate id",
                 Box::new(|s, t| {

@@ -58,7 +58,12 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
     (out, PEAK.load(Ordering::Relaxed) - base)
 }
 
-fn snapshot(store: &Store, id: &str, vars: usize, value: impl Fn(usize, usize) -> Value) -> Vec<u8> {
+fn snapshot(
+    store: &Store,
+    id: &str,
+    vars: usize,
+    value: impl Fn(usize, usize) -> Value,
+) -> Vec<u8> {
     let opts = SessionOpts {
         max_history: 20,
         ..SessionOpts::default()
@@ -81,11 +86,18 @@ fn snapshot(store: &Store, id: &str, vars: usize, value: impl Fn(usize, usize) -
     store.export_session(id).unwrap()
 }
 
+/// The value of variable `i` at version `n`.
+type ValueAt = dyn Fn(usize, usize) -> Value;
+
 #[test]
 fn an_import_costs_a_small_multiple_of_the_snapshot() {
     let store = Store::new();
-    let shapes: [(&str, usize, Box<dyn Fn(usize, usize) -> Value>); 3] = [
-        ("floats", 2_000, Box::new(|i, n| Value::Float((i * n) as f64 + 0.5))),
+    let shapes: [(&str, usize, Box<ValueAt>); 3] = [
+        (
+            "floats",
+            2_000,
+            Box::new(|i, n| Value::Float((i * n) as f64 + 0.5)),
+        ),
         (
             "strings",
             1_000,
@@ -95,7 +107,11 @@ fn an_import_costs_a_small_multiple_of_the_snapshot() {
             "embeddings",
             100,
             Box::new(|i, n| {
-                Value::List((0..256).map(|k| Value::Float((i + n + k) as f64 * 0.25)).collect())
+                Value::List(
+                    (0..256)
+                        .map(|k| Value::Float((i + n + k) as f64 * 0.25))
+                        .collect(),
+                )
             }),
         ),
     ];
@@ -133,5 +149,8 @@ fn an_import_costs_a_small_multiple_of_the_snapshot() {
         bytes.len()
     );
     assert!(matches!(r, Err(Error::InvalidSnapshot(_))), "{r:?}");
-    assert!(ratio < 8.0, "a rejected import peaked at {ratio:.1}x the snapshot");
+    assert!(
+        ratio < 8.0,
+        "a rejected import peaked at {ratio:.1}x the snapshot"
+    );
 }

@@ -218,7 +218,9 @@ pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
                 // the last one wins, as in a map literal.
                 keys.iter()
                     .zip(&vals)
-                    .fold(Term::map_new(env), |m, (&k, &v)| m.map_put(k, v).unwrap_or(m))
+                    .fold(Term::map_new(env), |m, (&k, &v)| {
+                        m.map_put(k, v).unwrap_or(m)
+                    })
             })
         }
     }
