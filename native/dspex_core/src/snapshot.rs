@@ -183,6 +183,7 @@ impl VarSnapshot {
 /// A decoded, fully validated snapshot: what import publishes.
 pub struct Imported<'a> {
     pub session_id: &'a str,
+    /// Validated, not restored: an imported session starts its own clock.
     pub created_at: i64,
     pub opts: SessionOpts,
     /// Each variable with its index key.
