@@ -297,8 +297,11 @@ defmodule DSPex.Bridge.SessionStore do
   Creates a session from an `export_session/1` snapshot; `session_id:` gives
   it a new id, `backend:` the backend to create it in (as in
   `create_session/2`; snapshots move freely between backends). Every value
-  is validated again; garbage returns `{:error, {:invalid_snapshot, reason}}`
-  and creates nothing.
+  is validated again, every field as a write of it would be (types,
+  constraints, rules, versions, timestamps, limits); garbage returns
+  `{:error, {:invalid_snapshot, reason}}` and creates nothing. Imports into a
+  backend take turns; with 8 already waiting, another returns
+  `{:error, :busy}`.
   """
   @spec import_session(binary, keyword) :: {:ok, session_id} | {:error, reason}
   def import_session(snapshot, opts \\ [])

@@ -125,8 +125,10 @@ impl Pattern {
     }
 }
 
-/// `(key, expected)` pairs; keys are the text of an atom or a string.
-pub type Conditions = Box<[(Box<str>, Value)]>;
+/// `(key, expected)` pairs; each key a non-empty atom or string, kept in
+/// the form it was given (a string key never becomes an atom: rules are
+/// data, and atoms made from data would fill the VM's atom table).
+pub type Conditions = Box<[(Value, Value)]>;
 
 /// A rule's compilation result: the reason it is invalid on error.
 type Checked<T> = std::result::Result<T, Value>;
@@ -142,7 +144,10 @@ pub struct Rule {
 impl Rule {
     fn conditions_hold(&self, context: Option<&Value>) -> bool {
         self.conditions.iter().all(|(key, expected)| {
-            let actual = context.and_then(|c| c.get(key)).unwrap_or(&Value::Nil);
+            let actual = context
+                .zip(key.as_text())
+                .and_then(|(c, key)| c.get(key))
+                .unwrap_or(&Value::Nil);
             loose_eq(actual, expected)
         })
     }
@@ -410,14 +415,14 @@ fn compile_conditions(v: &Value) -> Checked<Conditions> {
     pairs
         .iter()
         .map(|(k, expected)| match k.as_text() {
-            Some(key) if !key.is_empty() => Ok((key.into(), expected.clone())),
+            Some(key) if !key.is_empty() => Ok((k.clone(), expected.clone())),
             _ => Err(Value::tagged("invalid_condition_key", k.clone())),
         })
         .collect()
 }
 
 /// A rule in canonical form: atom keys, permissions in a fixed order,
-/// condition keys as atoms.
+/// condition keys as given (atoms stay atoms, strings stay strings).
 fn rule_source(rule: &Rule) -> Value {
     let pattern = match &rule.pattern {
         Pattern::Any => Value::atom("any"),
@@ -432,7 +437,7 @@ fn rule_source(rule: &Rule) -> Value {
     let conditions = rule
         .conditions
         .iter()
-        .map(|(k, v)| (Value::Atom(k.clone()), v.clone()))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Value::Map(
         vec![

@@ -55,6 +55,10 @@ pub enum Error {
     /// or `{index, reason}` for the first bad rule (see `acl.rs`).
     #[error("invalid access rules: {0}")]
     InvalidRules(Value),
+    /// Too many snapshot imports are running and waiting; try again later.
+    /// `:busy`
+    #[error("too many imports at once")]
+    Busy,
     /// The session's token bucket is empty. `:rate_limited`
     #[error("rate limited")]
     RateLimited,
@@ -119,6 +123,7 @@ impl Error {
             Error::AccessDenied => "access_denied",
             Error::InvalidRules(_) => "invalid_rules",
             Error::RateLimited => "rate_limited",
+            Error::Busy => "busy",
             Error::LockedBy(_) => "locked_by",
             Error::StaleLockToken => "stale_lock_token",
             Error::MissingVariable(_) => "not_found",

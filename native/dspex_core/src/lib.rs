@@ -8,6 +8,7 @@ pub mod audit;
 pub mod breaker;
 pub mod caller;
 pub mod command;
+pub mod decode;
 pub mod error;
 pub mod glob;
 pub mod graph;
@@ -24,6 +25,7 @@ pub mod time;
 pub mod types;
 pub mod value;
 pub mod variable;
+pub mod vocabulary;
 
 /// The concurrent map of a session's variable indexes: sharded, with aHash (fast on
 /// short keys, and keyed per process so hostile ids cannot flood a shard).

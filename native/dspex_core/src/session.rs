@@ -168,8 +168,14 @@ impl Session {
             return Err(Error::TooLarge(self.limits.max_variables));
         }
         let constraints = Constraints::compile(var_type, &opts.constraints)?;
-        let n = self.next_var.fetch_add(1, Ordering::Relaxed);
-        let id: Box<str> = format!("var_{key}_{n}").into();
+        // An imported variable may hold the id a counter would give next.
+        let id: Box<str> = loop {
+            let n = self.next_var.fetch_add(1, Ordering::Relaxed);
+            let id = format!("var_{key}_{n}");
+            if !self.by_id.contains_key(id.as_str()) {
+                break id.into();
+            }
+        };
         let metadata = if opts.metadata.is_nil() {
             Value::empty_map()
         } else {
@@ -192,17 +198,22 @@ impl Session {
         Ok(id)
     }
 
-    /// Inserts a fully built variable (registration and import).
+    /// Inserts a fully built variable (registration and import); its name
+    /// and its id must both be free. (Lock order: the name's shard, then
+    /// the id's.)
     pub(crate) fn insert(&self, key: Box<str>, var: Variable) -> Result<()> {
         let id = var.id.clone();
         match self.by_name.entry(key) {
             Entry::Occupied(_) => Err(Error::AlreadyExists),
-            Entry::Vacant(slot) => {
-                let cell = Arc::new(Mutex::new(var));
-                self.by_id.insert(id, cell.clone());
-                slot.insert(cell);
-                Ok(())
-            }
+            Entry::Vacant(name_slot) => match self.by_id.entry(id) {
+                Entry::Occupied(_) => Err(Error::AlreadyExists),
+                Entry::Vacant(id_slot) => {
+                    let cell = Arc::new(Mutex::new(var));
+                    id_slot.insert(cell.clone());
+                    name_slot.insert(cell);
+                    Ok(())
+                }
+            },
         }
     }
 

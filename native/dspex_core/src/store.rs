@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use papaya::{Compute, Operation};
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::prometheus::names;
 use crate::session::{Session, SessionOpts};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot};
 use crate::time::now_us;
 
 /// The session map is read by every call and written only when a session
@@ -21,6 +22,7 @@ type Sessions = papaya::HashMap<Arc<str>, Arc<Session>, ahash::RandomState>;
 pub struct Store {
     sessions: Sessions,
     limits: Limits,
+    imports: ImportGate,
 }
 
 impl Default for Store {
@@ -47,6 +49,7 @@ impl Store {
         Store {
             sessions: sessions(),
             limits,
+            imports: ImportGate::default(),
         }
     }
 
@@ -194,23 +197,63 @@ impl Store {
         if bytes.len() > self.limits.max_snapshot_bytes {
             return Err(Error::TooLarge(self.limits.max_snapshot_bytes));
         }
-        let snapshot = Snapshot::decode(bytes)?;
-        let id = new_id.unwrap_or(&snapshot.session_id).to_owned();
-        let opts = snapshot.session_opts(&self.limits)?;
-        let vars = snapshot.variables(&self.limits)?;
-        let graph = snapshot.graph()?;
-        self.limits.check_session_id(&id)?;
+        let _slot = self.imports.enter()?;
+        let snapshot = snapshot::decode(bytes, &self.limits)?;
+        let id = new_id.unwrap_or(snapshot.session_id);
+        self.limits.check_session_id(id)?;
         // Build the whole session before publishing it: an import either
         // lands complete or not at all.
-        let session = Session::new(id.as_str().into(), opts, self.limits.clone());
-        for (key, var) in vars {
-            session.insert(key, var).map_err(|_| {
-                Error::InvalidSnapshot(format!("duplicate variable name {key:?}", key = "?"))
-            })?;
+        let session = Session::new(id.into(), snapshot.opts, self.limits.clone());
+        for (key, var) in snapshot.variables {
+            let dup = format!("duplicate variable name or id {key:?}");
+            session
+                .insert(key, var)
+                .map_err(|_| Error::InvalidSnapshot(dup))?;
         }
-        session.dependencies().replace(graph);
-        self.publish(id.as_str().into(), Arc::new(session))?;
+        session.dependencies().replace(snapshot.graph);
+        self.publish(id.into(), Arc::new(session))?;
         Ok(id.into())
+    }
+}
+
+/// Imports running at once, and waiting for their turn. An import holds a
+/// (dirty) scheduler thread for as long as it decodes; bounding them keeps
+/// big imports from taking every thread and starving other work. Past the
+/// waiting bound an import is refused with `:busy` rather than queued.
+pub const IMPORTS_AT_ONCE: usize = 1;
+pub const IMPORTS_WAITING: usize = 8;
+
+#[derive(Default)]
+struct ImportGate {
+    /// (running, waiting)
+    state: Mutex<(usize, usize)>,
+    turn: Condvar,
+}
+
+struct ImportSlot<'a>(&'a ImportGate);
+
+impl ImportGate {
+    fn enter(&self) -> Result<ImportSlot<'_>> {
+        let mut state = self.state.lock();
+        if state.0 >= IMPORTS_AT_ONCE {
+            if state.1 >= IMPORTS_WAITING {
+                return Err(Error::Busy);
+            }
+            state.1 += 1;
+            while state.0 >= IMPORTS_AT_ONCE {
+                self.turn.wait(&mut state);
+            }
+            state.1 -= 1;
+        }
+        state.0 += 1;
+        Ok(ImportSlot(self))
+    }
+}
+
+impl Drop for ImportSlot<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().0 -= 1;
+        self.0.turn.notify_one();
     }
 }
 

@@ -14,7 +14,9 @@ use rustler::{Atom, Binary, Encoder, Env, MapIterator, Term};
 use crate::atoms;
 use crate::error::{error, unit_or};
 use crate::store::store;
-use crate::term::{decode_principal, decode_sid, decode_value, encode_value, ident_text};
+use crate::term::{
+    decode_principal, decode_sid, decode_value, encode_value, existing_atom, ident_text,
+};
 use crate::variable::with_session;
 
 /// Rules as a value; oversized input is an invalid rule list, not a value error.
@@ -268,8 +270,8 @@ fn context_value<'a>(env: Env<'a>, context: Term<'a>, key: Term<'a>) -> Option<T
         return context.map_get(name.as_str()).ok();
     }
     let bin = Binary::from_term(key).ok()?;
-    let atom = Atom::try_from_bytes(env, bin.as_slice()).ok()??;
-    context.map_get(atom).ok()
+    let name = std::str::from_utf8(bin.as_slice()).ok()?;
+    context.map_get(existing_atom(env, name)?).ok()
 }
 
 /// `{:ok, [entry]}`, newest first, at most `limit`.

@@ -1,3 +1,7 @@
+//! Atoms the NIF names in code, and the engine's vocabulary created at load.
+
+use rustler::{Atom, Env, Term};
+
 rustler::atoms! {
     ok,
     error,
@@ -110,4 +114,11 @@ rustler::atoms! {
     native_log = "Elixir.DSPex.Bridge.NativeLog",
     // graph
     over_budget,
+}
+
+/// Creates every atom of the engine's vocabulary
+/// (`dspex_core::vocabulary`) once, so replies built from it come back as
+/// atoms although encoding only looks atoms up.
+pub fn load(env: Env, _info: Term) -> bool {
+    dspex_core::vocabulary::atoms().all(|name| Atom::from_str(env, name).is_ok())
 }

@@ -14,4 +14,4 @@ mod store;
 mod term;
 mod variable;
 
-rustler::init!("Elixir.DSPex.Bridge.Native");
+rustler::init!("Elixir.DSPex.Bridge.Native", load = atoms::load);

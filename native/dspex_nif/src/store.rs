@@ -226,7 +226,10 @@ fn session_export<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
     }
 }
 
-#[rustler::nif(name = "session_import", schedule = "DirtyCpu")]
+/// On a dirty I/O thread: imports take turns (see `Store::import_session`),
+/// and one waiting for its turn must not hold a dirty CPU scheduler, nor a
+/// big one keep every dirty CPU scheduler from other work.
+#[rustler::nif(name = "session_import", schedule = "DirtyIo")]
 fn session_import<'a>(env: Env<'a>, snapshot: Term<'a>, new_id: Term<'a>) -> Term<'a> {
     let r = (|| {
         let bin = Binary::from_term(snapshot)

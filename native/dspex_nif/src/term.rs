@@ -3,6 +3,9 @@
 //! early on oversized input: binaries are measured before they are copied,
 //! and nesting is bounded, so a hostile term costs little and never overflows
 //! the scheduler's stack.
+//!
+//! Encoding never creates an atom from data: `Value::Atom` names that the VM
+//! does not already know are handed back as binaries (`existing_atom`).
 
 use dspex_core::locks::LockClaim;
 use dspex_core::value::MAX_DEPTH;
@@ -194,9 +197,9 @@ pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
         Value::Float(f) => f.encode(env),
         Value::Str(s) => s.encode(env),
         Value::Bytes(b) => bytes(env, b),
-        Value::Atom(a) => match Atom::from_str(env, a) {
-            Ok(atom) => atom.encode(env),
-            Err(_) => a.encode(env),
+        Value::Atom(a) => match existing_atom(env, a) {
+            Some(atom) => atom.encode(env),
+            None => a.encode(env),
         },
         Value::List(xs) => xs
             .iter()
@@ -210,9 +213,33 @@ pub fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
         Value::Map(pairs) => {
             let keys: Vec<Term> = pairs.iter().map(|(k, _)| encode_value(env, k)).collect();
             let vals: Vec<Term> = pairs.iter().map(|(_, v)| encode_value(env, v)).collect();
-            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
+            Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| {
+                // Equal keys (a snapshot may hold a map the VM never made):
+                // the last one wins, as in a map literal.
+                keys.iter()
+                    .zip(&vals)
+                    .fold(Term::map_new(env), |m, (&k, &v)| {
+                        m.map_put(k, v).unwrap_or(m)
+                    })
+            })
         }
     }
+}
+
+/// The atom named `name` if the VM already has it. Atoms are never
+/// collected, so the engine creates none from data: a name that is not yet
+/// an atom goes back as a binary (its vocabulary is created at load, see
+/// `atoms::load`). Atom text is Latin-1 in the VM (NIF 2.15), as
+/// `atom_to_string` reads it.
+pub fn existing_atom(env: Env, name: &str) -> Option<Atom> {
+    let mut latin1 = [0u8; 255];
+    let mut n = 0;
+    for c in name.chars() {
+        let byte = u8::try_from(u32::from(c)).ok()?;
+        *latin1.get_mut(n)? = byte;
+        n += 1;
+    }
+    Atom::try_from_bytes(env, &latin1[..n]).ok().flatten()
 }
 
 pub fn bytes<'a>(env: Env<'a>, b: &[u8]) -> Term<'a> {
