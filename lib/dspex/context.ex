@@ -205,7 +205,9 @@ defmodule DSPex.Context do
     |> Enum.reduce_while(:ok, fn var, :ok ->
       opts = [constraints: var.constraints, metadata: var.metadata, description: var.description]
 
-      case safely(fn -> SessionStore.register_variable(sid, var.name, var.type, var.value, opts) end) do
+      case safely(fn ->
+             SessionStore.register_variable(sid, var.name, var.type, var.value, opts)
+           end) do
         {:ok, _} -> {:cont, :ok}
         {:error, _} = error -> {:halt, error}
       end
@@ -238,34 +240,22 @@ defmodule DSPex.Context do
          :ok <- LocalTypes.decode(fields, budget),
          :ok <- check_description(description),
          :ok <- check_metadata(metadata),
+         :ok <- LocalTypes.check_name_length(key),
          :ok <- LocalTypes.check_depth(initial),
          :ok <- LocalTypes.check_depth(metadata),
          :ok <- check_count(state),
-         {:ok, compiled} <- LocalTypes.compile(type, constraints),
-         {:ok, value} <- LocalTypes.validate(type, compiled, initial),
-         :ok <- check_new(state, key) do
+         {:ok, compiled} <- LocalTypes.compile(type, constraints) do
+      # As the store, a registration that gets this far takes a number,
+      # even when its value or name is then refused.
       order = state.order + 1
-      id = "var_#{key}_#{order}"
-      now = DateTime.utc_now()
 
-      var = %{
-        id: id,
-        name: name,
-        type: type,
-        value: value,
-        version: 0,
-        constraints: constraints,
-        compiled: compiled,
-        metadata: metadata,
-        description: description,
-        access_rules: [],
-        created_at: now,
-        updated_at: now,
-        last_write: %{},
-        order: order
-      }
+      case register(state, key, order, name, type, initial, compiled, opts) do
+        {:ok, id, var} ->
+          {{:ok, id}, %{state | vars: Map.put(state.vars, key, var), order: order}}
 
-      {{:ok, id}, %{state | vars: Map.put(state.vars, key, var), order: order}}
+        error ->
+          {error, %{state | order: order}}
+      end
     else
       error -> {error, state}
     end
@@ -338,6 +328,33 @@ defmodule DSPex.Context do
   end
 
   defp local_op(_request, state), do: {{:error, {:invalid_argument, :unknown_request}}, state}
+
+  defp register(state, key, order, name, type, initial, compiled, opts) do
+    with {:ok, value} <- LocalTypes.validate(type, compiled, initial),
+         :ok <- check_new(state, key) do
+      id = "var_#{key}_#{order}"
+      now = DateTime.utc_now()
+
+      var = %{
+        id: id,
+        name: name,
+        type: type,
+        value: value,
+        version: 0,
+        constraints: opts[:constraints] || %{},
+        compiled: compiled,
+        metadata: opts[:metadata] || %{},
+        description: opts[:description],
+        access_rules: [],
+        created_at: now,
+        updated_at: now,
+        last_write: %{},
+        order: order
+      }
+
+      {:ok, id, var}
+    end
+  end
 
   defp check_type(type) do
     if type in LocalTypes.types(),
@@ -467,14 +484,10 @@ defmodule DSPex.Context do
     end
   end
 
-  # The store reports failed idents as text; give back the caller's form.
+  # The store reports failed idents as text; give back the caller's form,
+  # mapped as SessionStore.update_variables/3 maps them (by to_string/1).
   defp restore_keys(errors, updates) do
-    by_text =
-      for {ident, _, _, _} <- updates,
-          {:ok, text} <- [LocalTypes.ident(ident)],
-          into: %{},
-          do: {text, ident}
-
+    by_text = Map.new(updates, fn {ident, _, _, _} -> {to_string(ident), ident} end)
     Map.new(errors, fn {text, reason} -> {Map.get(by_text, text, text), reason} end)
   end
 

@@ -68,7 +68,9 @@ defmodule DSPex.Context.LocalTypes do
 
   defp decode(term, _depth, left) when is_float(term), do: {:ok, left}
   defp decode(term, _depth, left) when is_binary(term), do: charge(left, byte_size(term))
-  defp decode(term, _depth, _left) when is_bitstring(term), do: {:error, {:invalid_value, :bitstring}}
+
+  defp decode(term, _depth, _left) when is_bitstring(term),
+    do: {:error, {:invalid_value, :bitstring}}
 
   defp decode(term, depth, left) when is_list(term) do
     case proper_length(term, 0) do
@@ -129,21 +131,27 @@ defmodule DSPex.Context.LocalTypes do
   end
 
   defp deeper_than?(_term, depth, max) when depth > max, do: true
-  defp deeper_than?(term, depth, max) when is_list(term), do: Enum.any?(term, &deeper_than?(&1, depth + 1, max))
+
+  defp deeper_than?(term, depth, max) when is_list(term),
+    do: Enum.any?(term, &deeper_than?(&1, depth + 1, max))
 
   defp deeper_than?(term, depth, max) when is_tuple(term),
     do: deeper_than?(Tuple.to_list(term), depth, max)
 
   defp deeper_than?(term, depth, max) when is_map(term),
-    do: Enum.any?(term, fn {k, v} -> deeper_than?(k, depth + 1, max) or deeper_than?(v, depth + 1, max) end)
+    do:
+      Enum.any?(term, fn {k, v} ->
+        deeper_than?(k, depth + 1, max) or deeper_than?(v, depth + 1, max)
+      end)
 
   defp deeper_than?(_term, _depth, _max), do: false
 
   ## Names and identifiers
 
   @doc """
-  A name to register (the NIF's decode_name and the store's check_name):
-  `{:ok, key}` (its text) or the engine's error.
+  A name to register, as the NIF decodes it: `{:ok, key}` (its text) or the
+  engine's error. The store refuses an empty key later (see
+  `check_name_length/1`).
   """
   def name_key(name, max_bytes) do
     case decode(name, max_bytes) do
@@ -156,11 +164,14 @@ defmodule DSPex.Context.LocalTypes do
   defp registrable_name(name, max_bytes) do
     case text(name) do
       nil -> {:error, {:invalid_argument, :name_must_be_atom_or_string}}
-      "" -> {:error, {:invalid_argument, :bad_name_length}}
       key when byte_size(key) > max_bytes -> {:error, {:invalid_argument, :bad_name_length}}
       key -> {:ok, key}
     end
   end
+
+  @doc "The store's check_name: a key is not empty."
+  def check_name_length(""), do: {:error, {:invalid_argument, :bad_name_length}}
+  def check_name_length(_key), do: :ok
 
   @doc """
   The lookup text of an identifier (the NIF's ident_text): `{:ok, text}`;
@@ -184,7 +195,9 @@ defmodule DSPex.Context.LocalTypes do
 
   def metadata(meta, budget) do
     with :ok <- decode(meta, budget) do
-      if is_map(meta), do: {:ok, meta}, else: {:error, {:invalid_argument, :metadata_must_be_a_map}}
+      if is_map(meta),
+        do: {:ok, meta},
+        else: {:error, {:invalid_argument, :metadata_must_be_a_map}}
     end
   end
 
@@ -208,7 +221,9 @@ defmodule DSPex.Context.LocalTypes do
     source
     |> Enum.reduce_while({:ok, %{}}, fn {key, value}, {:ok, c} ->
       case text(key) do
-        nil -> {:halt, {:error, {:invalid_argument, :constraint_keys_must_be_atoms}}}
+        nil ->
+          {:halt, {:error, {:invalid_argument, :constraint_keys_must_be_atoms}}}
+
         key ->
           case constraint(c, key, value) do
             {:ok, c} -> {:cont, {:ok, c}}
@@ -232,7 +247,8 @@ defmodule DSPex.Context.LocalTypes do
     if non_negative?(v), do: {:ok, Map.put(c, String.to_atom(key), v)}, else: bad(key)
   end
 
-  defp constraint(_c, "pattern", _v), do: {:error, {:invalid_argument, :pattern_needs_the_session}}
+  defp constraint(_c, "pattern", _v),
+    do: {:error, {:invalid_argument, :pattern_needs_the_session}}
 
   defp constraint(c, key, v) when key in ["enum", "choices"] do
     if is_list(v) and v != [], do: {:ok, Map.put(c, :one_of, v)}, else: bad(key)

@@ -7,15 +7,25 @@ defmodule DSPex.Context.Options do
 
   @doc """
   `:ok` when `opts` is a keyword list whose keys are all in `allowed`, else
-  `{:error, {:invalid_argument, :options_must_be_a_keyword_list}}` or
-  `{:error, {:invalid_argument, {:unknown_option, key}}}`.
+  `{:error, {:invalid_argument, :options_must_be_a_keyword_list}}`,
+  `{:error, {:invalid_argument, {:unknown_option, key}}}` or
+  `{:error, {:invalid_argument, {:duplicate_option, key}}}` (the store
+  refuses a key given twice).
   """
   @spec check(term, [atom]) :: :ok | {:error, {:invalid_argument, term}}
   def check(opts, allowed) do
     if keyword?(opts) do
-      case Enum.find(opts, fn {key, _} -> key not in allowed end) do
-        nil -> :ok
-        {key, _} -> {:error, {:invalid_argument, {:unknown_option, key}}}
+      keys = Keyword.keys(opts)
+
+      cond do
+        key = Enum.find(keys, &(&1 not in allowed)) ->
+          {:error, {:invalid_argument, {:unknown_option, key}}}
+
+        length(keys) != length(Enum.uniq(keys)) ->
+          {:error, {:invalid_argument, {:duplicate_option, hd(keys -- Enum.uniq(keys))}}}
+
+        true ->
+          :ok
       end
     else
       {:error, {:invalid_argument, :options_must_be_a_keyword_list}}
