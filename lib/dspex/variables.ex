@@ -21,8 +21,10 @@ defmodule DSPex.Variables do
   argument is an `{:error, reason}` answer, the same on a local context as
   on a bridged one (the local state applies the store's rules and answers
   with its error terms); it never raises and never stops the context. Option
-  errors are `{:error, {:invalid_argument, :options_must_be_a_keyword_list}}`
-  and `{:error, {:invalid_argument, {:unknown_option, key}}}`.
+  errors are `{:error, {:invalid_argument, detail}}` with `detail` one of
+  `:options_must_be_a_keyword_list`, `{:unknown_option, key}`,
+  `{:duplicate_option, key}` and `{:bad_option, key}`. (`ctx` itself must
+  be a context: calling a dead one exits, as with any GenServer.)
 
   Some options are session features a local state cannot reproduce: the
   store's access control (`principal:`, `context:`, `access_rules:`), its
@@ -184,21 +186,20 @@ defmodule DSPex.Variables do
   """
   @spec get_many(ctx, [name]) :: %{name => term} | {:error, term}
   def get_many(ctx, names) do
-    cond do
-      not LocalTypes.proper_list?(names) ->
-        {:error, {:invalid_argument, :names_must_be_a_list}}
+    if LocalTypes.proper_list?(names),
+      do: values(ctx, names, Context.session_id(ctx)),
+      else: {:error, {:invalid_argument, :names_must_be_a_list}}
+  end
 
-      match?({:ok, _}, Context.session_id(ctx)) ->
-        {:ok, sid} = Context.session_id(ctx)
-
-        case SessionStore.get_variables(sid, names) do
-          {:ok, %{found: found}} -> Map.new(found, fn {name, var} -> {name, var.value} end)
-          {:error, _} = error -> error
-        end
-
-      true ->
-        for name <- names, {:ok, value} <- [fetch(ctx, name)], into: %{}, do: {name, value}
+  defp values(_ctx, names, {:ok, sid}) do
+    case SessionStore.get_variables(sid, names) do
+      {:ok, %{found: found}} -> Map.new(found, fn {name, var} -> {name, var.value} end)
+      {:error, _} = error -> error
     end
+  end
+
+  defp values(ctx, names, {:error, :not_bridged}) do
+    for name <- names, {:ok, value} <- [fetch(ctx, name)], into: %{}, do: {name, value}
   end
 
   @doc """
