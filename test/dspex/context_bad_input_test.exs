@@ -259,6 +259,15 @@ defmodule DSPex.ContextBadInputTest do
     end
   end
 
+  describe "a ctx that names no context" do
+    test "exits :noproc, as a call to a dead process does" do
+      for ctx <- [5, "x", {:a, :b, :c}, :no_such_context, make_ref()] do
+        assert {:noproc, _} = catch_exit(Variables.get(ctx, :a))
+        assert {:noproc, _} = catch_exit(Context.session_id(ctx))
+      end
+    end
+  end
+
   describe "Context.start_link/1 options" do
     test "bad options are errors, not exceptions" do
       for {opts, detail} <- [
