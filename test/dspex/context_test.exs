@@ -136,7 +136,11 @@ defmodule DSPex.ContextTest do
       :ok = Context.ensure_bridged(ctx)
       {:ok, sid} = Context.session_id(ctx)
       Context.stop(ctx)
-      Process.sleep(50)
+      # The registry forgets the context and, in the same callback, would
+      # delete its session: once it has forgotten it and finished that
+      # callback, the session is either gone or kept for good.
+      wait_until(fn -> Context.Registry.lookup(ctx) == {:local, ctx} end)
+      _ = :sys.get_state(Context.Registry)
       assert {:ok, _} = SessionStore.get_session(sid)
       SessionStore.delete_session(sid)
     end

@@ -28,12 +28,17 @@ defmodule DSPex.Context.Registry do
 
   defp resolve(pid) when is_pid(pid), do: pid
 
-  defp resolve(name) do
+  # Anything that names no live process exits as a call to it would.
+  defp resolve(name) when is_atom(name) or is_tuple(name) do
     case GenServer.whereis(name) do
       pid when is_pid(pid) -> pid
       _ -> exit({:noproc, {__MODULE__, :lookup, [name]}})
     end
+  rescue
+    FunctionClauseError -> exit({:noproc, {__MODULE__, :lookup, [name]}})
   end
+
+  defp resolve(name), do: exit({:noproc, {__MODULE__, :lookup, [name]}})
 
   @impl true
   def init(nil) do
@@ -50,9 +55,16 @@ defmodule DSPex.Context.Registry do
 
   @impl true
   def handle_info({:DOWN, ref, :process, _pid, _reason}, monitors) do
-    {{pid, sid, keep_session}, monitors} = Map.pop(monitors, ref)
-    :ets.delete(@table, pid)
-    unless keep_session, do: SessionStore.delete_session(sid)
-    {:noreply, monitors}
+    case Map.pop(monitors, ref) do
+      {{pid, sid, keep_session}, monitors} ->
+        :ets.delete(@table, pid)
+        unless keep_session, do: SessionStore.delete_session(sid)
+        {:noreply, monitors}
+
+      {nil, monitors} ->
+        {:noreply, monitors}
+    end
   end
+
+  def handle_info(_message, monitors), do: {:noreply, monitors}
 end
