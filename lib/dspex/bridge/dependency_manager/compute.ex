@@ -1,0 +1,66 @@
+defmodule DSPex.Bridge.DependencyManager.Compute do
+  @moduledoc """
+  Runs one call of a compute function in a process of its own, under a
+  deadline, so nothing it does reaches its caller (the session's worker, or
+  the process calling `defderived/6`): it is spawned unlinked and monitored,
+  its links and exits end it alone, and it is killed when it overruns.
+
+  The process exits with its result, so processes it linked to (a
+  `Task.async` it did not await, a `spawn_link`) go with it. A watchdog
+  kills it if the caller dies first, so an abandoned computation never
+  outlives the caller.
+  """
+
+  @done :"$dspex_compute_done"
+
+  @type result ::
+          {:ok, term}
+          | {:error, :timeout}
+          | {:error, {:raised, :error | :exit | :throw, term, Exception.stacktrace()}}
+
+  @doc """
+  `fun.(arg)` in its own process: `{:ok, value}`, `{:error, :timeout}` after
+  `timeout` ms (the process is killed), or `{:error, {:raised, kind, reason,
+  stacktrace}}` when it raised, threw or exited (an exit from a linked
+  process or a kill included; those have no stack trace).
+  """
+  @spec run((term -> term), term, pos_integer) :: result
+  def run(fun, arg, timeout) do
+    owner = self()
+    {pid, ref} = spawn_monitor(fn -> exit({@done, call(fun, arg)}) end)
+    spawn(fn -> watch(owner, pid) end)
+
+    receive do
+      {:DOWN, ^ref, :process, ^pid, reason} -> outcome(reason)
+    after
+      timeout ->
+        Process.exit(pid, :kill)
+
+        receive do
+          # Finished in the meantime: the result stands.
+          {:DOWN, ^ref, :process, ^pid, {@done, _} = done} -> outcome(done)
+          {:DOWN, ^ref, :process, ^pid, _killed} -> {:error, :timeout}
+        end
+    end
+  end
+
+  defp call(fun, arg) do
+    {:ok, fun.(arg)}
+  catch
+    kind, reason ->
+      {:error, {:raised, kind, Exception.normalize(kind, reason, __STACKTRACE__), __STACKTRACE__}}
+  end
+
+  defp outcome({@done, result}), do: result
+  defp outcome(reason), do: {:error, {:raised, :exit, reason, []}}
+
+  defp watch(owner, pid) do
+    owner_ref = Process.monitor(owner)
+    pid_ref = Process.monitor(pid)
+
+    receive do
+      {:DOWN, ^owner_ref, :process, _, _} -> Process.exit(pid, :kill)
+      {:DOWN, ^pid_ref, :process, _, _} -> :ok
+    end
+  end
+end
