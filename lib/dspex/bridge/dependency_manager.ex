@@ -353,7 +353,8 @@ defmodule DSPex.Bridge.DependencyManager do
   entries): `{:ok, %{replayed: n, failed: m}}`. Entries that are not
   recomputations (rejected `propagate_change/5` writes, a worker's death)
   stay. Options: `timeout:` (ms, default 5,000): after it, `{:error,
-  :timeout}` (the replay still happens).
+  :timeout}` (a replay the worker has not begun is withdrawn; one it has
+  begun completes).
   """
   @spec replay_dead_letters(session_id, keyword) :: {:ok, map} | {:error, reason}
   def replay_dead_letters(session_id, opts \\ []) do

@@ -6,9 +6,11 @@ defmodule DSPex.Bridge.DependencyManager.Compute do
   its links and exits end it alone, and it is killed when it overruns.
 
   The process exits with its result, so processes it linked to (a
-  `Task.async` it did not await, a `spawn_link`) go with it. A watchdog
-  kills it if the caller dies first, so an abandoned computation never
-  outlives the caller.
+  `Task.async` it did not await, a `spawn_link`) go with it. An abandoned
+  computation never outlives its caller: by default a watchdog process kills
+  it if the caller dies first; a caller with a cheaper way (the session's
+  worker records the pid, and `DSPex.Bridge.DependencyManager.Table` kills
+  it when the worker dies) passes its own `on_start`.
   """
 
   @done :"$dspex_compute_done"
@@ -24,11 +26,20 @@ defmodule DSPex.Bridge.DependencyManager.Compute do
   stacktrace}}` when it raised, threw or exited (an exit from a linked
   process or a kill included; those have no stack trace).
   """
-  @spec run((term -> term), term, pos_integer) :: result
-  def run(fun, arg, timeout) do
+  @spec run((term -> term), term, pos_integer, (pid -> term)) :: result
+  def run(fun, arg, timeout, on_start \\ &watchdog/1) do
     owner = self()
-    {pid, ref} = spawn_monitor(fn -> exit({@done, call(fun, arg)}) end)
-    spawn(fn -> watch(owner, pid) end)
+    # As a Task does, so tooling that follows callers (Mox, Ecto's sandbox)
+    # follows the computation.
+    callers = [owner | Process.get(:"$callers", [])]
+
+    {pid, ref} =
+      spawn_monitor(fn ->
+        Process.put(:"$callers", callers)
+        exit({@done, call(fun, arg)})
+      end)
+
+    on_start.(pid)
 
     receive do
       {:DOWN, ^ref, :process, ^pid, reason} -> outcome(reason)
@@ -53,6 +64,11 @@ defmodule DSPex.Bridge.DependencyManager.Compute do
 
   defp outcome({@done, result}), do: result
   defp outcome(reason), do: {:error, {:raised, :exit, reason, []}}
+
+  defp watchdog(pid) do
+    owner = self()
+    spawn(fn -> watch(owner, pid) end)
+  end
 
   defp watch(owner, pid) do
     owner_ref = Process.monitor(owner)

@@ -537,7 +537,8 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
     result =
       with {:ok, values} <- read_inputs(sid, d.inputs, d.access),
-           {:ok, value} <- Compute.run(d.fun, values, d.compute_timeout) do
+           {:ok, value} <-
+             Compute.run(d.fun, values, d.compute_timeout, &Table.computing(sid, &1)) do
         meta = %{derived: true, caused_by: causes}
 
         case SessionStore.update_variable(sid, d.name, value, meta, d.access) do

@@ -26,6 +26,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :waiter, alias}` | `:sync` or `:replay`: a caller waiting for the worker |
   | `{sid, :letter, id}` / `{sid, :letter_seq}` | dead letters, and the last id given |
   | `{sid, :restarts}` | how many times the worker died and was restarted |
+  | `{sid, :computing}` | the worker's latest computation, killed if the worker dies |
   | `{sid, :closed}` | the session is gone; its worker stops |
 
   Writers coalesce: a write overwrites its variable's `:changed` entry and
@@ -154,6 +155,12 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     end)
   end
 
+  @doc false
+  # The computation the worker runs now (overwritten by the next one): the
+  # worker's death kills it.
+  @spec computing(String.t(), pid) :: true
+  def computing(sid, pid), do: :ets.insert(@table, {{sid, :computing}, {self(), pid}})
+
   ## Dead letters
 
   @doc "Records a dead letter (`%{variable, reason, caused_by}`), keeping the last 100."
@@ -235,9 +242,15 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   end
 
   @impl true
-  def handle_info({:DOWN, ref, :process, _pid, reason}, watched) do
+  def handle_info({:DOWN, ref, :process, worker, reason}, watched) do
     {sid, watched} = Map.pop(watched, ref)
-    if sid, do: died(sid, reason)
+
+    if sid do
+      # Its computation in flight, if any, goes with it.
+      with {^worker, pid} <- lookup({sid, :computing}, nil), do: Process.exit(pid, :kill)
+      died(sid, reason)
+    end
+
     {:noreply, watched}
   end
 

@@ -124,6 +124,23 @@ defmodule DSPex.Bridge.DependencyManager.PropagationSafetyTest do
   end
 
   describe "compute deadlines" do
+    test "a defderived/6 caller that dies takes its computation with it", %{sid: sid} do
+      test = self()
+
+      caller =
+        spawn(fn ->
+          DependencyManager.defderived(sid, :orphan, :integer, [:a], holding(test, 1),
+            compute_timeout: 60_000
+          )
+        end)
+
+      assert_receive {:holding, compute}
+      cref = Process.monitor(compute)
+      Process.exit(caller, :kill)
+      assert_receive {:DOWN, ^cref, :process, ^compute, :killed}
+      assert {:error, :not_found} = SessionStore.get_variable(sid, :orphan)
+    end
+
     test "defderived/6 with a compute that never returns fails within its deadline", %{sid: sid} do
       assert {:error, {:compute_failed, :timeout}} =
                DependencyManager.defderived(
@@ -239,6 +256,17 @@ defmodule DSPex.Bridge.DependencyManager.PropagationSafetyTest do
 
       send(compute, :go)
       assert :ok = DependencyManager.await_propagation(sid)
+      assert value(sid, :held) == 2
+    end
+
+    test "the computation in flight dies with the worker", %{sid: sid, compute: compute} do
+      cref = Process.monitor(compute)
+      Process.exit(Propagator.whereis(sid), :kill)
+      assert_receive {:DOWN, ^cref, :process, ^compute, :killed}
+      # The restarted worker recomputes everything, :held included.
+      assert_receive {:holding, again}
+      send(again, :go)
+      :ok = DependencyManager.await_propagation(sid)
       assert value(sid, :held) == 2
     end
   end
