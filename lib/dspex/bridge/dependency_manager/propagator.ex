@@ -112,15 +112,22 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   end
 
   # An input written after it was read, before the worker knew the
-  # definition, is propagated now.
+  # definition, is propagated now. A session deleted meanwhile keeps nothing.
   defp catch_up(sid, read, access) do
-    changed =
-      for {input, {_, version}} <- read,
-          {:ok, {_, now}} <- [read_version(sid, input, access)],
-          now != version,
-          do: Table.mark_changed(sid, input, now)
+    reads =
+      for {input, {_, version}} <- read, do: {input, version, read_version(sid, input, access)}
 
-    if changed != [], do: wake(sid)
+    if Enum.any?(reads, &match?({_, _, {:error, :session_not_found}}, &1)) do
+      Table.drop(sid)
+    else
+      changed =
+        for {input, version, {:ok, {_, now}}} <- reads,
+            now != version,
+            do: Table.mark_changed(sid, input, now)
+
+      if changed != [], do: wake(sid)
+    end
+
     :ok
   end
 

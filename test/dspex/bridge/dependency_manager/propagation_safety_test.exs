@@ -189,32 +189,6 @@ defmodule DSPex.Bridge.DependencyManager.PropagationSafetyTest do
       write(sid, :a, 3)
       assert {value(sid, :ok), value(sid, :slow)} == {103, 3}
     end
-
-    test "the default deadline is the :compute_timeout config key", %{sid: sid} do
-      key = DependencyManager
-      old = Application.get_env(:dspex_bridge, key)
-
-      on_exit(fn ->
-        if old,
-          do: Application.put_env(:dspex_bridge, key, old),
-          else: Application.delete_env(:dspex_bridge, key)
-      end)
-
-      Application.put_env(:dspex_bridge, key, compute_timeout: 30)
-
-      assert {:error, {:compute_failed, :timeout}} =
-               DependencyManager.defderived(sid, :never, :integer, [:a], fn _ ->
-                 Process.sleep(:infinity)
-               end)
-
-      Application.put_env(:dspex_bridge, key, compute_timeout: :soon)
-
-      assert {:error, {:invalid_argument, {:compute_timeout, :soon}}} =
-               DependencyManager.defderived(sid, :x, :integer, [:a], & &1.a)
-
-      assert {:error, {:invalid_argument, {:compute_timeout, 0}}} =
-               DependencyManager.defderived(sid, :x, :integer, [:a], & &1.a, compute_timeout: 0)
-    end
   end
 
   describe "a stuck compute" do
