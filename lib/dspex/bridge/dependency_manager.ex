@@ -268,7 +268,7 @@ defmodule DSPex.Bridge.DependencyManager do
   Registers `name`, a variable of `type` computed by `compute_fun` from
   `inputs` (a non-empty list of variable names or ids), and keeps it up to
   date. The function gets a map `%{input => value}` and returns the new
-  value. It is called once now, in the caller's time, for the initial value;
+  value. It is called once now (the caller waits) for the initial value;
   if that raises, exits or overruns its deadline, nothing is registered and
   the result is `{:error, {:compute_failed, exception | {kind, reason} |
   :timeout}}`.
