@@ -41,9 +41,16 @@ defmodule DSPex.Bridge.Application do
              ]
            ]}
       },
+      # Derived-variable definitions outlive the propagation workers, which
+      # are restarted with them; a crash loop in one session must not use up
+      # the restarts of every other session's worker.
+      DSPex.Bridge.DependencyManager.Table,
       {Registry, keys: :unique, name: DSPex.Bridge.DependencyManager.Registry},
       {DynamicSupervisor,
-       name: DSPex.Bridge.DependencyManager.Supervisor, strategy: :one_for_one},
+       name: DSPex.Bridge.DependencyManager.Supervisor,
+       strategy: :one_for_one,
+       max_restarts: 100,
+       max_seconds: 5},
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
       DSPex.Bridge.OptimizerCoordinator

@@ -42,32 +42,62 @@ defmodule DSPex.Bridge.DependencyManager do
 
   - each derived variable is recomputed once per change, after all of its
     inputs, and sees their new values (no glitches);
-  - writes that arrive while the worker is busy are coalesced into one pass;
+  - writes that arrive while the worker is busy are coalesced into one pass
+    (the worker's mailbox holds one wake-up however many writes arrive);
   - the derived write's metadata names the writes that caused it:
     `%{derived: true, caused_by: [%{variable: :temperature, version: 4}]}`;
-  - a compute function that raises (or returns a value the variable's type
-    rejects) marks the variable stale, leaves its last value in place, emits
+  - a compute function that raises, exits, overruns its deadline (or
+    returns a value the variable's type rejects) marks the variable stale,
+    leaves its last value in place, emits
     `[:dspex, :bridge, :propagation, :exception]` and is recorded in the
-    session's dead letters (`dead_letters/1`, `replay_dead_letters/1`);
+    session's dead letters (`dead_letters/1`, `replay_dead_letters/2`);
     nothing else stops.
+
+  Every call of a compute function runs in a process of its own, unlinked
+  and monitored, under a deadline: the `compute_timeout:` of `defderived/6`,
+  by default `config :dspex_bridge, DSPex.Bridge.DependencyManager,
+  compute_timeout: ms` (5,000 unless set). What it links to, spawns or
+  kills ends with it; overrunning its deadline kills it and counts as a
+  failure with reason `:timeout`.
+
+  Definitions are kept outside the worker
+  (`DSPex.Bridge.DependencyManager.Table`). A worker that dies anyway is
+  restarted with them and recomputes every derived variable; the death is
+  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, an
+  `:exception` event with `variable: nil`, and counts in the `restarts` of
+  `derived_status/3`.
 
   Writing to a variable with no dependents costs nothing extra: sessions
   without derived variables have no worker, and the write path checks for
   one with a single `:persistent_term` lookup.
 
-  Compute functions live in the worker (they are code, not data), so they
-  are not part of snapshots: an imported session has its edges but must
-  `defderived/6` again to recompute.
+  Compute functions are code, not data, so they are not part of snapshots:
+  an imported session has its edges but must `defderived/6` again to
+  recompute.
 
-  ## Options common to every function
+  ## Access
 
-  - `principal:` the session on whose behalf the call is made (default: the
-    session itself). Adding an edge needs read access to `from` and write
-    access to `to`.
+  Every function takes `principal:`, the session on whose behalf the call
+  is made (default: the session itself), and is checked by the engine's
+  access rules (see `DSPex.Bridge.AccessControl`); a refusal is
+  `{:error, :access_denied}`, audited. Adding an edge needs read access to
+  `from` and write access to `to`; `defderived/6` needs read access to its
+  inputs and the right to register the variable (only the session itself
+  has it); `propagate_change/5` needs write access, `derived_status/3` read
+  access. The recomputations a write triggers run with the permissions of
+  the definer, whoever made the write: a principal allowed to write an
+  input changes the derived variable only through its compute function.
+
+  Options are keyword lists; anything else, an unknown option or a bad
+  value is `{:error, {:invalid_argument, detail}}`. No call waits without
+  bound: `await_propagation/2` and `replay_dead_letters/2` return
+  `{:error, :timeout}` after their timeout, `defderived/6` returns within
+  its compute deadline (plus the engine calls), and `derived_status/3` and
+  `dead_letters/1` do not wait for the worker at all.
   """
 
-  alias DSPex.Bridge.{SessionStore, Telemetry}
-  alias DSPex.Bridge.DependencyManager.Propagator
+  alias DSPex.Bridge.{AccessControl, SessionStore, Telemetry}
+  alias DSPex.Bridge.DependencyManager.{Propagator, Table}
 
   @type session_id :: String.t()
   @type ident :: atom | String.t()
@@ -75,10 +105,13 @@ defmodule DSPex.Bridge.DependencyManager do
   @type compute_fun :: (%{ident => term} -> term)
 
   @formats [:dot, :mermaid]
+  @default_compute_timeout 5_000
+  # The longest `receive ... after` the VM takes.
+  @max_timeout 4_294_967_295
 
   @doc """
   Adds `from -> to`: `to` depends on `from`. Adding an edge that exists
-  replaces its type and returns `:ok`.
+  replaces its type and returns `:ok`. Options: `principal:`.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-deps")
       iex> for v <- [:a, :b, :c], do: {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, v, :integer, 0)
@@ -95,42 +128,48 @@ defmodule DSPex.Bridge.DependencyManager do
   def add_dependency(session_id, from, to, type \\ :data, opts \\ [])
 
   def add_dependency(session_id, from, to, type, opts) when is_atom(type) and type != nil do
-    principal = principal(opts)
-
-    case backend().graph_add_edge(session_id, from, to, type, principal) do
-      {:ok, true} ->
-        Telemetry.execute(
-          [:dspex, :bridge, :dependency, :added],
-          %{system_time: System.system_time()},
-          %{session_id: session_id, from: from, to: to, type: type}
-        )
-
-        :ok
-
-      {:ok, false} ->
-        :ok
-
-      {:error, {:would_create_cycle, path}} ->
-        Telemetry.execute(
-          [:dspex, :bridge, :dependency, :cycle_detected],
-          %{system_time: System.system_time(), path_length: length(path)},
-          %{session_id: session_id, from: from, to: to, path: path}
-        )
-
-        {:error, :would_create_cycle}
-
-      {:error, _} = error ->
-        error
+    with {:ok, opts} <- options(opts, [:principal]) do
+      session_id
+      |> backend().graph_add_edge(from, to, type, opts[:principal])
+      |> added(session_id, from, to, type)
     end
   end
 
   def add_dependency(_session_id, _from, _to, type, _opts),
     do: {:error, {:invalid_argument, {:edge_type, type}}}
 
-  @doc "Removes `from -> to`. Removing an edge that does not exist is `:ok`."
+  defp added({:ok, true}, session_id, from, to, type) do
+    Telemetry.execute(
+      [:dspex, :bridge, :dependency, :added],
+      %{system_time: System.system_time()},
+      %{session_id: session_id, from: from, to: to, type: type}
+    )
+
+    :ok
+  end
+
+  defp added({:ok, false}, _session_id, _from, _to, _type), do: :ok
+
+  defp added({:error, {:would_create_cycle, path}}, session_id, from, to, _type) do
+    Telemetry.execute(
+      [:dspex, :bridge, :dependency, :cycle_detected],
+      %{system_time: System.system_time(), path_length: length(path)},
+      %{session_id: session_id, from: from, to: to, path: path}
+    )
+
+    {:error, :would_create_cycle}
+  end
+
+  defp added({:error, _} = error, _session_id, _from, _to, _type), do: error
+
+  @doc """
+  Removes `from -> to`. Removing an edge that does not exist is `:ok`.
+  Options: `principal:`.
+  """
   @spec remove_dependency(session_id, ident, ident, keyword) :: :ok | {:error, reason}
   def remove_dependency(session_id, from, to, opts \\ []) do
-    with {:ok, removed?} <- backend().graph_remove_edge(session_id, from, to, principal(opts)) do
+    with {:ok, opts} <- options(opts, [:principal]),
+         {:ok, removed?} <- backend().graph_remove_edge(session_id, from, to, opts[:principal]) do
       if removed?, do: removed(session_id, 1, %{from: from, to: to})
       :ok
     end
@@ -138,11 +177,12 @@ defmodule DSPex.Bridge.DependencyManager do
 
   @doc """
   Removes every edge touching `var`, in both directions: what it depends on
-  and what depends on it.
+  and what depends on it. Options: `principal:`.
   """
   @spec clear_dependencies(session_id, ident, keyword) :: :ok | {:error, reason}
   def clear_dependencies(session_id, var, opts \\ []) do
-    with {:ok, count} <- backend().graph_clear(session_id, var, principal(opts)) do
+    with {:ok, opts} <- options(opts, [:principal]),
+         {:ok, count} <- backend().graph_clear(session_id, var, opts[:principal]) do
       if count > 0, do: removed(session_id, count, %{from: nil, to: nil, variable: var})
       :ok
     end
@@ -150,28 +190,31 @@ defmodule DSPex.Bridge.DependencyManager do
 
   @doc """
   What `var` depends on, in topological order (what must be computed first,
-  first). Direct dependencies unless `transitive: true`.
+  first). Direct dependencies unless `transitive: true`. Options:
+  `transitive:`, `principal:`.
   """
   @spec get_dependencies(session_id, ident, keyword) :: {:ok, [ident]} | {:error, reason}
   def get_dependencies(session_id, var, opts \\ []) do
-    opts = Keyword.validate!(opts, [:transitive, :principal])
-    backend().graph_dependencies(session_id, var, opts[:transitive] == true, opts[:principal])
+    with {:ok, opts} <- options(opts, [:transitive, :principal]) do
+      backend().graph_dependencies(session_id, var, opts[:transitive] == true, opts[:principal])
+    end
   end
 
   @doc """
   What depends on `var`, in topological order. Direct dependents unless
-  `transitive: true`.
+  `transitive: true`. Options: `transitive:`, `principal:`.
   """
   @spec get_dependents(session_id, ident, keyword) :: {:ok, [ident]} | {:error, reason}
   def get_dependents(session_id, var, opts \\ []) do
-    opts = Keyword.validate!(opts, [:transitive, :principal])
-    backend().graph_dependents(session_id, var, opts[:transitive] == true, opts[:principal])
+    with {:ok, opts} <- options(opts, [:transitive, :principal]) do
+      backend().graph_dependents(session_id, var, opts[:transitive] == true, opts[:principal])
+    end
   end
 
   @doc """
   The order in which to update after `changed` (one variable or a list)
   changed: the changed variables, then each transitive dependent once, in
-  the maintained topological order.
+  the maintained topological order. Options: `principal:`.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-order")
       iex> for v <- [:a, :b, :c, :d], do: {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, v, :integer, 0)
@@ -183,34 +226,61 @@ defmodule DSPex.Bridge.DependencyManager do
   @spec get_update_order(session_id, ident | [ident], keyword) ::
           {:ok, [ident]} | {:error, reason}
   def get_update_order(session_id, changed, opts \\ []) do
-    backend().graph_update_order(session_id, List.wrap(changed), principal(opts))
-  end
-
-  @doc """
-  Writes `new_value` to `var` and propagates the change to its dependents,
-  asynchronously, through the session's propagation worker (so the write is
-  ordered with the propagation it causes). A write the variable rejects is
-  reported as `[:dspex, :bridge, :propagation, :exception]` and recorded in
-  the dead letters.
-  """
-  @spec propagate_change(session_id, ident, term, map) :: :ok | {:error, reason}
-  def propagate_change(session_id, var, new_value, metadata \\ %{}) when is_map(metadata) do
-    with {:ok, pid} <- Propagator.ensure(session_id) do
-      GenServer.cast(pid, {:set, var, new_value, metadata})
+    with {:ok, opts} <- options(opts, [:principal]) do
+      backend().graph_update_order(session_id, List.wrap(changed), opts[:principal])
     end
   end
 
   @doc """
-  Registers `name`, a variable of `type` computed by `compute_fun` from
-  `inputs`, and keeps it up to date. The function gets a map
-  `%{input => value}` and returns the new value. It is called once now for
-  the initial value; if that raises, nothing is registered and the result is
-  `{:error, {:compute_failed, exception_or_reason}}`.
+  Writes `new_value` to `var`, as `principal:` (which needs write access;
+  default: the session itself), and propagates the change to its dependents
+  asynchronously, as any write does (`await_propagation/2` waits for it).
+  Returns the write's result. A write rejected for its value (not refused:
+  access denials and rate limits are audited instead) is also reported as
+  `[:dspex, :bridge, :propagation, :exception]` and recorded in the dead
+  letters. Options: `principal:`, `context:`.
+  """
+  @spec propagate_change(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
+  def propagate_change(session_id, var, new_value, metadata \\ %{}, opts \\ [])
 
-  Options: `constraints:`, `description:`, `metadata:` (as for
-  `SessionStore.register_variable/5`; the metadata gains
-  `derived_from: inputs`). Edges `input -> name` of type `:derived` are
-  added, so `get_dependencies/3` and `visualize_graph/2` show them.
+  def propagate_change(session_id, var, new_value, metadata, opts) when is_map(metadata) do
+    start = System.monotonic_time()
+
+    with {:ok, opts} <- options(opts, [:principal, :context]) do
+      case SessionStore.update_variable(session_id, var, new_value, metadata, opts) do
+        {:error, reason} = error
+        when reason not in [:access_denied, :rate_limited, :session_not_found] and
+               is_binary(session_id) ->
+          cause = [%{variable: var, propagate_change: true}]
+          Propagator.report(session_id, var, {:write_rejected, reason}, cause, start)
+          error
+
+        result ->
+          result
+      end
+    end
+  end
+
+  def propagate_change(_session_id, _var, _new_value, metadata, _opts),
+    do: {:error, {:invalid_argument, {:metadata, metadata}}}
+
+  @doc """
+  Registers `name`, a variable of `type` computed by `compute_fun` from
+  `inputs` (a non-empty list of variable names or ids), and keeps it up to
+  date. The function gets a map `%{input => value}` and returns the new
+  value. It is called once now (the caller waits) for the initial value;
+  if that raises, exits or overruns its deadline, nothing is registered and
+  the result is `{:error, {:compute_failed, exception | {kind, reason} |
+  :timeout}}`.
+
+  Options: `constraints:`, `description:`, `metadata:`, `access_rules:` (as
+  for `SessionStore.register_variable/5`; the metadata gains
+  `derived_from: inputs`), `compute_timeout:` (the deadline of each call of
+  `compute_fun`, in ms; default: see the moduledoc), `principal:`,
+  `context:` (the inputs are read and the variable registered as that
+  principal, and so are later recomputations). Edges `input -> name` of type
+  `:derived` are added, so `get_dependencies/3` and `visualize_graph/3` show
+  them.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-derived")
       iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :x, :integer, 2)
@@ -223,63 +293,99 @@ defmodule DSPex.Bridge.DependencyManager do
   @spec defderived(session_id, ident, atom, [ident, ...], compute_fun, keyword) ::
           {:ok, String.t()} | {:error, reason}
   def defderived(session_id, name, type, inputs, compute_fun, opts \\ []) do
-    opts = Keyword.validate!(opts, [:constraints, :description, :metadata])
+    known = [
+      :constraints,
+      :description,
+      :metadata,
+      :access_rules,
+      :compute_timeout,
+      :principal,
+      :context
+    ]
 
-    cond do
-      not (is_atom(name) or is_binary(name)) or name in [nil, true, false] ->
-        {:error, {:invalid_argument, {:name, name}}}
-
-      not is_list(inputs) or inputs == [] ->
-        {:error, {:invalid_argument, {:inputs, inputs}}}
-
-      not is_function(compute_fun, 1) ->
-        {:error, {:invalid_argument, {:compute_fun, compute_fun}}}
-
-      true ->
-        with {:ok, pid} <- Propagator.ensure(session_id) do
-          GenServer.call(pid, {:define, name, type, inputs, compute_fun, opts}, :infinity)
-        end
+    with {:ok, opts} <- options(opts, known),
+         :ok <- check_name(name),
+         :ok <- check_inputs(inputs),
+         :ok <- check_fun(compute_fun),
+         {:ok, timeout} <- compute_timeout(opts) do
+      opts = Keyword.put(opts, :compute_timeout, timeout)
+      Propagator.define(session_id, name, type, inputs, compute_fun, opts)
     end
   end
 
   @doc """
   The state of a derived variable: `%{status: :fresh | :stale, inputs,
-  error, computed_at}` (`error` is the last failure while stale).
+  error, computed_at, compute_timeout, restarts}` (`error` is the last
+  failure while stale; `restarts` how many times the session's worker died
+  and was restarted). Answered without waiting for the worker. Needs read
+  access to the variable. Options: `principal:`, `context:`.
   """
-  @spec derived_status(session_id, ident) :: {:ok, map} | {:error, reason}
-  def derived_status(session_id, name) do
-    call(session_id, {:status, name}, {:error, :not_found})
+  @spec derived_status(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
+  def derived_status(session_id, name, opts \\ []) do
+    with {:ok, opts} <- options(opts, [:principal, :context]),
+         :ok <- AccessControl.authorize(session_id, name, :read, opts),
+         %{} = d <- Table.find(session_id, name),
+         %{} = status <- Table.status(session_id, d.key) do
+      {:ok,
+       Map.merge(status, %{
+         inputs: d.inputs,
+         compute_timeout: d.compute_timeout,
+         restarts: Table.restarts(session_id)
+       })}
+    else
+      nil -> {:error, :not_found}
+      {:error, _} = error -> error
+    end
   end
 
   @doc """
   Failed recomputations, oldest first: `%{id, variable, reason, caused_by,
-  at}`. At most 100 are kept per session (the oldest go first).
+  at}`. At most 100 are kept per session (the oldest go first). Answered
+  without waiting for the worker.
   """
   @spec dead_letters(session_id) :: {:ok, [map]} | {:error, reason}
-  def dead_letters(session_id), do: call(session_id, :dead_letters, {:ok, []})
+  def dead_letters(session_id), do: {:ok, Table.letters(session_id)}
 
   @doc """
   Recomputes every derived variable in the dead letters now, from the
   current values of its inputs, and propagates from it. Entries that succeed
   leave the list, as do failures that happen again (they come back as new
-  entries): `{:ok, %{replayed: n, failed: m}}`. Entries for rejected
-  `propagate_change/4` writes are not recomputations and stay.
+  entries): `{:ok, %{replayed: n, failed: m}}`. Entries that are not
+  recomputations (rejected `propagate_change/5` writes, a worker's death)
+  stay. Options: `timeout:` (ms, default 5,000): after it, `{:error,
+  :timeout}` (a replay the worker has not begun is withdrawn; one it has
+  begun completes).
   """
-  @spec replay_dead_letters(session_id) :: {:ok, map} | {:error, reason}
-  def replay_dead_letters(session_id),
-    do: call(session_id, :replay, {:ok, %{replayed: 0, failed: 0}})
+  @spec replay_dead_letters(session_id, keyword) :: {:ok, map} | {:error, reason}
+  def replay_dead_letters(session_id, opts \\ []) do
+    with {:ok, opts} <- options(opts, [:timeout]) do
+      case Propagator.whereis(session_id) do
+        nil -> {:ok, %{replayed: 0, failed: 0}}
+        _pid -> Propagator.await(session_id, :replay, Keyword.get(opts, :timeout, 5_000))
+      end
+    end
+  end
 
   @doc """
-  Returns once every change the worker has been told of before this call
-  has been propagated. Writes from the calling process are always told
-  before the write returns, so this is the barrier tests and scripts want.
+  Returns `:ok` once every change the worker has been told of before this
+  call has been propagated, or `{:error, :timeout}` after `timeout` ms.
+  Writes from the calling process are always told before the write
+  returns, so this is the barrier tests and scripts want.
   """
-  @spec await_propagation(session_id, timeout) :: :ok
-  def await_propagation(session_id, timeout \\ 5_000), do: call(session_id, :sync, :ok, timeout)
+  @spec await_propagation(session_id, timeout) :: :ok | {:error, reason}
+  def await_propagation(session_id, timeout \\ 5_000) do
+    with {:ok, _} <- options([timeout: timeout], [:timeout]) do
+      case Propagator.whereis(session_id) do
+        nil -> :ok
+        _pid -> Propagator.await(session_id, :sync, timeout)
+      end
+    end
+  end
 
   @doc """
   The graph as text: Graphviz DOT (`:dot`, the default) or a Mermaid
   flowchart (`:mermaid`). Edges of a type other than `:data` are labelled.
+  Options: `principal:`.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-viz")
       iex> for v <- [:a, :b], do: {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, v, :integer, 0)
@@ -294,20 +400,22 @@ defmodule DSPex.Bridge.DependencyManager do
   @spec visualize_graph(session_id, :dot | :mermaid, keyword) :: {:ok, iodata} | {:error, reason}
   def visualize_graph(session_id, format \\ :dot, opts \\ [])
 
-  def visualize_graph(session_id, format, opts) when format in @formats,
-    do: backend().graph_render(session_id, format, principal(opts))
+  def visualize_graph(session_id, format, opts) when format in @formats do
+    with {:ok, opts} <- options(opts, [:principal]),
+         do: backend().graph_render(session_id, format, opts[:principal])
+  end
 
   def visualize_graph(_session_id, format, _opts),
     do: {:error, {:invalid_argument, {:unknown_format, format}}}
 
-  @doc "Counts for diagnostics: `%{edges: n, vertices: n}`."
+  @doc "Counts for diagnostics: `%{edges: n, vertices: n}`. Options: `principal:`."
   @spec graph_info(session_id, keyword) :: {:ok, map} | {:error, reason}
-  def graph_info(session_id, opts \\ []), do: backend().graph_info(session_id, principal(opts))
+  def graph_info(session_id, opts \\ []) do
+    with {:ok, opts} <- options(opts, [:principal]),
+         do: backend().graph_info(session_id, opts[:principal])
+  end
 
   defp backend, do: SessionStore.backend()
-
-  defp principal([]), do: nil
-  defp principal(opts), do: Keyword.validate!(opts, [:principal])[:principal]
 
   defp removed(session_id, count, metadata) do
     Telemetry.execute(
@@ -317,13 +425,82 @@ defmodule DSPex.Bridge.DependencyManager do
     )
   end
 
-  # Sessions without a worker have no derived variables: answer `none`.
-  defp call(session_id, request, none, timeout \\ 5_000) do
-    case Propagator.whereis(session_id) do
-      nil -> none
-      pid -> GenServer.call(pid, request, timeout)
+  ## Arguments
+
+  # A keyword list of `known` options with good values, or an invalid argument.
+  defp options(opts, known) do
+    cond do
+      not Keyword.keyword?(opts) ->
+        {:error, {:invalid_argument, {:options, opts}}}
+
+      (unknown = Enum.find(Keyword.keys(opts), &(&1 not in known))) != nil ->
+        {:error, {:invalid_argument, {:unknown_option, unknown}}}
+
+      (bad = Enum.find(opts, &(not good_option?(&1)))) != nil ->
+        {:error, {:invalid_argument, bad}}
+
+      true ->
+        {:ok, opts}
     end
-  catch
-    :exit, {:noproc, _} -> none
   end
+
+  defp good_option?({:principal, p}), do: p == nil or is_binary(p)
+  defp good_option?({:context, c}), do: c == nil or is_map(c)
+  defp good_option?({:transitive, t}), do: is_boolean(t)
+  defp good_option?({:compute_timeout, t}), do: deadline?(t)
+  defp good_option?({:timeout, t}), do: t == :infinity or (is_integer(t) and t in 0..@max_timeout)
+  defp good_option?({:metadata, m}), do: m == nil or is_map(m)
+  defp good_option?({:constraints, c}), do: c == nil or is_map(c)
+  defp good_option?({:description, d}), do: d == nil or is_binary(d)
+  defp good_option?({:access_rules, r}), do: r == nil or is_list(r)
+
+  defp deadline?(t), do: is_integer(t) and t in 1..@max_timeout
+
+  defp compute_timeout(opts) do
+    timeout =
+      case Keyword.fetch(opts, :compute_timeout) do
+        {:ok, timeout} ->
+          timeout
+
+        :error ->
+          case Application.get_env(:dspex_bridge, __MODULE__, []) do
+            config when is_list(config) ->
+              Keyword.get(config, :compute_timeout, @default_compute_timeout)
+
+            config ->
+              {:config, config}
+          end
+      end
+
+    if deadline?(timeout),
+      do: {:ok, timeout},
+      else: {:error, {:invalid_argument, {:compute_timeout, timeout}}}
+  end
+
+  defp check_name(name) do
+    if ident?(name), do: :ok, else: {:error, {:invalid_argument, {:name, name}}}
+  end
+
+  defp check_inputs(inputs) do
+    cond do
+      inputs == [] or not proper_list?(inputs) ->
+        {:error, {:invalid_argument, {:inputs, inputs}}}
+
+      (bad = Enum.reject(inputs, &ident?/1)) != [] ->
+        {:error, {:invalid_argument, {:input, hd(bad)}}}
+
+      true ->
+        :ok
+    end
+  end
+
+  defp check_fun(fun) do
+    if is_function(fun, 1), do: :ok, else: {:error, {:invalid_argument, {:compute_fun, fun}}}
+  end
+
+  defp ident?(x), do: is_binary(x) or (is_atom(x) and x not in [nil, true, false])
+
+  defp proper_list?([]), do: true
+  defp proper_list?([_ | rest]), do: proper_list?(rest)
+  defp proper_list?(_), do: false
 end

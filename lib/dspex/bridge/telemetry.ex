@@ -67,8 +67,10 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :propagation, :exception]` | `duration`, `monotonic_time` | `session_id`, `variable`, `kind`, `reason`, `stacktrace`, `caused_by` |
 
   A propagation pass emits `:start`, one `:exception` per derived variable
-  whose compute function raised or whose result was rejected (the pass goes
-  on), then `:stop`.
+  whose compute function raised, exited or overran its deadline (`kind:
+  :exit, reason: :timeout`) or whose result was rejected (the pass goes
+  on), then `:stop`. A session's worker that died emits one `:exception`
+  with `variable: nil` and `reason: {:worker_exit, reason}`.
 
   ### Optimizer coordination (`DSPex.Bridge.OptimizerCoordinator`)
 

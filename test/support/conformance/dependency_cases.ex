@@ -357,14 +357,17 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
     assert {:error, :not_found} = SessionStore.get_variable(sid, :d)
   end
 
-  conformance "defderived/6: propagate_change/4 writes and propagates; a rejected value is dead-lettered",
+  conformance "defderived/6: propagate_change/5 writes and propagates; a rejected value is returned and dead-lettered",
               %{sid: sid} do
     vars(sid, [:a], 1)
     {:ok, _} = DependencyManager.defderived(sid, :b, :integer, [:a], &(&1.a * 3))
     :ok = DependencyManager.propagate_change(sid, :a, 4, %{source: :test})
     :ok = DependencyManager.await_propagation(sid)
     assert SessionStore.get_variable_value(sid, :b) == 12
-    :ok = DependencyManager.propagate_change(sid, :a, "four", %{})
+
+    assert {:error, {:invalid_value, _}} =
+             DependencyManager.propagate_change(sid, :a, "four", %{})
+
     :ok = DependencyManager.await_propagation(sid)
 
     assert {:ok, [%{variable: :a, reason: {:write_rejected, _}}]} =
@@ -410,6 +413,59 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
     :ok = DependencyManager.await_propagation(sid)
     assert SessionStore.get_variable_value(sid, :b) == 42
     assert {:error, :not_found} = DependencyManager.derived_status(sid, :b)
+  end
+
+  conformance "defderived/6, propagate_change/5, derived_status/3: a foreign principal is denied",
+              %{sid: sid} do
+    vars(sid, [:a], 1)
+    {:ok, _} = DependencyManager.defderived(sid, :b, :integer, [:a], &(&1.a * 2))
+    f = &(&1.a + 1)
+
+    assert {:error, :access_denied} =
+             DependencyManager.defderived(sid, :c, :integer, [:a], f, principal: "intruder")
+
+    assert {:error, :not_found} = SessionStore.get_variable(sid, :c)
+
+    assert {:error, :access_denied} =
+             DependencyManager.propagate_change(sid, :a, 5, %{}, principal: "intruder")
+
+    assert {:error, :access_denied} =
+             DependencyManager.derived_status(sid, :b, principal: "intruder")
+
+    :ok = DependencyManager.await_propagation(sid)
+    assert SessionStore.get_variable_value(sid, :a) == 1
+    assert SessionStore.get_variable_value(sid, :b) == 2
+
+    # The session itself, named or by default, may.
+    assert {:ok, %{status: :fresh}} = DependencyManager.derived_status(sid, :b, principal: sid)
+    assert :ok = DependencyManager.propagate_change(sid, :a, 5, %{}, principal: sid)
+    :ok = DependencyManager.await_propagation(sid)
+    assert SessionStore.get_variable_value(sid, :b) == 10
+
+    denied = DSPex.Bridge.AccessControl.audit_log(sid, event: :denied, principal: "intruder")
+    assert length(denied) >= 3
+  end
+
+  conformance "defderived/6: a grant lets a principal read the status and write the inputs; the recomputation runs as the definer",
+              %{sid: sid} do
+    rules = [%{session_pattern: "worker_*", permissions: [:read, :write]}]
+    {:ok, _} = SessionStore.register_variable(sid, :a, :integer, 1, access_rules: rules)
+
+    {:ok, _} =
+      DependencyManager.defderived(sid, :b, :integer, [:a], &(&1.a * 2),
+        access_rules: [%{session_pattern: "worker_*", permissions: [:read]}]
+      )
+
+    assert :ok = DependencyManager.propagate_change(sid, :a, 3, %{}, principal: "worker_1")
+    :ok = DependencyManager.await_propagation(sid)
+    # worker_1 may not write :b, but the recomputation is the session's own.
+    assert SessionStore.get_variable_value(sid, :b) == 6
+
+    assert {:ok, %{status: :fresh}} =
+             DependencyManager.derived_status(sid, :b, principal: "worker_1")
+
+    assert {:error, :access_denied} =
+             DependencyManager.propagate_change(sid, :b, 1, %{}, principal: "worker_1")
   end
 
   defp vars(sid, names, initial \\ 0) do

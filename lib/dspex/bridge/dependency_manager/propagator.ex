@@ -1,17 +1,31 @@
 defmodule DSPex.Bridge.DependencyManager.Propagator do
   @moduledoc """
-  The propagation worker of one session: holds the session's derived
-  variables (their compute functions) and recomputes them after writes.
-  Started on demand by `DSPex.Bridge.DependencyManager`; stopped when the
-  session goes.
+  The propagation worker of one session: recomputes the session's derived
+  variables after writes. Started on demand by
+  `DSPex.Bridge.DependencyManager`; stopped when the session goes.
 
-  A pass takes every change waiting in the mailbox (so a burst coalesces),
-  asks the engine for the update order of the changed variables (the
-  maintained topological order, no graph walk here), and walks it once. A
-  derived variable is recomputed when at least one of its inputs is dirty
-  (written in this batch, or recomputed earlier in this pass); it then
-  becomes dirty itself. As the order is topological, every derived variable
-  is recomputed at most once per pass, after all of its inputs.
+  The worker keeps nothing it cannot lose. Definitions, status, dead
+  letters, pending changes and waiting callers live in
+  `DSPex.Bridge.DependencyManager.Table`; the worker caches the definitions
+  and reads them again when they change. A worker that dies is restarted by
+  its supervisor (`restart: :transient`), reads the definitions back and
+  recomputes every derived variable, so nothing written meanwhile is missed.
+
+  Nothing arrives as one message per write. A write records its variable's
+  latest version in the table and sends a wake-up only when none is on its
+  way; callers waiting for the worker (`await_propagation/2`,
+  `replay_dead_letters/2`) register in the table too and get their answer
+  through an alias. So the mailbox holds at most one wake-up, however long
+  a computation takes, and a caller that gives up leaves nothing behind.
+
+  A pass takes every change waiting, asks the engine for the update order of
+  the changed variables (the maintained topological order, no graph walk
+  here), and walks it once. A derived variable is recomputed when at least
+  one of its inputs is dirty (written in this batch, or recomputed earlier in
+  this pass); it then becomes dirty itself. As the order is topological,
+  every derived variable is recomputed at most once per pass, after all of
+  its inputs. Each computation runs in a process of its own under its
+  deadline (`DSPex.Bridge.DependencyManager.Compute`).
 
   Writers find the worker through `:persistent_term` (`whereis/1`), so a
   write to a session without derived variables does one lookup and nothing
@@ -19,19 +33,17 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   boolean. The worker's own writes do not notify it: their effects are already
   part of the pass that made them.
   """
-  use GenServer, restart: :temporary
+  use GenServer, restart: :transient
 
   require Logger
 
   alias DSPex.Bridge.{DependencyManager, SessionStore, Telemetry}
+  alias DSPex.Bridge.DependencyManager.{Compute, Table}
 
   @registry DSPex.Bridge.DependencyManager.Registry
   @supervisor DSPex.Bridge.DependencyManager.Supervisor
-  @max_dead_letters 100
   # Writes named in a derived write's metadata, at most.
   @max_causes 16
-  # Changes taken into one pass, at most, so a flood cannot starve calls.
-  @max_batch 10_000
   @missing {__MODULE__, :missing}
   # Set when the first worker starts, never cleared: a boolean is an
   # immediate, so reading it is cheaper than the per-session lookup.
@@ -53,8 +65,10 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
       [] ->
         with {:ok, _} <- SessionStore.backend().session_info(session_id) do
           case DynamicSupervisor.start_child(@supervisor, {__MODULE__, session_id}) do
+            {:ok, pid} -> {:ok, pid}
             {:error, {:already_started, pid}} -> {:ok, pid}
-            other -> other
+            :ignore -> {:error, :session_not_found}
+            {:error, _} = error -> error
           end
         end
     end
@@ -63,24 +77,183 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def ensure(_session_id), do: {:error, :session_not_found}
 
   @doc false
-  # Called by SessionStore after every accepted write.
-  @spec notify_write(String.t(), term, pos_integer) :: :ok
-  def notify_write(session_id, ident, version) do
-    with true <- :persistent_term.get(@any_key, false),
-         pid when is_pid(pid) and pid != self() <- whereis(session_id) do
-      send(pid, {:changed, ident, version})
+  # Defines a derived variable, in the caller's process (so a slow compute
+  # function holds up only its caller, never the worker): reads the inputs
+  # and computes the first value as the principal, registers the variable
+  # and its edges, then hands the definition to the worker through the table.
+  @spec define(String.t(), DependencyManager.ident(), atom, list, function, keyword) ::
+          {:ok, String.t()} | {:error, term}
+  def define(sid, name, type, inputs, fun, opts) do
+    access = Keyword.take(opts, [:principal, :context])
+    timeout = Keyword.fetch!(opts, :compute_timeout)
+    inputs = Enum.uniq_by(inputs, &to_string/1)
+
+    with {:ok, _} <- ensure(sid),
+         {:ok, read} <- read_versions(sid, inputs, access),
+         values = Map.new(read, fn {input, {value, _}} -> {input, value} end),
+         {:ok, value} <- Compute.run(fun, values, timeout) |> failed_as_compute_failed(),
+         {:ok, id} <- register(sid, name, type, inputs, value, opts),
+         :ok <- add_edges(sid, inputs, name, access) do
+      d = %{
+        key: to_string(name),
+        id: id,
+        name: name,
+        inputs: inputs,
+        input_keys: Enum.map(inputs, &to_string/1),
+        fun: fun,
+        compute_timeout: timeout,
+        access: access
+      }
+
+      Table.put_def(sid, d, %{status: :fresh, error: nil, computed_at: DateTime.utc_now()})
+      catch_up(sid, read, access)
+      {:ok, id}
+    end
+  end
+
+  # An input written after it was read, before the worker knew the
+  # definition, is propagated now. A session deleted meanwhile keeps nothing.
+  defp catch_up(sid, read, access) do
+    reads =
+      for {input, {_, version}} <- read, do: {input, version, read_version(sid, input, access)}
+
+    if Enum.any?(reads, &match?({_, _, {:error, :session_not_found}}, &1)) do
+      Table.drop(sid)
+    else
+      changed =
+        for {input, version, {:ok, {_, now}}} <- reads,
+            now != version,
+            do: Table.mark_changed(sid, input, now)
+
+      if changed != [], do: wake(sid)
+    end
+
+    :ok
+  end
+
+  defp read_versions(sid, inputs, access) do
+    Enum.reduce_while(inputs, {:ok, %{}}, fn input, {:ok, acc} ->
+      case read_version(sid, input, access) do
+        {:ok, read} -> {:cont, {:ok, Map.put(acc, input, read)}}
+        {:error, :not_found} -> {:halt, {:error, {:not_found, input}}}
+        {:error, _} = error -> {:halt, error}
+      end
+    end)
+  end
+
+  defp read_version(sid, input, access) do
+    with {:ok, var} <- SessionStore.get_variable(sid, input, access),
+         do: {:ok, {var.value, var.version}}
+  end
+
+  defp failed_as_compute_failed({:error, :timeout}), do: {:error, {:compute_failed, :timeout}}
+
+  defp failed_as_compute_failed({:error, {:raised, :error, exception, _}}),
+    do: {:error, {:compute_failed, exception}}
+
+  defp failed_as_compute_failed({:error, {:raised, kind, reason, _}}),
+    do: {:error, {:compute_failed, {kind, reason}}}
+
+  defp failed_as_compute_failed(ok), do: ok
+
+  defp register(sid, name, type, inputs, value, opts) do
+    metadata = Map.put(opts[:metadata] || %{}, :derived_from, inputs)
+
+    opts =
+      opts
+      |> Keyword.take([:constraints, :description, :access_rules, :principal, :context])
+      |> Keyword.put(:metadata, metadata)
+
+    SessionStore.register_variable(sid, name, type, value, opts)
+  end
+
+  # All edges or none: a failure removes the variable again.
+  defp add_edges(sid, inputs, name, access) do
+    principal = [principal: access[:principal]]
+
+    Enum.reduce_while(inputs, :ok, fn input, :ok ->
+      case DependencyManager.add_dependency(sid, input, name, :derived, principal) do
+        :ok -> {:cont, :ok}
+        error -> {:halt, error}
+      end
+    end)
+    |> case do
+      :ok ->
+        :ok
+
+      error ->
+        SessionStore.delete_variable(sid, name, access)
+        error
+    end
+  end
+
+  @doc false
+  # Makes sure the worker looks at the table soon: raises the flag and, when
+  # it was down, sends the one wake-up. The worker lowers the flag before it
+  # reads the table, so whatever was recorded before the flag went up is seen.
+  @spec wake(String.t()) :: :ok
+  def wake(sid) do
+    if Table.raise_flag(sid) do
+      # Looked up after the flag: a restarted worker publishes itself first.
+      case whereis(sid) do
+        nil -> :ok
+        pid -> send(pid, :wake)
+      end
     end
 
     :ok
   end
 
   @doc false
-  # Called by SessionStore when a variable is deleted.
+  # Waits (at most `timeout` ms) for the worker to finish a pass begun after
+  # this call: `reply` (the worker's), or `{:error, :timeout}`.
+  @spec await(String.t(), :sync | :replay, timeout) :: term
+  def await(sid, kind, timeout) do
+    alias = :erlang.alias([:reply])
+    Table.add_waiter(sid, alias, kind)
+    wake(sid)
+
+    receive do
+      {^alias, reply} -> reply
+    after
+      timeout ->
+        :erlang.unalias(alias)
+
+        if Table.remove_waiter(sid, alias) do
+          {:error, :timeout}
+        else
+          # Taken by the worker: its answer may be on its way already.
+          receive do
+            {^alias, reply} -> reply
+          after
+            0 -> {:error, :timeout}
+          end
+        end
+    end
+  end
+
+  @doc false
+  # Called by SessionStore after every accepted write.
+  @spec notify_write(String.t(), term, pos_integer) :: :ok
+  def notify_write(session_id, ident, version) do
+    with true <- :persistent_term.get(@any_key, false),
+         pid when is_pid(pid) and pid != self() <- whereis(session_id) do
+      Table.mark_changed(session_id, ident, version)
+      wake(session_id)
+    end
+
+    :ok
+  end
+
+  @doc false
+  # Called by SessionStore when a variable is deleted: a derived variable is
+  # forgotten (unless its name was registered again meanwhile).
   @spec notify_delete(String.t(), term) :: :ok
   def notify_delete(session_id, ident) do
-    case whereis(session_id) do
-      nil -> :ok
-      pid -> send(pid, {:deleted, ident})
+    with pid when is_pid(pid) <- whereis(session_id),
+         %{} = d <- Table.find(session_id, ident),
+         {:error, :not_found} <- SessionStore.backend().check_access(session_id, d.id, nil, :read) do
+      Table.delete_def(session_id, d)
     end
 
     :ok
@@ -91,8 +264,12 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   @spec session_closed(String.t()) :: :ok
   def session_closed(session_id) do
     case whereis(session_id) do
-      nil -> :ok
-      pid -> GenServer.cast(pid, :stop)
+      nil ->
+        Table.drop(session_id)
+
+      _pid ->
+        Table.close(session_id)
+        wake(session_id)
     end
   end
 
@@ -106,126 +283,129 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   @impl true
   def init(session_id) do
     Process.flag(:trap_exit, true)
-    :persistent_term.put({__MODULE__, session_id}, self())
-    :persistent_term.get(@any_key, false) || :persistent_term.put(@any_key, true)
 
-    {:ok,
-     %{
-       session_id: session_id,
-       derived: %{},
-       dead_letters: :queue.new(),
-       dead_count: 0,
-       next_letter: 1
-     }}
-  end
-
-  @impl true
-  def handle_call({:define, name, type, inputs, fun, opts}, _from, state) do
-    case define(state, name, type, inputs, fun, opts) do
-      {:ok, id, state} -> {:reply, {:ok, id}, state}
-      {:error, _} = error -> {:reply, error, state}
+    if Table.closed?(session_id) or not session?(session_id) do
+      Table.drop(session_id)
+      key = {__MODULE__, session_id}
+      :persistent_term.get(key, nil) && :persistent_term.erase(key)
+      :ignore
+    else
+      :persistent_term.put({__MODULE__, session_id}, self())
+      :persistent_term.get(@any_key, false) || :persistent_term.put(@any_key, true)
+      Table.watch(self(), session_id)
+      # Definitions already there: a worker before this one died.
+      restarted? = Table.defs(session_id) != []
+      {:ok, %{session_id: session_id, gen: -1, derived: %{}}, {:continue, {:start, restarted?}}}
     end
   end
 
-  def handle_call({:status, name}, _from, state) do
-    reply =
-      case find(state, name) do
-        nil -> {:error, :not_found}
-        d -> {:ok, Map.take(d, [:status, :inputs, :error, :computed_at])}
-      end
-
-    {:reply, reply, state}
-  end
-
-  def handle_call(:dead_letters, _from, state),
-    do: {:reply, {:ok, :queue.to_list(state.dead_letters)}, state}
-
-  # Recomputes the variables of the dead letters; letters that are not
-  # recomputations (a rejected `propagate_change/4` write) stay.
-  def handle_call(:replay, _from, state) do
-    derived? = &Map.has_key?(state.derived, to_string(&1.variable))
-    {replayable, kept} = state.dead_letters |> :queue.to_list() |> Enum.split_with(derived?)
-    keys = replayable |> Enum.map(&to_string(&1.variable)) |> Enum.uniq()
-    state = %{state | dead_letters: :queue.from_list(kept), dead_count: length(kept)}
-
-    roots = Enum.map(keys, fn key -> {state.derived[key].name, [%{replay: true}]} end)
-    state = propagate(state, roots, MapSet.new(keys))
-
-    failed =
-      state.dead_letters
-      |> :queue.to_list()
-      |> Enum.map(&to_string(&1.variable))
-      |> Enum.filter(&(&1 in keys))
-      |> Enum.uniq()
-      |> length()
-
-    {:reply, {:ok, %{replayed: length(keys) - failed, failed: failed}}, state}
-  end
-
-  def handle_call(:sync, _from, state), do: {:reply, :ok, state}
+  defp session?(sid), do: match?({:ok, _}, SessionStore.backend().session_info(sid))
 
   @impl true
-  def handle_cast({:set, var, value, metadata}, state) do
-    start = System.monotonic_time()
+  def handle_continue({:start, restarted?}, state) do
+    state = refresh(state)
 
-    case SessionStore.update_variable(state.session_id, var, value, metadata) do
-      :ok ->
-        version =
-          case SessionStore.get_variable(state.session_id, var) do
-            {:ok, %{version: v}} -> v
-            _ -> nil
-          end
+    roots =
+      if restarted?,
+        do: for({_, d} <- state.derived, do: {d.name, [%{restart: true}]}),
+        else: []
 
-        {:noreply, run(state, [{var, version}])}
-
-      {:error, reason} ->
-        cause = [%{variable: var, propagate_change: true}]
-        {:noreply, report(state, var, {:write_rejected, reason}, cause, start)}
-    end
+    forced = MapSet.new(roots, fn {name, _} -> to_string(name) end)
+    state = if roots == [], do: state, else: propagate(state, roots, forced)
+    cycle(state)
   end
-
-  def handle_cast(:stop, state), do: {:stop, :normal, state}
 
   @impl true
-  def handle_info({:changed, ident, version}, state) do
-    {:noreply, run(state, drain([{ident, version}], 1))}
-  end
+  def handle_info(:wake, state), do: cycle(state)
 
-  def handle_info({:deleted, ident}, state) do
-    case find(state, ident) do
-      nil -> {:noreply, state}
-      d -> {:noreply, %{state | derived: Map.delete(state.derived, d.key)}}
-    end
-  end
-
+  # A link other than the supervisor (the registry): stop with its reason,
+  # to be restarted. A normal exit of a linked process is no reason to stop.
+  def handle_info({:EXIT, _pid, :normal}, state), do: {:noreply, state}
   def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, state) do
-    key = {__MODULE__, state.session_id}
+  def terminate(reason, state) do
+    sid = state.session_id
+
+    if reason == :normal do
+      # The session is gone: nothing is left to wait for.
+      for {alias, _} <- Table.take_waiters(sid), do: send(alias, {alias, :ok})
+      Table.drop(sid)
+    end
+
+    key = {__MODULE__, sid}
     if :persistent_term.get(key, nil) == self(), do: :persistent_term.erase(key)
     :ok
   end
 
   ## Passes
 
-  defp drain(acc, n) when n >= @max_batch, do: Enum.reverse(acc)
+  # One look at the table: the flag down first (see wake/1), then the
+  # waiters, then the changes; the waiters are answered once the changes
+  # recorded before them are propagated.
+  defp cycle(state) do
+    sid = state.session_id
+    Table.lower_flag(sid)
 
-  defp drain(acc, n) do
-    receive do
-      {:changed, ident, version} -> drain([{ident, version} | acc], n + 1)
-    after
-      0 -> Enum.reverse(acc)
+    if Table.closed?(sid) do
+      {:stop, :normal, state}
+    else
+      waiters = Table.take_waiters(sid)
+      changes = Table.take_changes(sid)
+      state = state |> refresh() |> run(changes)
+
+      {state, replayed} =
+        if Enum.any?(waiters, &match?({_, :replay}, &1)), do: replay(state), else: {state, nil}
+
+      for {alias, kind} <- waiters,
+          do: send(alias, {alias, if(kind == :replay, do: {:ok, replayed}, else: :ok)})
+
+      {:noreply, state}
     end
+  end
+
+  # The definitions, read again when they changed.
+  defp refresh(state) do
+    case Table.gen(state.session_id) do
+      gen when gen == state.gen ->
+        state
+
+      gen ->
+        derived = Map.new(Table.defs(state.session_id), &{&1.key, &1})
+        %{state | gen: gen, derived: derived}
+    end
+  end
+
+  # Recomputes the variables of the dead letters; letters that are not
+  # recomputations (a rejected `propagate_change/5` write, a worker's death)
+  # stay.
+  defp replay(state) do
+    sid = state.session_id
+    derived? = &(&1.variable != nil and Map.has_key?(state.derived, to_string(&1.variable)))
+    replayable = sid |> Table.letters() |> Enum.filter(derived?)
+    keys = replayable |> Enum.map(&to_string(&1.variable)) |> Enum.uniq()
+    Table.delete_letters(sid, Enum.map(replayable, & &1.id))
+    before = Table.last_letter_id(sid)
+
+    roots = Enum.map(keys, fn key -> {state.derived[key].name, [%{replay: true}]} end)
+    state = if roots == [], do: state, else: propagate(state, roots, MapSet.new(keys))
+
+    failed =
+      sid
+      |> Table.letters()
+      |> Enum.filter(&(&1.id > before and to_string(&1.variable) in keys))
+      |> Enum.map(&to_string(&1.variable))
+      |> Enum.uniq()
+      |> length()
+
+    {state, %{replayed: length(keys) - failed, failed: failed}}
   end
 
   # `changes` are `{ident, version}` writes; a variable written several
   # times counts once, with its latest version.
-  defp run(state, changes) when state.derived == %{} do
-    _ = changes
-    state
-  end
+  defp run(state, []), do: state
+  defp run(state, _changes) when state.derived == %{}, do: state
 
   defp run(state, changes) do
     roots =
@@ -239,7 +419,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   end
 
   # `roots` are `{ident, causes}`; `forced` are keys recomputed even when no
-  # input is dirty (a replay).
+  # input is dirty (a replay, a restart).
   # A pass: the update order of the changed variables, walked once. Writes
   # that reach no derived variable end here, without events.
   defp propagate(state, roots, forced) do
@@ -254,7 +434,8 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
           else: state
 
       {:error, :session_not_found} ->
-        GenServer.cast(self(), :stop)
+        Table.close(sid)
+        wake(sid)
         state
     end
   end
@@ -356,16 +537,18 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     if causes == [] and MapSet.member?(forced, key), do: Map.get(dirty, key, []), else: causes
   end
 
+  # Inputs are read and the result written with the definer's permissions.
   defp recompute(state, d, causes) do
     sid = state.session_id
     start = System.monotonic_time()
 
     result =
-      with {:ok, values} <- read_inputs(sid, d.inputs),
-           {:ok, value} <- compute(d.fun, values) do
+      with {:ok, values} <- read_inputs(sid, d.inputs, d.access),
+           {:ok, value} <-
+             Compute.run(d.fun, values, d.compute_timeout, &Table.computing(sid, &1)) do
         meta = %{derived: true, caused_by: causes}
 
-        case SessionStore.update_variable(sid, d.name, value, meta) do
+        case SessionStore.update_variable(sid, d.name, value, meta, d.access) do
           :ok -> :ok
           {:error, :not_found} -> :gone
           {:error, reason} -> {:error, {:write_rejected, reason}}
@@ -374,34 +557,61 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
     case result do
       :ok ->
-        d = %{d | status: :fresh, error: nil, computed_at: DateTime.utc_now()}
-        {:ok, put_in(state.derived[d.key], d)}
+        Table.put_status(sid, d.key, %{
+          status: :fresh,
+          error: nil,
+          computed_at: DateTime.utc_now()
+        })
 
-      # Deleted under us (the delete notice is on its way): forget it.
+        {:ok, state}
+
+      # Deleted under us (SessionStore forgets it too): forget it.
       :gone ->
+        Table.delete_def(sid, d)
         {:gone, %{state | derived: Map.delete(state.derived, d.key)}}
 
       {:error, reason} ->
-        state = put_in(state.derived[d.key], %{d | status: :stale, error: dead_reason(reason)})
-        {:error, report(state, d.name, reason, causes, start)}
+        previous = Table.status(sid, d.key) || %{computed_at: nil}
+        stale = Map.merge(previous, %{status: :stale, error: dead_reason(reason)})
+        Table.put_status(sid, d.key, stale)
+        report(sid, d.name, reason, causes, start)
+        {:error, state}
     end
   end
 
+  defp read_inputs(sid, inputs, access) do
+    Enum.reduce_while(inputs, {:ok, %{}}, fn input, {:ok, acc} ->
+      case SessionStore.get_variable_value(sid, input, @missing, access) do
+        @missing -> {:halt, {:error, {:missing_input, input}}}
+        value -> {:cont, {:ok, Map.put(acc, input, value)}}
+      end
+    end)
+  end
+
+  @doc false
   # A failed recomputation or write: the event, then the dead letter.
-  defp report(state, var, reason, causes, start) do
+  @spec report(String.t(), term, term, list, integer) :: :ok
+  def report(sid, var, reason, causes, start) do
     now = System.monotonic_time()
 
     Telemetry.execute(
       [:dspex, :bridge, :propagation, :exception],
       %{duration: now - start, monotonic_time: now},
-      exception_metadata(state.session_id, var, reason, causes)
+      exception_metadata(sid, var, reason, causes)
     )
 
-    fail(state, var, reason, causes)
+    Table.add_letter(sid, %{variable: var, reason: dead_reason(reason), caused_by: causes})
   end
 
-  defp exception_metadata(sid, var, {:raised, kind, reason, stack}, causes),
-    do: %{
+  defp exception_metadata(sid, var, reason, causes) do
+    {kind, reason, stack} =
+      case reason do
+        {:raised, kind, reason, stack} -> {kind, reason, stack}
+        :timeout -> {:exit, :timeout, []}
+        reason -> {:error, reason, []}
+      end
+
+    %{
       session_id: sid,
       variable: var,
       kind: kind,
@@ -409,137 +619,10 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
       stacktrace: stack,
       caused_by: causes
     }
-
-  defp exception_metadata(sid, var, reason, causes),
-    do: %{
-      session_id: sid,
-      variable: var,
-      kind: :error,
-      reason: reason,
-      stacktrace: [],
-      caused_by: causes
-    }
-
-  # Records a failure in the bounded dead letters.
-  defp fail(state, var, reason, causes) do
-    letter = %{
-      id: state.next_letter,
-      variable: var,
-      reason: dead_reason(reason),
-      caused_by: causes,
-      at: DateTime.utc_now()
-    }
-
-    {letters, count} =
-      if state.dead_count >= @max_dead_letters,
-        do: {:queue.drop(state.dead_letters), state.dead_count},
-        else: {state.dead_letters, state.dead_count + 1}
-
-    %{
-      state
-      | dead_letters: :queue.in(letter, letters),
-        dead_count: count,
-        next_letter: state.next_letter + 1
-    }
   end
 
   # Exceptions are kept, stack traces are not (they are in the event).
   defp dead_reason({:raised, :error, exception, _stack}), do: exception
   defp dead_reason({:raised, kind, reason, _stack}), do: {kind, reason}
   defp dead_reason(reason), do: reason
-
-  defp read_inputs(sid, inputs) do
-    Enum.reduce_while(inputs, {:ok, %{}}, fn input, {:ok, acc} ->
-      case SessionStore.get_variable_value(sid, input, @missing) do
-        @missing -> {:halt, {:error, {:missing_input, input}}}
-        value -> {:cont, {:ok, Map.put(acc, input, value)}}
-      end
-    end)
-  end
-
-  defp compute(fun, values) do
-    {:ok, fun.(values)}
-  catch
-    kind, reason ->
-      {:error, {:raised, kind, Exception.normalize(kind, reason, __STACKTRACE__), __STACKTRACE__}}
-  end
-
-  ## Definitions
-
-  defp define(state, name, type, inputs, fun, opts) do
-    sid = state.session_id
-    inputs = Enum.uniq_by(inputs, &to_string/1)
-
-    with :ok <- check_inputs(inputs),
-         {:ok, values} <- read_inputs(sid, inputs) |> missing_as_not_found(),
-         {:ok, value} <- compute(fun, values) |> failed_as_compute_failed(),
-         {:ok, id} <- register(sid, name, type, inputs, value, opts),
-         :ok <- add_edges(sid, inputs, name) do
-      d = %{
-        key: to_string(name),
-        id: id,
-        name: name,
-        inputs: inputs,
-        input_keys: Enum.map(inputs, &to_string/1),
-        fun: fun,
-        status: :fresh,
-        error: nil,
-        computed_at: DateTime.utc_now()
-      }
-
-      {:ok, id, put_in(state.derived[d.key], d)}
-    end
-  end
-
-  defp check_inputs(inputs) do
-    case Enum.find(
-           inputs,
-           &(not (is_binary(&1) or (is_atom(&1) and &1 not in [nil, true, false])))
-         ) do
-      nil -> :ok
-      bad -> {:error, {:invalid_argument, {:input, bad}}}
-    end
-  end
-
-  defp missing_as_not_found({:error, {:missing_input, input}}), do: {:error, {:not_found, input}}
-  defp missing_as_not_found(ok), do: ok
-
-  defp failed_as_compute_failed({:error, {:raised, :error, exception, _}}),
-    do: {:error, {:compute_failed, exception}}
-
-  defp failed_as_compute_failed({:error, {:raised, kind, reason, _}}),
-    do: {:error, {:compute_failed, {kind, reason}}}
-
-  defp failed_as_compute_failed(ok), do: ok
-
-  defp register(sid, name, type, inputs, value, opts) do
-    metadata = Map.put(opts[:metadata] || %{}, :derived_from, inputs)
-    opts = Keyword.put(opts, :metadata, metadata)
-    SessionStore.register_variable(sid, name, type, value, opts)
-  end
-
-  # All edges or none: a failure removes the variable again.
-  defp add_edges(sid, inputs, name) do
-    Enum.reduce_while(inputs, :ok, fn input, :ok ->
-      case DependencyManager.add_dependency(sid, input, name, :derived) do
-        :ok -> {:cont, :ok}
-        error -> {:halt, error}
-      end
-    end)
-    |> case do
-      :ok ->
-        :ok
-
-      error ->
-        SessionStore.delete_variable(sid, name)
-        error
-    end
-  end
-
-  defp find(state, ident) do
-    case Map.get(state.derived, to_string(ident)) do
-      nil -> Enum.find_value(state.derived, fn {_k, d} -> if d.id == ident, do: d end)
-      d -> d
-    end
-  end
 end

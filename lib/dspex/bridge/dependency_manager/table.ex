@@ -1,0 +1,287 @@
+defmodule DSPex.Bridge.DependencyManager.Table do
+  @moduledoc """
+  What a session's propagation must not lose when its worker dies, in one
+  ETS table owned by this long-lived process: the definitions of derived
+  variables (compute functions included), their status, the dead letters,
+  the changes waiting to be propagated and the callers waiting for them.
+
+  The worker (`DSPex.Bridge.DependencyManager.Propagator`) is a cache over
+  this table: a restarted worker reads its definitions back. This process
+  also watches every worker and makes a death visible: a dead letter, a
+  `[:dspex, :bridge, :propagation, :exception]` event with `variable: nil`
+  and `reason: {:worker_exit, reason}`, and the `restarts` count of
+  `DSPex.Bridge.DependencyManager.derived_status/3`.
+
+  Keys start with the session id (an ordered set, so a session's keys are
+  one range):
+
+  | key | value |
+  | --- | --- |
+  | `{sid, :def, key}` | a definition (`key` is the name as a string) |
+  | `{sid, :id, id}` | the key of the definition whose variable has id `id` |
+  | `{sid, :status, key}` | `%{status, error, computed_at}` |
+  | `{sid, :gen}` | bumped by every change to the definitions |
+  | `{sid, :changed, ident}` | the latest version written to `ident`, not yet propagated |
+  | `{sid, :wake}` | set while a wake-up message is on its way to the worker |
+  | `{sid, :waiter, alias}` | `:sync` or `:replay`: a caller waiting for the worker |
+  | `{sid, :letter, id}` / `{sid, :letter_seq}` | dead letters, and the last id given |
+  | `{sid, :restarts}` | how many times the worker died and was restarted |
+  | `{sid, :computing}` | the worker's latest computation, killed if the worker dies |
+  | `{sid, :closed}` | the session is gone; its worker stops |
+
+  Writers coalesce: a write overwrites its variable's `:changed` entry and
+  sends a wake-up only when none is on its way, so a worker's mailbox holds
+  at most one, however many writes arrive while it computes.
+  """
+  use GenServer
+
+  alias DSPex.Bridge.Telemetry
+
+  @table __MODULE__
+  @max_dead_letters 100
+
+  @doc false
+  def start_link(_opts \\ []), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
+
+  @doc false
+  # Called by a worker when it starts: report its death. A call, so a worker
+  # killed right after it started is watched already.
+  @spec watch(pid, String.t()) :: :ok
+  def watch(pid, sid), do: GenServer.call(__MODULE__, {:watch, pid, sid})
+
+  ## Definitions
+
+  @spec defs(String.t()) :: [map]
+  def defs(sid), do: :ets.select(@table, [{{{sid, :def, :_}, :"$1"}, [], [:"$1"]}])
+
+  @spec gen(String.t()) :: non_neg_integer
+  def gen(sid), do: lookup({sid, :gen}, 0)
+
+  @doc "The definition named `ident` (a name, in either form, or the variable's id)."
+  @spec find(String.t(), term) :: map | nil
+  def find(sid, ident) do
+    key = to_string(ident)
+
+    case lookup({sid, :def, key}, nil) do
+      nil ->
+        case lookup({sid, :id, key}, nil) do
+          nil -> nil
+          key -> lookup({sid, :def, key}, nil)
+        end
+
+      d ->
+        d
+    end
+  end
+
+  @spec put_def(String.t(), map, map) :: :ok
+  def put_def(sid, d, status) do
+    :ets.insert(@table, [
+      {{sid, :def, d.key}, d},
+      {{sid, :id, d.id}, d.key},
+      {{sid, :status, d.key}, status}
+    ])
+
+    bump(sid)
+  end
+
+  @doc "Forgets `d`, unless its key now holds another definition."
+  @spec delete_def(String.t(), map) :: :ok
+  def delete_def(sid, d) do
+    if :ets.select_delete(@table, [{{{sid, :def, d.key}, %{id: d.id}}, [], [true]}]) > 0 do
+      :ets.delete(@table, {sid, :id, d.id})
+      :ets.delete(@table, {sid, :status, d.key})
+      bump(sid)
+    end
+
+    :ok
+  end
+
+  defp bump(sid) do
+    :ets.update_counter(@table, {sid, :gen}, 1, {{sid, :gen}, 0})
+    :ok
+  end
+
+  @spec status(String.t(), String.t()) :: map | nil
+  def status(sid, key), do: lookup({sid, :status, key}, nil)
+
+  @spec put_status(String.t(), String.t(), map) :: :ok
+  def put_status(sid, key, status) do
+    # Only for a definition that still exists: a late write must not
+    # resurrect a deleted one.
+    if :ets.member(@table, {sid, :def, key}),
+      do: :ets.insert(@table, {{sid, :status, key}, status})
+
+    :ok
+  end
+
+  ## Changes, wake-ups and waiters
+
+  @spec mark_changed(String.t(), term, term) :: true
+  def mark_changed(sid, ident, version),
+    do: :ets.insert(@table, {{sid, :changed, ident}, version})
+
+  @doc "The changes waiting, `[{ident, version}]`, taken out of the table."
+  @spec take_changes(String.t()) :: [{term, term}]
+  def take_changes(sid) do
+    @table
+    |> :ets.select([{{{sid, :changed, :"$1"}, :_}, [], [:"$1"]}])
+    |> Enum.flat_map(fn ident ->
+      for {{_, _, ident}, version} <- :ets.take(@table, {sid, :changed, ident}),
+          do: {ident, version}
+    end)
+  end
+
+  @doc "Raises the wake-up flag; `true` when it was down (so the caller sends the wake-up)."
+  @spec raise_flag(String.t()) :: boolean
+  def raise_flag(sid), do: :ets.insert_new(@table, {{sid, :wake}, true})
+
+  @spec lower_flag(String.t()) :: true
+  def lower_flag(sid), do: :ets.delete(@table, {sid, :wake})
+
+  @spec add_waiter(String.t(), reference, :sync | :replay) :: true
+  def add_waiter(sid, alias, kind), do: :ets.insert(@table, {{sid, :waiter, alias}, kind})
+
+  @doc "Removes a waiter; `false` when the worker has taken it already."
+  @spec remove_waiter(String.t(), reference) :: boolean
+  def remove_waiter(sid, alias), do: :ets.take(@table, {sid, :waiter, alias}) != []
+
+  @spec take_waiters(String.t()) :: [{reference, :sync | :replay}]
+  def take_waiters(sid) do
+    @table
+    |> :ets.select([{{{sid, :waiter, :"$1"}, :_}, [], [:"$1"]}])
+    |> Enum.flat_map(fn alias ->
+      for {{_, _, alias}, kind} <- :ets.take(@table, {sid, :waiter, alias}), do: {alias, kind}
+    end)
+  end
+
+  @doc false
+  # The computation the worker runs now (overwritten by the next one): the
+  # worker's death kills it.
+  @spec computing(String.t(), pid) :: true
+  def computing(sid, pid), do: :ets.insert(@table, {{sid, :computing}, {self(), pid}})
+
+  ## Dead letters
+
+  @doc "Records a dead letter (`%{variable, reason, caused_by}`), keeping the last 100."
+  @spec add_letter(String.t(), map) :: :ok
+  def add_letter(sid, letter) do
+    id = :ets.update_counter(@table, {sid, :letter_seq}, 1, {{sid, :letter_seq}, 0})
+    letter = Map.merge(letter, %{id: id, at: DateTime.utc_now()})
+    :ets.insert(@table, {{sid, :letter, id}, letter})
+    oldest = id - @max_dead_letters
+
+    if oldest > 0 do
+      :ets.select_delete(@table, [
+        {{{sid, :letter, :"$1"}, :_}, [{:"=<", :"$1", oldest}], [true]}
+      ])
+    end
+
+    :ok
+  end
+
+  @doc "The dead letters, oldest first."
+  @spec letters(String.t()) :: [map]
+  def letters(sid), do: :ets.select(@table, [{{{sid, :letter, :_}, :"$1"}, [], [:"$1"]}])
+
+  @spec last_letter_id(String.t()) :: non_neg_integer
+  def last_letter_id(sid), do: lookup({sid, :letter_seq}, 0)
+
+  @spec delete_letters(String.t(), [pos_integer]) :: :ok
+  def delete_letters(sid, ids) do
+    Enum.each(ids, &:ets.delete(@table, {sid, :letter, &1}))
+  end
+
+  ## The session and its worker
+
+  @spec restarts(String.t()) :: non_neg_integer
+  def restarts(sid), do: lookup({sid, :restarts}, 0)
+
+  @spec close(String.t()) :: true
+  def close(sid), do: :ets.insert(@table, {{sid, :closed}, true})
+
+  @spec closed?(String.t()) :: boolean
+  def closed?(sid), do: :ets.member(@table, {sid, :closed})
+
+  @doc "Forgets everything about the session."
+  @spec drop(String.t()) :: :ok
+  def drop(sid) do
+    :ets.select_delete(@table, [
+      {{{sid, :_}, :_}, [], [true]},
+      {{{sid, :_, :_}, :_}, [], [true]}
+    ])
+
+    :ok
+  end
+
+  defp lookup(key, default) do
+    case :ets.lookup(@table, key) do
+      [{_, value}] -> value
+      [] -> default
+    end
+  end
+
+  ## Server
+
+  @impl true
+  def init([]) do
+    :ets.new(@table, [
+      :ordered_set,
+      :public,
+      :named_table,
+      read_concurrency: true,
+      write_concurrency: true
+    ])
+
+    {:ok, %{}}
+  end
+
+  @impl true
+  def handle_call({:watch, pid, sid}, _from, watched) do
+    {:reply, :ok, Map.put(watched, Process.monitor(pid), sid)}
+  end
+
+  @impl true
+  def handle_info({:DOWN, ref, :process, worker, reason}, watched) do
+    {sid, watched} = Map.pop(watched, ref)
+
+    if sid do
+      # Its computation in flight, if any, goes with it.
+      with {^worker, pid} <- lookup({sid, :computing}, nil), do: Process.exit(pid, :kill)
+      died(sid, reason)
+    end
+
+    {:noreply, watched}
+  end
+
+  def handle_info(_other, watched), do: {:noreply, watched}
+
+  # Its supervisor restarts a worker that died; the death is recorded here.
+  # A normal stop is the session closing; `:noproc` a worker gone before it
+  # was watched (nothing can be said about it).
+  defp died(_sid, reason) when reason in [:normal, :shutdown, :noproc], do: :ok
+  defp died(_sid, {:shutdown, _}), do: :ok
+
+  defp died(sid, reason) do
+    if defs(sid) != [] and not closed?(sid) do
+      :ets.update_counter(@table, {sid, :restarts}, 1, {{sid, :restarts}, 0})
+      add_letter(sid, %{variable: nil, reason: {:worker_exit, reason}, caused_by: []})
+      now = System.monotonic_time()
+
+      Telemetry.execute(
+        [:dspex, :bridge, :propagation, :exception],
+        %{duration: 0, monotonic_time: now},
+        %{
+          session_id: sid,
+          variable: nil,
+          kind: :exit,
+          reason: {:worker_exit, reason},
+          stacktrace: [],
+          caused_by: []
+        }
+      )
+    end
+
+    :ok
+  end
+end
