@@ -442,7 +442,7 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
     :ok = DependencyManager.await_propagation(sid)
     assert SessionStore.get_variable_value(sid, :b) == 10
 
-    denied = DSPex.Bridge.AccessControl.audit_log(sid, event: :denied, principal: "intruder")
+    denied = DSPex.Bridge.AccessControl.audit_log(sid, event: :denied, by: "intruder")
     assert length(denied) >= 3
   end
 
