@@ -359,7 +359,11 @@ defmodule Demo do
     show("after kill -9 of #{os_pid}, a call on its session", SessionStore.get_variable(sid, :x))
     show("the NIF copy still answers", SessionStore.get_variable_value(moved, :temperature))
     wait_for_restart(os_pid)
-    say("the supervisor started a new port program: OS process #{PortBackend.os_pid()}")
+
+    say(
+      "the port server started a new program after its backoff: OS process #{PortBackend.os_pid()}"
+    )
+
     SessionStore.delete_session(moved)
   end
 
