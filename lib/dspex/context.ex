@@ -21,8 +21,8 @@ defmodule DSPex.Context do
 
   require Logger
 
-  alias DSPex.Bridge.SessionStore
-  alias DSPex.Context.{LocalTypes, Options, Registry}
+  alias DSPex.Bridge.{Options, SessionStore}
+  alias DSPex.Context.{LocalTypes, Registry}
 
   @type t :: GenServer.server()
 
@@ -37,12 +37,12 @@ defmodule DSPex.Context do
   `metadata:`, `rate_limit:`, `audit_size:`, `backend:`).
 
   Bad options return `{:error, {:invalid_argument, detail}}`, `detail` being
-  `:options_must_be_a_keyword_list`, `{:unknown_option, key}` or
-  `{:bad_option, key}`.
+  `{:bad_options, opts}` (not a keyword list), `{:unknown_options, keys}`,
+  `{:duplicate_options, keys}` or `{key, value}` (a bad value).
   """
   @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
   def start_link(opts \\ []) do
-    with :ok <- Options.check(opts, [:id, :name, :keep_session, :session_opts]),
+    with {:ok, opts} <- Options.validate(opts, [:id, :name, :keep_session, :session_opts]),
          :ok <- check_start_opts(opts) do
       gen_opts = if opts[:name], do: [name: opts[:name]], else: []
       GenServer.start_link(__MODULE__, opts, gen_opts)
@@ -53,11 +53,20 @@ defmodule DSPex.Context do
     max = LocalTypes.limits().max_name_bytes
 
     cond do
-      not valid_id?(opts[:id], max) -> bad_option(:id)
-      not valid_name?(opts[:name]) -> bad_option(:name)
-      opts[:keep_session] not in [nil, true, false] -> bad_option(:keep_session)
-      Options.check(opts[:session_opts] || [], @session_keys) != :ok -> bad_option(:session_opts)
-      true -> :ok
+      not valid_id?(opts[:id], max) ->
+        bad_option(opts, :id)
+
+      not valid_name?(opts[:name]) ->
+        bad_option(opts, :name)
+
+      opts[:keep_session] not in [nil, true, false] ->
+        bad_option(opts, :keep_session)
+
+      not match?({:ok, _}, Options.validate(opts[:session_opts] || [], @session_keys)) ->
+        bad_option(opts, :session_opts)
+
+      true ->
+        :ok
     end
   end
 
@@ -71,7 +80,7 @@ defmodule DSPex.Context do
   defp valid_name?({:via, module, _}), do: is_atom(module)
   defp valid_name?(_), do: false
 
-  defp bad_option(key), do: {:error, {:invalid_argument, {:bad_option, key}}}
+  defp bad_option(opts, key), do: Options.bad(key, opts[key])
 
   @doc "The context's id."
   @spec get_id(t) :: String.t()
