@@ -79,7 +79,7 @@ defmodule DSPex.ContextBadInputTest do
       {:ok, _} = Variables.defvariable(second, :y, :integer, 2)
       assert {:error, :already_exists} = Context.ensure_bridged(second)
 
-      assert {:ok, _} = SessionStore.get_session("ctx_" <> id)
+      assert {:ok, _} = SessionStore.get_session(id)
       assert Variables.get(first, :x) == 1
       refute Context.bridged?(second)
       assert Variables.get(second, :y) == 2
@@ -96,7 +96,7 @@ defmodule DSPex.ContextBadInputTest do
 
       assert {:error, :rate_limited} = Context.ensure_bridged(ctx)
       refute Context.bridged?(ctx)
-      assert {:error, :session_not_found} = SessionStore.get_session("ctx_" <> id)
+      assert {:error, :session_not_found} = SessionStore.get_session(id)
       assert Variables.get_many(ctx, [:x, :y]) == %{x: 1, y: 2}
       Context.stop(ctx)
     end
