@@ -112,6 +112,17 @@ defmodule DSPex.Bridge.DependencyManager do
   @max_timeout 4_294_967_295
 
   @doc """
+  The session's dependency process (the worker that recomputes its derived
+  variables), started if needed: `{:ok, pid}`, the same `pid` while it
+  runs. The library supervises it (it is not linked to the caller) and
+  starts it itself whenever a call needs it; seed 002 starts one per
+  session, so this is that call. `{:error, :session_not_found}` for a
+  session that does not exist.
+  """
+  @spec start_link(session_id) :: {:ok, pid} | {:error, reason}
+  def start_link(session_id), do: Propagator.ensure(session_id)
+
+  @doc """
   Adds `from -> to`: `to` depends on `from`. Adding an edge that exists
   replaces its type and returns `:ok`. Options: `principal:`.
 
