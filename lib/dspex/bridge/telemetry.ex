@@ -304,14 +304,31 @@ defmodule DSPex.Bridge.Telemetry do
 
   @doc """
   Runs `fun` inside `prefix ++ [:start]` / `[:stop]` / `[:exception]` events,
-  as `:telemetry.span/3`. `fun` returns `{result, stop_metadata}`.
+  as `:telemetry.span/3` does. `fun` returns `{result, stop_metadata}` or
+  `{result, extra_measurements, stop_metadata}` (merged into the `:stop`
+  measurements); `span/3` returns `result`.
+
+  - `:start`: `%{system_time, monotonic_time}`, `start_metadata`;
+  - `:stop`: `%{duration, monotonic_time}` (plus the extra measurements),
+    `stop_metadata`;
+  - `:exception` (when `fun` raises, exits or throws, which is then
+    re-raised with its stack trace): `%{duration, monotonic_time}`,
+    `start_metadata` with `kind`, `reason` and `stacktrace`.
+
+  All three carry the same `telemetry_span_context` (a reference) in their
+  metadata, unless `start_metadata` gives one. `duration` is in native time
+  units.
 
       iex> DSPex.Bridge.Telemetry.span([:my, :work], %{}, fn -> {42, %{}} end)
       42
+      iex> DSPex.Bridge.Telemetry.span([:my, :work], %{}, fn -> {42, %{items: 3}, %{}} end)
+      42
   """
-  @spec span(event, map, (() -> {term, map})) :: term
+  @spec span(event, map, (() -> {term, map} | {term, map, map})) :: term
   def span(prefix, start_metadata, fun) do
     start = System.monotonic_time()
+    context = Map.get_lazy(start_metadata, :telemetry_span_context, &make_ref/0)
+    start_metadata = Map.put(start_metadata, :telemetry_span_context, context)
 
     execute(
       prefix ++ [:start],
@@ -320,13 +337,18 @@ defmodule DSPex.Bridge.Telemetry do
     )
 
     try do
-      {result, stop_metadata} = fun.()
+      {result, extra, stop_metadata} =
+        case fun.() do
+          {result, stop_metadata} -> {result, %{}, stop_metadata}
+          {_result, _extra, _stop_metadata} = three -> three
+        end
+
       stop = System.monotonic_time()
 
       execute(
         prefix ++ [:stop],
-        %{duration: stop - start, monotonic_time: stop},
-        stop_metadata
+        Map.merge(extra, %{duration: stop - start, monotonic_time: stop}),
+        Map.put(stop_metadata, :telemetry_span_context, context)
       )
 
       result
