@@ -89,14 +89,16 @@ defmodule DSPex.Bridge.DependencyManager do
   input changes the derived variable only through its compute function.
 
   Options are keyword lists; anything else, an unknown option or a bad
-  value is `{:error, {:invalid_argument, detail}}`. No call waits without
+  value is `{:error, {:invalid_argument, detail}}` (`{:bad_options, opts}`,
+  `{:unknown_options, keys}`, `{:duplicate_options, keys}` or
+  `{key, value}`, as everywhere in the library). No call waits without
   bound: `await_propagation/2` and `replay_dead_letters/2` return
   `{:error, :timeout}` after their timeout, `defderived/6` returns within
   its compute deadline (plus the engine calls), and `derived_status/3` and
   `dead_letters/1` do not wait for the worker at all.
   """
 
-  alias DSPex.Bridge.{AccessControl, SessionStore, Telemetry}
+  alias DSPex.Bridge.{AccessControl, Options, SessionStore, Telemetry}
   alias DSPex.Bridge.DependencyManager.{Propagator, Table}
 
   @type session_id :: String.t()
@@ -108,6 +110,17 @@ defmodule DSPex.Bridge.DependencyManager do
   @default_compute_timeout 5_000
   # The longest `receive ... after` the VM takes.
   @max_timeout 4_294_967_295
+
+  @doc """
+  The session's dependency process (the worker that recomputes its derived
+  variables), started if needed: `{:ok, pid}`, the same `pid` while it
+  runs. The library supervises it (it is not linked to the caller) and
+  starts it itself whenever a call needs it; seed 002 starts one per
+  session, so this is that call. `{:error, :session_not_found}` for a
+  session that does not exist.
+  """
+  @spec start_link(session_id) :: {:ok, pid} | {:error, reason}
+  def start_link(session_id), do: Propagator.ensure(session_id)
 
   @doc """
   Adds `from -> to`: `to` depends on `from`. Adding an edge that exists
@@ -427,20 +440,14 @@ defmodule DSPex.Bridge.DependencyManager do
 
   ## Arguments
 
-  # A keyword list of `known` options with good values, or an invalid argument.
+  # A keyword list of `known` options with good values, or an invalid
+  # argument (the library's one options policy, `DSPex.Bridge.Options`).
   defp options(opts, known) do
-    cond do
-      not Keyword.keyword?(opts) ->
-        {:error, {:invalid_argument, {:options, opts}}}
-
-      (unknown = Enum.find(Keyword.keys(opts), &(&1 not in known))) != nil ->
-        {:error, {:invalid_argument, {:unknown_option, unknown}}}
-
-      (bad = Enum.find(opts, &(not good_option?(&1)))) != nil ->
-        {:error, {:invalid_argument, bad}}
-
-      true ->
-        {:ok, opts}
+    with {:ok, opts} <- Options.validate(opts, known) do
+      case Enum.find(opts, &(not good_option?(&1))) do
+        nil -> {:ok, opts}
+        {key, value} -> Options.bad(key, value)
+      end
     end
   end
 

@@ -95,9 +95,9 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       assert CB.install(name, half_open_probes: 0) == bad.({:half_open_probes, 0})
       assert CB.install(name, timeout: :soon) == bad.({:timeout, :soon})
       assert CB.install(name, slow_call_ms: 0) == bad.({:slow_call_ms, 0})
-      assert CB.install(name, colour: :red) == bad.({:unknown_option, :colour})
-      assert CB.install(name, [:threshold]) == bad.({:options, [:threshold]})
-      assert CB.install(name, %{threshold: 1}) == bad.({:options, %{threshold: 1}})
+      assert CB.install(name, colour: :red) == bad.({:unknown_options, [:colour]})
+      assert CB.install(name, [:threshold]) == bad.({:bad_options, [:threshold]})
+      assert CB.install(name, %{threshold: 1}) == bad.({:bad_options, %{threshold: 1}})
       assert CB.state(name) == {:error, :not_found}
     end
 
@@ -273,7 +273,7 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       assert CB.call(name, fn -> :ok end, timeout: -1) ==
                {:error, {:invalid_argument, {:timeout, -1}}}
 
-      assert CB.call(name, fn -> :ok end, :x) == {:error, {:invalid_argument, {:options, :x}}}
+      assert CB.call(name, fn -> :ok end, :x) == {:error, {:invalid_argument, {:bad_options, :x}}}
       assert CB.call({:nope, name}, fn -> :ok end) == {:error, :not_found}
     end
   end
@@ -311,7 +311,7 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       assert CB.record(name, :ok, duration_ms: -1) ==
                {:error, {:invalid_argument, {:duration_ms, -1}}}
 
-      assert CB.record(name, :ok, :x) == {:error, {:invalid_argument, {:options, :x}}}
+      assert CB.record(name, :ok, :x) == {:error, {:invalid_argument, {:bad_options, :x}}}
     end
   end
 
