@@ -229,7 +229,7 @@ defmodule DSPex.Bridge.State.Bridged do
         result = attempts(cfg, op, args, write?, fun)
         ms = System.convert_time_unit(System.monotonic_time() - start, :native, :millisecond)
         CircuitBreaker.record(cfg.breaker, outcome(result), duration_ms: ms)
-        done(cfg, op, args, write?, result, park?)
+        done(cfg, {op, args, start}, write?, result, park?)
 
       {:error, :circuit_open} ->
         now = System.os_time(:millisecond)
@@ -286,8 +286,9 @@ defmodule DSPex.Bridge.State.Bridged do
     end
   end
 
+  # `call` is `{op, args, start}` (monotonic native time the call began);
   # `{:attempts, result, tried}`: some attempt failed.
-  defp done(cfg, op, args, write?, {:attempts, result, tried}, park?) do
+  defp done(cfg, {op, args, _} = call, write?, {:attempts, result, tried}, park?) do
     case result do
       {:error, :backend_unavailable} when write? ->
         if park? and parkable?(cfg, op), do: park(cfg, op, args, tried, result), else: result
@@ -297,18 +298,18 @@ defmodule DSPex.Bridge.State.Bridged do
         result
 
       _ ->
-        done(cfg, op, args, write?, result, park?)
+        done(cfg, call, write?, result, park?)
     end
   end
 
-  defp done(cfg, op, args, false, result, _park?) do
+  defp done(cfg, {op, args, start}, false, result, _park?) do
     case result do
       {:error, _} -> result
-      _ -> cache_put(cfg, op, args, result)
+      _ -> cache_put(cfg, op, args, result, start)
     end
   end
 
-  defp done(cfg, _op, args, true, result, _park?) do
+  defp done(cfg, {_op, args, _start}, true, result, _park?) do
     if not match?({:error, _}, result), do: wrote(cfg, args)
     result
   end
@@ -372,12 +373,14 @@ defmodule DSPex.Bridge.State.Bridged do
 
   # The tables go with this server; a caller racing its restart only
   # loses a cache entry.
-  defp cache_put(cfg, op, args, result) do
-    cache_insert(cfg, op, args, result)
+  # A value is stamped with the time its read began: a write that ended
+  # after that may not be in it.
+  defp cache_put(cfg, op, args, result, start) do
+    cache_insert(cfg, op, args, result, start)
     result
   end
 
-  defp cache_insert(cfg, op, args, result) do
+  defp cache_insert(cfg, op, args, result, start) do
     if :ets.info(cfg.cache, :size) >= cfg.max_entries do
       case :ets.first(cfg.cache) do
         :"$end_of_table" -> :ok
@@ -385,20 +388,20 @@ defmodule DSPex.Bridge.State.Bridged do
       end
     end
 
-    :ets.insert(cfg.cache, {{op, args}, result, System.monotonic_time(:millisecond)})
+    :ets.insert(cfg.cache, {{op, args}, result, start})
   rescue
     ArgumentError -> false
   end
 
   # A write went through (or may have): cached reads of its session are older.
   defp wrote(cfg, args) do
-    :ets.insert(cfg.writes, {scope(args), System.monotonic_time(:millisecond)})
+    :ets.insert(cfg.writes, {scope(args), System.monotonic_time()})
   rescue
     ArgumentError -> false
   end
 
   defp cache_get(cfg, op, args) do
-    now = System.monotonic_time(:millisecond)
+    now = System.monotonic_time()
 
     verdict =
       case lookup(cfg.cache, {op, args}) do
@@ -412,10 +415,12 @@ defmodule DSPex.Bridge.State.Bridged do
               [] -> nil
             end
 
+          age = System.convert_time_unit(now - at, :native, :millisecond)
+
           cond do
-            now - at > cfg.max_stale_ms -> {:miss, :too_stale}
+            age > cfg.max_stale_ms -> {:miss, :too_stale}
             written != nil and written >= at -> {:miss, :written_since}
-            true -> {:hit, result, now - at}
+            true -> {:hit, result, age}
           end
       end
 
