@@ -242,6 +242,7 @@ defmodule DSPex.Bridge.State.Bridged do
     end
   end
 
+  defp outcome({:attempts, result, _tried}), do: outcome(result)
   defp outcome({:error, reason}) when reason in @failures, do: :error
   defp outcome({:error, {:internal_error, _}}), do: :error
   defp outcome(_), do: :ok
