@@ -414,7 +414,11 @@ defmodule DSPex.Bridge.DeadLetterQueue do
 
     with :ok <- File.mkdir_p(state.dir),
          {:ok, table} <-
-           :dets.open_file({__MODULE__, make_ref()}, file: String.to_charlist(file), type: :set) do
+           :dets.open_file({__MODULE__, make_ref()},
+             file: String.to_charlist(file),
+             type: :set,
+             auto_save: 1_000
+           ) do
       state = %{state | table: table}
       load(state)
     else
@@ -525,7 +529,9 @@ defmodule DSPex.Bridge.DeadLetterQueue do
       index(state, entry, size)
       state = %{state | next_id: entry.id + 1, count: state.count + 1, bytes: state.bytes + size}
       state = state |> evict(entry) |> bump(:added)
-      :dets.sync(state.table)
+      # A parked write was acknowledged to its caller: on disk before the
+      # reply. Propagation letters are saved within a second (auto_save).
+      if entry.kind == :write, do: :dets.sync(state.table)
 
       Telemetry.execute(
         [:dspex, :bridge, :dlq, :added],
@@ -663,9 +669,13 @@ defmodule DSPex.Bridge.DeadLetterQueue do
             %{id: id, kind: entry.kind, op: entry.op, by: by, reason: reason}
           )
 
-          Logger.notice(
-            "dspex_bridge: dead letter #{id} (#{inspect(entry.op)}) dropped by #{inspect(by)}: #{inspect(reason)}"
-          )
+          # The library's own drops (a closed session's letters) are events
+          # and audit records; an operator's are logged too.
+          if by != :dspex_bridge do
+            Logger.notice(
+              "dspex_bridge: dead letter #{id} (#{inspect(entry.op)}) dropped by #{inspect(by)}: #{inspect(reason)}"
+            )
+          end
 
           st
           |> remove(entry)
