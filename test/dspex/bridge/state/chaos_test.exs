@@ -87,7 +87,9 @@ defmodule DSPex.Bridge.State.ChaosTest do
 
   test "SIGSTOP under traffic: timeouts open the breaker, reads come from the cache with their age; SIGCONT: a probe closes it",
        %{sid: sid, dlq: dlq, os_pid: os_pid} do
-    install(dlq, threshold: 2, timeout: 300, half_open_successes: 1)
+    # Open long enough that every read while stopped meets an open breaker,
+    # however slow the machine; after SIGCONT its clock is moved on.
+    install(dlq, threshold: 2, timeout: 60_000, half_open_successes: 1)
 
     ref =
       TelemetryHelper.attach([
@@ -119,6 +121,7 @@ defmodule DSPex.Bridge.State.ChaosTest do
     assert is_integer(age) and age >= 0
 
     {_, 0} = signal(os_pid, "-CONT")
+    CircuitBreaker.__advance_clock__(@breaker, 60_000)
 
     # Readers go on: once the open time is up, one of them is the probe.
     closed =
