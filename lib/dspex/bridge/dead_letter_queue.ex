@@ -41,7 +41,9 @@ defmodule DSPex.Bridge.DeadLetterQueue do
 
   The default `dir` is under `System.tmp_dir!/0`, one per installation
   (`dspex_bridge/<node>/<hash of the app's directory>`): set it in
-  production, as a temporary directory may be cleared at boot. A directory
+  production, as a temporary directory may be cleared at boot. The
+  directory is made readable by its owner only (entries hold the values
+  written). A directory
   that cannot be opened is logged, and the queue then refuses entries with
   `{:error, {:unavailable, reason}}`.
 
@@ -412,7 +414,10 @@ defmodule DSPex.Bridge.DeadLetterQueue do
   defp open(state) do
     file = Path.join(state.dir, "dead_letters.dets")
 
+    # Entries hold written values: the directory is the owner's only (a
+    # directory that is not ours to change keeps its mode).
     with :ok <- File.mkdir_p(state.dir),
+         _ <- File.chmod(state.dir, 0o700),
          {:ok, table} <-
            :dets.open_file({__MODULE__, make_ref()},
              file: String.to_charlist(file),

@@ -102,6 +102,8 @@ defmodule DSPex.Bridge.DeadLetterQueueTest do
 
   test "it survives a restart, and ids are never given twice", ctx do
     {q, pid} = start(ctx)
+    # Entries hold written values: the directory is the owner's only.
+    assert File.stat!(ctx.tmp_dir).mode |> Bitwise.band(0o077) == 0
     {:ok, a} = DeadLetterQueue.add(write("var_set", 1), server: q)
     {:ok, b} = DeadLetterQueue.add(write("var_set", 2), server: q)
     {:ok, 1} = DeadLetterQueue.drop(b, server: q, by: "test")
