@@ -47,6 +47,9 @@ defmodule DSPex.Bridge.Analytics do
   | `[:dspex, :optimization, :completed]` | `:optimization_duration` | `duration_ms` |
   | `[:dspex, :optimization, :lock_conflict \\| :preempted]` | `:lock_conflict`, `:lock_preempted` | 1 |
 
+  Cache events come from `DSPex.Bridge.State.Bridged` (reads refused by
+  an open breaker); they make the dashboard's `cache_hit_rate`.
+
   Derived types, merged at query time: `:read_latency` is `:variable_read`,
   `:write_latency` is `:variable_write`, `:operation_latency` is both,
   `:operation_error` is `:read_error`, `:version_conflict`, `:access_denied`
@@ -277,8 +280,9 @@ defmodule DSPex.Bridge.Analytics do
   The Prometheus text exposition (format 0.0.4) of everything observable:
   each analytics metric type as a summary named `dspex_analytics_<type>`
   (quantiles over the last minute, lifetime `_sum` and `_count`), the Rust
-  engine's own counters and histograms (`dspex_core_*`), and the BEAM side
-  (`dspex_*`: live sessions, VM memory, processes, run queue). Works without
+  engine's own counters and histograms (`dspex_core_*`), the BEAM side
+  (`dspex_*`: live sessions, VM memory, processes, run queue) and the
+  dead-letter queue's gauges (`dspex_dlq_*`, `DSPex.Bridge.DeadLetterQueue`). Works without
   Analytics started (then without the `dspex_analytics_*` families).
   """
   @spec prometheus_text() :: iodata
@@ -316,7 +320,8 @@ defmodule DSPex.Bridge.Analytics do
       ]),
       "# HELP dspex_native_log_dropped_total Engine log records dropped on a full queue.\n",
       "# TYPE dspex_native_log_dropped_total counter\n",
-      "dspex_native_log_dropped_total #{native_log_dropped()}\n"
+      "dspex_native_log_dropped_total #{native_log_dropped()}\n",
+      DSPex.Bridge.DeadLetterQueue.prometheus_text()
     ]
   end
 

@@ -353,8 +353,11 @@ defmodule DSPex.Bridge.DependencyManager do
 
   @doc """
   Failed recomputations, oldest first: `%{id, variable, reason, caused_by,
-  at}`. At most 100 are kept per session (the oldest go first). Answered
-  without waiting for the worker.
+  at, dlq_id}`. They are entries of `DSPex.Bridge.DeadLetterQueue` (kind
+  `:propagation`, `dlq_id` their id there); this is the view of one
+  session's. At most 100 are kept per session (the oldest are evicted,
+  each with a `[:dspex, :bridge, :dlq, :evicted]` event). Answered without
+  waiting for the worker.
   """
   @spec dead_letters(session_id) :: {:ok, [map]} | {:error, reason}
   def dead_letters(session_id), do: {:ok, Table.letters(session_id)}

@@ -73,6 +73,7 @@ defmodule DSPex.Bridge.Backend.Port do
   require Logger
 
   alias DSPex.Bridge.{MsgPack, Telemetry}
+  alias DSPex.Bridge.State.Bridged
 
   @sessions __MODULE__.Sessions
   @limit_flags [
@@ -476,7 +477,19 @@ defmodule DSPex.Bridge.Backend.Port do
     :version_not_found -> {:error, :version_not_found}
   end
 
+  # Every request goes through the backend's protection (breaker, retries,
+  # cache, dead-letter queue; `DSPex.Bridge.State.Bridged`).
   defp send_command(command, args, timeout) do
+    Bridged.run(:port, command, args, command in @writes, fn ->
+      send_raw(command, args, timeout)
+    end)
+  end
+
+  @doc false
+  # `State.Bridged`'s replay of a parked request: `args` already encoded.
+  def bridged_execute(command, args), do: send_raw(command, args, default_timeout())
+
+  defp send_raw(command, args, timeout) do
     frame = [0x81, str(command), MsgPack.array_header(length(args)) | args]
 
     case GenServer.call(__MODULE__, {:request, frame}, timeout) do

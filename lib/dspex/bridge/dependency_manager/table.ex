@@ -24,7 +24,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :changed, ident}` | the latest version written to `ident`, not yet propagated |
   | `{sid, :wake}` | set while a wake-up message is on its way to the worker |
   | `{sid, :waiter, alias}` | `:sync` or `:replay`: a caller waiting for the worker |
-  | `{sid, :letter, id}` / `{sid, :letter_seq}` | dead letters, and the last id given |
+  | `{sid, :letter_seq}` | the last dead-letter id given (the letters are in `DSPex.Bridge.DeadLetterQueue`) |
   | `{sid, :restarts}` | how many times the worker died and was restarted |
   | `{sid, :computing}` | the worker's latest computation, killed if the worker dies |
   | `{sid, :closed}` | the session is gone; its worker stops |
@@ -35,10 +35,11 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   """
   use GenServer
 
-  alias DSPex.Bridge.Telemetry
+  require Logger
+
+  alias DSPex.Bridge.{DeadLetterQueue, Telemetry}
 
   @table __MODULE__
-  @max_dead_letters 100
 
   @doc false
   def start_link(_opts \\ []), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
@@ -163,34 +164,73 @@ defmodule DSPex.Bridge.DependencyManager.Table do
 
   ## Dead letters
 
-  @doc "Records a dead letter (`%{variable, reason, caused_by}`), keeping the last 100."
+  # Kept in DSPex.Bridge.DeadLetterQueue (kind `:propagation`), the one
+  # queue for failed work; this table only numbers them per session. The
+  # session's view shows the letters of this VM's life: a session does not
+  # outlive the VM, the queue's entries do.
+
+  @doc """
+  Records a dead letter (`%{variable, reason, caused_by}`) in the
+  dead-letter queue, which keeps the last 100 of a session (its
+  `max_per_session`; older ones are evicted, with an event).
+  """
   @spec add_letter(String.t(), map) :: :ok
   def add_letter(sid, letter) do
     id = :ets.update_counter(@table, {sid, :letter_seq}, 1, {{sid, :letter_seq}, 0})
     letter = Map.merge(letter, %{id: id, at: DateTime.utc_now()})
-    :ets.insert(@table, {{sid, :letter, id}, letter})
-    oldest = id - @max_dead_letters
 
-    if oldest > 0 do
-      :ets.select_delete(@table, [
-        {{{sid, :letter, :"$1"}, :_}, [{:"=<", :"$1", oldest}], [true]}
-      ])
+    entry = %{
+      kind: :propagation,
+      op: if(letter.variable == nil, do: :worker_exit, else: :recompute),
+      args: [sid, letter.variable],
+      session_id: sid,
+      attempts: [%{error: letter.reason, at: System.os_time(:millisecond)}],
+      meta: %{letter: letter, vm: vm()}
+    }
+
+    case DeadLetterQueue.add(entry) do
+      {:ok, _} ->
+        :ok
+
+      {:error, reason} ->
+        Logger.warning("dspex_bridge: dead letter of #{sid} lost: #{inspect(reason)}")
     end
 
     :ok
   end
 
-  @doc "The dead letters, oldest first."
+  @doc "The dead letters, oldest first (each with its queue id, `dlq_id`)."
   @spec letters(String.t()) :: [map]
-  def letters(sid), do: :ets.select(@table, [{{{sid, :letter, :_}, :"$1"}, [], [:"$1"]}])
+  def letters(sid) do
+    if DeadLetterQueue.session?(sid) do
+      case DeadLetterQueue.list(kind: :propagation, session_id: sid, limit: 1_000_000) do
+        {:ok, entries} ->
+          vm = vm()
+
+          for %{meta: %{letter: letter, vm: ^vm}, id: dlq_id} <- entries,
+              do: Map.put(letter, :dlq_id, dlq_id)
+
+        {:error, _} ->
+          []
+      end
+    else
+      []
+    end
+  end
 
   @spec last_letter_id(String.t()) :: non_neg_integer
   def last_letter_id(sid), do: lookup({sid, :letter_seq}, 0)
 
+  @doc "Takes letters out of the queue: they were replayed."
   @spec delete_letters(String.t(), [pos_integer]) :: :ok
+  def delete_letters(_sid, []), do: :ok
+
   def delete_letters(sid, ids) do
-    Enum.each(ids, &:ets.delete(@table, {sid, :letter, &1}))
+    dlq_ids = for %{id: id, dlq_id: dlq_id} <- letters(sid), id in ids, do: dlq_id
+    DeadLetterQueue.resolve(dlq_ids)
   end
+
+  defp vm, do: {System.pid(), :erlang.system_info(:start_time)}
 
   ## The session and its worker
 
@@ -210,6 +250,14 @@ defmodule DSPex.Bridge.DependencyManager.Table do
       {{{sid, :_}, :_}, [], [true]},
       {{{sid, :_, :_}, :_}, [], [true]}
     ])
+
+    # Its letters go with it (audited, as every drop).
+    if DeadLetterQueue.session?(sid) do
+      DeadLetterQueue.drop([kind: :propagation, session_id: sid],
+        by: :dspex_bridge,
+        reason: :session_closed
+      )
+    end
 
     :ok
   end

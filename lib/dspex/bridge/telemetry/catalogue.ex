@@ -90,6 +90,21 @@ defmodule DSPex.Bridge.Telemetry.Catalogue do
   Emitted by the calling process. Nothing is emitted for an admitted ask
   or a successful call; `:rejected` fires for each refused call.
 
+  ### Bridged backends and the dead-letter queue (`DSPex.Bridge.State.Bridged`, `DSPex.Bridge.DeadLetterQueue`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :cache, :hit]` | `age_ms` | `backend`, `op` (the backend's command), `age_ms` (how old the value served is), `breaker` |
+  | `[:dspex, :bridge, :cache, :miss]` | `system_time` | `backend`, `op`, `reason` (`:not_cached`, `:too_stale`, `:written_since`), `breaker` |
+  | `[:dspex, :bridge, :dlq, :added]` | `depth`, `bytes` | `id`, `kind` (`:write`, `:propagation`), `op`, `session_id`, `reason` (the last error) |
+  | `[:dspex, :bridge, :dlq, :replayed]` | `attempts` | `id`, `kind`, `op`, `result` (`:ok` or the error of the replay) |
+  | `[:dspex, :bridge, :dlq, :dropped]` | `system_time` | `id`, `kind`, `op`, `by`, `reason` |
+  | `[:dspex, :bridge, :dlq, :evicted]` | `system_time` | `id`, `kind`, `op`, `session_id`, `why` (`:max_entries`, `:max_bytes`, `:max_per_session`) |
+
+  Cache events are emitted only for reads refused by an open breaker (a
+  hit is served from the cache), never for a read that reached the
+  backend. Queue events are emitted by the queue's process.
+
   ### Observability (`DSPex.Bridge.Analytics`)
 
   Analytics emits no events of its own: it consumes the events of this

@@ -6,7 +6,11 @@ defmodule DSPex.Bridge.Backend.PortTest do
   alias DSPex.Bridge.{MsgPack, SessionStore}
   alias DSPex.TelemetryHelper
 
+  # These tests are about the raw backend: its calls go unprotected by
+  # DSPex.Bridge.State.Bridged (no breaker, retries or cache) here.
   setup do
+    :ok = DSPex.Bridge.State.Bridged.uninstall(:port)
+    on_exit(fn -> :ok = DSPex.Bridge.State.Bridged.install(:port) end)
     wait_for_port()
     :ok
   end
