@@ -66,7 +66,7 @@ defmodule DSPex.Bridge.DependencyManager do
     access to `to`.
   """
 
-  alias DSPex.Bridge.{SessionStore, Telemetry}
+  alias DSPex.Bridge.Telemetry
   alias DSPex.Bridge.DependencyManager.Propagator
 
   @type session_id :: String.t()
@@ -304,7 +304,7 @@ defmodule DSPex.Bridge.DependencyManager do
   @spec graph_info(session_id, keyword) :: {:ok, map} | {:error, reason}
   def graph_info(session_id, opts \\ []), do: backend().graph_info(session_id, principal(opts))
 
-  defp backend, do: SessionStore.backend()
+  defp backend, do: DSPex.Bridge.Backend.Router
 
   defp principal([]), do: nil
   defp principal(opts), do: Keyword.validate!(opts, [:principal])[:principal]

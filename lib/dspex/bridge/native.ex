@@ -29,6 +29,7 @@ defmodule DSPex.Bridge.Native do
   def var_register(_sid, _name, _type, _initial, _opts, _principal), do: err()
   def var_get(_sid, _ident, _principal), do: err()
   def var_value(_sid, _ident, _principal), do: err()
+  def var_exists(_sid, _ident, _principal), do: err()
   def var_set(_sid, _ident, _value, _metadata, _expected, _principal), do: err()
   def var_set_many(_sid, _updates, _atomic, _principal), do: err()
   def var_history(_sid, _ident, _limit, _principal), do: err()

@@ -113,12 +113,17 @@ defmodule DSPex.Bridge.SessionStore do
   def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
 
   @doc """
-  The backend module serving sessions: `DSPex.Bridge.Backend.Router`, which
-  serves each session from the backend it was created in (`:nif` or
-  `:port`, see `create_session/2`).
+  The backend holding a session: `{:ok, :nif}` (in the VM) or `{:ok, :port}`
+  (the out-of-process engine), as chosen by `create_session/2`'s
+  `backend:`; `{:error, :session_not_found}` when neither holds it.
   """
-  @spec backend() :: module
-  def backend, do: @backend
+  @spec backend(session_id) :: {:ok, :nif | :port} | {:error, :session_not_found}
+  def backend(session_id) do
+    case Router.kind_of(session_id) do
+      nil -> {:error, :session_not_found}
+      kind -> {:ok, kind}
+    end
+  end
 
   ## Sessions
 
@@ -391,6 +396,31 @@ defmodule DSPex.Bridge.SessionStore do
           error -> AccessControl.refusal(error, session_id, ident, caller, :read)
         end
       end)
+    end
+  end
+
+  @doc """
+  Is there a variable under this name or id that the caller may read?
+  `{:ok, true}` or `{:ok, false}`; a variable the caller may not read is
+  `{:error, :access_denied}`, as reading it is. Options: `principal:`,
+  `context:`.
+
+      iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-exists")
+      iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
+      iex> DSPex.Bridge.SessionStore.variable_exists?(sid, :k)
+      {:ok, true}
+      iex> DSPex.Bridge.SessionStore.variable_exists?(sid, :missing)
+      {:ok, false}
+  """
+  @spec variable_exists?(session_id, ident, keyword) :: {:ok, boolean} | {:error, term}
+  def variable_exists?(session_id, ident, opts \\ []) do
+    with {:ok, opts} <- Options.validate(opts, @read_opts) do
+      caller = AccessControl.caller(opts)
+
+      case @backend.variable_exists(session_id, ident, caller) do
+        {:ok, _} = ok -> ok
+        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
+      end
     end
   end
 

@@ -51,7 +51,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         {:ok, pid}
 
       [] ->
-        with {:ok, _} <- SessionStore.backend().session_info(session_id) do
+        with {:ok, _} <- DSPex.Bridge.Backend.Router.session_info(session_id) do
           case DynamicSupervisor.start_child(@supervisor, {__MODULE__, session_id}) do
             {:error, {:already_started, pid}} -> {:ok, pid}
             other -> other
@@ -287,7 +287,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   # The engine's order for the changed variables that still exist.
   defp update_order(sid, changed) do
-    case SessionStore.backend().graph_update_order(sid, changed, nil) do
+    case DSPex.Bridge.Backend.Router.graph_update_order(sid, changed, nil) do
       {:ok, order} ->
         {:ok, order}
 
