@@ -14,6 +14,8 @@ defmodule DSPex.Bridge.Native do
   def store_init(_limits), do: err()
   def store_limits, do: err()
   def store_memory, do: err()
+  # test-only: panics inside the NIF
+  def debug_panic, do: err()
 
   # sessions
   def session_create(_sid, _opts), do: err()

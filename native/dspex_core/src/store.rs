@@ -144,7 +144,8 @@ impl Store {
         self.sessions.is_empty()
     }
 
-    /// Removes expired sessions and returns their ids.
+    /// Removes the sessions expired at `now` and returns their ids, sorted
+    /// (the map's order depends on its per-process hash seed).
     pub fn sweep_expired(&self, now: i64) -> Vec<Arc<str>> {
         let _span = tracing::debug_span!("sweep_expired").entered();
         let sessions = self.sessions.pin();
@@ -164,6 +165,8 @@ impl Store {
             })
             .collect();
         metrics::counter!(names::SESSIONS_EXPIRED).increment(expired.len() as u64);
+        let mut expired = expired;
+        expired.sort();
         expired
     }
 

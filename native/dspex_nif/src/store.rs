@@ -196,3 +196,10 @@ fn session_import<'a>(env: Env<'a>, snapshot: Term<'a>, new_id: Term<'a>) -> Ter
     })();
     ok_or(env, r)
 }
+
+/// Test-only: panics, so a test can show that a panic in a NIF is an
+/// exception in the caller and that the VM and the store live on.
+#[rustler::nif(name = "debug_panic")]
+fn debug_panic() -> rustler::Atom {
+    panic!("debug_panic: a test of the NIF boundary")
+}
