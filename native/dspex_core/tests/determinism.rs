@@ -32,8 +32,12 @@ fn command() -> impl Strategy<Value = Command> {
     let sid = prop::sample::select(SESSIONS.to_vec()).prop_map(String::from);
     let name = prop::sample::select(NAMES.to_vec()).prop_map(Value::atom);
     prop_oneof![
-        (sid.clone(), prop::option::of(1i64..50), prop::option::of(1i64..5)).prop_map(
-            |(s, ttl, rate)| SessionCreate {
+        (
+            sid.clone(),
+            prop::option::of(1i64..50),
+            prop::option::of(1i64..5)
+        )
+            .prop_map(|(s, ttl, rate)| SessionCreate {
                 session: s,
                 ttl_ms: ttl.map_or(Value::Nil, Value::Int),
                 max_history: Value::Int(3),
@@ -43,8 +47,7 @@ fn command() -> impl Strategy<Value = Command> {
                 }),
                 audit_capacity: Value::Int(8),
             }
-            .into()
-        ),
+            .into()),
         (sid.clone(), name.clone()).prop_map(|(s, n)| VarRegister {
             session: s,
             name: n,
