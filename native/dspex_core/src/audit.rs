@@ -94,6 +94,7 @@ impl AuditRing {
         if self.capacity == 0 {
             return;
         }
+        let at = crate::time::resolve(at);
         let mut ring = self.inner.lock();
         ring.recorded += 1;
         let entry = AuditEntry {

@@ -127,7 +127,9 @@ impl TokenBucket {
 /// Nanoseconds since the epoch of a microsecond stamp (a stamp before the
 /// epoch counts as the epoch).
 fn nanos(now_us: i64) -> u64 {
-    u64::try_from(now_us).unwrap_or(0).saturating_mul(1000)
+    u64::try_from(crate::time::resolve(now_us))
+        .unwrap_or(0)
+        .saturating_mul(1000)
 }
 
 #[cfg(test)]

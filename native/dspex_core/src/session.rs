@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::graph::SessionGraph;
 use crate::limits::Limits;
 use crate::ratelimit::{RateLimit, TokenBucket};
+use crate::time::resolve;
 use crate::types::{Constraints, VarType};
 use crate::value::Value;
 use crate::variable::{HistoryEntry, Variable, WriteMeta};
@@ -127,6 +128,7 @@ impl Session {
         if self.opts.ttl_ms.is_none() {
             return;
         }
+        let now = resolve(now);
         if now - self.last_access.load(Ordering::Relaxed) > TOUCH_GRANULARITY_US {
             self.last_access.store(now, Ordering::Relaxed);
         }
@@ -138,7 +140,7 @@ impl Session {
 
     pub fn is_expired(&self, now: i64) -> bool {
         match self.opts.ttl_ms {
-            Some(ttl) => now - self.last_access() > (ttl as i64).saturating_mul(1000),
+            Some(ttl) => resolve(now) - self.last_access() > (ttl as i64).saturating_mul(1000),
             None => false,
         }
     }
@@ -389,7 +391,7 @@ impl Session {
         self.limits.check_value(&value)?;
         self.limits.check_value(&meta.metadata)?;
         self.with_var(ident, caller, Permission::Write, |v| {
-            v.set(value, meta, caller.now_us)
+            v.set(value, meta, resolve(caller.now_us))
         })
     }
 
@@ -435,7 +437,7 @@ impl Session {
         if !errors.is_empty() {
             return Err(Error::ValidationFailed(Value::Map(errors.into())));
         }
-        let now = caller.now_us;
+        let now = resolve(caller.now_us);
         Ok(guards
             .iter_mut()
             .zip(updates)
@@ -470,7 +472,7 @@ impl Session {
         metadata: Value,
         caller: &Caller,
     ) -> Result<u64> {
-        let now = caller.now_us;
+        let now = resolve(caller.now_us);
         self.with_var(ident, caller, Permission::Write, |v| {
             let old = v.value_at(version)?.clone();
             let meta = metadata.with("rollback_to", Value::Int(version as i64));

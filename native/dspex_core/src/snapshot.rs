@@ -897,6 +897,10 @@ mod tests {
         for (what, poison) in cases {
             let why = rejected(poison);
             assert!(!why.is_empty(), "{what}");
+            if what == "duplicate id" {
+                // The clashing id by its text, not the (free) name.
+                assert!(why.contains("duplicate variable id \"var_t_1\""), "{why}");
+            }
         }
     }
 

@@ -213,10 +213,16 @@ impl Store {
         // lands complete or not at all.
         let session = Session::new(id.into(), snapshot.opts, self.limits.clone(), now);
         for (key, var) in snapshot.variables {
-            let dup = format!("duplicate variable name or id {key:?}");
-            session
-                .insert(key, var)
-                .map_err(|_| Error::InvalidSnapshot(dup))?;
+            let id = var.id.clone();
+            if session.insert(key.clone(), var).is_err() {
+                // Say which of the two was taken, with its own text.
+                let name_taken = session.with_cell(&key, |_| ()).is_ok();
+                return Err(Error::InvalidSnapshot(if name_taken {
+                    format!("duplicate variable name {key:?}")
+                } else {
+                    format!("duplicate variable id {id:?}")
+                }));
+            }
         }
         session.dependencies().replace(snapshot.graph);
         self.publish(id.into(), Arc::new(session), now)?;

@@ -17,7 +17,7 @@ use crate::term::{
 };
 use dspex_core::command::reply as reply_shape;
 use dspex_core::command::{args::Actor, Operation, VarRegister};
-use dspex_core::time::now_us;
+use dspex_core::time::{now_us, CLOCK};
 
 /// Runs `f` on the session with the decoded caller.
 pub(crate) fn with_session<'a, T>(
@@ -25,7 +25,8 @@ pub(crate) fn with_session<'a, T>(
     principal: Term<'a>,
     f: impl FnOnce(&Session, &Caller) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let now = now_us();
+    // Stamped lazily: the clock is read only if the call needs the time.
+    let now = CLOCK;
     let sid = decode_sid(sid)?;
     let caller = decode_caller(principal)?;
     let caller = caller.caller(now);
