@@ -19,6 +19,7 @@ rust-checks:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 elixir-checks:
 	mix format --check-formatted

@@ -431,7 +431,7 @@ defmodule DSPex.Bridge.DependencyManager do
          do: backend().graph_info(session_id, opts[:principal])
   end
 
-  defp backend, do: SessionStore.backend()
+  defp backend, do: DSPex.Bridge.Backend.Router
 
   defp removed(session_id, count, metadata) do
     Telemetry.execute(

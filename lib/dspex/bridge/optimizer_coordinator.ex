@@ -82,7 +82,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   import DSPex.Bridge.OptimizerCoordinator.{Args, Events}
 
-  alias DSPex.Bridge.{AccessControl, Native, Options, SessionStore, Telemetry}
+  alias DSPex.Bridge.{AccessControl, Native, Options, Telemetry}
   alias DSPex.Bridge.Backend.Router
 
   require Telemetry
@@ -512,18 +512,17 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
         {:ok, var_id}
 
       sid ->
-        with {:ok, %{id: id}} <- SessionStore.backend().get_variable(sid, var_id, nil),
+        with {:ok, %{id: id}} <- DSPex.Bridge.Backend.Router.get_variable(sid, var_id, nil),
              :ok <- AccessControl.authorize(sid, id, permission, principal: opts[:principal]) do
           {:ok, {@session, sid, id}}
         end
     end
   end
 
-  # Writes are fenced inside the engine, so on sessions of the NIF backend;
-  # a port session's variables are locked for optimizers but not fenced.
+  # Writes are fenced inside the engine holding the session, whichever
+  # backend it is (see `Router.fence/3`).
   defp fence({@session, sid, id}, opts) do
-    if opts[:session_id] && Router.kind_of(sid) == :nif,
-      do: {sid, id, opts[:principal]}
+    if opts[:session_id], do: Router.fence(sid, id, opts[:principal])
   end
 
   defp fence(_key, _opts), do: nil

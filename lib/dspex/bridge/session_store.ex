@@ -91,8 +91,6 @@ defmodule DSPex.Bridge.SessionStore do
   @type ident :: atom | String.t()
   @type reason :: atom | {atom, term}
 
-  @backend Router
-
   # The implementation is split along its seams: `Sessions`, `Variables`
   # (one at a time, and reads of several), `Batch` (writes of several),
   # `History` (history and rollback), `Args` (options and the engine's
@@ -107,12 +105,17 @@ defmodule DSPex.Bridge.SessionStore do
   def child_spec(opts), do: %{Sweeper.child_spec(opts) | id: __MODULE__}
 
   @doc """
-  The backend module serving sessions: `DSPex.Bridge.Backend.Router`, which
-  serves each session from the backend it was created in (`:nif` or
-  `:port`, see `create_session/2`).
+  The backend holding a session: `{:ok, :nif}` (in the VM) or `{:ok, :port}`
+  (the out-of-process engine), as chosen by `create_session/2`'s
+  `backend:`; `{:error, :session_not_found}` when neither holds it.
   """
-  @spec backend() :: module
-  def backend, do: @backend
+  @spec backend(session_id) :: {:ok, :nif | :port} | {:error, :session_not_found}
+  def backend(session_id) do
+    case Router.kind_of(session_id) do
+      nil -> {:error, :session_not_found}
+      kind -> {:ok, kind}
+    end
+  end
 
   ## Sessions
 
@@ -216,6 +219,22 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
   defdelegate get_variable(session_id, ident, opts \\ []), to: Variables
+
+  @doc """
+  Is there a variable under this name or id that the caller may read?
+  `{:ok, true}` or `{:ok, false}`; a variable the caller may not read is
+  `{:error, :access_denied}`, as reading it is. Options: `principal:`,
+  `context:`.
+
+      iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-exists")
+      iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
+      iex> DSPex.Bridge.SessionStore.variable_exists?(sid, :k)
+      {:ok, true}
+      iex> DSPex.Bridge.SessionStore.variable_exists?(sid, :missing)
+      {:ok, false}
+  """
+  @spec variable_exists?(session_id, ident, keyword) :: {:ok, boolean} | {:error, term}
+  defdelegate variable_exists?(session_id, ident, opts \\ []), to: Variables
 
   @doc """
   The value of a variable, or `default` when it cannot be read (unknown

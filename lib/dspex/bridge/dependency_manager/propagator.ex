@@ -39,6 +39,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   alias DSPex.Bridge.{DependencyManager, SessionStore, Telemetry}
   alias DSPex.Bridge.DependencyManager.{Compute, Table}
+  alias DSPex.Bridge.Backend.Router
 
   @registry DSPex.Bridge.DependencyManager.Registry
   @supervisor DSPex.Bridge.DependencyManager.Supervisor
@@ -63,7 +64,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         {:ok, pid}
 
       [] ->
-        with {:ok, _} <- SessionStore.backend().session_info(session_id) do
+        with {:ok, _} <- DSPex.Bridge.Backend.Router.session_info(session_id) do
           case DynamicSupervisor.start_child(@supervisor, {__MODULE__, session_id}) do
             {:ok, pid} -> {:ok, pid}
             {:error, {:already_started, pid}} -> {:ok, pid}
@@ -252,7 +253,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def notify_delete(session_id, ident) do
     with pid when is_pid(pid) <- whereis(session_id),
          %{} = d <- Table.find(session_id, ident),
-         {:error, :not_found} <- SessionStore.backend().check_access(session_id, d.id, nil, :read) do
+         {:error, :not_found} <- Router.check_access(session_id, d.id, nil, :read) do
       Table.delete_def(session_id, d)
     end
 
@@ -299,7 +300,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     end
   end
 
-  defp session?(sid), do: match?({:ok, _}, SessionStore.backend().session_info(sid))
+  defp session?(sid), do: match?({:ok, _}, Router.session_info(sid))
 
   @impl true
   def handle_continue({:start, restarted?}, state) do
@@ -468,7 +469,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   # The engine's order for the changed variables that still exist.
   defp update_order(sid, changed) do
-    case SessionStore.backend().graph_update_order(sid, changed, nil) do
+    case DSPex.Bridge.Backend.Router.graph_update_order(sid, changed, nil) do
       {:ok, order} ->
         {:ok, order}
 

@@ -29,6 +29,18 @@ defmodule DSPex.Bridge.SessionStore.Variables do
   @ident_errors [:name_must_be_atom_or_string, :bad_name_length]
   @write_opts DSPex.Bridge.SessionStore.Args.write_opts()
 
+  @spec variable_exists?(session_id, ident, keyword) :: {:ok, boolean} | {:error, reason}
+  def variable_exists?(session_id, ident, opts \\ []) do
+    with {:ok, opts} <- Options.validate(opts, @read_opts) do
+      caller = AccessControl.caller(opts)
+
+      case @backend.variable_exists(session_id, ident, caller) do
+        {:ok, _} = ok -> ok
+        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
+      end
+    end
+  end
+
   @spec register_variable(session_id, ident, atom, term, keyword) ::
           {:ok, String.t()} | {:error, reason}
   def register_variable(session_id, name, type, initial, opts \\ []) do

@@ -332,7 +332,7 @@ defmodule DSPex.Bridge.State.Bridged do
     entry = %{
       kind: :write,
       op: op,
-      args: Enum.map(args, &IO.iodata_to_binary/1),
+      args: Enum.map(args, fn {name, value} -> {name, IO.iodata_to_binary(value)} end),
       backend: cfg.backend,
       breaker: cfg.breaker,
       session_id: session_of(cfg, args),
@@ -349,10 +349,12 @@ defmodule DSPex.Bridge.State.Bridged do
     end
   end
 
-  # The session a port command is about: its first argument, when a string.
-  defp session_of(%{backend: :port}, [sid | _]) do
-    case DSPex.Bridge.MsgPack.decode(IO.iodata_to_binary(sid)) do
-      {:ok, sid} when is_binary(sid) -> sid
+  # The session a port command is about: its `session` argument.
+  defp session_of(%{backend: :port}, args) do
+    with sid when sid != nil <- scope(args),
+         {:ok, sid} when is_binary(sid) <- DSPex.Bridge.MsgPack.decode(IO.iodata_to_binary(sid)) do
+      sid
+    else
       _ -> nil
     end
   end
@@ -362,15 +364,15 @@ defmodule DSPex.Bridge.State.Bridged do
   # Writes that cannot apply twice (see the moduledoc).
   defp safe_write?(:port, "acl_set_rules", _args), do: true
 
-  defp safe_write?(:port, "var_set", [_sid, _ident, _value, _meta, expected | _]),
-    do: expected != <<0xC0>>
+  defp safe_write?(:port, "var_set", args),
+    do: IO.iodata_to_binary(Keyword.get(args, :expected_version, <<0xC0>>)) != <<0xC0>>
 
   defp safe_write?(_backend, _op, _args), do: false
 
   ## The cache
 
-  defp scope([first | _]), do: first
-  defp scope([]), do: nil
+  # Requests name their arguments (`[session: .., ident: .., ...]`).
+  defp scope(args), do: Keyword.get(args, :session)
 
   # The tables go with this server; a caller racing its restart only
   # loses a cache entry.

@@ -66,8 +66,12 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert {:error, {:bad_request, "unknown command `format_disk`"}} =
                PortBackend.request("format_disk", [])
 
-      assert {:error, {:bad_request, _}} = PortBackend.request("session_info", [42])
-      assert {:error, {:invalid_value, :unsupported_term}} = PortBackend.request("x", [self()])
+      assert {:error, {:bad_request, _}} = PortBackend.request("session_info", session: 42)
+      # Arguments go by name: a misspelt one is refused, not defaulted.
+      assert {:error, {:bad_request, "unknown field `sesion`" <> _}} =
+               PortBackend.request("session_info", sesion: "s")
+
+      assert {:error, {:invalid_value, :unsupported_term}} = PortBackend.request("x", pid: self())
       assert {:ok, _} = PortBackend.request("session_list", [])
     end
   end
@@ -396,22 +400,31 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert {nil, {:error, {:bad_request, _}}} = reply(port)
 
       # Unknown command: answered by id.
-      Port.command(port, frame(7, "launch_rockets", []))
+      Port.command(port, frame(7, "launch_rockets", %{}))
       assert {7, {:error, {:bad_request, "unknown command `launch_rockets`"}}} = reply(port)
 
       # Truncated body: answered by id.
-      good = frame(8, "session_create", ["s"])
+      good = frame(8, "session_create", %{"session" => "s"})
       Port.command(port, binary_part(good, 0, byte_size(good) - 1))
       assert {8, {:error, {:bad_request, _}}} = reply(port)
 
       # Arguments of the wrong type: answered by id.
-      Port.command(port, frame(9, "session_create", [%{}]))
+      Port.command(port, frame(9, "session_create", %{"session" => %{}}))
       assert {9, {:error, {:bad_request, _}}} = reply(port)
+
+      # Arguments by position: refused, the wire form never follows field order.
+      Port.command(port, frame(13, "session_create", ["s"]))
+
+      assert {13, {:error, {:bad_request, "expected a command {name => %{argument => value}}"}}} =
+               reply(port)
 
       # Oversized (limit 1024 here): skipped unread, answered by id.
       Port.command(
         port,
-        frame(10, "session_create", ["big", nil, nil, %{m: :binary.copy("x", 5000)}])
+        frame(10, "session_create", %{
+          "session" => "big",
+          "metadata" => %{m: :binary.copy("x", 5000)}
+        })
       )
 
       assert {10, {:error, {:too_large, 1024}}} = reply(port)
@@ -421,9 +434,9 @@ defmodule DSPex.Bridge.Backend.PortTest do
       for _ <- 1..200, do: assert({_, {:error, _}} = reply(port))
 
       # Still serving.
-      Port.command(port, frame(11, "session_create", ["s"]))
+      Port.command(port, frame(11, "session_create", %{"session" => "s"}))
       assert {11, :ok} = reply(port)
-      Port.command(port, frame(12, "session_list", []))
+      Port.command(port, frame(12, "session_list", %{}))
       assert {12, {:ok, ["s"]}} = reply(port)
     end
 
