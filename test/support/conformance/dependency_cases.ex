@@ -270,7 +270,7 @@ defmodule DSPex.Bridge.Conformance.DependencyCases do
   conformance "defderived/6: a raising compute function marks the variable stale and is dead-lettered",
               %{sid: sid} do
     vars(sid, [:n], 1)
-    ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :exception]])
+    ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :failed]])
 
     {:ok, _} = DependencyManager.defderived(sid, :inv, :float, [:n], fn %{n: n} -> 1 / n end)
 

@@ -113,17 +113,22 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
     end
   end
 
-  test "start_link validates its options" do
-    assert_raise ArgumentError, fn -> Endpoint.start_link(port: -1) end
-    assert_raise ArgumentError, fn -> Endpoint.start_link(port: 80, ip: "localhost") end
-
-    assert_raise ArgumentError, ~r/max_connections/, fn ->
-      Endpoint.start_link(port: 0, max_connections: 0)
+  test "start_link answers bad options with an error, and starts nothing" do
+    for {opts, detail} <- [
+          {[port: -1], {:port, -1}},
+          {[], {:port, nil}},
+          {[port: 80, ip: "localhost"], {:ip, "localhost"}},
+          {[port: 0, max_connections: 0], {:max_connections, 0}},
+          {[port: 0, read_timeout: :never], {:read_timeout, :never}},
+          {[port: 0, prot: 1], {:unknown_options, [:prot]}},
+          {[port: 0, port: 1], {:duplicate_options, [:port]}},
+          {[port: 0, name: :bad_endpoint, max_connections: -1], {:max_connections, -1}},
+          {:nope, {:bad_options, :nope}}
+        ] do
+      assert Endpoint.start_link(opts) == {:error, {:invalid_argument, detail}}
     end
 
-    assert_raise ArgumentError, ~r/read_timeout/, fn ->
-      Endpoint.start_link(port: 0, read_timeout: :never)
-    end
+    refute Process.whereis(:bad_endpoint)
   end
 
   describe "hostile clients (raw :gen_tcp)" do
