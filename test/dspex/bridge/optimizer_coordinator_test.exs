@@ -385,6 +385,23 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   describe "bad input" do
+    test "start_link/1 answers bad options with an error, and the running coordinator stays" do
+      running = Process.whereis(OptimizerCoordinator)
+
+      for {opts, detail} <- [
+            {[lease: 0], {:lease, 0}},
+            {[preempt_after: -1], {:preempt_after, -1}},
+            {[sweep_interval: :often], {:sweep_interval, :often}},
+            {[leese: 10], {:unknown_options, [:leese]}},
+            {:nope, {:bad_options, :nope}}
+          ] do
+        assert OptimizerCoordinator.start_link(opts) == {:error, {:invalid_argument, detail}}
+      end
+
+      assert Process.whereis(OptimizerCoordinator) == running
+      assert {:error, {:already_started, ^running}} = OptimizerCoordinator.start_link([])
+    end
+
     test "is answered with an error, never a crash", %{key: key} do
       dead = spawn(fn -> :ok end)
       ref = Process.monitor(dead)
