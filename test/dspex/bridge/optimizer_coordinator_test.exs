@@ -47,18 +47,12 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
     pid
   end
 
+  # Queued waiters and grants have no event of their own: polled.
   defp await_waiters(key, n) do
-    Enum.reduce_while(1..200, nil, fn _, _ ->
-      case OptimizerCoordinator.get_lock_info(key) do
-        {:ok, %{waiters: ^n}} ->
-          {:halt, :ok}
-
-        _ ->
-          Process.sleep(5)
-          {:cont, :timeout}
-      end
-    end)
-    |> then(&assert(&1 == :ok, "never saw #{n} waiters on #{inspect(key)}"))
+    assert DSPex.Wait.until(fn ->
+             match?({:ok, %{waiters: ^n}}, OptimizerCoordinator.get_lock_info(key))
+           end),
+           "never saw #{n} waiters on #{inspect(key)}"
   end
 
   describe "seed 002 cases" do
@@ -97,10 +91,10 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   defp await_locked(key, optimizer) do
-    Enum.find_value(1..200, fn _ ->
-      match?({:ok, %{optimizer_id: ^optimizer}}, OptimizerCoordinator.get_lock_info(key)) ||
-        (Process.sleep(5) && false)
-    end) || flunk("#{optimizer} never got #{inspect(key)}")
+    assert DSPex.Wait.until(fn ->
+             match?({:ok, %{optimizer_id: ^optimizer}}, OptimizerCoordinator.get_lock_info(key))
+           end),
+           "#{optimizer} never got #{inspect(key)}"
   end
 
   describe "acquire_lock/4 with :wait" do

@@ -57,7 +57,7 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
       # The port program killed: ready again once its supervisor restarts it.
       os_pid = DSPex.Bridge.Backend.Port.os_pid()
       System.cmd("kill", ["-9", to_string(os_pid)])
-      assert wait_until(fn -> match?({:ok, _}, Health.ready()) end)
+      assert DSPex.Wait.until(fn -> match?({:ok, _}, Health.ready()) end)
     after
       Application.delete_env(:dspex_bridge, :backend)
     end
@@ -103,14 +103,6 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
     |> Enum.map(fn _ -> Task.async(fn -> get(~c"#{base}/metrics") end) end)
     |> Task.await_many(20_000)
     |> Enum.each(fn result -> assert {200, _, _} = result end)
-  end
-
-  defp wait_until(fun, tries \\ 50) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(100) && wait_until(fun, tries - 1)
-    end
   end
 
   test "start_link answers bad options with an error, and starts nothing" do
@@ -206,7 +198,7 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
           s
         end
 
-      assert wait_until(fn -> Endpoint.info(name).connections == max end)
+      assert DSPex.Wait.until(fn -> Endpoint.info(name).connections == max end)
       ports_before = length(:erlang.ports())
       procs_before = :erlang.system_info(:process_count)
 
@@ -234,7 +226,7 @@ defmodule DSPex.Bridge.Analytics.EndpointTest do
       Enum.each(hogs, &:gen_tcp.close/1)
 
       # The hogs gone, their slots are free again.
-      assert wait_until(fn -> Endpoint.info(name).connections == 0 end)
+      assert DSPex.Wait.until(fn -> Endpoint.info(name).connections == 0 end)
       assert "HTTP/1.1 200 " <> _ = exchange(port, ["GET /health/live HTTP/1.1\r\n\r\n"])
     end
   end
