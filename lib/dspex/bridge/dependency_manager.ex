@@ -64,7 +64,7 @@ defmodule DSPex.Bridge.DependencyManager do
   (`DSPex.Bridge.DependencyManager.Table`). A worker that dies anyway is
   restarted with them and recomputes every derived variable; the death is
   a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, an
-  `:exception` event with `variable: nil`, and counts in the `restarts` of
+  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`, and counts in the `restarts` of
   `derived_status/3`.
 
   Writing to a variable with no dependents costs nothing extra: sessions
