@@ -63,9 +63,9 @@ defmodule DSPex.Bridge.DependencyManager do
   Definitions are kept outside the worker
   (`DSPex.Bridge.DependencyManager.Table`). A worker that dies anyway is
   restarted with them and recomputes every derived variable; the death is
-  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, an
-  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`, and counts in the `restarts` of
-  `derived_status/3`.
+  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, a
+  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`,
+  and counts in the `restarts` of `derived_status/3`.
 
   Writing to a variable with no dependents costs nothing extra: sessions
   without derived variables have no worker, and the write path checks for
