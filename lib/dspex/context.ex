@@ -23,6 +23,7 @@ defmodule DSPex.Context do
   require Logger
 
   alias DSPex.Bridge.{Options, SessionStore}
+  alias DSPex.Bridge.SessionStore.{Args, Batch}
   alias DSPex.Context.{LocalTypes, Registry}
 
   @type t :: GenServer.server()
@@ -287,7 +288,9 @@ defmodule DSPex.Context do
 
   defp local_op({:set, ident, value, opts}, state) when is_list(opts) do
     budget = state.limits.max_value_bytes
-    {expected, metadata} = split_expected(Keyword.get(opts, :metadata, %{}), opts)
+    # As SessionStore.update_variable/5: expected_version may come in the
+    # metadata (atom or string key) or in the options.
+    {expected, metadata} = Args.expected_version(Keyword.get(opts, :metadata, %{}), opts)
 
     with {:ok, metadata} <- LocalTypes.metadata(metadata, budget),
          {:ok, expected} <- LocalTypes.expected_version(expected),
@@ -305,7 +308,7 @@ defmodule DSPex.Context do
   end
 
   defp local_op({:set_many, updates, opts}, state) when is_list(opts) do
-    with {:ok, updates} <- normalize_updates(updates, opts[:metadata] || %{}),
+    with {:ok, updates} <- Batch.normalize_updates(updates, opts[:metadata] || %{}),
          {:ok, decoded} <- decode_updates(updates, state.limits.max_value_bytes) do
       case check_updates(decoded, state.vars) do
         {:ok, writes} ->
@@ -396,48 +399,6 @@ defmodule DSPex.Context do
   defp check_new(state, key) do
     if Map.has_key?(state.vars, key), do: {:error, :already_exists}, else: :ok
   end
-
-  # As SessionStore.update_variable/5: expected_version may come in the
-  # metadata (atom or string key) or in the options.
-  defp split_expected(metadata, opts) when is_map(metadata) do
-    cond do
-      Map.has_key?(metadata, :expected_version) -> Map.pop(metadata, :expected_version)
-      Map.has_key?(metadata, "expected_version") -> Map.pop(metadata, "expected_version")
-      true -> {opts[:expected_version], metadata}
-    end
-  end
-
-  defp split_expected(metadata, opts), do: {opts[:expected_version], metadata}
-
-  # As SessionStore.update_variables/3 normalizes them: `{ident, value}` or
-  # `{ident, value, metadata_map}`, in a map or a list.
-  defp normalize_updates(updates, base) when is_map(updates),
-    do: normalize_updates(Map.to_list(updates), base)
-
-  defp normalize_updates(updates, base) when is_list(updates) and is_map(base) do
-    updates
-    |> Enum.reduce_while({:ok, []}, fn
-      {ident, value}, {:ok, acc} ->
-        {expected, meta} = split_expected(base, [])
-        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
-
-      {ident, value, meta}, {:ok, acc} when is_map(meta) ->
-        {expected, meta} = split_expected(Map.merge(base, meta), [])
-        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
-
-      other, _ ->
-        {:halt, {:error, {:invalid_argument, {:bad_update, other}}}}
-    end)
-    |> case do
-      {:ok, acc} -> {:ok, Enum.reverse(acc)}
-      error -> error
-    end
-  end
-
-  defp normalize_updates(updates, _base) when is_list(updates),
-    do: {:error, {:invalid_argument, :metadata_must_be_a_map}}
-
-  defp normalize_updates(other, _base), do: {:error, {:invalid_argument, {:bad_updates, other}}}
 
   # The NIF decodes the whole batch first; any undecodable part fails it.
   defp decode_updates(updates, budget) do

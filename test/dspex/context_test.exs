@@ -152,18 +152,10 @@ defmodule DSPex.ContextTest do
       # The registry forgets the context and, in the same callback, would
       # delete its session: once it has forgotten it and finished that
       # callback, the session is either gone or kept for good.
-      wait_until(fn -> Context.Registry.lookup(ctx) == {:local, ctx} end)
+      assert DSPex.Wait.until(fn -> Context.Registry.lookup(ctx) == {:local, ctx} end)
       _ = :sys.get_state(Context.Registry)
       assert {:ok, _} = SessionStore.get_session(sid)
       SessionStore.delete_session(sid)
-    end
-  end
-
-  defp wait_until(fun, tries \\ 100) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
     end
   end
 end

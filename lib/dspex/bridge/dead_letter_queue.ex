@@ -70,7 +70,7 @@ defmodule DSPex.Bridge.DeadLetterQueue do
 
   require Logger
 
-  alias DSPex.Bridge.{CircuitBreaker, Telemetry}
+  alias DSPex.Bridge.{CircuitBreaker, Options, Telemetry}
 
   @kinds [:write, :propagation]
   @filters [:kind, :op, :backend, :breaker, :session_id, :ids, :older_than_ms, :limit]
@@ -91,11 +91,25 @@ defmodule DSPex.Bridge.DeadLetterQueue do
   @doc """
   Starts a queue. Options (defaults from the application config):
   `dir:`, `max_entries:`, `max_bytes:`, `max_per_session:`, `replay_rate:`
-  (entries a second), `name:` (default this module).
+  (entries a second), `name:` (default this module). A bad option is
+  `{:error, {:invalid_argument, detail}}`, and nothing is started.
   """
-  @spec start_link(keyword) :: GenServer.on_start()
+  @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
   def start_link(opts \\ []) do
-    GenServer.start_link(__MODULE__, opts, name: Keyword.get(opts, :name, __MODULE__))
+    # Checked in the caller: a refusal from `init/1` would also be an exit
+    # signal to it.
+    with {:ok, opts} <-
+           Options.validate(opts, [
+             :dir,
+             :max_entries,
+             :max_bytes,
+             :max_per_session,
+             :replay_rate,
+             :name
+           ]),
+         :ok <- check_bounds(config(opts)) do
+      GenServer.start_link(__MODULE__, opts, name: Keyword.get(opts, :name, __MODULE__))
+    end
   end
 
   @doc "The default directory of the queue's file (see the moduledoc)."
@@ -367,8 +381,7 @@ defmodule DSPex.Bridge.DeadLetterQueue do
 
   @impl true
   def init(opts) do
-    config = Keyword.merge(@defaults, Application.get_env(:dspex_bridge, __MODULE__, []))
-    config = Keyword.merge(config, opts)
+    config = config(opts)
     name = Keyword.get(opts, :name, __MODULE__)
     dir = Keyword.get(config, :dir) || default_dir()
 
@@ -397,6 +410,12 @@ defmodule DSPex.Bridge.DeadLetterQueue do
     else
       {:error, reason} -> {:stop, reason}
     end
+  end
+
+  defp config(opts) do
+    @defaults
+    |> Keyword.merge(Application.get_env(:dspex_bridge, __MODULE__, []))
+    |> Keyword.merge(opts)
   end
 
   defp check_bounds(config) do

@@ -49,7 +49,7 @@ defmodule DSPex.Bridge.DependencyManager do
   - a compute function that raises, exits, overruns its deadline (or
     returns a value the variable's type rejects) marks the variable stale,
     leaves its last value in place, emits
-    `[:dspex, :bridge, :propagation, :exception]` and is recorded in the
+    `[:dspex, :bridge, :propagation, :failed]` and is recorded in the
     session's dead letters (`dead_letters/1`, `replay_dead_letters/2`);
     nothing else stops.
 
@@ -63,9 +63,9 @@ defmodule DSPex.Bridge.DependencyManager do
   Definitions are kept outside the worker
   (`DSPex.Bridge.DependencyManager.Table`). A worker that dies anyway is
   restarted with them and recomputes every derived variable; the death is
-  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, an
-  `:exception` event with `variable: nil`, and counts in the `restarts` of
-  `derived_status/3`.
+  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, a
+  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`,
+  and counts in the `restarts` of `derived_status/3`.
 
   Writing to a variable with no dependents costs nothing extra: sessions
   without derived variables have no worker, and the write path checks for
@@ -250,7 +250,7 @@ defmodule DSPex.Bridge.DependencyManager do
   asynchronously, as any write does (`await_propagation/2` waits for it).
   Returns the write's result. A write rejected for its value (not refused:
   access denials and rate limits are audited instead) is also reported as
-  `[:dspex, :bridge, :propagation, :exception]` and recorded in the dead
+  `[:dspex, :bridge, :propagation, :failed]` and recorded in the dead
   letters. Options: `principal:`, `context:`.
   """
   @spec propagate_change(session_id, ident, term, map, keyword) :: :ok | {:error, reason}

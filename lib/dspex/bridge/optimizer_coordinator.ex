@@ -100,10 +100,44 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   @doc """
   Starts the coordinator (the application does). Options override the
-  application environment: `lease:`, `preempt_after:`, `sweep_interval:`.
-  The lock table outlives a restart of this process.
+  application environment: `lease:` (ms, default 5 minutes),
+  `preempt_after:` (an integer or `:never`, default 10), `sweep_interval:`
+  (ms, default 1000). The lock table outlives a restart of this process.
+  A bad option is `{:error, {:invalid_argument, detail}}`, and nothing is
+  started.
   """
-  def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+  @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
+  def start_link(opts \\ []) do
+    with {:ok, opts} <- Options.validate(opts, [:lease, :preempt_after, :sweep_interval]),
+         {:ok, sweep} <-
+           configure(Keyword.merge(Application.get_env(:dspex_bridge, __MODULE__, []), opts)),
+         do: GenServer.start_link(__MODULE__, sweep, name: __MODULE__)
+  end
+
+  # Checked and applied in the caller, so a bad option is an answer, not a
+  # crash of the process starting it. The lock table outlives a restart of
+  # the coordinator; its configuration is fixed for the VM's lifetime.
+  defp configure(config) do
+    lease = Keyword.get(config, :lease, :timer.minutes(5))
+    preempt_after = Keyword.get(config, :preempt_after, 10)
+    sweep = Keyword.get(config, :sweep_interval, 1_000)
+
+    cond do
+      not (is_integer(lease) and lease > 0) ->
+        Options.bad(:lease, lease)
+
+      not (preempt_after == :never or (is_integer(preempt_after) and preempt_after >= 0)) ->
+        Options.bad(:preempt_after, preempt_after)
+
+      not (is_integer(sweep) and sweep > 0) ->
+        Options.bad(:sweep_interval, sweep)
+
+      true ->
+        preempt_after = if preempt_after == :never, do: @never, else: preempt_after
+
+        with :ok <- Native.lock_table_init(lease, preempt_after), do: {:ok, sweep}
+    end
+  end
 
   ## Locks
 
@@ -424,35 +458,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   ## GenServer: lease sweeps and events from the lock table
 
   @impl true
-  def init(opts) do
-    env = Application.get_env(:dspex_bridge, __MODULE__, [])
-    opts = Keyword.merge(env, opts)
-    lease = Keyword.get(opts, :lease, :timer.minutes(5))
-    preempt_after = Keyword.get(opts, :preempt_after, 10)
-    sweep = Keyword.get(opts, :sweep_interval, 1_000)
-
-    unless is_integer(lease) and lease > 0,
-      do: raise(ArgumentError, "lease must be a positive integer, got: #{inspect(lease)}")
-
-    unless preempt_after == :never or (is_integer(preempt_after) and preempt_after >= 0),
-      do: raise(ArgumentError, "preempt_after must be an integer or :never")
-
-    unless is_integer(sweep) and sweep > 0,
-      do: raise(ArgumentError, "sweep_interval must be a positive integer")
-
-    # The table outlives a restart of this process; its configuration is
-    # fixed for the VM's lifetime.
-    case Native.lock_table_init(
-           lease,
-           if(preempt_after == :never, do: @never, else: preempt_after)
-         ) do
-      :ok ->
-        :ok
-
-      {:error, reason} ->
-        raise ArgumentError, "cannot configure the lock table: #{inspect(reason)}"
-    end
-
+  def init(sweep) do
     :ok = Native.lock_listen(self())
     send(self(), :sweep)
     {:ok, %{sweep: sweep, timer: nil}}

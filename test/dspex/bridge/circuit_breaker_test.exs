@@ -17,15 +17,8 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
 
   defp fail(name, n), do: for(_ <- 1..n, do: :ok = CB.record(name, :error))
 
-  # Waits for a condition the engine reaches on another thread (a dead
-  # process's monitor callback), with no event to wait for.
-  defp eventually(fun, tries \\ 200) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never held")
-      true -> Process.sleep(5) && eventually(fun, tries - 1)
-    end
-  end
+  # `DSPex.Wait.until/2` waits for conditions the engine reaches on another
+  # thread (a dead process's monitor callback), with no event to wait for.
 
   # A process that asks, tells us the answer, then does what it is told.
   defp prober(name) do
@@ -184,7 +177,7 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       {pid, :ok} = prober(name)
       assert CB.ask(name) == {:error, :circuit_open}
       Process.exit(pid, :kill)
-      eventually(fn -> CB.info(name).probes_in_use == 0 end)
+      assert DSPex.Wait.until(fn -> CB.info(name).probes_in_use == 0 end)
       assert CB.ask(name) == :ok
     end
 

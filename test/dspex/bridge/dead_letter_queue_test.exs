@@ -94,10 +94,15 @@ defmodule DSPex.Bridge.DeadLetterQueueTest do
              DeadLetterQueue.replay(:all, server: q, rate: 0)
 
     assert {:error, {:unavailable, :not_running}} = DeadLetterQueue.list(server: :no_such_dlq)
-    Process.flag(:trap_exit, true)
-
+    # Answered, without an exit signal to the caller (which does not trap
+    # exits), and nothing started.
     assert {:error, {:invalid_argument, {:max_entries, 0}}} =
              DeadLetterQueue.start_link(name: :dlq_bad, dir: ctx.tmp_dir, max_entries: 0)
+
+    assert {:error, {:invalid_argument, {:unknown_options, [:max_entrys]}}} =
+             DeadLetterQueue.start_link(name: :dlq_bad, dir: ctx.tmp_dir, max_entrys: 1)
+
+    refute Process.whereis(:dlq_bad)
   end
 
   test "it survives a restart, and ids are never given twice", ctx do

@@ -47,18 +47,12 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
     pid
   end
 
+  # Queued waiters and grants have no event of their own: polled.
   defp await_waiters(key, n) do
-    Enum.reduce_while(1..200, nil, fn _, _ ->
-      case OptimizerCoordinator.get_lock_info(key) do
-        {:ok, %{waiters: ^n}} ->
-          {:halt, :ok}
-
-        _ ->
-          Process.sleep(5)
-          {:cont, :timeout}
-      end
-    end)
-    |> then(&assert(&1 == :ok, "never saw #{n} waiters on #{inspect(key)}"))
+    assert DSPex.Wait.until(fn ->
+             match?({:ok, %{waiters: ^n}}, OptimizerCoordinator.get_lock_info(key))
+           end),
+           "never saw #{n} waiters on #{inspect(key)}"
   end
 
   describe "seed 002 cases" do
@@ -97,10 +91,10 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   defp await_locked(key, optimizer) do
-    Enum.find_value(1..200, fn _ ->
-      match?({:ok, %{optimizer_id: ^optimizer}}, OptimizerCoordinator.get_lock_info(key)) ||
-        (Process.sleep(5) && false)
-    end) || flunk("#{optimizer} never got #{inspect(key)}")
+    assert DSPex.Wait.until(fn ->
+             match?({:ok, %{optimizer_id: ^optimizer}}, OptimizerCoordinator.get_lock_info(key))
+           end),
+           "#{optimizer} never got #{inspect(key)}"
   end
 
   describe "acquire_lock/4 with :wait" do
@@ -385,6 +379,23 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   describe "bad input" do
+    test "start_link/1 answers bad options with an error, and the running coordinator stays" do
+      running = Process.whereis(OptimizerCoordinator)
+
+      for {opts, detail} <- [
+            {[lease: 0], {:lease, 0}},
+            {[preempt_after: -1], {:preempt_after, -1}},
+            {[sweep_interval: :often], {:sweep_interval, :often}},
+            {[leese: 10], {:unknown_options, [:leese]}},
+            {:nope, {:bad_options, :nope}}
+          ] do
+        assert OptimizerCoordinator.start_link(opts) == {:error, {:invalid_argument, detail}}
+      end
+
+      assert Process.whereis(OptimizerCoordinator) == running
+      assert {:error, {:already_started, ^running}} = OptimizerCoordinator.start_link([])
+    end
+
     test "is answered with an error, never a crash", %{key: key} do
       dead = spawn(fn -> :ok end)
       ref = Process.monitor(dead)

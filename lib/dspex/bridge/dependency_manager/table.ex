@@ -8,8 +8,9 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   The worker (`DSPex.Bridge.DependencyManager.Propagator`) is a cache over
   this table: a restarted worker reads its definitions back. This process
   also watches every worker and makes a death visible: a dead letter, a
-  `[:dspex, :bridge, :propagation, :exception]` event with `variable: nil`
-  and `reason: {:worker_exit, reason}`, and the `restarts` count of
+  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`,
+  `reason: {:worker_exit, reason}` and the `telemetry_span_context` of the
+  pass it ended (`nil` between passes), and the `restarts` count of
   `DSPex.Bridge.DependencyManager.derived_status/3`.
 
   Keys start with the session id (an ordered set, so a session's keys are
@@ -27,6 +28,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :letter_seq}` | the last dead-letter id given (the letters are in `DSPex.Bridge.DeadLetterQueue`) |
   | `{sid, :restarts}` | how many times the worker died and was restarted |
   | `{sid, :computing}` | the worker's latest computation, killed if the worker dies |
+  | `{sid, :pass}` | `{worker, telemetry_span_context}` of the pass running now |
   | `{sid, :closed}` | the session is gone; its worker stops |
 
   Writers coalesce: a write overwrites its variable's `:changed` entry and
@@ -37,7 +39,8 @@ defmodule DSPex.Bridge.DependencyManager.Table do
 
   require Logger
 
-  alias DSPex.Bridge.{DeadLetterQueue, Telemetry}
+  alias DSPex.Bridge.DeadLetterQueue
+  alias DSPex.Bridge.DependencyManager.Propagator
 
   @table __MODULE__
 
@@ -161,6 +164,15 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   # worker's death kills it.
   @spec computing(String.t(), pid) :: true
   def computing(sid, pid), do: :ets.insert(@table, {{sid, :computing}, {self(), pid}})
+
+  @doc false
+  # The `telemetry_span_context` of the pass the worker runs now, for the
+  # report of its death.
+  @spec pass_started(String.t(), reference) :: true
+  def pass_started(sid, context), do: :ets.insert(@table, {{sid, :pass}, {self(), context}})
+
+  @spec pass_ended(String.t()) :: true
+  def pass_ended(sid), do: :ets.delete(@table, {sid, :pass})
 
   ## Dead letters
 
@@ -296,7 +308,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     if sid do
       # Its computation in flight, if any, goes with it.
       with {^worker, pid} <- lookup({sid, :computing}, nil), do: Process.exit(pid, :kill)
-      died(sid, reason)
+      died(sid, worker, reason)
     end
 
     {:noreply, watched}
@@ -307,27 +319,26 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   # Its supervisor restarts a worker that died; the death is recorded here.
   # A normal stop is the session closing; `:noproc` a worker gone before it
   # was watched (nothing can be said about it).
-  defp died(_sid, reason) when reason in [:normal, :shutdown, :noproc], do: :ok
-  defp died(_sid, {:shutdown, _}), do: :ok
+  defp died(_sid, _worker, reason) when reason in [:normal, :shutdown, :noproc], do: :ok
+  defp died(_sid, _worker, {:shutdown, _}), do: :ok
 
-  defp died(sid, reason) do
+  defp died(sid, worker, reason) do
     if defs(sid) != [] and not closed?(sid) do
       :ets.update_counter(@table, {sid, :restarts}, 1, {{sid, :restarts}, 0})
-      add_letter(sid, %{variable: nil, reason: {:worker_exit, reason}, caused_by: []})
-      now = System.monotonic_time()
+      # The pass it was in, if any: the span that death ended.
+      # (Not a restarted worker's: that one may have begun a pass already.)
+      context =
+        case :ets.lookup(@table, {sid, :pass}) do
+          [{_, {^worker, context}} = entry] ->
+            :ets.delete_object(@table, entry)
+            context
 
-      Telemetry.execute(
-        [:dspex, :bridge, :propagation, :exception],
-        %{duration: 0, monotonic_time: now},
-        %{
-          session_id: sid,
-          variable: nil,
-          kind: :exit,
-          reason: {:worker_exit, reason},
-          stacktrace: [],
-          caused_by: []
-        }
-      )
+          _ ->
+            nil
+        end
+
+      start = System.monotonic_time()
+      Propagator.report(sid, nil, {:worker_exit, reason}, [], start, context)
     end
 
     :ok

@@ -74,18 +74,25 @@ defmodule DSPex.Bridge.SessionStore.Batch do
     end
   end
 
-  defp normalize_updates(updates, base_meta) when is_map(updates) do
-    normalize_updates(Map.to_list(updates), base_meta)
-  end
+  @doc false
+  # The one reading of a batch, shared with `DSPex.Context`'s local state:
+  # `{ident, value}` or `{ident, value, metadata_map}` pairs, in a map or a
+  # list, each merged over the call's `metadata:` (`base`) and split into
+  # `{ident, value, metadata, expected_version}`.
+  @spec normalize_updates(term, term) ::
+          {:ok, [{term, term, map, term}]} | {:error, {:invalid_argument, term}}
+  def normalize_updates(updates, base) when is_map(updates),
+    do: normalize_updates(Map.to_list(updates), base)
 
-  defp normalize_updates(updates, base_meta) when is_list(updates) do
-    Enum.reduce_while(updates, {:ok, []}, fn
+  def normalize_updates(updates, base) when is_list(updates) and is_map(base) do
+    updates
+    |> Enum.reduce_while({:ok, []}, fn
       {ident, value}, {:ok, acc} ->
-        {expected, meta} = expected_version(base_meta, [])
+        {expected, meta} = expected_version(base, [])
         {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
 
       {ident, value, meta}, {:ok, acc} when is_map(meta) ->
-        {expected, meta} = expected_version(Map.merge(base_meta, meta), [])
+        {expected, meta} = expected_version(Map.merge(base, meta), [])
         {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
 
       other, _ ->
@@ -97,7 +104,10 @@ defmodule DSPex.Bridge.SessionStore.Batch do
     end
   end
 
-  defp normalize_updates(other, _), do: {:error, {:invalid_argument, {:bad_updates, other}}}
+  def normalize_updates(updates, _base) when is_list(updates),
+    do: {:error, {:invalid_argument, :metadata_must_be_a_map}}
+
+  def normalize_updates(other, _base), do: {:error, {:invalid_argument, {:bad_updates, other}}}
 
   # The engine reports failed idents as strings; give back the caller's form.
   defp restore_keys(errors, normalized) when is_map(errors) do

@@ -20,8 +20,7 @@ defmodule DSPex.Bridge.SessionStore.Sweeper do
   @impl true
   def init(opts) do
     interval = Keyword.get(opts, :sweep_interval, 1_000)
-    Process.send_after(self(), :sweep, interval)
-    {:ok, %{interval: interval}}
+    {:ok, %{interval: interval, timer: Process.send_after(self(), :sweep, interval)}}
   end
 
   @impl true
@@ -36,7 +35,9 @@ defmodule DSPex.Bridge.SessionStore.Sweeper do
       )
     end
 
-    Process.send_after(self(), :sweep, state.interval)
-    {:noreply, state}
+    # A `:sweep` sent from outside (a test asking now) replaces the
+    # planned one: one timer, however many are asked for.
+    Process.cancel_timer(state.timer)
+    {:noreply, %{state | timer: Process.send_after(self(), :sweep, state.interval)}}
   end
 end

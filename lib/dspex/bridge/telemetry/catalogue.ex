@@ -36,15 +36,27 @@ defmodule DSPex.Bridge.Telemetry.Catalogue do
   | `[:dspex, :bridge, :dependency, :added]` | `system_time` | `session_id`, `from`, `to`, `type` |
   | `[:dspex, :bridge, :dependency, :removed]` | `count` | `session_id`, `from`, `to` (`nil` for `clear_dependencies/2`, which adds `variable`) |
   | `[:dspex, :bridge, :dependency, :cycle_detected]` | `system_time`, `path_length` | `session_id`, `from`, `to`, `path` (`[from, to, .., from]`) |
-  | `[:dspex, :bridge, :propagation, :start]` | `system_time`, `monotonic_time` | `session_id`, `changed` (the variables written) |
-  | `[:dspex, :bridge, :propagation, :stop]` | `duration`, `monotonic_time`, `recomputed`, `failed` | `session_id`, `changed` |
-  | `[:dspex, :bridge, :propagation, :exception]` | `duration`, `monotonic_time` | `session_id`, `variable`, `kind`, `reason`, `stacktrace`, `caused_by` |
+  | `[:dspex, :bridge, :propagation, :start]` | `system_time`, `monotonic_time` | `session_id`, `changed` (the variables written), `telemetry_span_context` |
+  | `[:dspex, :bridge, :propagation, :stop]` | `duration`, `monotonic_time`, `recomputed`, `failed` | `session_id`, `changed`, `telemetry_span_context` |
+  | `[:dspex, :bridge, :propagation, :failed]` | `duration` (of the failed work; 0 for a worker's death), `monotonic_time` | `session_id`, `variable`, `kind`, `reason`, `stacktrace`, `caused_by`, `telemetry_span_context` (the pass's; `nil` outside a pass) |
 
-  A propagation pass emits `:start`, one `:exception` per derived variable
-  whose compute function raised, exited or overran its deadline (`kind:
-  :exit, reason: :timeout`) or whose result was rejected (the pass goes
-  on), then `:stop`. A session's worker that died emits one `:exception`
-  with `variable: nil` and `reason: {:worker_exit, reason}`.
+  A propagation pass is a span, as `:telemetry.span/3` makes one
+  (`DSPex.Bridge.Telemetry.span/3`): `:start`, then `:stop`, both with the
+  pass's `telemetry_span_context`. Each derived variable whose compute
+  function raised, exited or overran its deadline (`kind: :exit, reason:
+  :timeout`), or whose result was rejected, is a `:failed` event inside the
+  pass (which goes on) carrying that context. So is a write of
+  `propagate_change/5` rejected for its value (`reason: {:write_rejected,
+  reason}`, context `nil`), and a session's worker that died (`variable:
+  nil`, `kind: :exit`, `reason: {:worker_exit, reason}`, the context of the
+  pass it ended, or `nil` between passes): that pass has no `:stop`. Each
+  failure is also a dead letter (`DSPex.Bridge.DeadLetterQueue`, kind
+  `:propagation`). Following span semantics, a pass that itself raised
+  would end with `[:dspex, :bridge, :propagation, :exception]` (the start
+  metadata with `kind`, `reason`, `stacktrace`) instead of `:stop`; no
+  known input makes a pass raise (compute functions run in processes of
+  their own), so that event has no row, which would need a code path to
+  check it.
 
   ### Optimizer coordination (`DSPex.Bridge.OptimizerCoordinator`)
 

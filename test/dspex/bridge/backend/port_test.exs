@@ -15,15 +15,18 @@ defmodule DSPex.Bridge.Backend.PortTest do
     :ok
   end
 
-  defp wait_for_port(old \\ nil, deadline \\ System.monotonic_time(:millisecond) + 5_000) do
+  # The program's os pid, once it runs: now, or at its next `:started`
+  # event (attached before asking, so the event cannot be missed).
+  defp wait_for_port do
+    ref = TelemetryHelper.attach([[:dspex, :bridge, :port, :started]])
+
     case PortBackend.os_pid() do
-      pid when is_integer(pid) and pid != old ->
+      pid when is_integer(pid) ->
         pid
 
       _ ->
-        if System.monotonic_time(:millisecond) > deadline, do: flunk("the port did not restart")
-        Process.sleep(10)
-        wait_for_port(old, deadline)
+        assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: pid}}, 5_000
+        pid
     end
   end
 
@@ -90,12 +93,19 @@ defmodule DSPex.Bridge.Backend.PortTest do
       {:ok, _} = SessionStore.register_variable(nif_sid, :x, :integer, 0)
       os_pid = PortBackend.os_pid()
 
+      test = self()
+
       callers =
         for i <- 1..16 do
-          Task.async(fn -> hammer(port_sid, i, System.monotonic_time(:millisecond) + 600) end)
+          Task.async(fn ->
+            first = SessionStore.update_variable(port_sid, :x, i)
+            send(test, {:first, i, first})
+            [first | hammer(port_sid, i, System.monotonic_time(:millisecond) + 600)]
+          end)
         end
 
-      Process.sleep(150)
+      # Every caller is in the middle of its traffic.
+      for i <- 1..16, do: assert_receive({:first, ^i, :ok}, 5_000)
       {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
 
       outcomes = callers |> Task.await_many(10_000) |> List.flatten()
@@ -122,8 +132,10 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert SessionStore.get_variable_value(nif_sid, :x) == 42
 
       # A fresh program serves again; the old one's sessions went with it.
-      new_pid = wait_for_port(os_pid)
-      assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: ^new_pid}}
+      assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: new_pid}}
+                     when new_pid != os_pid,
+                     5_000
+
       assert {:error, :session_not_found} = SessionStore.get_variable(port_sid, :x)
       again = session(:port)
       assert {:ok, _} = SessionStore.register_variable(again, :x, :integer, 7)
@@ -447,20 +459,17 @@ defmodule DSPex.Bridge.Backend.PortTest do
     end
   end
 
+  # No message announces the exit of a program this VM no longer holds a
+  # port to: ask the OS, within a deadline.
   defp exits_within?(os_pid, ms) do
-    cond do
-      match?(
-        {_, 1},
-        System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
-      ) ->
-        true
-
-      ms <= 0 ->
-        false
-
-      true ->
-        Process.sleep(10)
-        exits_within?(os_pid, ms - 10)
-    end
+    DSPex.Wait.until(
+      fn ->
+        match?(
+          {_, 1},
+          System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
+        )
+      end,
+      timeout: ms
+    )
   end
 end
