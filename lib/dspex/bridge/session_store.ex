@@ -612,8 +612,17 @@ defmodule DSPex.Bridge.SessionStore do
       |> @backend.delete_variable(ident, caller)
       |> AccessControl.refusal(session_id, ident, caller, :write)
       |> case do
-        :ok -> Propagator.notify_delete(session_id, ident)
-        error -> error
+        :ok ->
+          Telemetry.execute(
+            [:dspex, :bridge, :variable, :deleted],
+            %{system_time: System.system_time()},
+            %{session_id: session_id, variable: ident}
+          )
+
+          Propagator.notify_delete(session_id, ident)
+
+        error ->
+          error
       end
     end
   end
@@ -755,6 +764,17 @@ defmodule DSPex.Bridge.SessionStore do
   def stop_optimization(session_id, ident, opts \\ []) do
     DSPex.Bridge.OptimizerCoordinator.stop_optimization(session_id, ident, opts)
   end
+
+  ## Watching (see `DSPex.Bridge.SessionStore.Watch`)
+
+  @doc """
+  Watches variables for the calling process; see
+  `DSPex.Bridge.SessionStore.Watch.watch_variables/3`. Needs `:observe`.
+  """
+  defdelegate watch_variables(session_id, idents, opts \\ []), to: __MODULE__.Watch
+
+  @doc "Ends a watch; see `DSPex.Bridge.SessionStore.Watch.unwatch/1`."
+  defdelegate unwatch(ref), to: __MODULE__.Watch
 
   ## GenServer: the TTL sweeper
 

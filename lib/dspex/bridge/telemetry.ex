@@ -45,8 +45,20 @@ defmodule DSPex.Bridge.Telemetry do
   | `[:dspex, :bridge, :variable, :write]` | `duration_us`, `version` | `session_id`, `variable`, `metadata` |
   | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
   | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
+  | `[:dspex, :bridge, :variable, :deleted]` | `system_time` | `session_id`, `variable` |
 
   `backend` is `:nif` or `:port`.
+
+  A process that set a W3C trace context with `put_trace_context/1` (the
+  gRPC gateway does, for the calls that carry a `traceparent`) adds
+  `traceparent` to the metadata of every event it emits.
+
+  ### gRPC gateway (`DSPex.Bridge.Gateway`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :gateway, :started]` | `system_time` | `os_pid`, `port` (the port it listens on) |
+  | `[:dspex, :bridge, :gateway, :exited]` | `system_time`, `in_flight` (calls and streams that failed with it) | `os_pid`, `status` (exit status, 137 for `kill -9`) |
 
   ### Port backend (`DSPex.Bridge.Backend.Port`)
 
@@ -150,6 +162,7 @@ defmodule DSPex.Bridge.Telemetry do
   # What `enabled?/1` reads: `:all` when `:telemetry` dispatches, else a map
   # of the events that have a handler. One lookup under a literal key.
   @enabled_key DSPex.Bridge.Telemetry.Enabled
+  @trace_key :dspex_bridge_traceparent
   # Events whose emitters sit on hot paths: each has a boolean of its own
   # (see `observed?/1`).
   @hot_events [
@@ -170,6 +183,8 @@ defmodule DSPex.Bridge.Telemetry do
   """
   @spec execute(event, map, map) :: :ok
   def execute(event, measurements, metadata) do
+    metadata = with_trace_context(metadata)
+
     if telemetry?() do
       apply(:telemetry, :execute, [event, measurements, metadata])
     else
@@ -177,6 +192,34 @@ defmodule DSPex.Bridge.Telemetry do
     end
 
     :ok
+  end
+
+  @doc """
+  Sets the W3C `traceparent` of the calling process: every event it emits
+  from now on carries it as `traceparent` in its metadata (the gRPC gateway
+  sets the one a call carries). `nil` clears it.
+  """
+  @spec put_trace_context(String.t() | nil) :: :ok
+  def put_trace_context(nil),
+    do:
+      (
+        Process.delete(@trace_key)
+        :ok
+      )
+
+  def put_trace_context(tp) when is_binary(tp),
+    do:
+      (
+        Process.put(@trace_key, tp)
+        :ok
+      )
+
+  defp with_trace_context(metadata) do
+    case Process.get(@trace_key) do
+      nil -> metadata
+      tp when is_map(metadata) -> Map.put_new(metadata, :traceparent, tp)
+      _ -> metadata
+    end
   end
 
   @doc """
