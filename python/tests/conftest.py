@@ -43,7 +43,12 @@ class Server:
         with self._lock:
             self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
             self.proc.stdin.flush()
-            return self.proc.stdout.readline().strip()
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("the server went away")
+                if line.startswith("dspex_bridge reply "):
+                    return line[len("dspex_bridge reply "):].strip()
 
     def token(self, principal="session", sessions="*", ttl_ms=3_600_000) -> str:
         token = self.command("token", principal, sessions, ttl_ms)

@@ -16,7 +16,7 @@ defmodule Mix.Tasks.Dspex.Grpc do
   Stops on end of standard input when `--stop-on-eof` is given (for test
   harnesses), else on Ctrl-C. `--control` (for the Python test suite and
   demos) also reads commands from standard input, one per line, and answers
-  each with one line: `token PRINCIPAL SESSIONS TTL_MS` (SESSIONS a comma
+  each with one line `dspex_bridge reply ANSWER`: `token PRINCIPAL SESSIONS TTL_MS` (SESSIONS a comma
   list or `*`) -> the token; `revoke TOKEN`; `os_pid` -> the gateway's OS
   pid; `set SID NAME JSON_NUMBER` (an Elixir-side write) -> `ok` or the
   error; `delete_session SID`. Anything else answers `error unknown`.
@@ -101,7 +101,7 @@ defmodule Mix.Tasks.Dspex.Grpc do
   defp control_loop do
     case IO.read(:stdio, :line) do
       line when is_binary(line) ->
-        IO.puts(command(String.split(line)))
+        IO.puts("dspex_bridge reply " <> command(String.split(line)))
         control_loop()
 
       _eof ->
