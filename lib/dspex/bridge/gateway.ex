@@ -348,7 +348,9 @@ defmodule DSPex.Bridge.Gateway do
       %{os_pid: state.os_pid, port: bound}
     )
 
-    %{state | bound: bound, waiting: []}
+    # A restart listens on the same port (`port: 0` picked it the first time),
+    # so clients reconnect to the address they know.
+    %{state | bound: bound, waiting: [], config: %{state.config | port: bound}}
   end
 
   defp frame_in(["call", id, method, req, meta], state)
