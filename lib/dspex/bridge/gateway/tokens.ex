@@ -53,17 +53,19 @@ defmodule DSPex.Bridge.Gateway.Tokens do
       ArgumentError -> :ok
     end
 
-    Registry.dispatch(DSPex.Bridge.Gateway.Streams, hash, fn entries ->
-      for {pid, _} <- entries, do: send(pid, :dspex_token_revoked)
-    end)
-
-    :ok
-  catch
-    # The registry is not running: no stream to end.
-    :exit, _ -> :ok
+    end_streams(hash)
   end
 
   def revoke(_token), do: :ok
+
+  defp end_streams(hash) do
+    Registry.dispatch(DSPex.Bridge.Gateway.Streams, hash, fn entries ->
+      for {pid, _} <- entries, do: send(pid, :dspex_token_revoked)
+    end)
+  rescue
+    # The registry is not running: no stream to end.
+    ArgumentError -> :ok
+  end
 
   # {:ok, %{principal, sessions, hash}} or {:error, :unauthenticated | :expired}.
   def verify(token) when is_binary(token) and byte_size(token) <= 512 do
