@@ -41,8 +41,11 @@ python = if File.exists?(python), do: python, else: "python3"
   )
 
 {:ok, history} = SessionStore.get_variable_history(sid, :temperature)
-IO.puts("[elixir] temperature is now #{SessionStore.get_variable_value(sid, :temperature)}; " <>
-  "#{length(history)} earlier versions")
+
+IO.puts(
+  "[elixir] temperature is now #{SessionStore.get_variable_value(sid, :temperature)}; " <>
+    "#{length(history)} earlier versions"
+)
 
 Gateway.revoke_token(token)
 SessionStore.delete_session(sid)
