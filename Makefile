@@ -5,15 +5,16 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export LC_ALL ?= C.UTF-8
 
-.PHONY: setup demo test rust-checks elixir-checks bench
+.PHONY: setup demo test rust-checks elixir-checks python-checks bench
 
 setup:
 	@scripts/setup.sh
 
 demo: setup
 	mix run examples/demo.exs
+	mix run examples/python_demo.exs
 
-test: setup rust-checks elixir-checks
+test: setup rust-checks elixir-checks python-checks
 
 rust-checks:
 	cargo fmt --all -- --check
@@ -29,5 +30,13 @@ elixir-checks:
 	MIX_ENV=test mix xref graph --format cycles --label compile-connected --fail-above 0
 	mix test
 
+# The Python bridge against a real server (python/tests/conftest.py starts
+# `mix dspex.grpc --port 0`); stubs are generated from the proto first.
+python-checks:
+	MIX_ENV=test mix compile
+	.venv/bin/python python/dspex_bridge/_generate.py
+	.venv/bin/python -m pytest -q python/tests
+
 bench: setup
 	@for f in bench/*_bench.exs; do MIX_ENV=prod mix run $$f || exit 1; done
+	MIX_ENV=prod .venv/bin/python bench/grpc_bench.py

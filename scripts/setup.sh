@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what dspex_bridge needs on a fresh Debian machine: Erlang/OTP and
 # Elixir from Debian's packages (Rust is expected to be there already).
-# erlang-proper drives the property tests of the ExUnit suite.
+# erlang-proper drives the property tests of the ExUnit suite; python3 and
+# python3-venv the Python bridge's tests (a virtualenv in .venv, from PyPI).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
-packages=(elixir erlang-dev erlang-src erlang-proper)
+packages=(elixir erlang-dev erlang-src erlang-proper python3 python3-venv)
 # Extra tools used by the test suite when present.
 optional=(prometheus)
 
@@ -29,3 +30,16 @@ command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || {
   echo "setup: cargo not found; install Rust (https://rustup.rs)" >&2
   exit 1
 }
+
+# The Python bridge: a virtualenv at the project root with grpcio,
+# grpcio-tools, protobuf and pytest from PyPI (installed once).
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import grpc, grpc_tools, google.protobuf, pytest" >/dev/null 2>&1; then
+  echo "setup: installing grpcio grpcio-tools protobuf pytest into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools protobuf pytest
+fi

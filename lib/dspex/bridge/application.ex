@@ -56,8 +56,9 @@ defmodule DSPex.Bridge.Application do
        max_seconds: 5},
       {DSPex.Bridge.SessionStore,
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
-      DSPex.Bridge.OptimizerCoordinator
-      | observability_children()
+      DSPex.Bridge.OptimizerCoordinator,
+      DSPex.Bridge.SessionStore.Watch
+      | gateway_children() ++ observability_children()
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPex.Bridge.Supervisor)
@@ -82,6 +83,15 @@ defmodule DSPex.Bridge.Application do
     end
 
     :ok
+  end
+
+  # The gRPC gateway when configured: `config :dspex_bridge, grpc: [port: 50051, ...]`.
+  defp gateway_children do
+    case Application.get_env(:dspex_bridge, :grpc) do
+      nil -> []
+      false -> []
+      opts -> [{DSPex.Bridge.Gateway.Supervisor, opts}]
+    end
   end
 
   # Rust log forwarding always; Analytics and the HTTP endpoint when

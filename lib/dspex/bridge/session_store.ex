@@ -391,4 +391,15 @@ defmodule DSPex.Bridge.SessionStore do
   def stop_optimization(session_id, ident, opts \\ []) do
     DSPex.Bridge.OptimizerCoordinator.stop_optimization(session_id, ident, opts)
   end
+
+  ## Watching (see `DSPex.Bridge.SessionStore.Watch`)
+
+  @doc """
+  Watches variables for the calling process; see
+  `DSPex.Bridge.SessionStore.Watch.watch_variables/3`. Needs `:observe`.
+  """
+  defdelegate watch_variables(session_id, idents, opts \\ []), to: __MODULE__.Watch
+
+  @doc "Ends a watch; see `DSPex.Bridge.SessionStore.Watch.unwatch/1`."
+  defdelegate unwatch(ref), to: __MODULE__.Watch
 end

@@ -54,6 +54,7 @@ defmodule DSPex.Bridge.Telemetry do
   # What `enabled?/1` reads: `:all` when `:telemetry` dispatches, else a map
   # of the events that have a handler. One lookup under a literal key.
   @enabled_key DSPex.Bridge.Telemetry.Enabled
+  @trace_key :dspex_bridge_traceparent
   # Events whose emitters sit on hot paths: each has a boolean of its own
   # (see `observed?/1`).
   @hot_events [
@@ -74,6 +75,8 @@ defmodule DSPex.Bridge.Telemetry do
   """
   @spec execute(event, map, map) :: :ok
   def execute(event, measurements, metadata) do
+    metadata = with_trace_context(metadata)
+
     if telemetry?() do
       apply(:telemetry, :execute, [event, measurements, metadata])
     else
@@ -81,6 +84,34 @@ defmodule DSPex.Bridge.Telemetry do
     end
 
     :ok
+  end
+
+  @doc """
+  Sets the W3C `traceparent` of the calling process: every event it emits
+  from now on carries it as `traceparent` in its metadata (the gRPC gateway
+  sets the one a call carries). `nil` clears it.
+  """
+  @spec put_trace_context(String.t() | nil) :: :ok
+  def put_trace_context(nil),
+    do:
+      (
+        Process.delete(@trace_key)
+        :ok
+      )
+
+  def put_trace_context(tp) when is_binary(tp),
+    do:
+      (
+        Process.put(@trace_key, tp)
+        :ok
+      )
+
+  defp with_trace_context(metadata) do
+    case Process.get(@trace_key) do
+      nil -> metadata
+      tp when is_map(metadata) -> Map.put_new(metadata, :traceparent, tp)
+      _ -> metadata
+    end
   end
 
   @doc """

@@ -1,8 +1,8 @@
 defmodule Mix.Tasks.Compile.DspexCargo do
   @shortdoc "Builds the dspex_bridge Rust crates into the app's priv/native"
   @moduledoc """
-  Builds the Cargo workspace (release profile) and copies the NIF library and
-  the port program to `priv/native/` of the application's *build* path
+  Builds the Cargo workspace (release profile) and copies the NIF library, the
+  port program and the gRPC gateway to `priv/native/` of the application's *build* path
   (`Mix.Project.app_path/0`), where `:code.priv_dir(:dspex_bridge)` looks in
   dev, test, releases and `build_embedded: true` alike. (Without
   `build_embedded` Mix links that `priv` to the source tree's, so the files
@@ -18,7 +18,8 @@ defmodule Mix.Tasks.Compile.DspexCargo do
 
   @outputs [
     {"libdspex_nif.so", ["libdspex_nif.so", "libdspex_nif.dylib"]},
-    {"dspex_port", ["dspex_port"]}
+    {"dspex_port", ["dspex_port"]},
+    {"dspex_grpc", ["dspex_grpc"]}
   ]
 
   @impl true
@@ -62,6 +63,8 @@ defmodule Mix.Tasks.Compile.DspexCargo do
     [Path.join(root, "Cargo.toml"), Path.join(root, "Cargo.lock")]
     |> Kernel.++(Path.wildcard(Path.join(root, "native/*/Cargo.toml")))
     |> Kernel.++(Path.wildcard(Path.join(root, "native/*/{src,benches}/**/*.rs")))
+    |> Kernel.++(Path.wildcard(Path.join(root, "native/*/build.rs")))
+    |> Kernel.++(Path.wildcard(Path.join(root, "native/*/proto/*.proto")))
     |> Enum.map(&mtime/1)
     |> Enum.max(fn -> 0 end)
   end
@@ -77,7 +80,19 @@ defmodule Mix.Tasks.Compile.DspexCargo do
 
   defp build(root, priv) do
     cargo = System.find_executable("cargo") || Path.expand("~/.cargo/bin/cargo")
-    args = ["build", "--release", "--locked", "-p", "dspex_nif", "-p", "dspex_port"]
+
+    args = [
+      "build",
+      "--release",
+      "--locked",
+      "-p",
+      "dspex_nif",
+      "-p",
+      "dspex_port",
+      "-p",
+      "dspex_grpc"
+    ]
+
     args = if File.exists?(Path.join(root, "Cargo.lock")), do: args, else: args -- ["--locked"]
     Mix.shell().info("==> dspex_bridge: cargo #{Enum.join(args, " ")}")
 

@@ -218,8 +218,17 @@ defmodule DSPex.Bridge.SessionStore.Variables do
       |> @backend.delete_variable(ident, caller)
       |> AccessControl.refusal(session_id, ident, caller, :write)
       |> case do
-        :ok -> Propagator.notify_delete(session_id, ident)
-        error -> error
+        :ok ->
+          Telemetry.execute(
+            [:dspex, :bridge, :variable, :deleted],
+            %{system_time: System.system_time()},
+            %{session_id: session_id, variable: ident}
+          )
+
+          Propagator.notify_delete(session_id, ident)
+
+        error ->
+          error
       end
     end
   end

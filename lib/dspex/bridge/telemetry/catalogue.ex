@@ -19,8 +19,20 @@ defmodule DSPex.Bridge.Telemetry.Catalogue do
   | `[:dspex, :bridge, :variable, :write]` | `duration_us`, `version` | `session_id`, `variable`, `metadata` |
   | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
   | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
+  | `[:dspex, :bridge, :variable, :deleted]` | `system_time` | `session_id`, `variable` |
 
   `backend` is `:nif` or `:port`.
+
+  A process that set a W3C trace context with `put_trace_context/1` (the
+  gRPC gateway does, for the calls that carry a `traceparent`) adds
+  `traceparent` to the metadata of every event it emits.
+
+  ### gRPC gateway (`DSPex.Bridge.Gateway`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :gateway, :started]` | `system_time` | `os_pid`, `port` (the port it listens on) |
+  | `[:dspex, :bridge, :gateway, :exited]` | `system_time`, `in_flight` (calls and streams that failed with it) | `os_pid`, `status` (exit status, 137 for `kill -9`) |
 
   ### Port backend (`DSPex.Bridge.Backend.Port`)
 
