@@ -35,7 +35,7 @@ elixir-checks:
 python-checks:
 	MIX_ENV=test mix compile
 	.venv/bin/python python/dspex_bridge/_generate.py
-	.venv/bin/python -m pytest -q python/tests
+	.venv/bin/python -m pytest -q --timeout=120 python/tests
 
 bench: setup
 	@for f in bench/*_bench.exs; do MIX_ENV=prod mix run $$f || exit 1; done

@@ -39,7 +39,7 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating $venv"
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import grpc, grpc_tools, google.protobuf, pytest" >/dev/null 2>&1; then
-  echo "setup: installing grpcio grpcio-tools protobuf pytest into $venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools protobuf pytest
+if ! "$venv/bin/python" -c "import grpc, grpc_tools, google.protobuf, pytest, pytest_timeout" >/dev/null 2>&1; then
+  echo "setup: installing grpcio grpcio-tools protobuf pytest pytest-timeout into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools protobuf pytest pytest-timeout
 fi

@@ -56,7 +56,9 @@ def test_deleting_the_session_ends_the_stream(server, ctx, sid):
 def test_deleting_the_variable_is_an_update(server, ctx):
     ctx.register_variable("gone", "integer", 0)
     ctx.register_variable("stays", "integer", 0)
-    it = iter(ctx.watch_variables(["gone", "stays"]))
+    it = iter(ctx.watch_variables(["gone", "stays"], include_initial_values=True))
+    # The initial values show the watch is in place before the delete.
+    assert {next(it).name, next(it).name} == {"gone", "stays"}
     ctx.delete_variable("gone")
     u = next(it)
     assert (u.name, u.update_type, u.value) == ("gone", "deleted", None)
