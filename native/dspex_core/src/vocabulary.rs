@@ -11,7 +11,7 @@
 //!
 //! Invariants (tests below): every atom literal in the engine's and the
 //! NIF's sources is listed here, and so is every error kind
-//! ([`Error::kind`]) and every key of a reply map ([`crate::command::reply`]).
+//! ([`crate::Error::kind`]) and every key of a reply map ([`crate::command::reply`]).
 
 use crate::audit::AuditEvent;
 use crate::caller::Permission;
