@@ -14,9 +14,15 @@ sid = "bench-bridged"
 {:ok, _} = SessionStore.register_variable(sid, :temperature, :float, 0.5)
 :ok = CircuitBreaker.reset(Bridged.breaker(:port))
 
-# The request `Port.get_value(sid, :temperature, nil)` sends, encoded once:
-# both cases send exactly these bytes.
-args = [MsgPack.encode!(sid), MsgPack.encode_ident!(:temperature), <<0xC0>>, <<0xC0>>]
+# The request `Port.var_get_value(sid, :temperature, nil)` sends, encoded once
+# (arguments by the core's names; `actor` an empty map, no principal): both
+# cases send exactly these bytes.
+args = [
+  session: MsgPack.encode!(sid),
+  ident: MsgPack.encode_ident!(:temperature),
+  actor: <<0x80>>
+]
+
 {:ok, 0.5} = Port.bridged_execute("var_get_value", args)
 
 plain = fn -> Port.bridged_execute("var_get_value", args) end

@@ -183,7 +183,7 @@ defmodule DSPex.Bridge.AccessControl do
       # Filters apply before the limit, so read the whole ring when filtering.
       read = if opts[:event] || opts[:by], do: 1_000_000, else: limit
 
-      case DSPex.Bridge.Backend.Router.audit_log(session_id, read) do
+      case DSPex.Bridge.Backend.Router.acl_audit_log(session_id, read) do
         {:ok, entries} ->
           entries
           |> Enum.filter(&keep?(&1, opts[:event], opts[:by]))
@@ -230,7 +230,7 @@ defmodule DSPex.Bridge.AccessControl do
 
         principal when is_binary(principal) ->
           session_id
-          |> Router.authorize_session(principal, permission)
+          |> Router.acl_authorize_session(principal, permission)
           |> refusal(session_id, nil, principal, permission)
 
         _other ->
@@ -258,7 +258,7 @@ defmodule DSPex.Bridge.AccessControl do
       caller = caller(opts)
 
       session_id
-      |> DSPex.Bridge.Backend.Router.authorize(ident, caller, permission)
+      |> DSPex.Bridge.Backend.Router.acl_authorize(ident, caller, permission)
       |> refusal(session_id, ident, caller, permission)
     end
   end

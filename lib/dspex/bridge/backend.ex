@@ -13,10 +13,10 @@ defmodule DSPex.Bridge.Backend do
   that builds it or calls the typed function it dispatches to. See
   `docs/adding-an-operation.md`.
 
-  The guard of session-level operations is not a callback yet:
-  `DSPex.Bridge.Backend.Router.authorize_session/3` calls
-  `DSPex.Bridge.Backend.Native.authorize_session/3` or the port program's
-  `acl_authorize_session` command.
+  Each callback carries its command's name (`Operation::NAME`), which is
+  also the NIF's name (`DSPex.Bridge.Native`) and the port's wire name: one
+  operation, one name, in every layer. The public API
+  (`DSPex.Bridge.SessionStore`, ...) keeps its own documented names.
   """
 
   @type sid :: String.t()
@@ -26,20 +26,22 @@ defmodule DSPex.Bridge.Backend do
   @type reason :: atom | {atom, term}
   @type update :: {ident, term, map, non_neg_integer | nil}
 
-  @callback create_session(sid, opts :: map) :: :ok | {:error, reason}
+  @callback session_create(sid, opts :: map) :: :ok | {:error, reason}
   @callback session_info(sid) :: {:ok, map} | {:error, reason}
-  @callback delete_session(sid) :: :ok | {:error, reason}
-  @callback list_sessions() :: [sid]
-  @callback sweep_expired() :: [sid]
-  @callback export_session(sid) :: {:ok, binary} | {:error, reason}
-  @callback import_session(binary, new_id :: sid | nil) :: {:ok, sid} | {:error, reason}
+  @doc "Heap bytes held by one session's variables."
+  @callback session_memory(sid) :: {:ok, non_neg_integer} | {:error, reason}
+  @callback session_delete(sid) :: :ok | {:error, reason}
+  @callback session_list() :: [sid]
+  @callback session_sweep() :: [sid]
+  @callback session_export(sid) :: {:ok, binary} | {:error, reason}
+  @callback session_import(binary, new_id :: sid | nil) :: {:ok, sid} | {:error, reason}
 
-  @callback register_variable(sid, ident, atom, term, opts :: map, principal) ::
+  @callback var_register(sid, ident, atom, term, opts :: map, principal) ::
               {:ok, String.t()} | {:error, reason}
-  @callback get_variable(sid, ident, principal) :: {:ok, map} | {:error, reason}
-  @callback get_value(sid, ident, principal) :: {:ok, term} | {:error, reason}
-  @callback variable_exists(sid, ident, principal) :: {:ok, boolean} | {:error, reason}
-  @callback set_value(
+  @callback var_get(sid, ident, principal) :: {:ok, map} | {:error, reason}
+  @callback var_get_value(sid, ident, principal) :: {:ok, term} | {:error, reason}
+  @callback var_exists(sid, ident, principal) :: {:ok, boolean} | {:error, reason}
+  @callback var_set(
               sid,
               ident,
               term,
@@ -48,23 +50,30 @@ defmodule DSPex.Bridge.Backend do
               principal
             ) ::
               {:ok, pos_integer} | {:error, reason}
-  @callback set_values(sid, [update], atomic :: boolean, principal) ::
+  @callback var_set_many(sid, [update], atomic :: boolean, principal) ::
               {:ok, [pos_integer | {:ok, pos_integer} | {:error, reason}]} | {:error, reason}
-  @callback history(sid, ident, limit :: non_neg_integer, principal) ::
+  @callback var_history(sid, ident, limit :: non_neg_integer, principal) ::
               {:ok, [map]} | {:error, reason}
-  @callback rollback(sid, ident, version :: non_neg_integer, principal) ::
+  @callback var_rollback(sid, ident, version :: non_neg_integer, principal) ::
               {:ok, pos_integer} | {:error, reason}
-  @callback delete_variable(sid, ident, principal) :: :ok | {:error, reason}
-  @callback list_variables(sid, pattern :: String.t() | nil, principal) ::
+  @callback var_delete(sid, ident, principal) :: :ok | {:error, reason}
+  @callback var_list(sid, pattern :: String.t() | nil, principal) ::
               {:ok, [map]} | {:error, reason}
-  @callback variable_names(sid, pattern :: String.t() | nil, principal) ::
+  @callback var_names(sid, pattern :: String.t() | nil, principal) ::
               {:ok, [ident]} | {:error, reason}
 
   # access control (see DSPex.Bridge.AccessControl)
-  @callback set_access_rules(sid, ident, rules :: list, principal) :: :ok | {:error, reason}
-  @callback check_access(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
-  @callback authorize(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
-  @callback audit_log(sid, limit :: non_neg_integer) :: {:ok, [map]} | {:error, reason}
+  @callback acl_set_rules(sid, ident, rules :: list, principal) :: :ok | {:error, reason}
+  @callback acl_check(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
+  @callback acl_authorize(sid, ident, principal, permission :: atom) :: :ok | {:error, reason}
+  @doc """
+  The guard of a session-level operation (information, diagnostics, export,
+  audit log, deletion): `:ok` for the session itself (no principal, or the
+  session's id), else `{:error, :access_denied}`, audited.
+  """
+  @callback acl_authorize_session(sid, principal :: String.t() | nil, permission :: atom) ::
+              :ok | {:error, reason}
+  @callback acl_audit_log(sid, limit :: non_neg_integer) :: {:ok, [map]} | {:error, reason}
   # Dependency graph (DSPex.Bridge.DependencyManager)
   @callback graph_add_edge(sid, from :: ident, to :: ident, type :: atom, principal) ::
               {:ok, new? :: boolean} | {:error, reason}

@@ -16,6 +16,9 @@ defmodule DSPex.Bridge.Native do
   def store_memory, do: err()
   # test-only: panics inside the NIF
   def debug_panic, do: err()
+  # the engine's commands as [{name, writes?}], and its vocabulary as atoms
+  def command_catalog, do: err()
+  def vocabulary, do: err()
 
   # sessions
   def session_create(_sid, _opts), do: err()
@@ -30,7 +33,7 @@ defmodule DSPex.Bridge.Native do
   # variables
   def var_register(_sid, _name, _type, _initial, _opts, _principal), do: err()
   def var_get(_sid, _ident, _principal), do: err()
-  def var_value(_sid, _ident, _principal), do: err()
+  def var_get_value(_sid, _ident, _principal), do: err()
   def var_exists(_sid, _ident, _principal), do: err()
   def var_set(_sid, _ident, _value, _metadata, _expected, _principal), do: err()
   def var_set_many(_sid, _updates, _atomic, _principal), do: err()

@@ -518,7 +518,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
         {:ok, var_id}
 
       sid ->
-        with {:ok, %{id: id}} <- DSPex.Bridge.Backend.Router.get_variable(sid, var_id, nil),
+        with {:ok, %{id: id}} <- DSPex.Bridge.Backend.Router.var_get(sid, var_id, nil),
              :ok <- AccessControl.authorize(sid, id, permission, principal: opts[:principal]) do
           {:ok, {@session, sid, id}}
         end

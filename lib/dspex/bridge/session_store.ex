@@ -162,7 +162,7 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Ids of all live sessions, sorted; `{:error, {:partial, %{sessions: ids,
   missing: :port, reason: reason}}}` when the port backend holds sessions
-  but does not answer (see `DSPex.Bridge.Backend.Router.list_sessions/0`).
+  but does not answer (see `DSPex.Bridge.Backend.Router.session_list/0`).
   """
   @spec list_sessions() :: [session_id] | {:error, {:partial, map}}
   defdelegate list_sessions, to: Sessions

@@ -24,11 +24,19 @@
 //! - Compiling never panics and rejects anything that is not a list of
 //!   well-formed rules with a matchable `{:invalid_rules, detail}` reason.
 //!
+//! One evaluation semantics: a rule grants `perm` to `principal` when
+//! [`rule_grants`] says so, whether the rule was compiled ([`Rule`], inside
+//! the store) or is read where it lies through a [`RuleView`] (the NIF
+//! walks `AccessControl.check_permission/4`'s map in place). The compiled
+//! [`Acl`] only adds its split and its cache, checked against a reference
+//! evaluator and against [`grants`] over the same rules.
+//!
 //! Session-level operations (the session's information, diagnostics,
 //! snapshot and audit log, its deletion) have no variable and so no rules:
 //! [`authorize_session`] reserves them to the session itself and audits a
 //! refusal without a variable, as a refused registration is.
 
+use std::borrow::{Borrow, Cow};
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
@@ -141,24 +149,166 @@ pub struct Rule {
     pub conditions: Conditions,
 }
 
-impl Rule {
-    fn conditions_hold(&self, context: Option<&Value>) -> bool {
-        self.conditions.iter().all(|(key, expected)| {
-            let actual = context
-                .zip(key.as_text())
-                .and_then(|(c, key)| c.get(key))
-                .unwrap_or(&Value::Nil);
-            loose_eq(actual, expected)
-        })
+/// A session pattern as a rule holds it: compiled, or text not compiled
+/// beforehand.
+#[derive(Clone, Copy, Debug)]
+pub enum PatternRef<'a> {
+    Any,
+    Compiled(&'a Pattern),
+    /// A string pattern; one that is empty or longer than
+    /// [`MAX_PATTERN_BYTES`] is malformed and matches no one.
+    Text(&'a str),
+}
+
+impl PatternRef<'_> {
+    pub fn matches(self, principal: &str) -> bool {
+        match self {
+            PatternRef::Any => true,
+            PatternRef::Compiled(p) => p.matches(principal),
+            PatternRef::Text(p) => valid_pattern(p) && crate::glob::matches(p, principal),
+        }
     }
 }
 
-/// Elixir's `==` on the values a condition compares: `1 == 1.0`.
-fn loose_eq(a: &Value, b: &Value) -> bool {
+/// A string session pattern's bounds: non-empty, at most
+/// [`MAX_PATTERN_BYTES`].
+pub fn valid_pattern(p: &str) -> bool {
+    !p.is_empty() && p.len() <= MAX_PATTERN_BYTES
+}
+
+/// What a condition finds under its key in the caller's context.
+#[derive(Clone, Debug)]
+pub enum Actual<V> {
+    /// No such key (or no context): compared as `nil`.
+    Missing,
+    Value(V),
+    /// A value that cannot be read as a [`Value`] (a pid, say): equal to
+    /// no condition.
+    Opaque,
+}
+
+/// A rule read where it lies, each part when [`rule_grants`] asks for it
+/// (pattern, then permissions, then conditions). `None` is a part that is
+/// missing or malformed: such a rule grants nothing.
+pub trait RuleView<'a> {
+    fn pattern(&self) -> Option<PatternRef<'a>>;
+    fn permissions(&self) -> Option<PermSet>;
+    /// The `(key, expected)` pairs, empty when the rule has none; see
+    /// [`conditions_of`].
+    fn conditions(&self) -> Option<Cow<'a, [(Value, Value)]>>;
+}
+
+impl<'a> RuleView<'a> for &'a Rule {
+    fn pattern(&self) -> Option<PatternRef<'a>> {
+        Some(match &self.pattern {
+            Pattern::Any => PatternRef::Any,
+            p => PatternRef::Compiled(p),
+        })
+    }
+    fn permissions(&self) -> Option<PermSet> {
+        Some(self.permissions)
+    }
+    fn conditions(&self) -> Option<Cow<'a, [(Value, Value)]>> {
+        Some(Cow::Borrowed(&self.conditions))
+    }
+}
+
+/// The rule semantics: `rule` grants `perm` to `principal` when its
+/// pattern matches, it lists `perm`, and every condition holds against
+/// `context` (a key's value by the key's text, see [`conditions_hold`]).
+pub fn rule_grants<'a, V: Borrow<Value>>(
+    rule: &impl RuleView<'a>,
+    principal: &str,
+    perm: Permission,
+    context: &mut impl FnMut(&str) -> Actual<V>,
+) -> bool {
+    rule.pattern().is_some_and(|p| p.matches(principal))
+        && rule.permissions().is_some_and(|ps| ps.contains(perm))
+        && rule
+            .conditions()
+            .is_some_and(|cs| conditions_hold(&cs, context))
+}
+
+/// The decision on rules that are not compiled: `principal` is the owner,
+/// or one of the first [`MAX_RULES`] rules grants `perm`
+/// ([`rule_grants`]). The hosting session's own access is the caller's
+/// business ([`authorize`]).
+pub fn grants<'a, R: RuleView<'a>, V: Borrow<Value>>(
+    owner: Option<&str>,
+    principal: &str,
+    perm: Permission,
+    rules: impl IntoIterator<Item = R>,
+    mut context: impl FnMut(&str) -> Actual<V>,
+) -> bool {
+    owner == Some(principal)
+        || rules
+            .into_iter()
+            .take(MAX_RULES)
+            .any(|r| rule_grants(&r, principal, perm, &mut context))
+}
+
+/// Every condition equals (Elixir's `==`, see [`loose_eq`]) what `context`
+/// finds under its key's text; a missing key is `nil`.
+pub fn conditions_hold<V: Borrow<Value>>(
+    conditions: &[(Value, Value)],
+    context: &mut impl FnMut(&str) -> Actual<V>,
+) -> bool {
+    conditions.iter().all(|(key, expected)| {
+        match key.as_text().map_or(Actual::Missing, &mut *context) {
+            Actual::Missing => loose_eq(&Value::Nil, expected),
+            Actual::Value(actual) => loose_eq(actual.borrow(), expected),
+            Actual::Opaque => false,
+        }
+    })
+}
+
+/// `context`'s value under `key` (an atom or a string key), for
+/// [`conditions_hold`].
+fn lookup<'c>(context: Option<&'c Value>, key: &str) -> Actual<&'c Value> {
+    context
+        .and_then(|c| c.get(key))
+        .map_or(Actual::Missing, Actual::Value)
+}
+
+/// Elixir's `==`: numbers compare by value (`1 == 1.0`), also inside lists,
+/// tuples and map values; map keys compare exactly.
+pub fn loose_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Int(i), Value::Float(f)) | (Value::Float(f), Value::Int(i)) => *i as f64 == *f,
+        (Value::List(xs), Value::List(ys)) | (Value::Tuple(xs), Value::Tuple(ys)) => {
+            xs.len() == ys.len() && xs.iter().zip(ys.iter()).all(|(x, y)| loose_eq(x, y))
+        }
+        (Value::Map(xs), Value::Map(ys)) => {
+            xs.len() == ys.len()
+                && xs.iter().all(|(k, x)| {
+                    ys.iter()
+                        .find(|(k2, _)| k2 == k)
+                        .is_some_and(|(_, y)| loose_eq(x, y))
+                })
+        }
         _ => a == b,
     }
+}
+
+/// A rule's conditions as given (`nil` or a map of at most
+/// [`MAX_CONDITIONS`] pairs with non-empty atom or string keys), or `None`
+/// when malformed: what compiling accepts.
+pub fn conditions_of(v: &Value) -> Option<Conditions> {
+    compile_conditions(v).ok()
+}
+
+/// The permissions a rule lists, each name parsed by `parse` (`None` for
+/// a name that is not a permission, which makes the list malformed).
+pub fn permissions_of<T>(
+    names: impl IntoIterator<Item = T>,
+    parse: impl Fn(&T) -> Option<Permission>,
+) -> std::result::Result<PermSet, T> {
+    names
+        .into_iter()
+        .try_fold(PermSet::EMPTY, |set, name| match parse(&name) {
+            Some(p) => Ok(set.with(p)),
+            None => Err(name),
+        })
 }
 
 /// The compiled access rules and owner of one variable.
@@ -230,11 +380,9 @@ impl Acl {
         {
             return true;
         }
-        self.conditional.iter().any(|r| {
-            r.permissions.contains(perm)
-                && r.pattern.matches(principal)
-                && r.conditions_hold(context)
-        })
+        self.conditional
+            .iter()
+            .any(|r| rule_grants(&r, principal, perm, &mut |k| lookup(context, k)))
     }
 
     /// What the unconditional rules grant `principal`, from the cache when
@@ -384,7 +532,7 @@ fn compile_rule(rule: &Value) -> Checked<Rule> {
 fn compile_pattern(v: &Value) -> Checked<Pattern> {
     match v {
         Value::Atom(a) if &**a == "any" => Ok(Pattern::Any),
-        Value::Str(s) if !s.is_empty() && s.len() <= MAX_PATTERN_BYTES => Ok(Pattern::new(s)),
+        Value::Str(s) if valid_pattern(s) => Ok(Pattern::new(s)),
         _ => Err(Value::tagged("invalid_session_pattern", v.clone())),
     }
 }
@@ -393,12 +541,10 @@ fn compile_permissions(v: &Value) -> Checked<PermSet> {
     let Value::List(names) = v else {
         return Err(Value::tagged("permissions_not_a_list", v.clone()));
     };
-    names.iter().try_fold(PermSet::EMPTY, |set, name| {
-        name.as_text()
-            .and_then(|n| Permission::parse(n).ok())
-            .map(|p| set.with(p))
-            .ok_or_else(|| Value::tagged("invalid_permission", name.clone()))
+    permissions_of(names.iter(), |name| {
+        name.as_text().and_then(|n| Permission::parse(n).ok())
     })
+    .map_err(|name| Value::tagged("invalid_permission", name.clone()))
 }
 
 fn compile_conditions(v: &Value) -> Checked<Conditions> {
@@ -825,6 +971,7 @@ mod tests {
                 .as_deref()
                 .map_or(Value::Nil, |o| map(vec![("owner_session", Value::str(o))]));
             let acl = Acl::build(&source, &metadata).unwrap();
+            let compiled = compile(&source).unwrap();
             // Ask each question twice: the second answer comes from the cache.
             for _ in 0..2 {
                 for (who, perm, ctx) in &asks {
@@ -832,6 +979,15 @@ mod tests {
                     let ctx = ctx_value(ctx);
                     let got = authorize(Some(who), "host!", acl.as_ref(), *perm, Some(&ctx));
                     prop_assert_eq!(got.is_ok(), expected, "{} {:?}", who, perm);
+                    // The uncompiled path decides the same, by `grants`.
+                    let plain = grants(
+                        owner.as_deref(),
+                        who,
+                        *perm,
+                        compiled.iter(),
+                        |k| lookup(Some(&ctx), k),
+                    );
+                    prop_assert_eq!(plain, expected, "grants: {} {:?}", who, perm);
                 }
             }
         }

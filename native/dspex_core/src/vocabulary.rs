@@ -6,12 +6,47 @@
 //! value) can grow the VM's atom table, and every atom of this vocabulary
 //! still comes back as an atom.
 //!
-//! Invariant (test below): every atom literal in the engine's and the NIF's
-//! sources is listed here.
+//! The port backend decodes the port program's replies against the same
+//! vocabulary: it ensures the NIF is loaded, which creates these atoms.
+//!
+//! Invariants (tests below): every atom literal in the engine's and the
+//! NIF's sources is listed here, and so is every error kind
+//! ([`crate::Error::kind`]) and every key of a reply map ([`crate::command::reply`]).
 
 use crate::audit::AuditEvent;
 use crate::caller::Permission;
+use crate::command::reply::{AUDIT_KEYS, HISTORY_KEYS, SESSION_KEYS, VARIABLE_KEYS};
 use crate::types::VarType;
+
+/// Every reason [`crate::Error::kind`] gives (checked against its source).
+const ERROR_KINDS: &[&str] = &[
+    "session_not_found",
+    "already_exists",
+    "not_found",
+    "invalid_value",
+    "constraint_violation",
+    "version_mismatch",
+    "version_not_found",
+    "invalid_argument",
+    "too_large",
+    "invalid_snapshot",
+    "validation_failed",
+    "access_denied",
+    "invalid_rules",
+    "rate_limited",
+    "busy",
+    "locked_by",
+    "stale_lock_token",
+    "would_create_cycle",
+    "self_dependency",
+    "lock_held_by",
+    "not_lock_owner",
+    "not_optimizing",
+    "already_optimizing",
+    "timeout",
+    "bad_request",
+    "internal_error",
+];
 
 const NAMES: &[&str] = &[
     "above_max",
@@ -169,6 +204,11 @@ const NAMES: &[&str] = &[
 pub fn atoms() -> impl Iterator<Item = &'static str> {
     NAMES
         .iter()
+        .chain(ERROR_KINDS)
+        .chain(&VARIABLE_KEYS)
+        .chain(&HISTORY_KEYS)
+        .chain(&SESSION_KEYS)
+        .chain(&AUDIT_KEYS)
         .copied()
         .chain(VarType::ALL.into_iter().map(VarType::name))
         .chain(Permission::ALL.into_iter().map(Permission::name))
@@ -219,5 +259,23 @@ mod tests {
         }
         assert!(files > 20, "sources not found under {}", root.display());
         assert!(missing.is_empty(), "not in the vocabulary: {missing:?}");
+    }
+
+    /// Every arm of `Error::kind` (`Error::X => "kind"`) names a kind listed.
+    #[test]
+    fn every_error_kind_is_in_the_vocabulary() {
+        let known: HashSet<&str> = super::atoms().collect();
+        let arm = regex::Regex::new(r#"Error::\w+(?:\(_\))? => "([a-z_]+)""#).unwrap();
+        let source = include_str!("error.rs");
+        let kinds: Vec<&str> = arm
+            .captures_iter(source)
+            .map(|c| c.get(1).unwrap().as_str())
+            .collect();
+        assert!(kinds.len() > 20, "Error::kind not found in error.rs");
+        let missing: Vec<&&str> = kinds.iter().filter(|k| !known.contains(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "error kinds not in the vocabulary: {missing:?}"
+        );
     }
 }

@@ -3,15 +3,13 @@
 //! core checks the caller); these are the management side.
 
 use std::borrow::Cow;
-use std::cmp::Ordering;
 
 use crate::reply;
-use dspex_core::acl::{self, MAX_CONDITIONS, MAX_PATTERN_BYTES, MAX_RULES, MAX_RULES_BYTES};
+use dspex_core::acl::{self, Actual, PatternRef, RuleView, MAX_RULES_BYTES};
 use dspex_core::command::reply::audit_fields;
-use dspex_core::glob;
 use dspex_core::time::now_us;
-use dspex_core::{Error, Permission, Value};
-use rustler::{Atom, Binary, Encoder, Env, MapIterator, Term};
+use dspex_core::{Error, PermSet, Permission, Value};
+use rustler::{Atom, Binary, Encoder, Env, Term};
 
 use crate::atoms;
 use crate::error::{error, unit_or};
@@ -112,9 +110,10 @@ fn authorize_session<'a>(
 }
 
 /// `check_permission/4` on a plain variable map: `:ok` or
-/// `{:error, :access_denied}`. Walks the map's terms in place (nothing is
-/// converted or copied) with the engine's rule semantics; a malformed rule
-/// (including one with more than `MAX_CONDITIONS` conditions) grants
+/// `{:error, :access_denied}`. The map's terms are read in place (nothing
+/// is converted or copied but a rule's conditions) and the decision is the
+/// engine's own, [`acl::grants`]: a malformed rule (a bad pattern, an
+/// unknown permission, more than `MAX_CONDITIONS` conditions) grants
 /// nothing, and a list of more than `MAX_RULES` rules grants nothing past
 /// them, so a call is bounded whatever the map holds. The caller has
 /// checked the argument types.
@@ -126,10 +125,24 @@ fn check_map<'a>(
     permission: Term<'a>,
     context: Term<'a>,
 ) -> Term<'a> {
-    let allowed = text(principal).is_some_and(|p| {
-        owner_of(variable).is_some_and(|owner| owner == p)
-            || rules_grant(env, variable, &p, permission, context)
-    });
+    let allowed = (|| {
+        let principal = text(principal)?;
+        let perm = permission_of(permission)?;
+        let owner = owner_of(variable);
+        let rules = field(variable, atoms::access_rules(), "access_rules")
+            .and_then(|rules| rules.into_list_iterator().ok());
+        Some(acl::grants(
+            owner.as_deref(),
+            &principal,
+            perm,
+            rules
+                .into_iter()
+                .flatten()
+                .map(|rule| TermRule { env, rule }),
+            |key| context_value(env, context, key),
+        ))
+    })()
+    .unwrap_or(false);
     if allowed {
         atoms::ok().encode(env)
     } else {
@@ -168,22 +181,11 @@ fn owner_of(variable: Term<'_>) -> Option<Cow<'_, str>> {
     })
 }
 
-fn rules_grant<'a>(
-    env: Env<'a>,
-    variable: Term<'a>,
-    principal: &str,
-    perm: Term<'a>,
-    context: Term<'a>,
-) -> bool {
-    let Some(rules) = field(variable, atoms::access_rules(), "access_rules") else {
-        return false;
-    };
-    let Ok(rules) = rules.into_list_iterator() else {
-        return false;
-    };
-    // Rules may name permissions as strings too.
-    let perm_name = perm.decode::<Atom>().ok().and_then(|a| {
-        [
+/// A permission named by an atom (compared as atoms, no text made) or,
+/// in a rule, by a string.
+fn permission_of(term: Term) -> Option<Permission> {
+    if let Ok(a) = term.decode::<Atom>() {
+        return [
             (atoms::read(), Permission::Read),
             (atoms::write(), Permission::Write),
             (atoms::observe(), Permission::Observe),
@@ -191,88 +193,59 @@ fn rules_grant<'a>(
         ]
         .into_iter()
         .find(|(known, _)| *known == a)
-        .map(|(_, p)| p.name())
-    });
-    rules
-        .take(MAX_RULES)
-        .any(|rule| rule_grants(env, rule, principal, perm, perm_name, context))
+        .map(|(_, p)| p);
+    }
+    let bin = Binary::from_term(term).ok()?;
+    Permission::parse(std::str::from_utf8(bin.as_slice()).ok()?).ok()
 }
 
-fn rule_grants<'a>(
+/// One rule of the map, read in place for [`acl::rule_grants`].
+struct TermRule<'a> {
     env: Env<'a>,
     rule: Term<'a>,
-    principal: &str,
-    perm: Term<'a>,
-    perm_name: Option<&str>,
-    context: Term<'a>,
-) -> bool {
-    // The pattern first: most rules that do not apply fail on its first byte.
-    field(rule, atoms::session_pattern(), "session_pattern")
-        .is_some_and(|pattern| pattern_matches(pattern, principal))
-        && field(rule, atoms::permissions(), "permissions")
-            .is_some_and(|ps| listed(ps, perm, perm_name))
-        && conditions_hold(env, rule, context)
 }
 
-/// Is `perm` in the list, as an atom or (second look) as a string?
-fn listed<'a>(perms: Term<'a>, perm: Term<'a>, perm_name: Option<&str>) -> bool {
-    let Ok(mut atoms) = perms.into_list_iterator() else {
-        return false;
-    };
-    if atoms.any(|p| p == perm) {
-        return true;
+impl<'a> RuleView<'a> for TermRule<'a> {
+    fn pattern(&self) -> Option<PatternRef<'a>> {
+        let pattern = field(self.rule, atoms::session_pattern(), "session_pattern")?;
+        match Binary::from_term(pattern) {
+            Ok(bin) => std::str::from_utf8(bin.as_slice())
+                .ok()
+                .map(PatternRef::Text),
+            Err(_) => (pattern == atoms::any().to_term(self.env)).then_some(PatternRef::Any),
+        }
     }
-    let (Ok(strings), Some(name)) = (perms.into_list_iterator(), perm_name) else {
-        return false;
-    };
-    strings
-        .filter_map(|p| Binary::from_term(p).ok())
-        .any(|bin| bin.as_slice() == name.as_bytes())
+
+    fn permissions(&self) -> Option<PermSet> {
+        let names = field(self.rule, atoms::permissions(), "permissions")?;
+        acl::permissions_of(names.into_list_iterator().ok()?, |&t| permission_of(t)).ok()
+    }
+
+    fn conditions(&self) -> Option<Cow<'a, [(Value, Value)]>> {
+        let Some(conditions) = field(self.rule, atoms::conditions(), "conditions") else {
+            return Some(Cow::Borrowed(&[]));
+        };
+        // The common empty map without decoding it.
+        if conditions.map_size().ok() == Some(0) {
+            return Some(Cow::Borrowed(&[]));
+        }
+        let value = decode_value(conditions, MAX_RULES_BYTES).ok()?;
+        acl::conditions_of(&value).map(|c| Cow::Owned(c.into_vec()))
+    }
 }
 
-fn pattern_matches(pattern: Term, principal: &str) -> bool {
-    match Binary::from_term(pattern) {
-        Ok(bin) => match std::str::from_utf8(bin.as_slice()) {
-            Ok(p) if !p.is_empty() && p.len() <= MAX_PATTERN_BYTES => glob::matches(p, principal),
-            _ => false,
+/// The context's value under `key`, as an atom key or a string key.
+fn context_value(env: Env, context: Term, key: &str) -> Actual<Value> {
+    let found = existing_atom(env, key)
+        .and_then(|atom| context.map_get(atom).ok())
+        .or_else(|| context.map_get(key).ok());
+    match found {
+        None => Actual::Missing,
+        Some(term) => match decode_value(term, MAX_RULES_BYTES) {
+            Ok(v) => Actual::Value(v),
+            Err(_) => Actual::Opaque,
         },
-        Err(_) => pattern == atoms::any().to_term(pattern.get_env()),
     }
-}
-
-/// Every condition equals (Erlang `==`) the context's value under its key,
-/// the key taken as an atom or a string; a missing key is `nil`.
-fn conditions_hold<'a>(env: Env<'a>, rule: Term<'a>, context: Term<'a>) -> bool {
-    let Some(conditions) = field(rule, atoms::conditions(), "conditions") else {
-        return true;
-    };
-    match conditions.map_size() {
-        Ok(0) => return true,
-        Ok(n) if n > MAX_CONDITIONS => return false,
-        Ok(_) => {}
-        Err(_) => return crate::term::is_nil(conditions),
-    }
-    let Some(pairs) = MapIterator::new(conditions) else {
-        return false;
-    };
-    let nil = atoms::nil().to_term(env);
-    pairs.into_iter().all(|(key, expected)| {
-        let actual = context_value(env, context, key).unwrap_or(nil);
-        expected.cmp(&actual) == Ordering::Equal
-    })
-}
-
-fn context_value<'a>(env: Env<'a>, context: Term<'a>, key: Term<'a>) -> Option<Term<'a>> {
-    if let Ok(v) = context.map_get(key) {
-        return Some(v);
-    }
-    if key.is_atom() {
-        let name = key.atom_to_string().ok()?;
-        return context.map_get(name.as_str()).ok();
-    }
-    let bin = Binary::from_term(key).ok()?;
-    let name = std::str::from_utf8(bin.as_slice()).ok()?;
-    context.map_get(existing_atom(env, name)?).ok()
 }
 
 /// `{:ok, [entry]}`, newest first, at most `limit`.

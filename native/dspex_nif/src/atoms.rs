@@ -125,3 +125,15 @@ rustler::atoms! {
 pub fn load(env: Env, _info: Term) -> bool {
     dspex_core::vocabulary::atoms().all(|name| Atom::from_str(env, name).is_ok())
 }
+
+/// The engine's vocabulary as atoms (created by [`load`]), each once.
+#[rustler::nif(name = "vocabulary")]
+fn vocabulary(env: Env) -> Vec<Atom> {
+    let mut names: Vec<&str> = dspex_core::vocabulary::atoms().collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|name| Atom::from_str(env, name).ok())
+        .collect()
+}

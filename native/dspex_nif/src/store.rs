@@ -203,3 +203,14 @@ fn session_import<'a>(env: Env<'a>, snapshot: Term<'a>, new_id: Term<'a>) -> Ter
 fn debug_panic() -> rustler::Atom {
     panic!("debug_panic: a test of the NIF boundary")
 }
+
+/// Every command of the engine as `{name, writes?}` (`Command::CATALOG`):
+/// the port backend's list of writes, never kept by hand.
+#[rustler::nif(name = "command_catalog")]
+fn command_catalog(env: Env) -> Term {
+    dspex_core::Command::CATALOG
+        .iter()
+        .map(|&(name, writes)| (name, writes))
+        .collect::<Vec<_>>()
+        .encode(env)
+}

@@ -100,7 +100,7 @@ fn get<'a>(env: Env<'a>, sid: Term<'a>, ident: Term<'a>, principal: Term<'a>) ->
 }
 
 /// The read hot path: `{:ok, value}` without building the variable map.
-#[rustler::nif(name = "var_value")]
+#[rustler::nif(name = "var_get_value")]
 fn value<'a>(env: Env<'a>, sid: Term<'a>, ident: Term<'a>, principal: Term<'a>) -> Term<'a> {
     let r = with_session(sid, principal, |s, caller| {
         s.get_value(&ident_text(ident)?, caller)

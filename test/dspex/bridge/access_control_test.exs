@@ -132,6 +132,38 @@ defmodule DSPex.Bridge.AccessControlTest do
       assert :ok = AccessControl.check_permission(strings, "sx", :read)
     end
 
+    # One evaluation: check_permission/4 on a map decides as the store does
+    # on the same rules, conditions compared as Elixir's `==` all the way
+    # down, and a rule with an unknown permission (which the store refuses)
+    # grants nothing.
+    test "decides as the store does on the same rules and contexts" do
+      sid = session()
+      rules = [%{session_pattern: "u*", permissions: [:read], conditions: %{tags: [1, {2}]}}]
+      {:ok, _} = SessionStore.register_variable(sid, :v, :integer, 7, access_rules: rules)
+      map = %{metadata: %{}, access_rules: rules}
+
+      for context <- [%{tags: [1.0, {2.0}]}, %{tags: [1, {2}]}, %{tags: [1, 2]}, %{}] do
+        store =
+          case SessionStore.get_variable_value(sid, :v, nil, principal: "u1", context: context) do
+            7 -> :ok
+            nil -> {:error, :access_denied}
+          end
+
+        assert AccessControl.check_permission(map, "u1", :read, context) == store,
+               inspect(context)
+      end
+
+      assert :ok = AccessControl.check_permission(map, "u1", :read, %{tags: [1.0, {2.0}]})
+
+      unknown = %{
+        metadata: %{},
+        access_rules: [%{session_pattern: :any, permissions: [:read, :fly]}]
+      }
+
+      assert {:error, {:invalid_rules, _}} = AccessControl.validate_rules(unknown.access_rules)
+      assert {:error, :access_denied} = AccessControl.check_permission(unknown, "u1", :read)
+    end
+
     test "bad arguments are errors, not crashes" do
       assert {:error, {:invalid_argument, {:unknown_permission, :delete}}} =
                AccessControl.check_permission(%{}, "s", :delete)

@@ -21,13 +21,13 @@ defmodule DSPex.Bridge.IntegerRangeTest do
       end
 
     calls = [
-      fn m, s, n -> m.set_value(s, :x, 5, %{}, n, nil) end,
-      fn m, s, n -> m.set_values(s, [{:x, 5, %{}, n}], false, nil) end,
-      fn m, s, n -> m.set_values(s, [{:x, 5, %{}, n}], true, nil) end,
-      fn m, s, n -> m.set_value(s, :x, n, %{}, nil, nil) end,
-      fn m, s, n -> m.rollback(s, :x, n, nil) end,
-      fn m, s, n -> m.history(s, :x, n, nil) end,
-      fn m, s, n -> m.audit_log(s, n) end
+      fn m, s, n -> m.var_set(s, :x, 5, %{}, n, nil) end,
+      fn m, s, n -> m.var_set_many(s, [{:x, 5, %{}, n}], false, nil) end,
+      fn m, s, n -> m.var_set_many(s, [{:x, 5, %{}, n}], true, nil) end,
+      fn m, s, n -> m.var_set(s, :x, n, %{}, nil, nil) end,
+      fn m, s, n -> m.var_rollback(s, :x, n, nil) end,
+      fn m, s, n -> m.var_history(s, :x, n, nil) end,
+      fn m, s, n -> m.acl_audit_log(s, n) end
     ]
 
     for n <- [2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 2 ** 64, 2 ** 64 + 1, 2 ** 200, -1],

@@ -28,85 +28,80 @@ defmodule DSPex.Bridge.Backend.Native do
   @spec memory() :: non_neg_integer
   def memory, do: Native.store_memory()
 
-  @doc "Heap bytes held by one session's variables."
-  @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
+  @impl true
   def session_memory(sid), do: Native.session_memory(sid)
 
   @impl true
-  def create_session(sid, opts), do: Native.session_create(sid, opts)
+  def session_create(sid, opts), do: Native.session_create(sid, opts)
   @impl true
   def session_info(sid), do: Native.session_info(sid)
   @impl true
-  def delete_session(sid), do: Native.session_delete(sid)
+  def session_delete(sid), do: Native.session_delete(sid)
   @impl true
-  def list_sessions, do: Native.session_list()
+  def session_list, do: Native.session_list()
   @impl true
-  def sweep_expired, do: Native.session_sweep()
+  def session_sweep, do: Native.session_sweep()
   @impl true
-  def export_session(sid), do: Native.session_export(sid)
+  def session_export(sid), do: Native.session_export(sid)
   @impl true
-  def import_session(bin, new_id), do: Native.session_import(bin, new_id)
+  def session_import(bin, new_id), do: Native.session_import(bin, new_id)
 
   @impl true
-  def register_variable(sid, name, type, initial, opts, principal),
+  def var_register(sid, name, type, initial, opts, principal),
     do: Native.var_register(sid, name, type, initial, opts, principal)
 
   @impl true
-  def get_variable(sid, ident, principal), do: Native.var_get(sid, ident, principal)
+  def var_get(sid, ident, principal), do: Native.var_get(sid, ident, principal)
   @impl true
-  def get_value(sid, ident, principal), do: Native.var_value(sid, ident, principal)
+  def var_get_value(sid, ident, principal), do: Native.var_get_value(sid, ident, principal)
   @impl true
-  def variable_exists(sid, ident, principal), do: Native.var_exists(sid, ident, principal)
+  def var_exists(sid, ident, principal), do: Native.var_exists(sid, ident, principal)
 
   @impl true
-  def set_value(sid, ident, value, metadata, expected, principal),
+  def var_set(sid, ident, value, metadata, expected, principal),
     do: Native.var_set(sid, ident, value, metadata, expected, principal)
 
   @impl true
-  def set_values(sid, updates, atomic, principal),
+  def var_set_many(sid, updates, atomic, principal),
     do: Native.var_set_many(sid, updates, atomic, principal)
 
   @impl true
-  def history(sid, ident, limit, principal),
+  def var_history(sid, ident, limit, principal),
     do: Native.var_history(sid, ident, limit, principal)
 
   @impl true
-  def rollback(sid, ident, version, principal),
+  def var_rollback(sid, ident, version, principal),
     do: Native.var_rollback(sid, ident, version, principal)
 
   @impl true
-  def delete_variable(sid, ident, principal),
+  def var_delete(sid, ident, principal),
     do: Native.var_delete(sid, ident, principal)
 
   @impl true
-  def list_variables(sid, pattern, principal),
+  def var_list(sid, pattern, principal),
     do: Native.var_list(sid, pattern, principal)
 
   @impl true
-  def variable_names(sid, pattern, principal),
+  def var_names(sid, pattern, principal),
     do: Native.var_names(sid, pattern, principal)
 
   @impl true
-  def set_access_rules(sid, ident, rules, principal),
+  def acl_set_rules(sid, ident, rules, principal),
     do: Native.acl_set_rules(sid, ident, rules, principal)
 
   @impl true
-  def check_access(sid, ident, principal, permission),
+  def acl_check(sid, ident, principal, permission),
     do: Native.acl_check(sid, ident, principal, permission)
 
   @impl true
-  def authorize(sid, ident, principal, permission),
+  def acl_authorize(sid, ident, principal, permission),
     do: Native.acl_authorize(sid, ident, principal, permission)
 
   @impl true
-  def audit_log(sid, limit), do: Native.acl_audit_log(sid, limit)
+  def acl_audit_log(sid, limit), do: Native.acl_audit_log(sid, limit)
 
-  @doc """
-  The guard of a session-level operation: `:ok` for the session itself (no
-  principal, or the session's id), else `{:error, :access_denied}`, audited.
-  """
-  @spec authorize_session(String.t(), String.t() | nil, atom) :: :ok | {:error, term}
-  def authorize_session(sid, principal, permission),
+  @impl true
+  def acl_authorize_session(sid, principal, permission),
     do: Native.acl_authorize_session(sid, principal, permission)
 
   # Most inserts need a small search and run on the caller's scheduler; the

@@ -19,13 +19,15 @@ defmodule DSPex.Bridge.Backend.Port do
   - A call that gets no answer within its timeout (default 5 s, config
     `:port_timeout`) returns `{:error, :timeout}` if it only reads, and
     `{:error, :timeout_unknown_outcome}` if it writes (creates, deletes,
-    imports, registers, sets, rolls back, changes rules or edges, sweeps):
+    imports, registers, sets, rolls back, changes rules or edges, sweeps,
+    and the guards `acl_authorize`/`acl_authorize_session`, which take a
+    rate-limit token and audit a refusal; `writes?/1` says which):
     the request may still be waiting in the pipe or running, so the write may
     or may not take effect later. Read the state back before retrying. The
     caller never exits. A create or delete that timed out leaves the id
     claimed by the port, so a session that does appear is reachable (if it
     never does, reads answer `{:error, :session_not_found}` and
-    `delete_session/1` releases the id).
+    `session_delete/1` releases the id).
   - When the OS process dies, every call in flight returns
     `{:error, :backend_unavailable}` at once. The port's sessions lived in
     that process and are gone; sessions of the NIF backend are untouched.
@@ -46,8 +48,8 @@ defmodule DSPex.Bridge.Backend.Port do
     values `{:error, {:invalid_value, :integer_out_of_range}}`).
   - Replies never create atoms: an atom name the VM does not know comes back
     as a binary (`DSPex.Bridge.MsgPack.decode/1`). The engine's own
-    vocabulary (reasons, keys, types) exists as atoms once this module is
-    loaded.
+    vocabulary (reasons, keys, types; `dspex_core::vocabulary`) exists as
+    atoms once the server has started: the NIF creates it when it loads.
 
   ## Configuration
 
@@ -86,25 +88,11 @@ defmodule DSPex.Bridge.Backend.Port do
   @max_u64 0xFFFF_FFFF_FFFF_FFFF
   @max_i64 0x7FFF_FFFF_FFFF_FFFF
 
-  # Commands that change the engine's state: past its timeout, whether such a
-  # request took effect is unknown (see "Failure"). `acl_authorize` only
-  # takes a rate-limit token and audits a refusal: it counts as a read.
-  @writes ~w(session_create session_delete session_import session_sweep var_register
-             var_set var_set_many var_rollback var_delete acl_set_rules graph_add_edge
-             graph_remove_edge graph_clear var_fence)
-
-  # Every atom the engine can put in a reply (error reasons, map keys, type
-  # and permission names) is a string literal of its sources. Listing them
-  # here makes them atoms when this module loads, so replies decode them as
-  # atoms although decoding never creates one (`MsgPack.decode/1`).
-  @engine_files Path.wildcard(Path.expand("../../../../native/dspex_core/src/**/*.rs", __DIR__))
-  for file <- @engine_files, do: @external_resource(file)
-
-  @engine_atoms for file <- @engine_files,
-                    code = file |> File.read!() |> String.split("#[cfg(test)]") |> hd(),
-                    [_, name] <- Regex.scan(~r/"([a-z_][a-z0-9_]*)"/, code),
-                    uniq: true,
-                    do: String.to_atom(name)
+  # Which commands change the engine's state (past its timeout, whether such
+  # a request took effect is unknown; see "Failure"): the core's
+  # `Operation::WRITES` of each command, read from the NIF once
+  # (`Native.command_catalog/0`) and kept in a persistent term.
+  @catalog_key {__MODULE__, :writes}
 
   ## Lifecycle
 
@@ -130,9 +118,33 @@ defmodule DSPex.Bridge.Backend.Port do
   @spec executable() :: Path.t()
   def executable, do: Path.join(:code.priv_dir(:dspex_bridge), "native/dspex_port")
 
-  @doc false
-  # The engine's vocabulary, as atoms (see @engine_atoms).
-  def engine_atoms, do: @engine_atoms
+  @doc """
+  True if `command` changes the engine's state (the core's
+  `Operation::WRITES`): past its timeout such a call answers
+  `{:error, :timeout_unknown_outcome}`. False for a name the engine does
+  not know.
+  """
+  @spec writes?(String.t()) :: boolean
+  def writes?(command) do
+    catalog =
+      case :persistent_term.get(@catalog_key, nil) do
+        nil -> load_catalog()
+        catalog -> catalog
+      end
+
+    Map.get(catalog, command, false)
+  end
+
+  # The NIF is always loaded in the VM; loading it also creates the
+  # engine's vocabulary as atoms, so replies decode it as atoms.
+  defp load_catalog do
+    catalog = Map.new(DSPex.Bridge.Native.command_catalog())
+
+    if :persistent_term.get(@catalog_key, nil) != catalog,
+      do: :persistent_term.put(@catalog_key, catalog)
+
+    catalog
+  end
 
   @doc "The OS pid of the running port program, or `nil` while it is down."
   @spec os_pid() :: non_neg_integer | nil
@@ -181,7 +193,7 @@ defmodule DSPex.Bridge.Backend.Port do
   ## Backend callbacks
 
   @impl DSPex.Bridge.Backend
-  def create_session(sid, opts) do
+  def session_create(sid, opts) do
     with :ok <- check_sid(sid),
          :ok <- claim(sid) do
       result =
@@ -205,8 +217,7 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl DSPex.Bridge.Backend
   def session_info(sid), do: call("session_info", fn -> [session: sid!(sid)] end)
 
-  @doc "Heap bytes held by one session's variables."
-  @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
+  @impl DSPex.Bridge.Backend
   def session_memory(sid), do: call("session_memory", fn -> [session: sid!(sid)] end)
 
   @doc """
@@ -215,7 +226,7 @@ defmodule DSPex.Bridge.Backend.Port do
   again.
   """
   @impl DSPex.Bridge.Backend
-  def delete_session(sid) do
+  def session_delete(sid) do
     case call("session_delete", fn -> [session: sid!(sid)] end) do
       :ok ->
         release(sid)
@@ -234,8 +245,8 @@ defmodule DSPex.Bridge.Backend.Port do
   answer (`:timeout`, `:backend_unavailable`): never a silently empty list.
   """
   @impl DSPex.Bridge.Backend
-  @spec list_sessions() :: [String.t()] | {:error, term}
-  def list_sessions do
+  @spec session_list() :: [String.t()] | {:error, term}
+  def session_list do
     case call("session_list", fn -> [] end) do
       {:ok, ids} -> ids
       {:error, _} = error -> error
@@ -243,7 +254,7 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def sweep_expired do
+  def session_sweep do
     case call("session_sweep", fn -> [] end) do
       {:ok, ids} ->
         Enum.each(ids, &release/1)
@@ -255,10 +266,10 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def export_session(sid), do: call("session_export", fn -> [session: sid!(sid)] end)
+  def session_export(sid), do: call("session_export", fn -> [session: sid!(sid)] end)
 
   @impl DSPex.Bridge.Backend
-  def import_session(snapshot, new_id) when is_binary(snapshot) do
+  def session_import(snapshot, new_id) when is_binary(snapshot) do
     with :ok <- if(new_id, do: check_sid(new_id), else: :ok),
          :ok <- if(new_id, do: claim(new_id), else: :ok) do
       case call("session_import", fn ->
@@ -278,10 +289,10 @@ defmodule DSPex.Bridge.Backend.Port do
     end
   end
 
-  def import_session(_snapshot, _new_id), do: {:error, {:invalid_snapshot, "expected a binary"}}
+  def session_import(_snapshot, _new_id), do: {:error, {:invalid_snapshot, "expected a binary"}}
 
   @impl DSPex.Bridge.Backend
-  def register_variable(sid, name, type, initial, opts, principal) do
+  def var_register(sid, name, type, initial, opts, principal) do
     call("var_register", fn ->
       [
         session: sid!(sid),
@@ -298,22 +309,22 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def get_variable(sid, ident, principal) do
+  def var_get(sid, ident, principal) do
     call("var_get", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
-  def get_value(sid, ident, principal) do
+  def var_get_value(sid, ident, principal) do
     call("var_get_value", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
-  def variable_exists(sid, ident, principal) do
+  def var_exists(sid, ident, principal) do
     call("var_exists", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
-  def set_value(sid, ident, value, metadata, expected, principal) do
+  def var_set(sid, ident, value, metadata, expected, principal) do
     call("var_set", fn ->
       [
         session: sid!(sid),
@@ -327,7 +338,7 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def set_values(sid, updates, atomic, principal) when is_list(updates) do
+  def var_set_many(sid, updates, atomic, principal) when is_list(updates) do
     call("var_set_many", fn ->
       [
         session: sid!(sid),
@@ -338,11 +349,11 @@ defmodule DSPex.Bridge.Backend.Port do
     end)
   end
 
-  def set_values(_sid, _updates, _atomic, _principal),
+  def var_set_many(_sid, _updates, _atomic, _principal),
     do: {:error, {:invalid_argument, :updates_must_be_a_list}}
 
   @impl DSPex.Bridge.Backend
-  def history(sid, ident, limit, principal) do
+  def var_history(sid, ident, limit, principal) do
     call("var_history", fn ->
       [
         session: sid!(sid),
@@ -356,7 +367,7 @@ defmodule DSPex.Bridge.Backend.Port do
   # As the NIF: the session and the caller are checked before the version,
   # and a version that is not a 64-bit unsigned integer is not found.
   @impl DSPex.Bridge.Backend
-  def rollback(sid, ident, version, principal) do
+  def var_rollback(sid, ident, version, principal) do
     call("var_rollback", fn ->
       sid = sid!(sid)
       actor = actor!(principal)
@@ -374,26 +385,26 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def delete_variable(sid, ident, principal) do
+  def var_delete(sid, ident, principal) do
     call("var_delete", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
-  def list_variables(sid, pattern, principal) do
+  def var_list(sid, pattern, principal) do
     call("var_list", fn ->
       [session: sid!(sid), pattern: pattern!(pattern), actor: actor!(principal)]
     end)
   end
 
   @impl DSPex.Bridge.Backend
-  def variable_names(sid, pattern, principal) do
+  def var_names(sid, pattern, principal) do
     call("var_names", fn ->
       [session: sid!(sid), pattern: pattern!(pattern), actor: actor!(principal)]
     end)
   end
 
   @impl DSPex.Bridge.Backend
-  def set_access_rules(sid, ident, rules, principal) do
+  def acl_set_rules(sid, ident, rules, principal) do
     call("acl_set_rules", fn ->
       [
         session: sid!(sid),
@@ -405,7 +416,7 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def check_access(sid, ident, principal, permission) do
+  def acl_check(sid, ident, principal, permission) do
     call("acl_check", fn ->
       [
         session: sid!(sid),
@@ -417,7 +428,7 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def authorize(sid, ident, principal, permission) do
+  def acl_authorize(sid, ident, principal, permission) do
     call("acl_authorize", fn ->
       [
         session: sid!(sid),
@@ -429,7 +440,18 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def audit_log(sid, limit),
+  def acl_authorize_session(sid, principal, permission) do
+    call("acl_authorize_session", fn ->
+      [
+        session: sid!(sid),
+        permission: permission!(permission),
+        principal: if(principal, do: str(principal!(principal)), else: <<0xC0>>)
+      ]
+    end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def acl_audit_log(sid, limit),
     do: call("acl_audit_log", fn -> [session: sid!(sid), limit: limit!(limit)] end)
 
   # Dependency graph (DSPex.Bridge.DependencyManager). Idents go through
@@ -534,7 +556,7 @@ defmodule DSPex.Bridge.Backend.Port do
   # Every request goes through the backend's protection (breaker, retries,
   # cache, dead-letter queue; `DSPex.Bridge.State.Bridged`).
   defp send_command(command, args, timeout) do
-    Bridged.run(:port, command, args, command in @writes, fn ->
+    Bridged.run(:port, command, args, writes?(command), fn ->
       send_raw(command, args, timeout)
     end)
   end
@@ -559,9 +581,11 @@ defmodule DSPex.Bridge.Backend.Port do
         error
     end
   catch
-    :exit, {:timeout, _} when command in @writes -> {:error, :timeout_unknown_outcome}
-    :exit, {:timeout, _} -> {:error, :timeout}
-    :exit, _ -> {:error, :backend_unavailable}
+    :exit, {:timeout, _} ->
+      if writes?(command), do: {:error, :timeout_unknown_outcome}, else: {:error, :timeout}
+
+    :exit, _ ->
+      {:error, :backend_unavailable}
   end
 
   defp str(s), do: MsgPack.encode!(s)
@@ -633,6 +657,7 @@ defmodule DSPex.Bridge.Backend.Port do
   defp optimizer_id!(_), do: throw({:invalid_argument, :bad_optimizer_id})
 
   defp permission!(p) when is_atom(p), do: MsgPack.encode_ident!(p)
+  defp permission!(_), do: throw({:invalid_argument, :unknown_permission})
 
   defp expected!(nil), do: <<0xC0>>
   # The NIF's ranges: u64 for versions, i64 for limits.
@@ -691,6 +716,8 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl GenServer
   def init(opts) do
     Process.flag(:trap_exit, true)
+    # Replies carry the engine's vocabulary: the NIF makes it atoms.
+    load_catalog()
     config = Keyword.merge(Application.get_env(:dspex_bridge, :port, []), opts)
     :ets.new(@sessions, [:named_table, :public, :set, read_concurrency: true])
     path = executable()

@@ -4,7 +4,7 @@ defmodule DSPex.Bridge.Backend.Router do
   from the backend that holds it, `DSPex.Bridge.Backend.Native` (the NIF) or
   `DSPex.Bridge.Backend.Port` (the port program).
 
-  Which backend a new session goes to: `create_session(id, backend: :port)`
+  Which backend a new session goes to: `SessionStore.create_session(id, backend: :port)`
   (or `:nif`), else `config :dspex_bridge, backend: :nif | :port` (default
   `:nif`). Everything after creation has the same API and return shapes.
 
@@ -64,18 +64,18 @@ defmodule DSPex.Bridge.Backend.Router do
   Creates a session in backend `kind` (`nil` for the default).
   `{:error, {:invalid_argument, {:backend, other}}}` for an unknown kind.
   """
-  @spec create_session(String.t(), map, kind | nil) :: :ok | {:error, term}
-  def create_session(sid, opts, kind) do
+  @spec session_create(String.t(), map, kind | nil) :: :ok | {:error, term}
+  def session_create(sid, opts, kind) do
     case kind || default_kind() do
-      :nif -> exclusive(Native, Port, sid, &Native.create_session(&1, opts))
-      :port -> exclusive(Port, Native, sid, &Port.create_session(&1, opts))
+      :nif -> exclusive(Native, Port, sid, &Native.session_create(&1, opts))
+      :port -> exclusive(Port, Native, sid, &Port.session_create(&1, opts))
       other -> {:error, {:invalid_argument, {:backend, other}}}
     end
   end
 
   @doc "Imports a snapshot into backend `kind` (`nil` for the default)."
-  @spec import_session(binary, String.t() | nil, kind | nil) :: {:ok, String.t()} | {:error, term}
-  def import_session(snapshot, new_id, kind) do
+  @spec session_import(binary, String.t() | nil, kind | nil) :: {:ok, String.t()} | {:error, term}
+  def session_import(snapshot, new_id, kind) do
     case kind || default_kind() do
       :nif -> exclusive_import(Native, Port, snapshot, new_id)
       :port -> exclusive_import(Port, Native, snapshot, new_id)
@@ -87,7 +87,7 @@ defmodule DSPex.Bridge.Backend.Router do
   defp exclusive(mine, other, sid, create) do
     with :ok <- create.(sid) do
       if held_by?(other, sid) do
-        mine.delete_session(sid)
+        mine.session_delete(sid)
         {:error, :already_exists}
       else
         :ok
@@ -96,9 +96,9 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   defp exclusive_import(mine, other, snapshot, new_id) do
-    with {:ok, sid} <- mine.import_session(snapshot, new_id) do
+    with {:ok, sid} <- mine.session_import(snapshot, new_id) do
       if held_by?(other, sid) do
-        mine.delete_session(sid)
+        mine.session_delete(sid)
         {:error, :already_exists}
       else
         {:ok, sid}
@@ -116,7 +116,7 @@ defmodule DSPex.Bridge.Backend.Router do
 
   # A session-scoped call (the session id first): served by the NIF, or by
   # the port when the NIF does not have the session and the port does.
-  # `get_value/3` and `set_value/6` spell this out to keep `apply/3` off the
+  # `var_get_value/3` and `var_set/6` spell this out to keep `apply/3` off the
   # hot path.
   defp routed(fun, [sid | _] = args) do
     case apply(Native, fun, args) do
@@ -126,13 +126,13 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   @impl true
-  def create_session(sid, opts) do
+  def session_create(sid, opts) do
     {kind, opts} = Map.pop(opts, :backend)
-    create_session(sid, opts, kind)
+    session_create(sid, opts, kind)
   end
 
   @impl true
-  def import_session(snapshot, new_id), do: import_session(snapshot, new_id, nil)
+  def session_import(snapshot, new_id), do: session_import(snapshot, new_id, nil)
 
   @doc """
   Ids of every live session, sorted. The port is asked only when it holds
@@ -142,12 +142,12 @@ defmodule DSPex.Bridge.Backend.Router do
   an explicit note that the port's are left out.
   """
   @impl true
-  @spec list_sessions() :: [String.t()] | {:error, {:partial, map}}
-  def list_sessions do
-    nif = Native.list_sessions()
+  @spec session_list() :: [String.t()] | {:error, {:partial, map}}
+  def session_list do
+    nif = Native.session_list()
 
     if Port.owns_any?() do
-      case Port.list_sessions() do
+      case Port.session_list() do
         ids when is_list(ids) ->
           Enum.sort(nif ++ ids)
 
@@ -160,37 +160,36 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   @impl true
-  def sweep_expired, do: Native.sweep_expired() ++ Port.sweep_expired()
+  def session_sweep, do: Native.session_sweep() ++ Port.session_sweep()
 
   @impl true
   def session_info(sid), do: routed(:session_info, [sid])
 
-  @doc "Heap bytes held by one session's variables, in whichever backend."
-  @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
+  @impl true
   def session_memory(sid), do: routed(:session_memory, [sid])
 
   @impl true
-  def delete_session(sid), do: routed(:delete_session, [sid])
+  def session_delete(sid), do: routed(:session_delete, [sid])
 
   @impl true
-  def export_session(sid), do: routed(:export_session, [sid])
+  def session_export(sid), do: routed(:session_export, [sid])
 
   @impl true
-  def register_variable(sid, name, type, initial, opts, principal),
-    do: routed(:register_variable, [sid, name, type, initial, opts, principal])
+  def var_register(sid, name, type, initial, opts, principal),
+    do: routed(:var_register, [sid, name, type, initial, opts, principal])
 
   @impl true
-  def get_variable(sid, ident, principal), do: routed(:get_variable, [sid, ident, principal])
+  def var_get(sid, ident, principal), do: routed(:var_get, [sid, ident, principal])
 
   @impl true
-  def variable_exists(sid, ident, principal),
-    do: routed(:variable_exists, [sid, ident, principal])
+  def var_exists(sid, ident, principal),
+    do: routed(:var_exists, [sid, ident, principal])
 
   @impl true
-  def get_value(sid, ident, principal) do
-    case Native.get_value(sid, ident, principal) do
+  def var_get_value(sid, ident, principal) do
+    case Native.var_get_value(sid, ident, principal) do
       {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.get_value(sid, ident, principal) end)
+        on_port(miss, sid, fn -> Port.var_get_value(sid, ident, principal) end)
 
       result ->
         result
@@ -198,11 +197,11 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   @impl true
-  def set_value(sid, ident, value, metadata, expected, principal) do
-    case Native.set_value(sid, ident, value, metadata, expected, principal) do
+  def var_set(sid, ident, value, metadata, expected, principal) do
+    case Native.var_set(sid, ident, value, metadata, expected, principal) do
       {:error, :session_not_found} = miss ->
         on_port(miss, sid, fn ->
-          Port.set_value(sid, ident, value, metadata, expected, principal)
+          Port.var_set(sid, ident, value, metadata, expected, principal)
         end)
 
       result ->
@@ -211,60 +210,49 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   @impl true
-  def set_values(sid, updates, atomic, principal),
-    do: routed(:set_values, [sid, updates, atomic, principal])
+  def var_set_many(sid, updates, atomic, principal),
+    do: routed(:var_set_many, [sid, updates, atomic, principal])
 
   @impl true
-  def history(sid, ident, limit, principal), do: routed(:history, [sid, ident, limit, principal])
+  def var_history(sid, ident, limit, principal),
+    do: routed(:var_history, [sid, ident, limit, principal])
 
   @impl true
-  def rollback(sid, ident, version, principal),
-    do: routed(:rollback, [sid, ident, version, principal])
+  def var_rollback(sid, ident, version, principal),
+    do: routed(:var_rollback, [sid, ident, version, principal])
 
   @impl true
-  def delete_variable(sid, ident, principal),
-    do: routed(:delete_variable, [sid, ident, principal])
+  def var_delete(sid, ident, principal),
+    do: routed(:var_delete, [sid, ident, principal])
 
   @impl true
-  def list_variables(sid, pattern, principal),
-    do: routed(:list_variables, [sid, pattern, principal])
+  def var_list(sid, pattern, principal),
+    do: routed(:var_list, [sid, pattern, principal])
 
   @impl true
-  def variable_names(sid, pattern, principal),
-    do: routed(:variable_names, [sid, pattern, principal])
+  def var_names(sid, pattern, principal),
+    do: routed(:var_names, [sid, pattern, principal])
 
   @impl true
-  def set_access_rules(sid, ident, rules, principal),
-    do: routed(:set_access_rules, [sid, ident, rules, principal])
+  def acl_set_rules(sid, ident, rules, principal),
+    do: routed(:acl_set_rules, [sid, ident, rules, principal])
 
   @impl true
-  def check_access(sid, ident, principal, permission),
-    do: routed(:check_access, [sid, ident, principal, permission])
+  def acl_check(sid, ident, principal, permission),
+    do: routed(:acl_check, [sid, ident, principal, permission])
 
   @impl true
-  def authorize(sid, ident, principal, permission),
-    do: routed(:authorize, [sid, ident, principal, permission])
+  def acl_authorize(sid, ident, principal, permission),
+    do: routed(:acl_authorize, [sid, ident, principal, permission])
 
   @impl true
-  def audit_log(sid, limit), do: routed(:audit_log, [sid, limit])
+  def acl_audit_log(sid, limit), do: routed(:acl_audit_log, [sid, limit])
 
-  @doc """
-  The guard of a session-level operation (see
-  `DSPex.Bridge.AccessControl.authorize_session/3`), made by the engine
-  holding the session: `:ok`, or `{:error, :access_denied}` (audited) for a
-  principal other than the session.
-  """
-  @spec authorize_session(String.t(), String.t() | nil, atom) :: :ok | {:error, term}
-  def authorize_session(sid, principal, permission) do
-    case Native.authorize_session(sid, principal, permission) do
+  @impl true
+  def acl_authorize_session(sid, principal, permission) do
+    case Native.acl_authorize_session(sid, principal, permission) do
       {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn ->
-          Port.request("acl_authorize_session",
-            session: sid,
-            permission: permission,
-            principal: principal
-          )
-        end)
+        on_port(miss, sid, fn -> Port.acl_authorize_session(sid, principal, permission) end)
 
       result ->
         result

@@ -253,7 +253,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def notify_delete(session_id, ident) do
     with pid when is_pid(pid) <- whereis(session_id),
          %{} = d <- Table.find(session_id, ident),
-         {:error, :not_found} <- Router.check_access(session_id, d.id, nil, :read) do
+         {:error, :not_found} <- Router.acl_check(session_id, d.id, nil, :read) do
       Table.delete_def(session_id, d)
     end
 

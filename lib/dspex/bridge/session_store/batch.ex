@@ -29,7 +29,7 @@ defmodule DSPex.Bridge.SessionStore.Batch do
       start = System.monotonic_time()
       atomic = opts[:atomic] == true
 
-      case @backend.set_values(session_id, normalized, atomic, caller) do
+      case @backend.var_set_many(session_id, normalized, atomic, caller) do
         {:ok, results} when atomic ->
           us = Telemetry.since_us(start)
 

@@ -31,7 +31,7 @@ defmodule DSPex.Bridge.SessionStore.History do
     with {:ok, opts} <- Options.validate(opts, @read_opts) do
       caller = AccessControl.caller(opts)
 
-      case @backend.history(session_id, ident, limit, caller) do
+      case @backend.var_history(session_id, ident, limit, caller) do
         {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
         error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end
@@ -50,7 +50,7 @@ defmodule DSPex.Bridge.SessionStore.History do
   end
 
   defp rollback(session_id, ident, version, caller) do
-    case @backend.rollback(session_id, ident, version, caller) do
+    case @backend.var_rollback(session_id, ident, version, caller) do
       {:ok, new_version} ->
         Telemetry.execute(
           [:dspex, :bridge, :variable, :rollback],

@@ -38,7 +38,7 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
            audit_capacity: opts[:audit_size],
            backend: kind
          },
-         :ok <- @backend.create_session(session_id, native_opts) do
+         :ok <- @backend.session_create(session_id, native_opts) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},
@@ -71,7 +71,7 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
   @spec delete_session(session_id, keyword) :: :ok | {:error, reason}
   def delete_session(session_id, opts \\ []) do
     with :ok <- session_guard(session_id, :write, opts),
-         :ok <- @backend.delete_session(session_id) do
+         :ok <- @backend.session_delete(session_id) do
       Propagator.session_closed(session_id)
 
       Telemetry.execute(
@@ -83,13 +83,13 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
   end
 
   @spec list_sessions() :: [session_id] | {:error, {:partial, map}}
-  def list_sessions, do: @backend.list_sessions()
+  def list_sessions, do: @backend.session_list()
 
   @spec get_session_diagnostics(session_id, keyword) :: {:ok, map} | {:error, reason}
   def get_session_diagnostics(session_id, opts \\ []) do
     with :ok <- session_guard(session_id, :read, opts),
          {:ok, session} <- get_session(session_id),
-         {:ok, vars} <- @backend.list_variables(session_id, nil, nil),
+         {:ok, vars} <- @backend.var_list(session_id, nil, nil),
          {:ok, variables} <- diagnose(session_id, vars) do
       memory =
         case Router.session_memory(session_id) do
@@ -109,7 +109,7 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
   # One entry per variable; one deleted since the listing is left out.
   defp diagnose(session_id, vars) do
     Enum.reduce_while(vars, {:ok, []}, fn v, {:ok, acc} ->
-      case @backend.history(session_id, v.id, 1_000_000, nil) do
+      case @backend.var_history(session_id, v.id, 1_000_000, nil) do
         {:ok, history} ->
           entry = %{
             name: v.name,
@@ -138,7 +138,7 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
   @spec export_session(session_id, keyword) :: {:ok, binary} | {:error, reason}
   def export_session(session_id, opts \\ []) do
     with :ok <- session_guard(session_id, :read, opts),
-         do: @backend.export_session(session_id)
+         do: @backend.session_export(session_id)
   end
 
   @spec import_session(binary, keyword) :: {:ok, session_id} | {:error, reason}
@@ -147,7 +147,7 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
   def import_session(snapshot, opts) when is_binary(snapshot) do
     with {:ok, opts} <- Options.validate(opts, [:session_id, :backend]),
          kind = opts[:backend] || Router.default_kind(),
-         {:ok, sid} <- Router.import_session(snapshot, opts[:session_id], kind) do
+         {:ok, sid} <- Router.session_import(snapshot, opts[:session_id], kind) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},

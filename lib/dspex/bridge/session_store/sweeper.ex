@@ -25,7 +25,7 @@ defmodule DSPex.Bridge.SessionStore.Sweeper do
 
   @impl true
   def handle_info(:sweep, state) do
-    for sid <- @backend.sweep_expired() do
+    for sid <- @backend.session_sweep() do
       Propagator.session_closed(sid)
 
       Telemetry.execute(

@@ -34,7 +34,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
     with {:ok, opts} <- Options.validate(opts, @read_opts) do
       caller = AccessControl.caller(opts)
 
-      case @backend.variable_exists(session_id, ident, caller) do
+      case @backend.var_exists(session_id, ident, caller) do
         {:ok, _} = ok -> ok
         error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end
@@ -62,7 +62,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
       }
 
       result =
-        @backend.register_variable(
+        @backend.var_register(
           session_id,
           name,
           type,
@@ -90,7 +90,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
       caller = AccessControl.caller(opts)
 
       timed_read(session_id, ident, fn ->
-        case @backend.get_variable(session_id, ident, caller) do
+        case @backend.var_get(session_id, ident, caller) do
           {:ok, var} -> {:ok, variable(var)}
           error -> AccessControl.refusal(error, session_id, ident, caller, :read)
         end
@@ -109,9 +109,11 @@ defmodule DSPex.Bridge.SessionStore.Variables do
   defp value(session_id, ident, default, principal) do
     result =
       if Telemetry.observed?(@read) do
-        timed_read(session_id, ident, fn -> @backend.get_value(session_id, ident, principal) end)
+        timed_read(session_id, ident, fn ->
+          @backend.var_get_value(session_id, ident, principal)
+        end)
       else
-        @backend.get_value(session_id, ident, principal)
+        @backend.var_get_value(session_id, ident, principal)
       end
 
     case result do
@@ -139,11 +141,11 @@ defmodule DSPex.Bridge.SessionStore.Variables do
     if Telemetry.observed?(@write) do
       start = System.monotonic_time()
 
-      @backend.set_value(session_id, ident, value, metadata, expected, principal)
+      @backend.var_set(session_id, ident, value, metadata, expected, principal)
       |> written(session_id, ident, metadata, expected, Telemetry.since_us(start))
       |> AccessControl.refusal(session_id, ident, principal, :write)
     else
-      case @backend.set_value(session_id, ident, value, metadata, expected, principal) do
+      case @backend.var_set(session_id, ident, value, metadata, expected, principal) do
         {:ok, version} ->
           Propagator.notify_write(session_id, ident, version)
 
@@ -176,7 +178,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
 
   defp read_each(session_id, idents, principal) do
     Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
-      case @backend.get_variable(session_id, ident, principal) do
+      case @backend.var_get(session_id, ident, principal) do
         {:ok, var} ->
           {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
 
@@ -202,7 +204,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
     with {:ok, opts} <- Options.validate(opts, @read_opts) do
       caller = AccessControl.caller(opts)
 
-      case @backend.list_variables(session_id, pattern, caller) do
+      case @backend.var_list(session_id, pattern, caller) do
         {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
         error -> AccessControl.refusal(error, session_id, nil, caller, :read)
       end
@@ -215,7 +217,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
       caller = AccessControl.caller(opts)
 
       session_id
-      |> @backend.delete_variable(ident, caller)
+      |> @backend.var_delete(ident, caller)
       |> AccessControl.refusal(session_id, ident, caller, :write)
       |> case do
         :ok ->
@@ -240,7 +242,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
       caller = AccessControl.caller(opts)
 
       session_id
-      |> @backend.set_access_rules(ident, rules, caller)
+      |> @backend.acl_set_rules(ident, rules, caller)
       |> AccessControl.refusal(session_id, ident, caller, :write)
     end
   end
@@ -253,7 +255,7 @@ defmodule DSPex.Bridge.SessionStore.Variables do
       when permission in [:read, :write, :observe, :optimize] do
     with {:ok, opts} <- Options.validate(opts, [:context]) do
       caller = AccessControl.caller(principal: principal, context: opts[:context])
-      @backend.check_access(session_id, ident, caller, permission)
+      @backend.acl_check(session_id, ident, caller, permission)
     end
   end
 

@@ -59,8 +59,10 @@ defmodule DSPex.Bridge.State.Bridged do
   install) has the write parked in `DSPex.Bridge.DeadLetterQueue` instead
   and is told `{:error, {:queued, dlq_id}}`; so is a parkable write that
   exhausted its retries with `:backend_unavailable`. Session lifecycle
-  commands (create, delete, import, sweep) are never parked, nor is a write
-  of unknown outcome that is not safe to retry. `DeadLetterQueue.replay/2`
+  commands (create, delete, import, sweep) and the access guards
+  (`acl_authorize`, `acl_authorize_session`: they take a rate-limit token
+  and audit, so they write, but a replayed guard answers nobody) are never
+  parked, nor is a write of unknown outcome that is not safe to retry. `DeadLetterQueue.replay/2`
   runs parked writes again through the same breaker.
   """
   use GenServer
@@ -74,8 +76,10 @@ defmodule DSPex.Bridge.State.Bridged do
   @cache_options [:max_entries, :max_stale_ms]
   @attempts_key {__MODULE__, :attempts}
   @options_key {__MODULE__, :options}
-  # Port commands that are never parked: they keep the port's session table.
-  @port_unparkable ~w(session_create session_delete session_import session_sweep)
+  # Port commands that are never parked: the session lifecycle keeps the
+  # port's session table, and a guard's answer is only worth having now.
+  @port_unparkable ~w(session_create session_delete session_import session_sweep
+                      acl_authorize acl_authorize_session)
 
   @type backend :: atom
 

@@ -93,6 +93,13 @@ macro_rules! commands {
             /// Every command's wire name, in declaration order.
             pub const NAMES: &'static [&'static str] = &[$(<$variant as Operation>::NAME,)*];
 
+            /// Every command as `(NAME, WRITES)`, in declaration order: what
+            /// a transport needs to know of an operation without its
+            /// arguments (the NIF hands it to the port backend, which treats
+            /// a write's timeout as an unknown outcome).
+            pub const CATALOG: &'static [(&'static str, bool)] =
+                &[$((<$variant as Operation>::NAME, <$variant as Operation>::WRITES),)*];
+
             /// The wire name of the command, for logs and telemetry.
             pub fn name(&self) -> &'static str {
                 match self {

@@ -3,7 +3,7 @@ defmodule DSPex.Bridge.Backend.PortTest do
   use ExUnit.Case, async: false
 
   alias DSPex.Bridge.Backend.Port, as: PortBackend
-  alias DSPex.Bridge.{MsgPack, SessionStore}
+  alias DSPex.Bridge.{AccessControl, MsgPack, SessionStore}
   alias DSPex.TelemetryHelper
 
   # These tests are about the raw backend: its calls go unprotected by
@@ -212,6 +212,9 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert {:error, :timeout_unknown_outcome} = SessionStore.update_variable(sid, :x, 1)
       assert {:error, :timeout} = SessionStore.get_variable(sid, :x)
       assert {:error, :timeout} = PortBackend.request("session_list", [])
+      # A guard takes a rate-limit token and audits a refusal: it writes.
+      assert {:error, :timeout_unknown_outcome} =
+               AccessControl.authorize(sid, :x, :write, principal: "someone")
 
       # A create past its timeout keeps the id: if the session does appear,
       # it is reachable (and no NIF session can take its id meanwhile).
@@ -306,13 +309,46 @@ defmodule DSPex.Bridge.Backend.PortTest do
     end
   end
 
+  # The port program's replies are decoded against the vocabulary the NIF
+  # creates when it loads: every error kind and reply key must be in it.
   test "the engine's vocabulary is made of atoms before any reply carries it" do
-    names = Enum.map(PortBackend.engine_atoms(), &Atom.to_string/1)
-    error_rs = File.read!(Path.expand("../../../../native/dspex_core/src/error.rs", __DIR__))
+    names = Enum.map(DSPex.Bridge.Native.vocabulary(), &Atom.to_string/1)
+    core = Path.expand("../../../../native/dspex_core/src", __DIR__)
+    error_rs = File.read!(Path.join(core, "error.rs"))
     kinds = for [_, kind] <- Regex.scan(~r/=> "([a-z_]+)"/, error_rs), uniq: true, do: kind
     assert length(kinds) > 10
     assert kinds -- names == []
+
+    reply_rs = File.read!(Path.join(core, "command/reply.rs"))
+
+    keys =
+      for [_, list] <- Regex.scan(~r/_KEYS: \[&str; \d+\] = \[(.*?)\];/s, reply_rs),
+          [_, key] <- Regex.scan(~r/"([a-z_]+)"/, list),
+          uniq: true,
+          do: key
+
+    assert length(keys) > 20
+    assert keys -- names == []
     assert ~w(version_not_found session_id updated_at write embedding) -- names == []
+  end
+
+  # `writes?/1` is the core's `Operation::WRITES`, read from the sources here.
+  test "the port's writes are the core's Operation::WRITES, command by command" do
+    core = Path.expand("../../../../native/dspex_core/src/command", __DIR__)
+
+    declared =
+      for file <- Path.wildcard(Path.join(core, "*.rs")),
+          [_, name, writes] <-
+            Regex.scan(
+              ~r/const NAME: &'static str = "([a-z_]+)";\s*const WRITES: bool = (true|false);/,
+              File.read!(file)
+            ),
+          do: {name, writes == "true"}
+
+    assert length(declared) > 30
+    assert Enum.sort(declared) == Enum.sort(DSPex.Bridge.Native.command_catalog())
+    for {name, writes} <- declared, do: assert(PortBackend.writes?(name) == writes, name)
+    refute PortBackend.writes?("no_such_command")
   end
 
   defp fresh_name, do: "f" <> Base.encode16(:crypto.strong_rand_bytes(8))
