@@ -29,3 +29,24 @@ command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || {
   echo "setup: cargo not found; install Rust (https://rustup.rs)" >&2
   exit 1
 }
+
+# ra (Raft) and its dependencies for replicated sessions, from Debian's
+# rabbitmq-server package: downloaded and unpacked into .cache/ra, never
+# installed (no RabbitMQ service). Optional: without it, sessions without
+# `replicas:` work as before and `replicas:` answers {:error, :ra_unavailable}.
+ra_cache="$(cd "$(dirname "$0")/.." && pwd)/.cache/ra"
+if ! ls -d "$ra_cache"/ra-*/ebin >/dev/null 2>&1; then
+  echo "setup: fetching ra from Debian's rabbitmq-server package into .cache/ra"
+  tmp="$(mktemp -d)"
+  if (cd "$tmp" && apt-get download -qq rabbitmq-server >/dev/null 2>&1) ||
+     { [ "$(id -u)" -eq 0 ] && apt-get update -qq && (cd "$tmp" && apt-get download -qq rabbitmq-server >/dev/null 2>&1); }; then
+    dpkg-deb -x "$tmp"/rabbitmq-server_*.deb "$tmp/x"
+    mkdir -p "$ra_cache"
+    for app in ra aten gen_batch_server seshat; do
+      cp -r "$tmp"/x/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/"$app"-[0-9]* "$ra_cache"/
+    done
+  else
+    echo "setup: could not download rabbitmq-server; replicated sessions unavailable" >&2
+  fi
+  rm -rf "$tmp"
+fi

@@ -19,6 +19,9 @@ defmodule DSPex.Bridge.Application do
 
     children = [
       DSPex.Context.Registry,
+      # Replicated sessions: ra's system, restarted members, the HA manager.
+      DSPex.Bridge.Backend.Raft.System,
+      DSPex.Bridge.HAManager,
       # The port program may die (that is what it is for): the Port server
       # restarts it with a backoff and never exits for it. Its supervisor only
       # sees the server's own crashes; should even those exhaust it, it stops
