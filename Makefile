@@ -19,10 +19,14 @@ rust-checks:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 elixir-checks:
 	mix format --check-formatted
 	MIX_ENV=test mix compile --warnings-as-errors --force
+	# No compile-time dependency cycles (lib and test/support): a cycle makes
+	# every file in it recompile whenever any of them changes.
+	MIX_ENV=test mix xref graph --format cycles --label compile-connected --fail-above 0
 	mix test
 
 bench: setup

@@ -26,7 +26,7 @@ defmodule DSPex.Bridge.MixProject do
       docs: [main: "readme", extras: ["README.md"]],
       test_coverage: [ignore_modules: [DSPex.Bridge.Native]],
       # ra is optional (see the top of this file): not a declared dependency.
-      xref: [exclude: [:ra, :ra_system, :ra_directory]]
+      xref: [exclude: [:ra, :ra_system, :ra_directory, :ra_leaderboard]]
     ]
   end
 

@@ -9,7 +9,8 @@ defmodule DSPex.Context do
       {:ok, ctx} = DSPex.Context.start_link()
       {:ok, _} = DSPex.Variables.defvariable(ctx, :temperature, :float, 0.7)
       :ok = DSPex.Context.ensure_bridged(ctx)
-      {:ok, "ctx_" <> _} = DSPex.Context.session_id(ctx)
+      {:ok, "ctx_" <> _ = sid} = DSPex.Context.session_id(ctx)
+      ^sid = DSPex.Context.get_id(ctx)
       0.7 = DSPex.Variables.get(ctx, :temperature)
 
   Once bridged, `DSPex.Variables` calls go straight to the session from the
@@ -21,28 +22,30 @@ defmodule DSPex.Context do
 
   require Logger
 
-  alias DSPex.Bridge.SessionStore
-  alias DSPex.Context.{LocalTypes, Options, Registry}
+  alias DSPex.Bridge.{Options, SessionStore}
+  alias DSPex.Bridge.SessionStore.{Args, Batch}
+  alias DSPex.Context.{LocalTypes, Registry}
 
   @type t :: GenServer.server()
 
   @session_keys [:ttl, :max_history, :metadata, :rate_limit, :audit_size, :backend]
 
   @doc """
-  Starts a context. Options: `id:` (default: generated; a non-empty UTF-8
-  string, the session id being `"ctx_" <> id`), `name:` (a GenServer
+  Starts a context. Options: `id:` (default: generated, `"ctx_" <> n`; a
+  non-empty UTF-8 string of at most 255 bytes, which is also the id of the
+  session `ensure_bridged/1` creates), `name:` (a GenServer
   name), `keep_session:` (keep the bridged session after the context stops;
   default false), `session_opts:` (passed to
   `SessionStore.create_session/2` when bridging: `ttl:`, `max_history:`,
   `metadata:`, `rate_limit:`, `audit_size:`, `backend:`).
 
   Bad options return `{:error, {:invalid_argument, detail}}`, `detail` being
-  `:options_must_be_a_keyword_list`, `{:unknown_option, key}` or
-  `{:bad_option, key}`.
+  `{:bad_options, opts}` (not a keyword list), `{:unknown_options, keys}`,
+  `{:duplicate_options, keys}` or `{key, value}` (a bad value).
   """
   @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
   def start_link(opts \\ []) do
-    with :ok <- Options.check(opts, [:id, :name, :keep_session, :session_opts]),
+    with {:ok, opts} <- Options.validate(opts, [:id, :name, :keep_session, :session_opts]),
          :ok <- check_start_opts(opts) do
       gen_opts = if opts[:name], do: [name: opts[:name]], else: []
       GenServer.start_link(__MODULE__, opts, gen_opts)
@@ -53,33 +56,46 @@ defmodule DSPex.Context do
     max = LocalTypes.limits().max_name_bytes
 
     cond do
-      not valid_id?(opts[:id], max) -> bad_option(:id)
-      not valid_name?(opts[:name]) -> bad_option(:name)
-      opts[:keep_session] not in [nil, true, false] -> bad_option(:keep_session)
-      Options.check(opts[:session_opts] || [], @session_keys) != :ok -> bad_option(:session_opts)
-      true -> :ok
+      not valid_id?(opts[:id], max) ->
+        bad_option(opts, :id)
+
+      not valid_name?(opts[:name]) ->
+        bad_option(opts, :name)
+
+      opts[:keep_session] not in [nil, true, false] ->
+        bad_option(opts, :keep_session)
+
+      not match?({:ok, _}, Options.validate(opts[:session_opts] || [], @session_keys)) ->
+        bad_option(opts, :session_opts)
+
+      true ->
+        :ok
     end
   end
 
   defp valid_id?(nil, _max), do: true
 
   defp valid_id?(id, max),
-    do: is_binary(id) and id != "" and String.valid?(id) and byte_size("ctx_" <> id) <= max
+    do: is_binary(id) and id != "" and String.valid?(id) and byte_size(id) <= max
 
   defp valid_name?(name) when is_atom(name), do: not is_boolean(name)
   defp valid_name?({:global, _}), do: true
   defp valid_name?({:via, module, _}), do: is_atom(module)
   defp valid_name?(_), do: false
 
-  defp bad_option(key), do: {:error, {:invalid_argument, {:bad_option, key}}}
+  defp bad_option(opts, key), do: Options.bad(key, opts[key])
 
-  @doc "The context's id."
+  @doc """
+  The context's id: the id of its session once bridged (`session_id/1`),
+  and the `:id` of its state (`%{id: id} = :sys.get_state(ctx)`).
+  """
   @spec get_id(t) :: String.t()
   def get_id(ctx), do: GenServer.call(ctx, :get_id)
 
   @doc """
-  Moves the context's variables into a new SessionStore session (id
-  `"ctx_" <> id`), keeping names, types, constraints, metadata and values.
+  Moves the context's variables into a new SessionStore session whose id is
+  the context's (`get_id/1`), keeping names, types, constraints, metadata
+  and values.
   Idempotent.
 
   On failure the context stays local with all its variables and returns
@@ -116,7 +132,7 @@ defmodule DSPex.Context do
 
   @impl true
   def init(opts) do
-    id = opts[:id] || "#{System.unique_integer([:positive, :monotonic])}"
+    id = opts[:id] || "ctx_#{System.unique_integer([:positive, :monotonic])}"
 
     {:ok,
      %{
@@ -137,7 +153,7 @@ defmodule DSPex.Context do
     do: {:reply, :ok, state}
 
   def handle_call(:ensure_bridged, _from, state) do
-    sid = "ctx_" <> state.id
+    sid = state.id
 
     case bridge(sid, state) do
       :ok -> {:reply, :ok, %{state | session_id: sid, vars: %{}}}
@@ -272,7 +288,9 @@ defmodule DSPex.Context do
 
   defp local_op({:set, ident, value, opts}, state) when is_list(opts) do
     budget = state.limits.max_value_bytes
-    {expected, metadata} = split_expected(Keyword.get(opts, :metadata, %{}), opts)
+    # As SessionStore.update_variable/5: expected_version may come in the
+    # metadata (atom or string key) or in the options.
+    {expected, metadata} = Args.expected_version(Keyword.get(opts, :metadata, %{}), opts)
 
     with {:ok, metadata} <- LocalTypes.metadata(metadata, budget),
          {:ok, expected} <- LocalTypes.expected_version(expected),
@@ -290,7 +308,7 @@ defmodule DSPex.Context do
   end
 
   defp local_op({:set_many, updates, opts}, state) when is_list(opts) do
-    with {:ok, updates} <- normalize_updates(updates, opts[:metadata] || %{}),
+    with {:ok, updates} <- Batch.normalize_updates(updates, opts[:metadata] || %{}),
          {:ok, decoded} <- decode_updates(updates, state.limits.max_value_bytes) do
       case check_updates(decoded, state.vars) do
         {:ok, writes} ->
@@ -381,48 +399,6 @@ defmodule DSPex.Context do
   defp check_new(state, key) do
     if Map.has_key?(state.vars, key), do: {:error, :already_exists}, else: :ok
   end
-
-  # As SessionStore.update_variable/5: expected_version may come in the
-  # metadata (atom or string key) or in the options.
-  defp split_expected(metadata, opts) when is_map(metadata) do
-    cond do
-      Map.has_key?(metadata, :expected_version) -> Map.pop(metadata, :expected_version)
-      Map.has_key?(metadata, "expected_version") -> Map.pop(metadata, "expected_version")
-      true -> {opts[:expected_version], metadata}
-    end
-  end
-
-  defp split_expected(metadata, opts), do: {opts[:expected_version], metadata}
-
-  # As SessionStore.update_variables/3 normalizes them: `{ident, value}` or
-  # `{ident, value, metadata_map}`, in a map or a list.
-  defp normalize_updates(updates, base) when is_map(updates),
-    do: normalize_updates(Map.to_list(updates), base)
-
-  defp normalize_updates(updates, base) when is_list(updates) and is_map(base) do
-    updates
-    |> Enum.reduce_while({:ok, []}, fn
-      {ident, value}, {:ok, acc} ->
-        {expected, meta} = split_expected(base, [])
-        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
-
-      {ident, value, meta}, {:ok, acc} when is_map(meta) ->
-        {expected, meta} = split_expected(Map.merge(base, meta), [])
-        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
-
-      other, _ ->
-        {:halt, {:error, {:invalid_argument, {:bad_update, other}}}}
-    end)
-    |> case do
-      {:ok, acc} -> {:ok, Enum.reverse(acc)}
-      error -> error
-    end
-  end
-
-  defp normalize_updates(updates, _base) when is_list(updates),
-    do: {:error, {:invalid_argument, :metadata_must_be_a_map}}
-
-  defp normalize_updates(other, _base), do: {:error, {:invalid_argument, {:bad_updates, other}}}
 
   # The NIF decodes the whole batch first; any undecodable part fails it.
   defp decode_updates(updates, budget) do

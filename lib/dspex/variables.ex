@@ -22,8 +22,9 @@ defmodule DSPex.Variables do
   on a bridged one (the local state applies the store's rules and answers
   with its error terms); it never raises and never stops the context. Option
   errors are `{:error, {:invalid_argument, detail}}` with `detail` one of
-  `:options_must_be_a_keyword_list`, `{:unknown_option, key}`,
-  `{:duplicate_option, key}` and `{:bad_option, key}`. (`ctx` itself must
+  `{:bad_options, opts}` (not a keyword list), `{:unknown_options, keys}`,
+  `{:duplicate_options, keys}` and `{key, value}` (a bad value), as for
+  every option list of the library. (`ctx` itself must
   be a context: calling a dead one exits, as with any GenServer.)
 
   Some options are session features a local state cannot reproduce: the
@@ -34,9 +35,9 @@ defmodule DSPex.Variables do
   `defderived/6` does, so it gets the session's answer.
   """
 
-  alias DSPex.Bridge.{Error, SessionStore}
+  alias DSPex.Bridge.{Error, Options, SessionStore}
   alias DSPex.Context
-  alias DSPex.Context.{LocalTypes, Options}
+  alias DSPex.Context.LocalTypes
 
   @type ctx :: DSPex.Context.t()
   @type name :: atom | String.t()
@@ -52,7 +53,7 @@ defmodule DSPex.Variables do
   """
   @spec defvariable(ctx, name, atom, term, keyword) :: {:ok, String.t()} | {:error, term}
   def defvariable(ctx, name, type, initial, opts \\ []) do
-    with :ok <- Options.check(opts, @register_opts) do
+    with {:ok, _} <- Options.validate(opts, @register_opts) do
       needs_session = needs_session?(opts) or has_pattern?(opts[:constraints])
 
       on(ctx, {:register, name, type, initial, opts}, needs_session, fn sid ->
@@ -79,7 +80,7 @@ defmodule DSPex.Variables do
   @spec defderived(ctx, name, atom, [name, ...], (map -> term), keyword) ::
           {:ok, String.t()} | {:error, term}
   def defderived(ctx, name, type, inputs, compute_fun, opts \\ []) do
-    with :ok <- Options.check(opts, @derived_opts),
+    with {:ok, _} <- Options.validate(opts, @derived_opts),
          :ok <- Context.ensure_bridged(ctx),
          {:ok, sid} <- Context.session_id(ctx) do
       DSPex.Bridge.DependencyManager.defderived(sid, name, type, inputs, compute_fun, opts)
@@ -123,7 +124,7 @@ defmodule DSPex.Variables do
   """
   @spec set(ctx, name, term, keyword) :: :ok | {:error, term}
   def set(ctx, name, value, opts \\ []) do
-    with :ok <- Options.check(opts, [:expected_version | @write_opts]) do
+    with {:ok, _} <- Options.validate(opts, [:expected_version | @write_opts]) do
       on(ctx, {:set, name, value, opts}, needs_session?(opts), fn sid ->
         {metadata, store_opts} = Keyword.pop(opts, :metadata, %{})
         SessionStore.update_variable(sid, name, value, metadata, store_opts)
@@ -144,7 +145,7 @@ defmodule DSPex.Variables do
   """
   @spec update(ctx, name, (term -> term), keyword) :: :ok | {:error, term}
   def update(ctx, name, fun, opts \\ []) do
-    with :ok <- Options.check(opts, [:retries | @write_opts]),
+    with {:ok, _} <- Options.validate(opts, [:retries | @write_opts]),
          :ok <- check_fun(fun),
          {:ok, retries} <- retries(opts) do
       do_update(ctx, name, fun, Keyword.delete(opts, :retries), retries)
@@ -157,7 +158,7 @@ defmodule DSPex.Variables do
   defp retries(opts) do
     case Keyword.get(opts, :retries, 10) do
       n when is_integer(n) and n >= 0 -> {:ok, n}
-      _ -> {:error, {:invalid_argument, {:bad_option, :retries}}}
+      bad -> Options.bad(:retries, bad)
     end
   end
 
@@ -211,7 +212,7 @@ defmodule DSPex.Variables do
   """
   @spec update_many(ctx, map | [{name, term}], keyword) :: :ok | {:error, term}
   def update_many(ctx, updates, opts \\ []) do
-    with :ok <- Options.check(opts, @write_opts),
+    with {:ok, _} <- Options.validate(opts, @write_opts),
          :ok <- check_updates(updates),
          :ok <- check_metadata(opts[:metadata]) do
       on(ctx, {:set_many, updates, opts}, needs_session?(opts), fn sid ->

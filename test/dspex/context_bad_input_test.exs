@@ -79,7 +79,7 @@ defmodule DSPex.ContextBadInputTest do
       {:ok, _} = Variables.defvariable(second, :y, :integer, 2)
       assert {:error, :already_exists} = Context.ensure_bridged(second)
 
-      assert {:ok, _} = SessionStore.get_session("ctx_" <> id)
+      assert {:ok, _} = SessionStore.get_session(id)
       assert Variables.get(first, :x) == 1
       refute Context.bridged?(second)
       assert Variables.get(second, :y) == 2
@@ -96,7 +96,7 @@ defmodule DSPex.ContextBadInputTest do
 
       assert {:error, :rate_limited} = Context.ensure_bridged(ctx)
       refute Context.bridged?(ctx)
-      assert {:error, :session_not_found} = SessionStore.get_session("ctx_" <> id)
+      assert {:error, :session_not_found} = SessionStore.get_session(id)
       assert Variables.get_many(ctx, [:x, :y]) == %{x: 1, y: 2}
       Context.stop(ctx)
     end
@@ -227,7 +227,7 @@ defmodule DSPex.ContextBadInputTest do
 
     test "bang variants raise a named exception", %{pair: {local, bridged}} do
       for ctx <- [local, bridged] do
-        assert_raise Error.BridgeError, ~r/options_must_be_a_keyword_list/, fn ->
+        assert_raise Error.BridgeError, ~r/bad_options/, fn ->
           Variables.set!(ctx, :a, 2, 5)
         end
 
@@ -271,17 +271,18 @@ defmodule DSPex.ContextBadInputTest do
   describe "Context.start_link/1 options" do
     test "bad options are errors, not exceptions" do
       for {opts, detail} <- [
-            {5, :options_must_be_a_keyword_list},
-            {%{id: "x"}, :options_must_be_a_keyword_list},
-            {[bogus: 1], {:unknown_option, :bogus}},
-            {[id: 5], {:bad_option, :id}},
-            {[id: ""], {:bad_option, :id}},
-            {[id: <<255>>], {:bad_option, :id}},
-            {[id: String.duplicate("x", 252)], {:bad_option, :id}},
-            {[name: "x"], {:bad_option, :name}},
-            {[keep_session: :yes], {:bad_option, :keep_session}},
-            {[session_opts: 5], {:bad_option, :session_opts}},
-            {[session_opts: [bogus: 1]], {:bad_option, :session_opts}}
+            {5, {:bad_options, 5}},
+            {%{id: "x"}, {:bad_options, %{id: "x"}}},
+            {[bogus: 1], {:unknown_options, [:bogus]}},
+            {[id: "a", id: "b"], {:duplicate_options, [:id]}},
+            {[id: 5], {:id, 5}},
+            {[id: ""], {:id, ""}},
+            {[id: <<255>>], {:id, <<255>>}},
+            {[id: String.duplicate("x", 256)], {:id, String.duplicate("x", 256)}},
+            {[name: "x"], {:name, "x"}},
+            {[keep_session: :yes], {:keep_session, :yes}},
+            {[session_opts: 5], {:session_opts, 5}},
+            {[session_opts: [bogus: 1]], {:session_opts, [bogus: 1]}}
           ] do
         assert Context.start_link(opts) == {:error, {:invalid_argument, detail}}
       end

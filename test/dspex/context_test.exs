@@ -112,7 +112,10 @@ defmodule DSPex.ContextTest do
       assert :ok = Context.ensure_bridged(ctx)
       assert :ok = Context.ensure_bridged(ctx)
       assert {:ok, sid} = Context.session_id(ctx)
-      assert sid == "ctx_" <> Context.get_id(ctx)
+      assert sid == Context.get_id(ctx)
+      # Seed 002 reads the session id from the context's state.
+      assert %{id: ^sid} = :sys.get_state(ctx)
+      assert {:ok, %{id: ^sid}} = SessionStore.get_session(sid)
 
       assert {:ok, %{value: 0.75, type: :float, description: "temp"}} =
                SessionStore.get_variable(sid, :t)
@@ -123,12 +126,22 @@ defmodule DSPex.ContextTest do
     end
 
     test "the session goes when the context stops", %{ctx: ctx} do
+      deleted = [:dspex, :bridge, :session, :deleted]
+      ref = DSPex.TelemetryHelper.attach([deleted])
       :ok = Context.ensure_bridged(ctx)
       {:ok, sid} = Context.session_id(ctx)
-      ref = Process.monitor(ctx)
       Context.stop(ctx)
-      assert_receive {:DOWN, ^ref, _, _, _}
-      wait_until(fn -> SessionStore.get_session(sid) == {:error, :session_not_found} end)
+      assert_receive {^deleted, ^ref, _, %{session_id: ^sid}}
+      assert SessionStore.get_session(sid) == {:error, :session_not_found}
+    end
+
+    test "an id of 255 bytes is the session's id" do
+      id = String.duplicate("i", 254) <> "#{rem(System.unique_integer([:positive]), 10)}"
+      {:ok, ctx} = Context.start_link(id: id)
+      assert :ok = Context.ensure_bridged(ctx)
+      assert {:ok, ^id} = Context.session_id(ctx)
+      assert Context.get_id(ctx) == id
+      Context.stop(ctx)
     end
 
     test "keep_session: true keeps it" do
@@ -139,18 +152,10 @@ defmodule DSPex.ContextTest do
       # The registry forgets the context and, in the same callback, would
       # delete its session: once it has forgotten it and finished that
       # callback, the session is either gone or kept for good.
-      wait_until(fn -> Context.Registry.lookup(ctx) == {:local, ctx} end)
+      assert DSPex.Wait.until(fn -> Context.Registry.lookup(ctx) == {:local, ctx} end)
       _ = :sys.get_state(Context.Registry)
       assert {:ok, _} = SessionStore.get_session(sid)
       SessionStore.delete_session(sid)
-    end
-  end
-
-  defp wait_until(fun, tries \\ 100) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
     end
   end
 end

@@ -12,7 +12,8 @@ defmodule DSPex.Bridge.Conformance do
       end
 
   which generates, `for backend <- [:nif, :port]` and for each case, a test
-  named `"<backend>: <case>"` tagged `backend: backend`. Each case gets a
+  named `"<backend>: <case>"` tagged `backend: backend`, located at the
+  case's own file and line (a failure names them). Each case gets a
   context with a fresh session in that backend:
   `%{sid: sid, backend: backend}`.
 
@@ -35,10 +36,22 @@ defmodule DSPex.Bridge.Conformance do
     backends = Keyword.get(opts, :backends, @backends)
 
     quote bind_quoted: [cases: cases, backends: backends] do
-      for backend <- backends, mod <- cases, {name, fun} <- mod.__conformance_cases__() do
+      for backend <- backends,
+          mod <- cases,
+          {name, fun, file, line} <- mod.__conformance_cases__() do
         @conformance_case {backend, mod, fun}
         @tag backend: backend
-        test "#{backend}: #{name}" do
+        # Registered at the case's own file and line, so a failure names
+        # the case, not this `use`.
+        test =
+          ExUnit.Case.register_test(
+            %{__ENV__ | file: file, line: line},
+            :test,
+            "#{backend}: #{name}",
+            []
+          )
+
+        def unquote(test)(_context) do
           {backend, mod, fun} = @conformance_case
           apply(mod, fun, [DSPex.Bridge.Conformance.context(backend)])
         end
@@ -97,8 +110,11 @@ defmodule DSPex.Bridge.Conformance.Case do
   defmacro conformance(name, ctx \\ quote(do: _), do: body) do
     fun = :"case: #{name}"
 
+    file = __CALLER__.file
+    line = __CALLER__.line
+
     quote do
-      @conformance_cases {unquote(name), unquote(fun)}
+      @conformance_cases {unquote(name), unquote(fun), unquote(file), unquote(line)}
       def unquote(fun)(unquote(ctx)), do: unquote(body)
     end
   end

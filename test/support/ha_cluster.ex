@@ -86,9 +86,10 @@ defmodule DSPex.Test.HACluster do
 
   @doc "Cuts `peer` off from `others` (bad cookie per pair, then disconnect)."
   def partition(peer, others) do
+    # Different cookies on the two sides, so a reconnection attempt fails.
     for o <- others do
-      call(peer, :erlang, :set_cookie, [o.node, :bad_cookie])
-      call(o, :erlang, :set_cookie, [peer.node, :bad_cookie])
+      call(peer, :erlang, :set_cookie, [o.node, :bad_cookie_inside])
+      call(o, :erlang, :set_cookie, [peer.node, :bad_cookie_outside])
       call(peer, :erlang, :disconnect_node, [o.node])
     end
 
@@ -117,11 +118,17 @@ defmodule DSPex.Test.HACluster do
       for v <- 1..n do
         outcome =
           try do
-            call(peer, DSPex.Bridge.Backend.Raft, :write_with_position, [
-              sid,
-              :set_value,
-              [sid, var, v, %{}, nil, nil]
-            ], 10_000)
+            call(
+              peer,
+              DSPex.Bridge.Backend.Raft,
+              :write_with_position,
+              [
+                sid,
+                :set_value,
+                [sid, var, v, %{}, nil, nil]
+              ],
+              10_000
+            )
           catch
             _, reason -> {:error, {:call_failed, reason}}
           end
@@ -142,9 +149,26 @@ defmodule DSPex.Test.HACluster do
   @doc "Values of `var` this replica's history holds (a local read)."
   def local_values(peer, sid, var) do
     {:ok, entries} =
-      call(peer, DSPex.Bridge.Backend.Raft, :read, [sid, :history, [sid, var, 100_000, nil], :local])
+      call(peer, DSPex.Bridge.Backend.Raft, :read, [
+        sid,
+        :history,
+        [sid, var, 100_000, nil],
+        :local
+      ])
 
-    MapSet.new(entries, & &1.value)
+    # The history holds the earlier values; the current one is the variable's.
+    {:ok, current} =
+      call(peer, DSPex.Bridge.Backend.Raft, :read, [sid, :get_value, [sid, var, nil], :local])
+
+    MapSet.new([current | Enum.map(entries, & &1.value)])
+  end
+
+  defp barrier([r | _], sid) do
+    call(r, DSPex.Bridge.Backend.Raft, :write_with_position, [
+      sid,
+      :set_value,
+      [sid, :__barrier__, 0, %{}, nil, nil]
+    ])
   end
 
   # A replica that was cut off catches up from the log: poll until it holds
@@ -153,10 +177,10 @@ defmodule DSPex.Test.HACluster do
     values =
       try do
         local_values(r, sid, var)
-      catch
-        _, _ -> MapSet.new()
       rescue
         _ -> MapSet.new()
+      catch
+        _, _ -> MapSet.new()
       end
 
     missing = Enum.reject(acked, &MapSet.member?(values, &1))
@@ -176,6 +200,9 @@ defmodule DSPex.Test.HACluster do
   def check!(history, replicas, sid, var) do
     acked = for {v, :ok, pos} <- history, do: {v, pos}
 
+    # ra tells followers the commit index with the next entry: one more write
+    # (to a variable that does not exist, a no-op) carries it to every replica.
+    barrier(replicas, sid)
     for r <- replicas, do: await_values(r, sid, var, Enum.map(acked, &elem(&1, 0)), 200)
 
     positions = Enum.map(acked, fn {_, p} -> {p.term, p.index} end)

@@ -59,7 +59,7 @@ defmodule DSPex.Bridge.AccessControl do
   misspelt `principal:` never runs a call as the session itself.
   """
 
-  alias DSPex.Bridge.{Native, Options, SessionStore, Telemetry}
+  alias DSPex.Bridge.{Native, Options, Telemetry}
   alias DSPex.Bridge.Backend.Router
 
   @type permission :: :read | :write | :observe | :optimize
@@ -183,7 +183,7 @@ defmodule DSPex.Bridge.AccessControl do
       # Filters apply before the limit, so read the whole ring when filtering.
       read = if opts[:event] || opts[:by], do: 1_000_000, else: limit
 
-      case SessionStore.backend().audit_log(session_id, read) do
+      case DSPex.Bridge.Backend.Router.audit_log(session_id, read) do
         {:ok, entries} ->
           entries
           |> Enum.filter(&keep?(&1, opts[:event], opts[:by]))
@@ -258,7 +258,7 @@ defmodule DSPex.Bridge.AccessControl do
       caller = caller(opts)
 
       session_id
-      |> SessionStore.backend().authorize(ident, caller, permission)
+      |> DSPex.Bridge.Backend.Router.authorize(ident, caller, permission)
       |> refusal(session_id, ident, caller, permission)
     end
   end

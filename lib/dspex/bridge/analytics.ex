@@ -41,11 +41,14 @@ defmodule DSPex.Bridge.Analytics do
   | `[:dspex, :bridge, :access, :denied]` | `:access_denied` | 1 |
   | `[:dspex, :bridge, :rate_limit, :exceeded]` | `:rate_limited` | 1 |
   | `[:dspex, :bridge, :dependency, :cycle_detected]` | `:cycle_detected` | 1 |
-  | `[:dspex, :bridge, :propagation, :stop \\| :exception]` | `:propagation`, `:propagation_error` | `duration` in µs |
+  | `[:dspex, :bridge, :propagation, :stop \\| :failed]` | `:propagation`, `:propagation_error` | `duration` in µs |
   | `[:dspex, :bridge, :circuit_breaker, :state_change \\| :rejected]` | `:circuit_breaker_state_change`, `:circuit_breaker_rejected` | 1 |
   | `[:dspex, :optimization, :started \\| :completed \\| :failed]` | `:optimization_started`, `:optimization_completed`, `:optimization_failed` | 1 |
   | `[:dspex, :optimization, :completed]` | `:optimization_duration` | `duration_ms` |
   | `[:dspex, :optimization, :lock_conflict \\| :preempted]` | `:lock_conflict`, `:lock_preempted` | 1 |
+
+  Cache events come from `DSPex.Bridge.State.Bridged` (reads refused by
+  an open breaker); they make the dashboard's `cache_hit_rate`.
 
   Derived types, merged at query time: `:read_latency` is `:variable_read`,
   `:write_latency` is `:variable_write`, `:operation_latency` is both,
@@ -64,7 +67,7 @@ defmodule DSPex.Bridge.Analytics do
   """
   use GenServer
 
-  alias DSPex.Bridge.{Native, Telemetry}
+  alias DSPex.Bridge.{Native, Options, Telemetry}
 
   @type metric_type :: atom | String.t()
   @type aggregation :: :avg | :sum | :min | :max | :count | :p50 | :p95 | :p99
@@ -89,7 +92,7 @@ defmodule DSPex.Bridge.Analytics do
     [:dspex, :bridge, :rate_limit, :exceeded] => [rate_limited: :one],
     [:dspex, :bridge, :dependency, :cycle_detected] => [cycle_detected: :one],
     [:dspex, :bridge, :propagation, :stop] => [propagation: :duration],
-    [:dspex, :bridge, :propagation, :exception] => [propagation_error: :duration],
+    [:dspex, :bridge, :propagation, :failed] => [propagation_error: :duration],
     [:dspex, :bridge, :circuit_breaker, :state_change] => [circuit_breaker_state_change: :one],
     [:dspex, :bridge, :circuit_breaker, :rejected] => [circuit_breaker_rejected: :one],
     [:dspex, :optimization, :started] => [optimization_started: :one],
@@ -131,12 +134,14 @@ defmodule DSPex.Bridge.Analytics do
     often buckets are aged.
   - `:retention_period` — how long data is kept, in ms (default 24 hours).
 
-  Raises `ArgumentError` on a bad option.
+  A bad option is `{:error, {:invalid_argument, detail}}` (as everywhere in
+  the public API: `{:bad_options, opts}`, `{:unknown_options, keys}`,
+  `{:duplicate_options, keys}` or `{key, value}`), and nothing is started.
   """
-  @spec start_link(keyword) :: GenServer.on_start()
+  @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
   def start_link(opts \\ []) do
-    opts = validate_opts!(opts)
-    GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+    with {:ok, opts} <- validate_opts(opts),
+         do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
   end
 
   @doc false
@@ -277,8 +282,9 @@ defmodule DSPex.Bridge.Analytics do
   The Prometheus text exposition (format 0.0.4) of everything observable:
   each analytics metric type as a summary named `dspex_analytics_<type>`
   (quantiles over the last minute, lifetime `_sum` and `_count`), the Rust
-  engine's own counters and histograms (`dspex_core_*`), and the BEAM side
-  (`dspex_*`: live sessions, VM memory, processes, run queue). Works without
+  engine's own counters and histograms (`dspex_core_*`), the BEAM side
+  (`dspex_*`: live sessions, VM memory, processes, run queue) and the
+  dead-letter queue's gauges (`dspex_dlq_*`, `DSPex.Bridge.DeadLetterQueue`). Works without
   Analytics started (then without the `dspex_analytics_*` families).
   """
   @spec prometheus_text() :: iodata
@@ -316,7 +322,8 @@ defmodule DSPex.Bridge.Analytics do
       ]),
       "# HELP dspex_native_log_dropped_total Engine log records dropped on a full queue.\n",
       "# TYPE dspex_native_log_dropped_total counter\n",
-      "dspex_native_log_dropped_total #{native_log_dropped()}\n"
+      "dspex_native_log_dropped_total #{native_log_dropped()}\n",
+      DSPex.Bridge.DeadLetterQueue.prometheus_text()
     ]
   end
 
@@ -431,24 +438,23 @@ defmodule DSPex.Bridge.Analytics do
 
   ## Helpers
 
-  defp validate_opts!(opts) do
-    unless Keyword.keyword?(opts),
-      do: raise(ArgumentError, "expected a keyword list, got: #{inspect(opts)}")
+  defp validate_opts(opts) do
+    with {:ok, opts} <- Options.validate(opts, [:aggregation_interval, :retention_period]) do
+      interval = Keyword.get(opts, :aggregation_interval, 1_000)
+      retention = Keyword.get(opts, :retention_period, 86_400_000)
 
-    interval = Keyword.get(opts, :aggregation_interval, 1_000)
-    retention = Keyword.get(opts, :retention_period, 86_400_000)
+      cond do
+        not (is_integer(interval) and interval > 0) ->
+          Options.bad(:aggregation_interval, interval)
 
-    unless is_integer(interval) and interval > 0 do
-      raise ArgumentError,
-            ":aggregation_interval must be a positive integer (ms), got: #{inspect(interval)}"
+        # At least one bucket is kept.
+        not (is_integer(retention) and retention >= interval) ->
+          Options.bad(:retention_period, retention)
+
+        true ->
+          {:ok, [aggregation_interval: interval, retention_period: retention]}
+      end
     end
-
-    unless is_integer(retention) and retention >= interval do
-      raise ArgumentError,
-            ":retention_period must be an integer (ms) >= :aggregation_interval, got: #{inspect(retention)}"
-    end
-
-    [aggregation_interval: interval, retention_period: retention]
   end
 
   defp metrics, do: :persistent_term.get(@key, nil)

@@ -19,6 +19,9 @@ defmodule DSPex.Bridge.Application do
 
     children = [
       DSPex.Context.Registry,
+      # Before the port: its calls are protected from the first one.
+      DSPex.Bridge.DeadLetterQueue,
+      DSPex.Bridge.State.Bridged,
       # Replicated sessions: ra's system, restarted members, the HA manager.
       DSPex.Bridge.Backend.Raft.System,
       DSPex.Bridge.HAManager,

@@ -8,6 +8,11 @@ defmodule DSPex.Bridge.Backend do
   `SessionStore` turns them into the documented API. `principal` is the
   session a call is made on behalf of, or `nil` for the session itself.
 
+  Each callback is one core command (`native/dspex_core/src/command/`):
+  the port backend sends the command by name, the NIF backend calls the NIF
+  that builds it or calls the typed function it dispatches to. See
+  `docs/adding-an-operation.md`.
+
   The guard of session-level operations is not a callback yet:
   `DSPex.Bridge.Backend.Router.authorize_session/3` calls
   `DSPex.Bridge.Backend.Native.authorize_session/3` or the port program's
@@ -33,6 +38,7 @@ defmodule DSPex.Bridge.Backend do
               {:ok, String.t()} | {:error, reason}
   @callback get_variable(sid, ident, principal) :: {:ok, map} | {:error, reason}
   @callback get_value(sid, ident, principal) :: {:ok, term} | {:error, reason}
+  @callback variable_exists(sid, ident, principal) :: {:ok, boolean} | {:error, reason}
   @callback set_value(
               sid,
               ident,

@@ -75,7 +75,7 @@ defmodule DSPex.Bridge.CircuitBreaker do
       {:open, false}
   """
 
-  alias DSPex.Bridge.{Native, Telemetry}
+  alias DSPex.Bridge.{Native, Options, Telemetry}
 
   # ---- seed 002's functional breaker, kept as written ----
 
@@ -202,18 +202,9 @@ defmodule DSPex.Bridge.CircuitBreaker do
     end
   end
 
-  defp options(opts) when is_list(opts) do
-    if Keyword.keyword?(opts) do
-      case Enum.find(Keyword.keys(opts), &(&1 not in @options)) do
-        nil -> {:ok, Map.new(opts)}
-        key -> {:error, {:invalid_argument, {:unknown_option, key}}}
-      end
-    else
-      {:error, {:invalid_argument, {:options, opts}}}
-    end
+  defp options(opts) do
+    with {:ok, opts} <- Options.validate(opts, @options), do: {:ok, Map.new(opts)}
   end
-
-  defp options(opts), do: {:error, {:invalid_argument, {:options, opts}}}
 
   @doc """
   May a call go ahead? `:ok`, then report its outcome with `record/2`;
@@ -267,11 +258,10 @@ defmodule DSPex.Bridge.CircuitBreaker do
   """
   @spec record(name, :ok | :error, keyword) :: :ok | {:error, term}
   def record(name, outcome, opts \\ []) do
-    duration = if is_list(opts), do: Keyword.get(opts, :duration_ms), else: :bad
-
-    if duration == :bad,
-      do: {:error, {:invalid_argument, {:options, opts}}},
-      else: name |> Native.breaker_record(outcome, duration) |> recorded(name)
+    case Options.validate(opts, [:duration_ms]) do
+      {:ok, opts} -> name |> Native.breaker_record(outcome, opts[:duration_ms]) |> recorded(name)
+      error -> error
+    end
   end
 
   defp recorded(:ok, _name), do: :ok
@@ -309,7 +299,19 @@ defmodule DSPex.Bridge.CircuitBreaker do
   def call(name, fun, opts \\ [])
 
   def call(name, fun, opts) when is_function(fun, 0) and is_list(opts) do
-    case Keyword.get(opts, :timeout) do
+    case Options.validate(opts, [:timeout]) do
+      {:ok, opts} -> call_within(name, fun, Keyword.get(opts, :timeout))
+      error -> error
+    end
+  end
+
+  def call(_name, fun, opts) when is_list(opts),
+    do: {:error, {:invalid_argument, {:fun, fun}}}
+
+  def call(_name, _fun, opts), do: Options.validate(opts, [:timeout])
+
+  defp call_within(name, fun, timeout) do
+    case timeout do
       t when t == nil or t == :infinity or (is_integer(t) and t >= 0) ->
         case ask(name) do
           :ok -> run(name, fun, if(t == :infinity, do: nil, else: t))
@@ -320,11 +322,6 @@ defmodule DSPex.Bridge.CircuitBreaker do
         {:error, {:invalid_argument, {:timeout, t}}}
     end
   end
-
-  def call(_name, fun, opts) when is_list(opts),
-    do: {:error, {:invalid_argument, {:fun, fun}}}
-
-  def call(_name, _fun, opts), do: {:error, {:invalid_argument, {:options, opts}}}
 
   defp run(name, fun, nil) do
     start = System.monotonic_time()

@@ -49,7 +49,7 @@ defmodule DSPex.Bridge.DependencyManager do
   - a compute function that raises, exits, overruns its deadline (or
     returns a value the variable's type rejects) marks the variable stale,
     leaves its last value in place, emits
-    `[:dspex, :bridge, :propagation, :exception]` and is recorded in the
+    `[:dspex, :bridge, :propagation, :failed]` and is recorded in the
     session's dead letters (`dead_letters/1`, `replay_dead_letters/2`);
     nothing else stops.
 
@@ -63,9 +63,9 @@ defmodule DSPex.Bridge.DependencyManager do
   Definitions are kept outside the worker
   (`DSPex.Bridge.DependencyManager.Table`). A worker that dies anyway is
   restarted with them and recomputes every derived variable; the death is
-  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, an
-  `:exception` event with `variable: nil`, and counts in the `restarts` of
-  `derived_status/3`.
+  a dead letter `%{variable: nil, reason: {:worker_exit, reason}}`, a
+  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`,
+  and counts in the `restarts` of `derived_status/3`.
 
   Writing to a variable with no dependents costs nothing extra: sessions
   without derived variables have no worker, and the write path checks for
@@ -89,14 +89,16 @@ defmodule DSPex.Bridge.DependencyManager do
   input changes the derived variable only through its compute function.
 
   Options are keyword lists; anything else, an unknown option or a bad
-  value is `{:error, {:invalid_argument, detail}}`. No call waits without
+  value is `{:error, {:invalid_argument, detail}}` (`{:bad_options, opts}`,
+  `{:unknown_options, keys}`, `{:duplicate_options, keys}` or
+  `{key, value}`, as everywhere in the library). No call waits without
   bound: `await_propagation/2` and `replay_dead_letters/2` return
   `{:error, :timeout}` after their timeout, `defderived/6` returns within
   its compute deadline (plus the engine calls), and `derived_status/3` and
   `dead_letters/1` do not wait for the worker at all.
   """
 
-  alias DSPex.Bridge.{AccessControl, SessionStore, Telemetry}
+  alias DSPex.Bridge.{AccessControl, Options, SessionStore, Telemetry}
   alias DSPex.Bridge.DependencyManager.{Propagator, Table}
 
   @type session_id :: String.t()
@@ -108,6 +110,17 @@ defmodule DSPex.Bridge.DependencyManager do
   @default_compute_timeout 5_000
   # The longest `receive ... after` the VM takes.
   @max_timeout 4_294_967_295
+
+  @doc """
+  The session's dependency process (the worker that recomputes its derived
+  variables), started if needed: `{:ok, pid}`, the same `pid` while it
+  runs. The library supervises it (it is not linked to the caller) and
+  starts it itself whenever a call needs it; seed 002 starts one per
+  session, so this is that call. `{:error, :session_not_found}` for a
+  session that does not exist.
+  """
+  @spec start_link(session_id) :: {:ok, pid} | {:error, reason}
+  def start_link(session_id), do: Propagator.ensure(session_id)
 
   @doc """
   Adds `from -> to`: `to` depends on `from`. Adding an edge that exists
@@ -237,7 +250,7 @@ defmodule DSPex.Bridge.DependencyManager do
   asynchronously, as any write does (`await_propagation/2` waits for it).
   Returns the write's result. A write rejected for its value (not refused:
   access denials and rate limits are audited instead) is also reported as
-  `[:dspex, :bridge, :propagation, :exception]` and recorded in the dead
+  `[:dspex, :bridge, :propagation, :failed]` and recorded in the dead
   letters. Options: `principal:`, `context:`.
   """
   @spec propagate_change(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
@@ -340,8 +353,11 @@ defmodule DSPex.Bridge.DependencyManager do
 
   @doc """
   Failed recomputations, oldest first: `%{id, variable, reason, caused_by,
-  at}`. At most 100 are kept per session (the oldest go first). Answered
-  without waiting for the worker.
+  at, dlq_id}`. They are entries of `DSPex.Bridge.DeadLetterQueue` (kind
+  `:propagation`, `dlq_id` their id there); this is the view of one
+  session's. At most 100 are kept per session (the oldest are evicted,
+  each with a `[:dspex, :bridge, :dlq, :evicted]` event). Answered without
+  waiting for the worker.
   """
   @spec dead_letters(session_id) :: {:ok, [map]} | {:error, reason}
   def dead_letters(session_id), do: {:ok, Table.letters(session_id)}
@@ -415,7 +431,7 @@ defmodule DSPex.Bridge.DependencyManager do
          do: backend().graph_info(session_id, opts[:principal])
   end
 
-  defp backend, do: SessionStore.backend()
+  defp backend, do: DSPex.Bridge.Backend.Router
 
   defp removed(session_id, count, metadata) do
     Telemetry.execute(
@@ -427,20 +443,14 @@ defmodule DSPex.Bridge.DependencyManager do
 
   ## Arguments
 
-  # A keyword list of `known` options with good values, or an invalid argument.
+  # A keyword list of `known` options with good values, or an invalid
+  # argument (the library's one options policy, `DSPex.Bridge.Options`).
   defp options(opts, known) do
-    cond do
-      not Keyword.keyword?(opts) ->
-        {:error, {:invalid_argument, {:options, opts}}}
-
-      (unknown = Enum.find(Keyword.keys(opts), &(&1 not in known))) != nil ->
-        {:error, {:invalid_argument, {:unknown_option, unknown}}}
-
-      (bad = Enum.find(opts, &(not good_option?(&1)))) != nil ->
-        {:error, {:invalid_argument, bad}}
-
-      true ->
-        {:ok, opts}
+    with {:ok, opts} <- Options.validate(opts, known) do
+      case Enum.find(opts, &(not good_option?(&1))) do
+        nil -> {:ok, opts}
+        {key, value} -> Options.bad(key, value)
+      end
     end
   end
 

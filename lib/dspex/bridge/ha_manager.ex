@@ -156,6 +156,94 @@ defmodule DSPex.Bridge.HAManager do
     }
   end
 
+  @doc """
+  The readiness check of replicated sessions (see `DSPex.Bridge.Health`):
+  `:not_configured`, `:ok` or `{:error, {:raft_no_leader, session_ids}}`.
+  Local lookups only (ra's leaderboard), no message.
+  """
+  @spec health() :: :ok | :not_configured | {:error, term}
+  def health do
+    case local_groups() do
+      [] ->
+        :not_configured
+
+      groups ->
+        case for(
+               {sid, name} <- groups,
+               :ra_leaderboard.lookup_leader(name) == :undefined,
+               do: sid
+             ) do
+          [] -> :ok
+          sids -> {:error, {:raft_no_leader, Enum.sort(sids)}}
+        end
+    end
+  rescue
+    _ -> {:error, :ra_unavailable}
+  end
+
+  @doc """
+  Prometheus text of this node's replicated sessions:
+  `dspex_raft_sessions` (groups with a member here),
+  `dspex_raft_leaders` (of which this node leads),
+  `dspex_raft_leaderless` (with no known leader) and
+  `dspex_raft_draining` (1 when this node is draining).
+  """
+  @spec prometheus_text() :: iodata
+  def prometheus_text do
+    groups = local_groups()
+
+    leaders =
+      Enum.map(groups, fn {_, name} ->
+        if Raft.System.available?(), do: :ra_leaderboard.lookup_leader(name), else: :undefined
+      end)
+
+    gauge = fn name, help, value ->
+      [
+        "# HELP ",
+        name,
+        " ",
+        help,
+        "\n# TYPE ",
+        name,
+        " gauge\n",
+        name,
+        " ",
+        to_string(value),
+        "\n"
+      ]
+    end
+
+    [
+      gauge.(
+        "dspex_raft_sessions",
+        "Replicated sessions with a member on this node.",
+        length(groups)
+      ),
+      gauge.(
+        "dspex_raft_leaders",
+        "Replicated sessions this node leads.",
+        Enum.count(leaders, &match?({_, n} when n == node(), &1))
+      ),
+      gauge.(
+        "dspex_raft_leaderless",
+        "Replicated sessions with no known leader.",
+        Enum.count(leaders, &(&1 == :undefined))
+      ),
+      gauge.(
+        "dspex_raft_draining",
+        "1 when this node is draining.",
+        if(node() in draining(), do: 1, else: 0)
+      )
+    ]
+  end
+
+  # {sid, cluster} of the groups with a member on this node.
+  defp local_groups do
+    for {sid, name, members, _} <- Raft.local_entries(),
+        {name, node()} in members,
+        do: {sid, name}
+  end
+
   ## Draining
 
   # Sessions whose leader is on `node`, or whose replica there could move.
@@ -204,10 +292,12 @@ defmodule DSPex.Bridge.HAManager do
     :ok
   end
 
+  @reconnect_ms 1_000
+
   @impl true
   def init(_opts) do
     :ok = :net_kernel.monitor_nodes(true)
-    {:ok, %{}}
+    {:ok, %{lost: MapSet.new(), timer: nil}}
   end
 
   @impl true
@@ -235,12 +325,43 @@ defmodule DSPex.Bridge.HAManager do
     {:noreply, state}
   end
 
-  def handle_info({:nodedown, _node}, state), do: {:noreply, state}
+  # ra sends without auto-connecting (a paused or partitioned node must not
+  # be dialled on every message), so a node that was lost is dialled here,
+  # once a second, while some replicated session still has a member on it.
+  def handle_info({:nodedown, node}, state) do
+    {:noreply, schedule_reconnect(%{state | lost: MapSet.put(state.lost, node)})}
+  end
+
+  def handle_info(:reconnect, state) do
+    wanted = member_nodes()
+
+    lost =
+      state.lost
+      |> Enum.filter(&(&1 in wanted and &1 not in Node.list()))
+      |> Enum.reject(&Node.connect/1)
+      |> MapSet.new()
+
+    {:noreply, schedule_reconnect(%{state | lost: lost, timer: nil})}
+  end
+
   def handle_info(_other, state), do: {:noreply, state}
+
+  defp schedule_reconnect(%{timer: nil} = state) do
+    if MapSet.size(state.lost) > 0,
+      do: %{state | timer: Process.send_after(self(), :reconnect, @reconnect_ms)},
+      else: state
+  end
+
+  defp schedule_reconnect(state), do: state
+
+  defp member_nodes do
+    for {_sid, _name, members, _} <- Raft.local_entries(), {_, n} <- members, uniq: true, do: n
+  end
 
   @doc false
   def learn(entries, drains) do
-    for {sid, name, members, consistency} <- entries, not Raft.owns?(sid),
+    for {sid, name, members, consistency} <- entries,
+        not Raft.owns?(sid),
         do: Raft.register_local(sid, name, members, consistency)
 
     :persistent_term.put(@draining, Enum.sort(Enum.uniq(draining() ++ drains)))

@@ -14,6 +14,8 @@ defmodule DSPex.Bridge.Native do
   def store_init(_limits), do: err()
   def store_limits, do: err()
   def store_memory, do: err()
+  # test-only: panics inside the NIF
+  def debug_panic, do: err()
 
   # sessions
   def session_create(_sid, _opts), do: err()
@@ -26,13 +28,14 @@ defmodule DSPex.Bridge.Native do
   def session_import(_snapshot, _new_id), do: err()
 
   # replicated sessions (native/dspex_nif/src/replicated.rs)
-  def replica_execute(_frame), do: err()
-  def replica_execute_dirty(_frame), do: err()
+  def replica_execute(_frame, _now_us), do: err()
+  def replica_execute_dirty(_frame, _now_us), do: err()
 
   # variables
   def var_register(_sid, _name, _type, _initial, _opts, _principal), do: err()
   def var_get(_sid, _ident, _principal), do: err()
   def var_value(_sid, _ident, _principal), do: err()
+  def var_exists(_sid, _ident, _principal), do: err()
   def var_set(_sid, _ident, _value, _metadata, _expected, _principal), do: err()
   def var_set_many(_sid, _updates, _atomic, _principal), do: err()
   def var_history(_sid, _ident, _limit, _principal), do: err()

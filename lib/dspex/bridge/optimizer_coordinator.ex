@@ -75,11 +75,14 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
         preempt_after: 10,             # iterations before :preempt wins; :never
         sweep_interval: 1_000          # longest pause between lease sweeps, ms
 
-  Telemetry: see the "Optimizer coordination" table in `DSPex.Bridge.Telemetry`.
+  Telemetry: see the "Optimizer coordination" table in
+  `DSPex.Bridge.Telemetry.Catalogue`.
   """
   use GenServer
 
-  alias DSPex.Bridge.{AccessControl, Native, Options, SessionStore, Telemetry}
+  import DSPex.Bridge.OptimizerCoordinator.{Args, Events}
+
+  alias DSPex.Bridge.{AccessControl, Native, Options, Telemetry}
   alias DSPex.Bridge.Backend.Router
 
   require Telemetry
@@ -88,29 +91,53 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   @type optimizer_id :: String.t() | atom
   @type reason :: atom | {atom, term}
 
-  @lock_acquired [:dspex, :optimization, :lock_acquired]
-  @lock_released [:dspex, :optimization, :lock_released]
-  @started [:dspex, :optimization, :started]
-  @completed [:dspex, :optimization, :completed]
-  @failed [:dspex, :optimization, :failed]
   @never 18_446_744_073_709_551_615
-  @acquire_opts [:timeout, :conflict_resolution, :session_id, :principal, :lease]
-  @start_opts [:optimizer_id, :timeout, :conflict_resolution, :principal, :lease]
-
-  # Session-variable locks live under `{:dspex_session, session_id, var_id}`,
-  # a form no raw key may take, so no raw key names one.
-  @session :dspex_session
-  defguardp reserved?(key)
-            when is_tuple(key) and tuple_size(key) == 3 and elem(key, 0) == @session
+  @acquire_opts DSPex.Bridge.OptimizerCoordinator.Args.acquire_opts()
+  @start_opts DSPex.Bridge.OptimizerCoordinator.Args.start_opts()
+  @session DSPex.Bridge.OptimizerCoordinator.Args.session_tag()
 
   ## Lifecycle
 
   @doc """
   Starts the coordinator (the application does). Options override the
-  application environment: `lease:`, `preempt_after:`, `sweep_interval:`.
-  The lock table outlives a restart of this process.
+  application environment: `lease:` (ms, default 5 minutes),
+  `preempt_after:` (an integer or `:never`, default 10), `sweep_interval:`
+  (ms, default 1000). The lock table outlives a restart of this process.
+  A bad option is `{:error, {:invalid_argument, detail}}`, and nothing is
+  started.
   """
-  def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+  @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
+  def start_link(opts \\ []) do
+    with {:ok, opts} <- Options.validate(opts, [:lease, :preempt_after, :sweep_interval]),
+         {:ok, sweep} <-
+           configure(Keyword.merge(Application.get_env(:dspex_bridge, __MODULE__, []), opts)),
+         do: GenServer.start_link(__MODULE__, sweep, name: __MODULE__)
+  end
+
+  # Checked and applied in the caller, so a bad option is an answer, not a
+  # crash of the process starting it. The lock table outlives a restart of
+  # the coordinator; its configuration is fixed for the VM's lifetime.
+  defp configure(config) do
+    lease = Keyword.get(config, :lease, :timer.minutes(5))
+    preempt_after = Keyword.get(config, :preempt_after, 10)
+    sweep = Keyword.get(config, :sweep_interval, 1_000)
+
+    cond do
+      not (is_integer(lease) and lease > 0) ->
+        Options.bad(:lease, lease)
+
+      not (preempt_after == :never or (is_integer(preempt_after) and preempt_after >= 0)) ->
+        Options.bad(:preempt_after, preempt_after)
+
+      not (is_integer(sweep) and sweep > 0) ->
+        Options.bad(:sweep_interval, sweep)
+
+      true ->
+        preempt_after = if preempt_after == :never, do: @never, else: preempt_after
+
+        with :ok <- Native.lock_table_init(lease, preempt_after), do: {:ok, sweep}
+    end
+  end
 
   ## Locks
 
@@ -431,35 +458,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   ## GenServer: lease sweeps and events from the lock table
 
   @impl true
-  def init(opts) do
-    env = Application.get_env(:dspex_bridge, __MODULE__, [])
-    opts = Keyword.merge(env, opts)
-    lease = Keyword.get(opts, :lease, :timer.minutes(5))
-    preempt_after = Keyword.get(opts, :preempt_after, 10)
-    sweep = Keyword.get(opts, :sweep_interval, 1_000)
-
-    unless is_integer(lease) and lease > 0,
-      do: raise(ArgumentError, "lease must be a positive integer, got: #{inspect(lease)}")
-
-    unless preempt_after == :never or (is_integer(preempt_after) and preempt_after >= 0),
-      do: raise(ArgumentError, "preempt_after must be an integer or :never")
-
-    unless is_integer(sweep) and sweep > 0,
-      do: raise(ArgumentError, "sweep_interval must be a positive integer")
-
-    # The table outlives a restart of this process; its configuration is
-    # fixed for the VM's lifetime.
-    case Native.lock_table_init(
-           lease,
-           if(preempt_after == :never, do: @never, else: preempt_after)
-         ) do
-      :ok ->
-        :ok
-
-      {:error, reason} ->
-        raise ArgumentError, "cannot configure the lock table: #{inspect(reason)}"
-    end
-
+  def init(sweep) do
     :ok = Native.lock_listen(self())
     send(self(), :sweep)
     {:ok, %{sweep: sweep, timer: nil}}
@@ -500,32 +499,9 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
 
   ## Helpers
 
-  defp reserved(key), do: {:error, {:invalid_argument, {:reserved_key, key}}}
-
-  defp optimizer(id) when is_binary(id) and byte_size(id) in 1..255, do: {:ok, id}
-
-  defp optimizer(id) when is_atom(id) and id not in [nil, true, false],
-    do: optimizer(Atom.to_string(id))
-
-  defp optimizer(id), do: {:error, {:invalid_argument, {:optimizer_id, id}}}
-
-  defp conflict(mode) when mode in [:wait, :abort, :preempt], do: {:ok, mode}
-  defp conflict(mode), do: {:error, {:invalid_argument, {:conflict_resolution, mode}}}
-
-  defp timeout(:infinity), do: {:ok, nil}
-  defp timeout(ms) when is_integer(ms) and ms >= 0, do: {:ok, ms}
-  defp timeout(ms), do: {:error, {:invalid_argument, {:timeout, ms}}}
-
-  defp lease(nil), do: {:ok, nil}
-  defp lease(ms) when is_integer(ms) and ms > 0, do: {:ok, ms}
-  defp lease(ms), do: {:error, {:invalid_argument, {:lease, ms}}}
-
   defp hint_lease(ms) do
     if pid = Process.whereis(__MODULE__), do: send(pid, {:lease, ms})
   end
-
-  defp check_pid(pid) when is_pid(pid) and node(pid) == node(), do: :ok
-  defp check_pid(pid), do: {:error, {:invalid_argument, {:pid, pid}}}
 
   # Session variables lock under {:dspex_session, session_id, var_id}, so a
   # name and its id are the same lock, and no raw key is one. Taking,
@@ -542,23 +518,20 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
         {:ok, var_id}
 
       sid ->
-        with {:ok, %{id: id}} <- SessionStore.backend().get_variable(sid, var_id, nil),
+        with {:ok, %{id: id}} <- DSPex.Bridge.Backend.Router.get_variable(sid, var_id, nil),
              :ok <- AccessControl.authorize(sid, id, permission, principal: opts[:principal]) do
           {:ok, {@session, sid, id}}
         end
     end
   end
 
-  # Writes are fenced inside the engine, so on sessions of the NIF backend;
-  # a port session's variables are locked for optimizers but not fenced.
+  # Writes are fenced inside the engine holding the session, whichever
+  # backend it is (see `Router.fence/3`).
   defp fence({@session, sid, id}, opts) do
-    if opts[:session_id] && Router.kind_of(sid) == :nif,
-      do: {sid, id, opts[:principal]}
+    if opts[:session_id], do: Router.fence(sid, id, opts[:principal])
   end
 
   defp fence(_key, _opts), do: nil
-
-  defp new_optimizer_id, do: "opt_#{System.unique_integer([:positive])}"
 
   defp status(status) do
     %{
@@ -569,92 +542,4 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   end
 
   defp datetime(us), do: DateTime.from_unix!(us, :microsecond)
-
-  ## Telemetry
-  #
-  # Events are built only when a handler may see them: the uncontended
-  # acquire/release cycle costs less than the clock reads they need.
-
-  defp emit(event, build) do
-    if Telemetry.enabled?(event) do
-      {measurements, metadata} = build.()
-      Telemetry.execute(event, measurements, metadata)
-    end
-
-    :ok
-  end
-
-  defp now, do: %{system_time: System.system_time()}
-
-  # What an acquire will report: the start time when `:lock_acquired` is
-  # observed, and whether `:started` is.
-  defp start_time do
-    {Telemetry.observed?(@lock_acquired) && System.monotonic_time(),
-     Telemetry.observed?(@started)}
-  end
-
-  defp acquired(key, optimizer_id, pid, token, started, how, {start, started?}) do
-    if start do
-      Telemetry.execute(@lock_acquired, %{wait_us: Telemetry.since_us(start)}, %{
-        key: key,
-        optimizer_id: optimizer_id,
-        pid: pid,
-        token: token,
-        how: how
-      })
-    end
-
-    if started and started? do
-      Telemetry.execute(@started, now(), %{optimizer_id: optimizer_id, key: key, pid: pid})
-    end
-  end
-
-  defp conflict_event(key, optimizer_id, mode) do
-    emit([:dspex, :optimization, :lock_conflict], fn ->
-      {now(), %{key: key, optimizer_id: optimizer_id, resolution: mode}}
-    end)
-  end
-
-  defp preempted(var_id, key, {previous, pid, token, finished}, by) do
-    if is_pid(pid), do: send(pid, {:optimization_preempted, var_id})
-
-    emit([:dspex, :optimization, :preempted], fn ->
-      {now(), %{key: key, optimizer_id: previous, pid: pid, token: token, preempted_by: by}}
-    end)
-
-    ended(key, previous, token, finished, :preempted)
-  end
-
-  # A holder lost its lock: `:lock_released`, and when it held no other
-  # lock `:completed` (released) or `:failed` (anything else).
-  defp ended(key, optimizer_id, token, finished, reason) do
-    {over, over?} =
-      if reason == :released,
-        do: {@completed, Telemetry.observed?(@completed)},
-        else: {@failed, Telemetry.observed?(@failed)}
-
-    released? = Telemetry.observed?(@lock_released)
-
-    if released? do
-      Telemetry.execute(@lock_released, now(), %{
-        key: key,
-        optimizer_id: optimizer_id,
-        token: token,
-        reason: reason
-      })
-    end
-
-    cond do
-      not (finished and over?) ->
-        :ok
-
-      reason == :released ->
-        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key})
-
-      true ->
-        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key, reason: reason})
-    end
-
-    :ok
-  end
 end

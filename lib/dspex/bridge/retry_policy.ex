@@ -49,7 +49,7 @@ defmodule DSPex.Bridge.RetryPolicy do
   transient error is returned because attempts, deadline or budget ran out.
   """
 
-  alias DSPex.Bridge.{CircuitBreaker, Native, Telemetry}
+  alias DSPex.Bridge.{CircuitBreaker, Native, Options, Telemetry}
 
   defstruct max_attempts: 5,
             initial_delay: 1_000,
@@ -68,6 +68,8 @@ defmodule DSPex.Bridge.RetryPolicy do
         }
 
   @max_attempts 100
+  @policy_keys [:max_attempts, :initial_delay, :max_delay, :multiplier, :jitter, :retry_on]
+  @run_keys [:breaker, :deadline, :budget, :sleep, :clock]
   @transient [:timeout, :backend_unavailable]
   @permanent [
     :invalid_value,
@@ -92,7 +94,7 @@ defmodule DSPex.Bridge.RetryPolicy do
   """
   @spec new(keyword) :: t | {:error, {:invalid_argument, term}}
   def new(opts \\ []) do
-    if is_list(opts) and Keyword.keyword?(opts) do
+    with {:ok, opts} <- Options.validate(opts, @policy_keys) do
       Enum.reduce_while(opts, %__MODULE__{}, fn {key, value}, policy ->
         case check(key, value) do
           :ok -> {:cont, Map.put(policy, key, value)}
@@ -100,8 +102,6 @@ defmodule DSPex.Bridge.RetryPolicy do
         end
       end)
       |> check_delays()
-    else
-      {:error, {:invalid_argument, {:options, opts}}}
     end
   end
 
@@ -112,12 +112,7 @@ defmodule DSPex.Bridge.RetryPolicy do
   defp check(:jitter, j) when j in [:full, :equal, :none], do: :ok
   defp check(:retry_on, r) when is_list(r) or is_function(r, 1), do: :ok
 
-  defp check(key, value)
-       when key in [:max_attempts, :initial_delay, :max_delay] or
-              key in [:multiplier, :jitter, :retry_on],
-       do: {:error, {:invalid_argument, {key, value}}}
-
-  defp check(key, _value), do: {:error, {:invalid_argument, {:unknown_option, key}}}
+  defp check(key, value), do: Options.bad(key, value)
 
   defp check_delays(%__MODULE__{initial_delay: i, max_delay: m}) when i > m,
     do: {:error, {:invalid_argument, {:max_delay, m}}}
@@ -185,7 +180,7 @@ defmodule DSPex.Bridge.RetryPolicy do
   def run(%__MODULE__{}, fun, opts) when is_list(opts),
     do: {:error, {:invalid_argument, {:fun, fun}}}
 
-  def run(%__MODULE__{}, _fun, opts), do: {:error, {:invalid_argument, {:options, opts}}}
+  def run(%__MODULE__{}, _fun, opts), do: Options.validate(opts, @run_keys)
   def run(policy, _fun, _opts), do: {:error, {:invalid_argument, {:policy, policy}}}
 
   defp context(policy, opts) do
@@ -194,8 +189,8 @@ defmodule DSPex.Bridge.RetryPolicy do
     deadline = Keyword.get(opts, :deadline)
 
     cond do
-      not Keyword.keyword?(opts) ->
-        {:error, {:invalid_argument, {:options, opts}}}
+      match?({:error, _}, checked = Options.validate(opts, @run_keys)) ->
+        checked
 
       not is_function(sleep, 1) ->
         {:error, {:invalid_argument, {:sleep, sleep}}}
@@ -345,21 +340,13 @@ defmodule DSPex.Bridge.RetryPolicy do
   """
   @spec configure_budget(term, keyword) :: :ok | {:error, {:invalid_argument, term}}
   def configure_budget(name, opts \\ []) do
-    if is_list(opts) and Keyword.keyword?(opts) do
-      case Keyword.keys(opts) -- [:ratio, :min_per_second, :max_tokens] do
-        [] ->
-          Native.breaker_budget_configure(
-            name,
-            float(Keyword.get(opts, :ratio, 0.2)),
-            Keyword.get(opts, :min_per_second, 10),
-            Keyword.get(opts, :max_tokens, 100)
-          )
-
-        [key | _] ->
-          {:error, {:invalid_argument, {:unknown_option, key}}}
-      end
-    else
-      {:error, {:invalid_argument, {:options, opts}}}
+    with {:ok, opts} <- Options.validate(opts, [:ratio, :min_per_second, :max_tokens]) do
+      Native.breaker_budget_configure(
+        name,
+        float(Keyword.get(opts, :ratio, 0.2)),
+        Keyword.get(opts, :min_per_second, 10),
+        Keyword.get(opts, :max_tokens, 100)
+      )
     end
   end
 

@@ -3,8 +3,8 @@ defmodule DSPex.Bridge.SessionStore do
   Sessions of typed, versioned variables: the BridgedState store.
 
   Reads and writes are one call into the backend from the caller's own
-  process (see `DSPex.Bridge.Backend.Native`); this module's GenServer only
-  sweeps expired sessions.
+  process (see `DSPex.Bridge.Backend.Native`); the store's one process
+  only sweeps expired sessions.
 
       {:ok, sid} = SessionStore.create_session("tuning-1", ttl: :timer.minutes(30))
       {:ok, _id} = SessionStore.register_variable(sid, :temperature, :float, 0.7,
@@ -82,43 +82,40 @@ defmodule DSPex.Bridge.SessionStore do
   `DSPex.Bridge.Backend.Native.init/1` to change them. Over a limit a call
   returns `{:error, {:too_large, limit}}` or `{:error, {:invalid_argument, _}}`.
   """
-  use GenServer
 
-  alias DSPex.Bridge.{AccessControl, Options, Telemetry}
+  alias DSPex.Bridge.AccessControl
   alias DSPex.Bridge.Backend.Router
-  alias DSPex.Bridge.DependencyManager.Propagator
-
-  require Telemetry
+  alias DSPex.Bridge.SessionStore.{Batch, History, Sessions, Sweeper, Variables}
 
   @type session_id :: String.t()
   @type ident :: atom | String.t()
   @type reason :: atom | {atom, term}
 
-  @types [:float, :integer, :string, :boolean, :choice, :module, :embedding, :tensor]
-  @read [:dspex, :bridge, :variable, :read]
-  @write [:dspex, :bridge, :variable, :write]
-  # The hot paths make a static call: the Router itself picks the NIF or the
-  # port for each session (`config :dspex_bridge, backend: :nif | :port` is
-  # the Router's default for new sessions).
-  @backend Router
-
-  @read_opts [:principal, :context]
-  # What the engines answer for a name that cannot name a variable.
-  @ident_errors [:name_must_be_atom_or_string, :bad_name_length]
-  @write_opts [:principal, :context, :lock_token, :optimizer_id]
+  # The implementation is split along its seams: `Sessions`, `Variables`
+  # (one at a time, and reads of several), `Batch` (writes of several),
+  # `History` (history and rollback), `Args` (options and the engine's
+  # answers), `Events` (telemetry) and the `Sweeper` process.
 
   ## Lifecycle
 
   @doc false
-  def start_link(opts \\ []), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+  def start_link(opts \\ []), do: Sweeper.start_link(opts)
+
+  @doc false
+  def child_spec(opts), do: %{Sweeper.child_spec(opts) | id: __MODULE__}
 
   @doc """
-  The backend module serving sessions: `DSPex.Bridge.Backend.Router`, which
-  serves each session from the backend it was created in (`:nif` or
-  `:port`, see `create_session/2`).
+  The backend holding a session: `{:ok, :nif}` (in the VM) or `{:ok, :port}`
+  (the out-of-process engine), as chosen by `create_session/2`'s
+  `backend:`; `{:error, :session_not_found}` when neither holds it.
   """
-  @spec backend() :: module
-  def backend, do: @backend
+  @spec backend(session_id) :: {:ok, :nif | :port} | {:error, :session_not_found}
+  def backend(session_id) do
+    case Router.kind_of(session_id) do
+      nil -> {:error, :session_not_found}
+      kind -> {:ok, kind}
+    end
+  end
 
   ## Sessions
 
@@ -150,39 +147,7 @@ defmodule DSPex.Bridge.SessionStore do
       {:error, :already_exists}
   """
   @spec create_session(session_id, keyword) :: {:ok, session_id} | {:error, reason}
-  def create_session(session_id, opts \\ []) do
-    with {:ok, opts} <-
-           Options.validate(opts, [
-             :ttl,
-             :max_history,
-             :metadata,
-             :rate_limit,
-             :audit_size,
-             :backend,
-             :replicas,
-             :consistency
-           ]),
-         kind = if(opts[:replicas], do: :raft, else: opts[:backend] || Router.default_kind()),
-         native_opts = %{
-           replicas: opts[:replicas],
-           consistency: opts[:consistency],
-           ttl_ms: opts[:ttl],
-           max_history: opts[:max_history],
-           metadata: opts[:metadata] || %{},
-           rate_limit: opts[:rate_limit],
-           audit_capacity: opts[:audit_size],
-           backend: kind
-         },
-         :ok <- @backend.create_session(session_id, native_opts) do
-      Telemetry.execute(
-        [:dspex, :bridge, :session, :created],
-        %{system_time: System.system_time()},
-        %{session_id: session_id, backend: kind}
-      )
-
-      {:ok, session_id}
-    end
-  end
+  defdelegate create_session(session_id, opts \\ []), to: Sessions
 
   @doc """
   Session information: id, timestamps, ttl, max_history, variable_count,
@@ -190,41 +155,14 @@ defmodule DSPex.Bridge.SessionStore do
   audit_size. Options: `principal:` (only the session itself may).
   """
   @spec get_session(session_id, keyword) :: {:ok, map} | {:error, reason}
-  def get_session(session_id, opts \\ []) do
-    with :ok <- session_guard(session_id, :read, opts),
-         {:ok, info} <- @backend.session_info(session_id) do
-      {:ok,
-       %{
-         id: info.session_id,
-         created_at: datetime(info.created_at),
-         last_access: datetime(info.last_access),
-         ttl: info.ttl_ms,
-         max_history: info.max_history,
-         variable_count: info.variable_count,
-         metadata: info.metadata,
-         rate_limit: info.rate_limit,
-         audit_size: info.audit_capacity
-       }}
-    end
-  end
+  defdelegate get_session(session_id, opts \\ []), to: Sessions
 
   @doc """
   Deletes a session and all its variables. Options: `principal:` (only the
   session itself may).
   """
   @spec delete_session(session_id, keyword) :: :ok | {:error, reason}
-  def delete_session(session_id, opts \\ []) do
-    with :ok <- session_guard(session_id, :write, opts),
-         :ok <- @backend.delete_session(session_id) do
-      Propagator.session_closed(session_id)
-
-      Telemetry.execute(
-        [:dspex, :bridge, :session, :deleted],
-        %{system_time: System.system_time()},
-        %{session_id: session_id}
-      )
-    end
-  end
+  defdelegate delete_session(session_id, opts \\ []), to: Sessions
 
   @doc """
   Ids of all live sessions, sorted; `{:error, {:partial, %{sessions: ids,
@@ -232,7 +170,7 @@ defmodule DSPex.Bridge.SessionStore do
   but does not answer (see `DSPex.Bridge.Backend.Router.list_sessions/0`).
   """
   @spec list_sessions() :: [session_id] | {:error, {:partial, map}}
-  def list_sessions, do: @backend.list_sessions()
+  defdelegate list_sessions, to: Sessions
 
   @doc """
   What an operator wants to know about a session: `get_session/2`'s fields,
@@ -242,54 +180,7 @@ defmodule DSPex.Bridge.SessionStore do
   limit is returned.
   """
   @spec get_session_diagnostics(session_id, keyword) :: {:ok, map} | {:error, reason}
-  def get_session_diagnostics(session_id, opts \\ []) do
-    with :ok <- session_guard(session_id, :read, opts),
-         {:ok, session} <- get_session(session_id),
-         {:ok, vars} <- @backend.list_variables(session_id, nil, nil),
-         {:ok, variables} <- diagnose(session_id, vars) do
-      memory =
-        case Router.session_memory(session_id) do
-          {:ok, bytes} -> bytes
-          _ -> nil
-        end
-
-      {:ok,
-       Map.merge(session, %{
-         memory_bytes: memory,
-         variables: variables,
-         backend: Router.kind_of(session_id)
-       })}
-    end
-  end
-
-  # One entry per variable; one deleted since the listing is left out.
-  defp diagnose(session_id, vars) do
-    Enum.reduce_while(vars, {:ok, []}, fn v, {:ok, acc} ->
-      case @backend.history(session_id, v.id, 1_000_000, nil) do
-        {:ok, history} ->
-          entry = %{
-            name: v.name,
-            id: v.id,
-            type: v.type,
-            version: v.version,
-            history_length: length(history),
-            updated_at: datetime(v.updated_at)
-          }
-
-          {:cont, {:ok, [entry | acc]}}
-
-        {:error, :not_found} ->
-          {:cont, {:ok, acc}}
-
-        {:error, _} = error ->
-          {:halt, error}
-      end
-    end)
-    |> case do
-      {:ok, entries} -> {:ok, Enum.reverse(entries)}
-      error -> error
-    end
-  end
+  defdelegate get_session_diagnostics(session_id, opts \\ []), to: Sessions
 
   @doc """
   A MessagePack snapshot of the whole session: variables, constraints,
@@ -297,10 +188,7 @@ defmodule DSPex.Bridge.SessionStore do
   Options: `principal:` (only the session itself may).
   """
   @spec export_session(session_id, keyword) :: {:ok, binary} | {:error, reason}
-  def export_session(session_id, opts \\ []) do
-    with :ok <- session_guard(session_id, :read, opts),
-         do: @backend.export_session(session_id)
-  end
+  defdelegate export_session(session_id, opts \\ []), to: Sessions
 
   @doc """
   Creates a session from an `export_session/1` snapshot; `session_id:` gives
@@ -313,23 +201,7 @@ defmodule DSPex.Bridge.SessionStore do
   `{:error, :busy}`.
   """
   @spec import_session(binary, keyword) :: {:ok, session_id} | {:error, reason}
-  def import_session(snapshot, opts \\ [])
-
-  def import_session(snapshot, opts) when is_binary(snapshot) do
-    with {:ok, opts} <- Options.validate(opts, [:session_id, :backend]),
-         kind = opts[:backend] || Router.default_kind(),
-         {:ok, sid} <- Router.import_session(snapshot, opts[:session_id], kind) do
-      Telemetry.execute(
-        [:dspex, :bridge, :session, :created],
-        %{system_time: System.system_time()},
-        %{session_id: sid, backend: kind}
-      )
-
-      {:ok, sid}
-    end
-  end
-
-  def import_session(_snapshot, _opts), do: {:error, {:invalid_snapshot, "expected a binary"}}
+  defdelegate import_session(snapshot, opts \\ []), to: Sessions
 
   ## Variables
 
@@ -343,46 +215,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec register_variable(session_id, ident, atom, term, keyword) ::
           {:ok, String.t()} | {:error, reason}
-  def register_variable(session_id, name, type, initial, opts \\ []) do
-    with {:ok, opts} <-
-           Options.validate(opts, [
-             :constraints,
-             :metadata,
-             :description,
-             :access_rules,
-             :principal,
-             :context
-           ]),
-         :ok <- check_type(type) do
-      native_opts = %{
-        constraints: opts[:constraints] || %{},
-        metadata: opts[:metadata] || %{},
-        description: opts[:description],
-        access_rules: opts[:access_rules]
-      }
-
-      result =
-        @backend.register_variable(
-          session_id,
-          name,
-          type,
-          initial,
-          native_opts,
-          AccessControl.caller(opts)
-        )
-        |> AccessControl.refusal(session_id, name, AccessControl.caller(opts), :write)
-
-      with {:ok, _id} <- result do
-        Telemetry.execute(
-          [:dspex, :bridge, :variable, :registered],
-          %{system_time: System.system_time()},
-          %{session_id: session_id, variable: name, type: type}
-        )
-      end
-
-      result
-    end
-  end
+  defdelegate register_variable(session_id, name, type, initial, opts \\ []), to: Variables
 
   @doc """
   The whole variable: `id name type value version constraints metadata
@@ -390,18 +223,23 @@ defmodule DSPex.Bridge.SessionStore do
   Options: `principal:`, `context:`.
   """
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
-  def get_variable(session_id, ident, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
+  defdelegate get_variable(session_id, ident, opts \\ []), to: Variables
 
-      timed_read(session_id, ident, fn ->
-        case @backend.get_variable(session_id, ident, caller) do
-          {:ok, var} -> {:ok, variable(var)}
-          error -> AccessControl.refusal(error, session_id, ident, caller, :read)
-        end
-      end)
-    end
-  end
+  @doc """
+  Is there a variable under this name or id that the caller may read?
+  `{:ok, true}` or `{:ok, false}`; a variable the caller may not read is
+  `{:error, :access_denied}`, as reading it is. Options: `principal:`,
+  `context:`.
+
+      iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-exists")
+      iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
+      iex> DSPex.Bridge.SessionStore.variable_exists?(sid, :k)
+      {:ok, true}
+      iex> DSPex.Bridge.SessionStore.variable_exists?(sid, :missing)
+      {:ok, false}
+  """
+  @spec variable_exists?(session_id, ident, keyword) :: {:ok, boolean} | {:error, term}
+  defdelegate variable_exists?(session_id, ident, opts \\ []), to: Variables
 
   @doc """
   The value of a variable, or `default` when it cannot be read (unknown
@@ -416,30 +254,7 @@ defmodule DSPex.Bridge.SessionStore do
       :none
   """
   @spec get_variable_value(session_id, ident, term, keyword) :: term
-  def get_variable_value(session_id, ident, default \\ nil, opts \\ []) do
-    case Options.validate(opts, @read_opts) do
-      {:ok, opts} -> value(session_id, ident, default, AccessControl.caller(opts))
-      {:error, _} -> default
-    end
-  end
-
-  defp value(session_id, ident, default, principal) do
-    result =
-      if Telemetry.observed?(@read) do
-        timed_read(session_id, ident, fn -> @backend.get_value(session_id, ident, principal) end)
-      else
-        @backend.get_value(session_id, ident, principal)
-      end
-
-    case result do
-      {:ok, value} ->
-        value
-
-      {:error, _} = error ->
-        AccessControl.refusal(error, session_id, ident, principal, :read)
-        default
-    end
-  end
+  defdelegate get_variable_value(session_id, ident, default \\ nil, opts \\ []), to: Variables
 
   @doc """
   Writes a variable. `metadata` is kept with the new version in history;
@@ -448,35 +263,8 @@ defmodule DSPex.Bridge.SessionStore do
   `optimizer_id:`.
   """
   @spec update_variable(session_id, ident, term, map, keyword) :: :ok | {:error, reason}
-  def update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []) do
-    case Options.validate(opts, [:expected_version | @write_opts]) do
-      {:ok, opts} -> update(session_id, ident, value, metadata, opts)
-      error -> error
-    end
-  end
-
-  defp update(session_id, ident, value, metadata, opts) do
-    {expected, metadata} = expected_version(metadata, opts)
-    principal = AccessControl.caller(opts)
-
-    if Telemetry.observed?(@write) do
-      start = System.monotonic_time()
-
-      @backend.set_value(session_id, ident, value, metadata, expected, principal)
-      |> written(session_id, ident, metadata, expected, Telemetry.since_us(start))
-      |> AccessControl.refusal(session_id, ident, principal, :write)
-    else
-      case @backend.set_value(session_id, ident, value, metadata, expected, principal) do
-        {:ok, version} ->
-          Propagator.notify_write(session_id, ident, version)
-
-        error ->
-          error
-          |> written(session_id, ident, metadata, expected, 0)
-          |> AccessControl.refusal(session_id, ident, principal, :write)
-      end
-    end
-  end
+  defdelegate update_variable(session_id, ident, value, metadata \\ %{}, opts \\ []),
+    to: Variables
 
   @doc """
   Writes several variables. `updates` is a map or a list of
@@ -490,57 +278,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec update_variables(session_id, map | list, keyword) ::
           :ok | {:ok, map} | {:error, reason}
-  def update_variables(session_id, updates, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, [:atomic, :metadata | @write_opts]),
-         {:ok, normalized} <- normalize_updates(updates, opts[:metadata] || %{}) do
-      caller = AccessControl.caller(opts)
-      start = System.monotonic_time()
-      atomic = opts[:atomic] == true
-
-      case @backend.set_values(session_id, normalized, atomic, caller) do
-        {:ok, results} when atomic ->
-          us = Telemetry.since_us(start)
-
-          Enum.zip(normalized, results)
-          |> Enum.each(fn {{ident, _, meta, _}, version} ->
-            emit_write(session_id, ident, meta, version, us)
-            Propagator.notify_write(session_id, ident, version)
-          end)
-
-          :ok
-
-        {:ok, results} ->
-          us = Telemetry.since_us(start)
-
-          map =
-            Enum.zip(normalized, results)
-            |> Map.new(fn
-              {{ident, _, meta, _}, {:ok, version}} ->
-                emit_write(session_id, ident, meta, version, us)
-                Propagator.notify_write(session_id, ident, version)
-                {ident, :ok}
-
-              {{ident, _, _, _}, {:error, _} = error} ->
-                AccessControl.refusal(error, session_id, ident, caller, :write)
-                {ident, error}
-            end)
-
-          {:ok, map}
-
-        {:error, {:validation_failed, errors}} ->
-          errors = restore_keys(errors, normalized)
-
-          for {ident, :access_denied} <- errors do
-            AccessControl.refusal({:error, :access_denied}, session_id, ident, caller, :write)
-          end
-
-          {:error, {:validation_failed, errors}}
-
-        {:error, _} = error ->
-          AccessControl.refusal(error, session_id, nil, caller, :write)
-      end
-    end
-  end
+  defdelegate update_variables(session_id, updates, opts \\ []), to: Batch
 
   @doc """
   Several variables at once: `{:ok, %{found: %{ident => variable}, missing: [ident]}}`.
@@ -550,82 +288,30 @@ defmodule DSPex.Bridge.SessionStore do
   or context, the rate limit. Options: `principal:`, `context:`.
   """
   @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
-  def get_variables(session_id, idents, opts \\ [])
-
-  def get_variables(session_id, idents, opts) when is_list(idents) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts),
-         principal = AccessControl.caller(opts),
-         {:ok, acc} <- read_each(session_id, idents, principal) do
-      {:ok, %{acc | missing: Enum.reverse(acc.missing)}}
-    end
-  end
-
-  def get_variables(_session_id, idents, _opts),
-    do: {:error, {:invalid_argument, {:idents, idents}}}
-
-  # With no name to read, the session is still checked.
-  defp read_each(session_id, [], _principal) do
-    with {:ok, _} <- @backend.session_info(session_id), do: {:ok, %{found: %{}, missing: []}}
-  end
-
-  defp read_each(session_id, idents, principal) do
-    Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
-      case @backend.get_variable(session_id, ident, principal) do
-        {:ok, var} ->
-          {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
-
-        {:error, :access_denied} = denied ->
-          AccessControl.refusal(denied, session_id, ident, principal, :read)
-          {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}}
-
-        {:error, reason} = error ->
-          if ident_error?(reason),
-            do: {:cont, {:ok, %{acc | missing: [ident | acc.missing]}}},
-            else: {:halt, AccessControl.refusal(error, session_id, ident, principal, :read)}
-      end
-    end)
-  end
-
-  # Errors about one name rather than the call: it names no variable.
-  defp ident_error?(:not_found), do: true
-  defp ident_error?({:invalid_argument, detail}), do: detail in @ident_errors
-  defp ident_error?(_reason), do: false
+  defdelegate get_variables(session_id, idents, opts \\ []), to: Variables
 
   @doc """
   Variables of a session, sorted by name; with a `pattern` (an anchored glob,
   `*` and `?`) only those whose name matches. Variables the principal may
-  not read are left out. Options: `principal:`, `context:`.
+  not read are left out. Options: `principal:`, `context:`; they may come
+  in place of the pattern, as in `list_variables(sid, principal: p)`.
   """
-  @spec list_variables(session_id, String.t() | nil, keyword) :: {:ok, [map]} | {:error, reason}
-  def list_variables(session_id, pattern \\ nil, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
+  @spec list_variables(session_id, String.t() | nil | keyword, keyword) ::
+          {:ok, [map]} | {:error, reason}
+  def list_variables(session_id, pattern \\ nil, opts \\ [])
 
-      case @backend.list_variables(session_id, pattern, caller) do
-        {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
-        error -> AccessControl.refusal(error, session_id, nil, caller, :read)
-      end
-    end
-  end
+  def list_variables(session_id, opts, []) when is_list(opts),
+    do: Variables.list_variables(session_id, nil, opts)
+
+  def list_variables(session_id, pattern, opts),
+    do: Variables.list_variables(session_id, pattern, opts)
 
   @doc """
   Deletes a variable and its dependency edges. Needs `:write`. Options:
   `principal:`, `context:`, `lock_token:`, `optimizer_id:`.
   """
   @spec delete_variable(session_id, ident, keyword) :: :ok | {:error, reason}
-  def delete_variable(session_id, ident, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @write_opts) do
-      caller = AccessControl.caller(opts)
-
-      session_id
-      |> @backend.delete_variable(ident, caller)
-      |> AccessControl.refusal(session_id, ident, caller, :write)
-      |> case do
-        :ok -> Propagator.notify_delete(session_id, ident)
-        error -> error
-      end
-    end
-  end
+  defdelegate delete_variable(session_id, ident, opts \\ []), to: Variables
 
   @doc """
   Replaces a variable's access rules (see `DSPex.Bridge.AccessControl`).
@@ -637,15 +323,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec set_variable_permissions(session_id, ident, [AccessControl.rule()], keyword) ::
           :ok | {:error, reason}
-  def set_variable_permissions(session_id, ident, rules, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
-
-      session_id
-      |> @backend.set_access_rules(ident, rules, caller)
-      |> AccessControl.refusal(session_id, ident, caller, :write)
-    end
-  end
+  defdelegate set_variable_permissions(session_id, ident, rules, opts \\ []), to: Variables
 
   @doc """
   May `principal` do `permission` on the variable? `:ok` or
@@ -654,18 +332,8 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec check_variable_access(session_id, ident, String.t(), AccessControl.permission(), keyword) ::
           :ok | {:error, reason}
-  def check_variable_access(session_id, ident, principal, permission, opts \\ [])
-
-  def check_variable_access(session_id, ident, principal, permission, opts)
-      when permission in [:read, :write, :observe, :optimize] do
-    with {:ok, opts} <- Options.validate(opts, [:context]) do
-      caller = AccessControl.caller(principal: principal, context: opts[:context])
-      @backend.check_access(session_id, ident, caller, permission)
-    end
-  end
-
-  def check_variable_access(_session_id, _ident, _principal, permission, _opts),
-    do: {:error, {:invalid_argument, {:unknown_permission, permission}}}
+  defdelegate check_variable_access(session_id, ident, principal, permission, opts \\ []),
+    to: Variables
 
   @doc """
   Previous versions of a variable, newest first: `[%{version, value,
@@ -673,22 +341,7 @@ defmodule DSPex.Bridge.SessionStore do
   """
   @spec get_variable_history(session_id, ident, non_neg_integer, keyword) ::
           {:ok, [map]} | {:error, reason}
-  def get_variable_history(session_id, ident, limit \\ 50, opts \\ [])
-
-  def get_variable_history(session_id, ident, limit, opts)
-      when is_integer(limit) and limit >= 0 do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
-
-      case @backend.history(session_id, ident, limit, caller) do
-        {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
-        error -> AccessControl.refusal(error, session_id, ident, caller, :read)
-      end
-    end
-  end
-
-  def get_variable_history(_session_id, _ident, limit, _opts),
-    do: {:error, {:invalid_argument, {:limit, limit}}}
+  defdelegate get_variable_history(session_id, ident, limit \\ 50, opts \\ []), to: History
 
   @doc """
   Writes the value `version` had as a new version (v1, v2, rollback to 1 ->
@@ -697,28 +350,7 @@ defmodule DSPex.Bridge.SessionStore do
   `optimizer_id:`.
   """
   @spec rollback_variable(session_id, ident, non_neg_integer, keyword) :: :ok | {:error, reason}
-  def rollback_variable(session_id, ident, version, opts \\ []) do
-    case Options.validate(opts, @write_opts) do
-      {:ok, opts} -> rollback(session_id, ident, version, AccessControl.caller(opts))
-      error -> error
-    end
-  end
-
-  defp rollback(session_id, ident, version, caller) do
-    case @backend.rollback(session_id, ident, version, caller) do
-      {:ok, new_version} ->
-        Telemetry.execute(
-          [:dspex, :bridge, :variable, :rollback],
-          %{version: new_version, to_version: version},
-          %{session_id: session_id, variable: ident}
-        )
-
-        Propagator.notify_write(session_id, ident, new_version)
-
-      error ->
-        AccessControl.refusal(error, session_id, ident, caller, :write)
-    end
-  end
+  defdelegate rollback_variable(session_id, ident, version, opts \\ []), to: History
 
   ## Optimization
 
@@ -764,138 +396,4 @@ defmodule DSPex.Bridge.SessionStore do
   def stop_optimization(session_id, ident, opts \\ []) do
     DSPex.Bridge.OptimizerCoordinator.stop_optimization(session_id, ident, opts)
   end
-
-  ## GenServer: the TTL sweeper
-
-  @impl true
-  def init(opts) do
-    interval = Keyword.get(opts, :sweep_interval, 1_000)
-    Process.send_after(self(), :sweep, interval)
-    {:ok, %{interval: interval}}
-  end
-
-  @impl true
-  def handle_info(:sweep, state) do
-    for sid <- @backend.sweep_expired() do
-      Propagator.session_closed(sid)
-
-      Telemetry.execute(
-        [:dspex, :bridge, :session, :expired],
-        %{system_time: System.system_time()},
-        %{session_id: sid}
-      )
-    end
-
-    Process.send_after(self(), :sweep, state.interval)
-    {:noreply, state}
-  end
-
-  ## Helpers
-
-  defp session_guard(session_id, permission, opts),
-    do: AccessControl.authorize_session(session_id, permission, opts)
-
-  defp check_type(type) when type in @types, do: :ok
-  defp check_type(type), do: {:error, {:invalid_argument, {:unknown_type, type}}}
-
-  defp timed_read(session_id, ident, fun) do
-    start = System.monotonic_time()
-    result = fun.()
-
-    Telemetry.execute(@read, %{duration_us: Telemetry.since_us(start)}, %{
-      session_id: session_id,
-      variable: ident,
-      result: result_tag(result)
-    })
-
-    result
-  end
-
-  defp result_tag({:ok, _}), do: :ok
-  defp result_tag({:error, reason}), do: reason
-
-  defp written({:ok, version}, session_id, ident, metadata, _expected, us) do
-    emit_write(session_id, ident, metadata, version, us)
-    Propagator.notify_write(session_id, ident, version)
-  end
-
-  defp written({:error, {:version_mismatch, current}} = error, session_id, ident, _, expected, _) do
-    Telemetry.execute(
-      [:dspex, :bridge, :variable, :version_conflict],
-      %{current_version: current},
-      %{session_id: session_id, variable: ident, expected_version: expected}
-    )
-
-    error
-  end
-
-  defp written(error, _session_id, _ident, _metadata, _expected, _us), do: error
-
-  defp emit_write(session_id, ident, metadata, version, us) do
-    if Telemetry.observed?(@write) do
-      Telemetry.execute(@write, %{duration_us: us, version: version}, %{
-        session_id: session_id,
-        variable: ident,
-        metadata: metadata
-      })
-    end
-  end
-
-  # expected_version may come in the metadata (atom or string key) or opts.
-  defp expected_version(metadata, []) when map_size(metadata) == 0, do: {nil, metadata}
-
-  defp expected_version(metadata, opts) when is_map(metadata) do
-    cond do
-      Map.has_key?(metadata, :expected_version) ->
-        Map.pop(metadata, :expected_version)
-
-      Map.has_key?(metadata, "expected_version") ->
-        Map.pop(metadata, "expected_version")
-
-      true ->
-        {opts[:expected_version], metadata}
-    end
-  end
-
-  defp expected_version(metadata, opts), do: {opts[:expected_version], metadata}
-
-  defp normalize_updates(updates, base_meta) when is_map(updates) do
-    normalize_updates(Map.to_list(updates), base_meta)
-  end
-
-  defp normalize_updates(updates, base_meta) when is_list(updates) do
-    Enum.reduce_while(updates, {:ok, []}, fn
-      {ident, value}, {:ok, acc} ->
-        {expected, meta} = expected_version(base_meta, [])
-        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
-
-      {ident, value, meta}, {:ok, acc} when is_map(meta) ->
-        {expected, meta} = expected_version(Map.merge(base_meta, meta), [])
-        {:cont, {:ok, [{ident, value, meta, expected} | acc]}}
-
-      other, _ ->
-        {:halt, {:error, {:invalid_argument, {:bad_update, other}}}}
-    end)
-    |> case do
-      {:ok, acc} -> {:ok, Enum.reverse(acc)}
-      error -> error
-    end
-  end
-
-  defp normalize_updates(other, _), do: {:error, {:invalid_argument, {:bad_updates, other}}}
-
-  # The engine reports failed idents as strings; give back the caller's form.
-  defp restore_keys(errors, normalized) when is_map(errors) do
-    by_text = Map.new(normalized, fn {ident, _, _, _} -> {to_string(ident), ident} end)
-    Map.new(errors, fn {k, v} -> {Map.get(by_text, k, k), v} end)
-  end
-
-  defp restore_keys(errors, _), do: errors
-
-  defp variable(var) do
-    %{var | created_at: datetime(var.created_at), updated_at: datetime(var.updated_at)}
-  end
-
-  defp datetime(us) when is_integer(us), do: DateTime.from_unix!(us, :microsecond)
-  defp datetime(other), do: other
 end

@@ -1,7 +1,7 @@
 defmodule DSPex.Bridge.Telemetry do
   @moduledoc """
-  Telemetry for dspex_bridge: the catalogue of every event the library emits,
-  and the dispatcher that emits them.
+  Telemetry for dspex_bridge: the dispatcher that emits every event of the
+  catalogue (`DSPex.Bridge.Telemetry.Catalogue`).
 
   Events go through `:telemetry` when the host application has it, so
   `:telemetry.attach/4`, `telemetry_metrics` and friends see them. Without
@@ -28,108 +28,10 @@ defmodule DSPex.Bridge.Telemetry do
 
   ## Events
 
-  Durations are in microseconds (`duration_us`) unless named `duration`,
-  which, as in `:telemetry.span/3`, is in native time units.
-  `session_id` is the session operated on; `variable` the identifier as the
-  caller gave it.
+  The catalogue of events is `DSPex.Bridge.Telemetry.Catalogue` (its data:
+  `DSPex.Bridge.Telemetry.Catalogue.events/0`), repeated here:
 
-  ### Sessions and variables (`DSPex.Bridge.SessionStore`)
-
-  | event | measurements | metadata |
-  | --- | --- | --- |
-  | `[:dspex, :bridge, :session, :created]` | `system_time` | `session_id`, `backend` |
-  | `[:dspex, :bridge, :session, :deleted]` | `system_time` | `session_id` |
-  | `[:dspex, :bridge, :session, :expired]` | `system_time` | `session_id` |
-  | `[:dspex, :bridge, :variable, :registered]` | `system_time` | `session_id`, `variable`, `type` |
-  | `[:dspex, :bridge, :variable, :read]` | `duration_us` | `session_id`, `variable`, `result` (`:ok` or the error reason) |
-  | `[:dspex, :bridge, :variable, :write]` | `duration_us`, `version` | `session_id`, `variable`, `metadata` |
-  | `[:dspex, :bridge, :variable, :rollback]` | `version`, `to_version` | `session_id`, `variable` |
-  | `[:dspex, :bridge, :variable, :version_conflict]` | `current_version` | `session_id`, `variable`, `expected_version` |
-
-  `backend` is `:nif` or `:port`.
-
-  ### Port backend (`DSPex.Bridge.Backend.Port`)
-
-  | event | measurements | metadata |
-  | --- | --- | --- |
-  | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
-  | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`; `nil` when a write found the pipe closed before the status was reaped) |
-
-  ### Dependencies (`DSPex.Bridge.DependencyManager`)
-
-  | event | measurements | metadata |
-  | --- | --- | --- |
-  | `[:dspex, :bridge, :dependency, :added]` | `system_time` | `session_id`, `from`, `to`, `type` |
-  | `[:dspex, :bridge, :dependency, :removed]` | `count` | `session_id`, `from`, `to` (`nil` for `clear_dependencies/2`, which adds `variable`) |
-  | `[:dspex, :bridge, :dependency, :cycle_detected]` | `system_time`, `path_length` | `session_id`, `from`, `to`, `path` (`[from, to, .., from]`) |
-  | `[:dspex, :bridge, :propagation, :start]` | `system_time`, `monotonic_time` | `session_id`, `changed` (the variables written) |
-  | `[:dspex, :bridge, :propagation, :stop]` | `duration`, `monotonic_time`, `recomputed`, `failed` | `session_id`, `changed` |
-  | `[:dspex, :bridge, :propagation, :exception]` | `duration`, `monotonic_time` | `session_id`, `variable`, `kind`, `reason`, `stacktrace`, `caused_by` |
-
-  A propagation pass emits `:start`, one `:exception` per derived variable
-  whose compute function raised, exited or overran its deadline (`kind:
-  :exit, reason: :timeout`) or whose result was rejected (the pass goes
-  on), then `:stop`. A session's worker that died emits one `:exception`
-  with `variable: nil` and `reason: {:worker_exit, reason}`.
-
-  ### Optimizer coordination (`DSPex.Bridge.OptimizerCoordinator`)
-
-  `key` is the lock key: the term given as `var_id`, or `{session_id,
-  var_id}` for a session variable. `token` is the grant's fencing token.
-
-  | event | measurements | metadata |
-  | --- | --- | --- |
-  | `[:dspex, :optimization, :lock_acquired]` | `wait_us` | `key`, `optimizer_id`, `pid`, `token`, `how` (`:immediate`, `:after_wait`, `:preempted`) |
-  | `[:dspex, :optimization, :lock_conflict]` | `system_time` | `key`, `optimizer_id` (the requester), `resolution` (`:wait`, `:abort`, `:preempt`) |
-  | `[:dspex, :optimization, :lock_released]` | `system_time` | `key`, `optimizer_id`, `token`, `reason` (`:released`, `:owner_down`, `:expired`, `:preempted`) |
-  | `[:dspex, :optimization, :preempted]` | `system_time` | `key`, `optimizer_id` (the preempted), `pid`, `token` (its grant), `preempted_by` |
-  | `[:dspex, :optimization, :lock_expired]` | `system_time` | `key`, `optimizer_id`, `pid`, `token` |
-  | `[:dspex, :optimization, :started]` | `system_time` | `optimizer_id`, `key`, `pid` (its first lock) |
-  | `[:dspex, :optimization, :progress]` | `iteration` | `optimizer_id`, `best` (this report is the best so far), `value`, `metrics` |
-  | `[:dspex, :optimization, :completed]` | `system_time` | `optimizer_id`, `key` (it released its last lock) |
-  | `[:dspex, :optimization, :failed]` | `system_time` | `optimizer_id`, `key`, `reason` (`:owner_down`, `:expired`, `:preempted`: it lost its last lock) |
-
-  `:lock_acquired`, `:lock_conflict`, `:preempted`, `:started` and
-  `:completed` are emitted by the calling process; a holder's death or lease
-  expiry is reported by the coordinator's process.
-  ### Access control (`DSPex.Bridge.AccessControl`)
-
-  | event | measurements | metadata |
-  | --- | --- | --- |
-  | `[:dspex, :bridge, :access, :denied]` | `system_time` | `session_id`, `variable` (as the caller named it; `nil` for a listing), `principal`, `permission` |
-  | `[:dspex, :bridge, :rate_limit, :exceeded]` | `system_time` | `session_id`, `variable` (`nil` when the call names none), `principal` |
-
-  Both are emitted in the calling process, for every `SessionStore`
-  operation and for `AccessControl.authorize/4`; the same refusals are kept
-  in the session's audit log (`AccessControl.audit_log/2`). Questions
-  (`check_variable_access/5`, `check_permission/4`) emit nothing.
-
-  ### Resilience (`DSPex.Bridge.CircuitBreaker`, `DSPex.Bridge.RetryPolicy`)
-
-  | event | measurements | metadata |
-  | --- | --- | --- |
-  | `[:dspex, :bridge, :circuit_breaker, :state_change]` | `system_time` | `name`, `from`, `to`, `reason` (`:failures`, `:timeout_elapsed`, `:probe_failed`, `:probes_succeeded`, `:manual`) |
-  | `[:dspex, :bridge, :circuit_breaker, :rejected]` | `system_time` | `name`, `state` (`:open`, `:forced_open`, or `:half_open` with every probe permit out) |
-  | `[:dspex, :bridge, :retry, :attempt]` | `attempt` (the one about to start, from 2), `delay_ms` | `reason` (the error retried), `breaker`, `budget` |
-  | `[:dspex, :bridge, :retry, :exhausted]` | `attempts`, `elapsed_ms` | `reason`, `why` (`:max_attempts`, `:deadline`, `:budget`), `breaker`, `budget` |
-
-  Emitted by the calling process. Nothing is emitted for an admitted ask
-  or a successful call; `:rejected` fires for each refused call.
-
-  ### Observability (`DSPex.Bridge.Analytics`)
-
-  Analytics emits no events of its own: it consumes the events of this
-  catalogue (its moduledoc maps each to a metric type). The Rust engine
-  does not emit telemetry either: its warnings and errors reach `Logger`
-  through `DSPex.Bridge.NativeLog`, and its counters and histograms the
-  Prometheus text of `DSPex.Bridge.Analytics.prometheus_text/0`.
-
-  Every row of the tables above is checked by
-  `test/dspex/bridge/telemetry_catalogue_test.exs`, which runs a code path
-  emitting the event and checks its measurement and metadata keys: a
-  component that adds events adds their code paths in
-  `test/support/telemetry_emitters/`.
-
+  #{DSPex.Bridge.Telemetry.Catalogue.markdown()}
   ## Glossary
 
   - *principal*: the session on whose behalf a call is made (`principal:`
@@ -304,14 +206,31 @@ defmodule DSPex.Bridge.Telemetry do
 
   @doc """
   Runs `fun` inside `prefix ++ [:start]` / `[:stop]` / `[:exception]` events,
-  as `:telemetry.span/3`. `fun` returns `{result, stop_metadata}`.
+  as `:telemetry.span/3` does. `fun` returns `{result, stop_metadata}` or
+  `{result, extra_measurements, stop_metadata}` (merged into the `:stop`
+  measurements); `span/3` returns `result`.
+
+  - `:start`: `%{system_time, monotonic_time}`, `start_metadata`;
+  - `:stop`: `%{duration, monotonic_time}` (plus the extra measurements),
+    `stop_metadata`;
+  - `:exception` (when `fun` raises, exits or throws, which is then
+    re-raised with its stack trace): `%{duration, monotonic_time}`,
+    `start_metadata` with `kind`, `reason` and `stacktrace`.
+
+  All three carry the same `telemetry_span_context` (a reference) in their
+  metadata, unless `start_metadata` gives one. `duration` is in native time
+  units.
 
       iex> DSPex.Bridge.Telemetry.span([:my, :work], %{}, fn -> {42, %{}} end)
       42
+      iex> DSPex.Bridge.Telemetry.span([:my, :work], %{}, fn -> {42, %{items: 3}, %{}} end)
+      42
   """
-  @spec span(event, map, (() -> {term, map})) :: term
+  @spec span(event, map, (() -> {term, map} | {term, map, map})) :: term
   def span(prefix, start_metadata, fun) do
     start = System.monotonic_time()
+    context = Map.get_lazy(start_metadata, :telemetry_span_context, &make_ref/0)
+    start_metadata = Map.put(start_metadata, :telemetry_span_context, context)
 
     execute(
       prefix ++ [:start],
@@ -320,13 +239,18 @@ defmodule DSPex.Bridge.Telemetry do
     )
 
     try do
-      {result, stop_metadata} = fun.()
+      {result, extra, stop_metadata} =
+        case fun.() do
+          {result, stop_metadata} -> {result, %{}, stop_metadata}
+          {_result, _extra, _stop_metadata} = three -> three
+        end
+
       stop = System.monotonic_time()
 
       execute(
         prefix ++ [:stop],
-        %{duration: stop - start, monotonic_time: stop},
-        stop_metadata
+        Map.merge(extra, %{duration: stop - start, monotonic_time: stop}),
+        Map.put(stop_metadata, :telemetry_span_context, context)
       )
 
       result

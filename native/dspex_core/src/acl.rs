@@ -297,6 +297,7 @@ pub fn authorize_session(
     session: &Session,
     principal: Option<&str>,
     perm: Permission,
+    now_us: i64,
 ) -> Result<()> {
     match principal {
         None => Ok(()),
@@ -307,7 +308,7 @@ pub fn authorize_session(
         Some(p) => {
             session
                 .audit_ring()
-                .record(AuditEvent::Denied, Some(p), None, Some(perm));
+                .record(now_us, AuditEvent::Denied, Some(p), None, Some(perm));
             Err(Error::AccessDenied)
         }
     }
@@ -489,19 +490,19 @@ mod tests {
         use crate::limits::Limits;
         use crate::session::SessionOpts;
 
-        let s = Session::new("s1".into(), SessionOpts::default(), Limits::default());
-        assert_eq!(authorize_session(&s, None, Read), Ok(()));
-        assert_eq!(authorize_session(&s, Some("s1"), Read), Ok(()));
+        let s = Session::new("s1".into(), SessionOpts::default(), Limits::default(), 0);
+        assert_eq!(authorize_session(&s, None, Read, 0), Ok(()));
+        assert_eq!(authorize_session(&s, Some("s1"), Read, 0), Ok(()));
         assert!(s.audit_log(10).is_empty());
 
         assert_eq!(
-            authorize_session(&s, Some("s10"), Read),
+            authorize_session(&s, Some("s10"), Read, 0),
             Err(Error::AccessDenied)
         );
         let long = "x".repeat(MAX_PRINCIPAL_BYTES + 1);
         for bad in ["", long.as_str()] {
             assert_eq!(
-                authorize_session(&s, Some(bad), Read),
+                authorize_session(&s, Some(bad), Read, 0),
                 Err(Error::invalid_arg("bad_principal"))
             );
         }

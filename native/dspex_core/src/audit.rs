@@ -18,7 +18,6 @@ use std::collections::VecDeque;
 use parking_lot::Mutex;
 
 use crate::caller::Permission;
-use crate::time::now_us;
 
 /// Default entries kept per session.
 pub const DEFAULT_CAPACITY: usize = 256;
@@ -83,8 +82,10 @@ impl AuditRing {
         self.capacity
     }
 
+    /// Records `event` as happening at `at` (microseconds since the epoch).
     pub fn record(
         &self,
+        at: i64,
         event: AuditEvent,
         principal: Option<&str>,
         variable: Option<&str>,
@@ -93,7 +94,7 @@ impl AuditRing {
         if self.capacity == 0 {
             return;
         }
-        let at = now_us();
+        let at = crate::time::resolve(at);
         let mut ring = self.inner.lock();
         ring.recorded += 1;
         let entry = AuditEntry {
@@ -138,6 +139,7 @@ mod tests {
         for i in 0..10 {
             let var = format!("v{i}");
             ring.record(
+                i,
                 AuditEvent::Denied,
                 Some("p"),
                 Some(&var),
@@ -156,7 +158,7 @@ mod tests {
     #[test]
     fn zero_capacity_records_nothing() {
         let ring = AuditRing::new(0);
-        ring.record(AuditEvent::RateLimited, None, None, None);
+        ring.record(0, AuditEvent::RateLimited, None, None, None);
         assert!(ring.recent(10).is_empty());
         assert_eq!(ring.recorded(), 0);
     }

@@ -1,5 +1,10 @@
-//! Who a call is made for. Every session operation takes a [`Caller`] and
-//! checks it against the variable before touching it.
+//! Who a call is made for, and when. Every session operation takes a
+//! [`Caller`] and checks it against the variable before touching it.
+//!
+//! The time of a call travels in the caller (`now_us`), stamped once by the
+//! entry point (the NIF, the port's frame loop, a replicated log entry):
+//! nothing below reads the clock, so applying the same calls with the same
+//! stamps to two stores gives the same state.
 
 use crate::acl;
 use crate::error::{Error, Result};
@@ -43,8 +48,8 @@ impl Permission {
     }
 }
 
-/// The principal a call is made on behalf of, and the context its access
-/// rules are evaluated in.
+/// The principal a call is made on behalf of, the context its access
+/// rules are evaluated in, and the time it was stamped with.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Caller<'a> {
     /// The calling session's id; `None` means the session itself.
@@ -53,24 +58,31 @@ pub struct Caller<'a> {
     pub context: Option<&'a Value>,
     /// The optimizer lock a write claims to hold (checked on writes).
     pub lock: LockClaim<'a>,
+    /// Microseconds since the epoch, stamped at the entry point: the time
+    /// of every timestamp, rate-limit refill and expiry check of the call.
+    pub now_us: i64,
 }
 
 impl<'a> Caller<'a> {
-    /// The session acting on its own variables.
-    pub const OWNER: Caller<'static> = Caller {
-        principal: None,
-        context: None,
-        lock: LockClaim {
-            token: None,
-            optimizer: None,
-        },
-    };
+    /// The session acting on its own variables, at `now_us`.
+    pub const fn owner(now_us: i64) -> Caller<'static> {
+        Caller {
+            principal: None,
+            context: None,
+            lock: LockClaim {
+                token: None,
+                optimizer: None,
+            },
+            now_us,
+        }
+    }
 
-    pub fn principal(principal: &'a str) -> Self {
+    /// Another session acting, at `now_us`.
+    pub fn principal(principal: &'a str, now_us: i64) -> Self {
         Caller {
             principal: Some(principal),
-            context: None,
-            lock: LockClaim::default(),
+            now_us,
+            ..Caller::owner(now_us)
         }
     }
 

@@ -1167,6 +1167,7 @@ mod tests {
             "s".into(),
             crate::SessionOpts::default(),
             crate::limits::Limits::default(),
+            0,
         );
         for name in names {
             s.register(
@@ -1174,6 +1175,7 @@ mod tests {
                 crate::VarType::Float,
                 Value::Float(0.0),
                 Default::default(),
+                0,
             )
             .unwrap();
         }
@@ -1183,7 +1185,7 @@ mod tests {
     #[test]
     fn session_dependencies_name_variables_by_name_or_id() {
         let s = session_with(&["a", "b", "c"]);
-        let owner = &Caller::OWNER;
+        let owner = &Caller::owner(0);
         let id_of_b = Value::str(&s.get("b", owner).unwrap().id);
         assert_eq!(
             s.add_dependency(&Value::atom("a"), &id_of_b, "data", owner),
@@ -1203,7 +1205,7 @@ mod tests {
         );
         assert!(s.dependencies().has_dependents("a"));
         assert!(!s.dependencies().has_dependents("b"));
-        let stranger = Caller::principal("other");
+        let stranger = Caller::principal("other", 0);
         assert_eq!(
             s.add_dependency(&Value::atom("b"), &Value::atom("c"), "data", &stranger),
             Err(Error::AccessDenied)
@@ -1235,11 +1237,14 @@ mod tests {
                             &n(a as usize),
                             &n(b as usize),
                             "data",
-                            &Caller::OWNER,
+                            &Caller::owner(0),
                         );
                         if x % 11 == 0 {
-                            let _ =
-                                s.remove_dependency(&n(b as usize), &n(a as usize), &Caller::OWNER);
+                            let _ = s.remove_dependency(
+                                &n(b as usize),
+                                &n(a as usize),
+                                &Caller::owner(0),
+                            );
                         }
                     }
                 })

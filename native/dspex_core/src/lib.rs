@@ -33,7 +33,7 @@ pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 
 pub use acl::{Acl, PermSet};
 pub use caller::{Caller, Permission};
-pub use command::{Answer, Command, Reply, UpdateSpec};
+pub use command::{Answer, Command, Operation, Reply, Stamped, UpdateSpec};
 pub use error::{Error, Result};
 pub use graph::{DependencyGraph, SessionGraph};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};

@@ -51,6 +51,19 @@ use crate::variable::Variable;
 /// An optimizer's id, shared between the lock entries and the registry.
 pub type OptimizerId = Arc<str>;
 
+/// Longest optimizer id, in bytes.
+pub const MAX_OPTIMIZER_ID_BYTES: usize = 255;
+
+/// An optimizer's id is 1 to [`MAX_OPTIMIZER_ID_BYTES`] bytes of text: the
+/// one rule, for the lock table and for writes that name their optimizer.
+pub fn check_optimizer_id(id: &str) -> Result<&str> {
+    if (1..=MAX_OPTIMIZER_ID_BYTES).contains(&id.len()) {
+        Ok(id)
+    } else {
+        Err(Error::invalid_arg("bad_optimizer_id"))
+    }
+}
+
 /// What an acquire does when the key is held by another optimizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Conflict {
@@ -1043,6 +1056,47 @@ impl VarLock {
     }
 }
 
+/// A change of a variable's fence, as the lock table reports it: the data
+/// of [`Fence`]'s calls, so it can travel to an engine in another process
+/// (the `var_fence` command) and be applied there as here.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FenceChange {
+    /// `optimizer` now holds the lock with `token`; `preempted` lost it.
+    Granted {
+        optimizer: String,
+        token: u64,
+        #[serde(default)]
+        preempted: Option<String>,
+    },
+    /// The grant with `token` ended.
+    Released { token: u64 },
+}
+
+impl VarLock {
+    /// Applies a change the lock table reported; an older token than the
+    /// fence changes nothing, so changes may arrive more than once.
+    pub fn apply(&mut self, change: &FenceChange) {
+        match change {
+            FenceChange::Granted {
+                optimizer,
+                token,
+                preempted,
+            } => {
+                let preempted = preempted.as_deref().map(OptimizerId::from);
+                self.grant(
+                    &OptimizerId::from(optimizer.as_str()),
+                    *token,
+                    preempted.as_ref(),
+                )
+            }
+            FenceChange::Released { token } => self.release(*token),
+        }
+    }
+}
+
+/// The in-process fence: the lock table updates the variable inside its own
+/// critical section.
 impl Fence for Mutex<Variable> {
     fn granted(&self, optimizer: &OptimizerId, token: u64, preempted: Option<&OptimizerId>) {
         self.lock().lock.grant(optimizer, token, preempted);
@@ -1323,12 +1377,13 @@ mod tests {
         use crate::types::VarType;
         use crate::variable::WriteMeta;
 
-        let s = Session::new("s".into(), SessionOpts::default(), Default::default());
+        let s = Session::new("s".into(), SessionOpts::default(), Default::default(), 0);
         s.register(
             Value::atom("x"),
             VarType::Integer,
             Value::Int(0),
             Default::default(),
+            0,
         )
         .unwrap();
         let t = table();
@@ -1338,7 +1393,7 @@ mod tests {
         let write = |c: LockClaim| {
             let caller = Caller {
                 lock: c,
-                ..Caller::OWNER
+                ..Caller::owner(0)
             };
             s.update("x", Value::Int(1), WriteMeta::default(), &caller)
         };
@@ -1354,7 +1409,7 @@ mod tests {
                 value: Value::Int(3),
                 meta: WriteMeta::default(),
             }],
-            &Caller::OWNER,
+            &Caller::owner(0),
         );
         assert!(matches!(batch, Err(Error::ValidationFailed(_))));
         t.release(&1, "opt1", 0).result.unwrap();

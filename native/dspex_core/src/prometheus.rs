@@ -412,11 +412,11 @@ mod tests {
         let rec = PromRecorder::default();
         metrics::with_local_recorder(&rec, || {
             let store = crate::Store::new();
-            store.create_session("s1", Default::default()).unwrap();
-            let bytes = store.export_session("s1").unwrap();
+            store.create_session("s1", Default::default(), 0).unwrap();
+            let bytes = store.export_session("s1", 0).unwrap();
             store.delete_session("s1").unwrap();
-            store.import_session(&bytes, None).unwrap();
-            assert!(store.import_session(b"garbage", None).is_err());
+            store.import_session(&bytes, None, 0).unwrap();
+            assert!(store.import_session(b"garbage", None, 0).is_err());
         });
         let mut out = PromText::new();
         rec.render(&mut out);

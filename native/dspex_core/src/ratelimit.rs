@@ -14,7 +14,6 @@
 //! - Never panics or overflows, whatever the configuration or the clock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -68,9 +67,8 @@ pub struct TokenBucket {
     interval: u64,
     /// `burst * interval`: how far ahead of now `tat` may run.
     tolerance: u64,
-    /// Theoretical arrival time, in nanoseconds since `epoch`.
+    /// Theoretical arrival time, in nanoseconds since the Unix epoch.
     tat: AtomicU64,
-    epoch: Instant,
 }
 
 impl TokenBucket {
@@ -81,7 +79,6 @@ impl TokenBucket {
             interval,
             tolerance: interval.saturating_mul(limit.burst),
             tat: AtomicU64::new(0),
-            epoch: Instant::now(),
         }
     }
 
@@ -89,15 +86,16 @@ impl TokenBucket {
         self.limit
     }
 
-    /// Takes `cost` tokens if there are that many; `cost` is capped at the
-    /// burst, so a large batch empties a full bucket rather than never passing.
-    pub fn try_acquire(&self, cost: u64) -> bool {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.try_acquire_at(now, cost)
+    /// Takes `cost` tokens at `now_us` (the call's stamp, microseconds since
+    /// the epoch) if there are that many; `cost` is capped at the burst, so
+    /// a large batch empties a full bucket rather than never passing. The
+    /// clock is the caller's: a stamp older than the last one refills
+    /// nothing, and the same stamps give the same answers.
+    pub fn try_acquire(&self, cost: u64, now_us: i64) -> bool {
+        self.try_acquire_at(nanos(now_us), cost)
     }
 
-    /// [`try_acquire`](Self::try_acquire) at a given time (nanoseconds since
-    /// the bucket was made), for tests.
+    /// [`try_acquire`](Self::try_acquire) at a time in nanoseconds.
     pub fn try_acquire_at(&self, now: u64, cost: u64) -> bool {
         let step = cost
             .clamp(1, self.limit.burst)
@@ -118,12 +116,20 @@ impl TokenBucket {
         }
     }
 
-    /// Whole tokens available now.
-    pub fn available(&self) -> u64 {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    /// Whole tokens available at `now_us`.
+    pub fn available(&self, now_us: i64) -> u64 {
+        let now = nanos(now_us);
         let ahead = self.tat.load(Ordering::Relaxed).saturating_sub(now);
         (self.tolerance - ahead.min(self.tolerance)) / self.interval
     }
+}
+
+/// Nanoseconds since the epoch of a microsecond stamp (a stamp before the
+/// epoch counts as the epoch).
+fn nanos(now_us: i64) -> u64 {
+    u64::try_from(crate::time::resolve(now_us))
+        .unwrap_or(0)
+        .saturating_mul(1000)
 }
 
 #[cfg(test)]

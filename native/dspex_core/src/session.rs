@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::graph::SessionGraph;
 use crate::limits::Limits;
 use crate::ratelimit::{RateLimit, TokenBucket};
-use crate::time::now_us;
+use crate::time::resolve;
 use crate::types::{Constraints, VarType};
 use crate::value::Value;
 use crate::variable::{HistoryEntry, Variable, WriteMeta};
@@ -96,8 +96,8 @@ pub struct Session {
 const TOUCH_GRANULARITY_US: i64 = 100_000;
 
 impl Session {
-    pub fn new(id: Arc<str>, opts: SessionOpts, limits: Limits) -> Self {
-        let now = now_us();
+    /// A new session, created at `now` (microseconds since the epoch).
+    pub fn new(id: Arc<str>, opts: SessionOpts, limits: Limits, now: i64) -> Self {
         Session {
             id,
             created_at: now,
@@ -122,12 +122,13 @@ impl Session {
         &self.limits
     }
 
-    /// Records an access for TTL purposes; free for sessions without a TTL.
-    pub fn touch(&self) {
+    /// Records an access at `now` for TTL purposes; free for sessions
+    /// without a TTL.
+    pub fn touch(&self, now: i64) {
         if self.opts.ttl_ms.is_none() {
             return;
         }
-        let now = now_us();
+        let now = resolve(now);
         if now - self.last_access.load(Ordering::Relaxed) > TOUCH_GRANULARITY_US {
             self.last_access.store(now, Ordering::Relaxed);
         }
@@ -139,7 +140,7 @@ impl Session {
 
     pub fn is_expired(&self, now: i64) -> bool {
         match self.opts.ttl_ms {
-            Some(ttl) => now - self.last_access() > (ttl as i64).saturating_mul(1000),
+            Some(ttl) => resolve(now) - self.last_access() > (ttl as i64).saturating_mul(1000),
             None => false,
         }
     }
@@ -159,9 +160,10 @@ impl Session {
         var_type: VarType,
         initial: Value,
         opts: RegisterOpts,
+        now: i64,
     ) -> Result<Box<str>> {
         let key: Box<str> = self.limits.check_name(&name)?.into();
-        self.admit(1, &Caller::OWNER)?;
+        self.admit(1, &Caller::owner(now))?;
         self.limits.check_value(&initial)?;
         self.limits.check_value(&opts.metadata)?;
         if self.by_id.len() >= self.limits.max_variables {
@@ -191,7 +193,7 @@ impl Session {
             metadata,
             opts.description,
             self.opts.max_history,
-            now_us(),
+            now,
         )?;
         var.acl = acl;
         self.insert(key, var)?;
@@ -256,9 +258,14 @@ impl Session {
     /// Takes `cost` tokens from the session's bucket, or refuses the call.
     fn admit(&self, cost: u64, caller: &Caller) -> Result<()> {
         match &self.limiter {
-            Some(bucket) if !bucket.try_acquire(cost) => {
-                self.audit
-                    .record(AuditEvent::RateLimited, caller.principal, None, None);
+            Some(bucket) if !bucket.try_acquire(cost, caller.now_us) => {
+                self.audit.record(
+                    caller.now_us,
+                    AuditEvent::RateLimited,
+                    caller.principal,
+                    None,
+                    None,
+                );
                 Err(Error::RateLimited)
             }
             _ => Ok(()),
@@ -269,6 +276,7 @@ impl Session {
     fn check(&self, caller: &Caller, var: &Variable, perm: Permission) -> Result<()> {
         caller.authorize(&self.id, var, perm).inspect_err(|_| {
             self.audit.record(
+                caller.now_us,
                 AuditEvent::Denied,
                 caller.principal,
                 Some(&var.id),
@@ -298,6 +306,7 @@ impl Session {
             let mut var = cell.lock();
             if !caller.is_owner(&self.id, &var) {
                 self.audit.record(
+                    caller.now_us,
                     AuditEvent::Denied,
                     caller.principal,
                     Some(&var.id),
@@ -307,6 +316,7 @@ impl Session {
             }
             var.acl = Acl::build(rules, &var.metadata)?.map(Arc::new);
             self.audit.record(
+                caller.now_us,
                 AuditEvent::RulesChanged,
                 caller.principal,
                 Some(&var.id),
@@ -320,8 +330,13 @@ impl Session {
     pub fn check_register(&self, caller: &Caller) -> Result<()> {
         match caller.principal {
             Some(p) if p != &*self.id => {
-                self.audit
-                    .record(AuditEvent::Denied, Some(p), None, Some(Permission::Write));
+                self.audit.record(
+                    caller.now_us,
+                    AuditEvent::Denied,
+                    Some(p),
+                    None,
+                    Some(Permission::Write),
+                );
                 Err(Error::AccessDenied)
             }
             _ => Ok(()),
@@ -342,13 +357,24 @@ impl Session {
         &self.audit
     }
 
-    /// The session's rate limit, and the whole tokens left in its bucket.
-    pub fn rate_limit(&self) -> Option<(RateLimit, u64)> {
-        self.limiter.as_ref().map(|b| (b.limit(), b.available()))
+    /// The session's rate limit, and the whole tokens left in its bucket
+    /// at `now`.
+    pub fn rate_limit(&self, now: i64) -> Option<(RateLimit, u64)> {
+        self.limiter.as_ref().map(|b| (b.limit(), b.available(now)))
     }
 
     pub fn get_value(&self, ident: &str, caller: &Caller) -> Result<Value> {
         self.with_var(ident, caller, Permission::Read, |v| Ok(v.value.clone()))
+    }
+
+    /// Is there a variable `caller` may read under `ident`? Takes a token
+    /// like any read; a variable it may not read is `AccessDenied`.
+    pub fn exists(&self, ident: &str, caller: &Caller) -> Result<bool> {
+        match self.with_var(ident, caller, Permission::Read, |_| Ok(())) {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn get(&self, ident: &str, caller: &Caller) -> Result<Variable> {
@@ -364,9 +390,8 @@ impl Session {
     ) -> Result<u64> {
         self.limits.check_value(&value)?;
         self.limits.check_value(&meta.metadata)?;
-        let now = now_us();
         self.with_var(ident, caller, Permission::Write, |v| {
-            v.set(value, meta, now)
+            v.set(value, meta, resolve(caller.now_us))
         })
     }
 
@@ -412,7 +437,7 @@ impl Session {
         if !errors.is_empty() {
             return Err(Error::ValidationFailed(Value::Map(errors.into())));
         }
-        let now = now_us();
+        let now = resolve(caller.now_us);
         Ok(guards
             .iter_mut()
             .zip(updates)
@@ -447,7 +472,7 @@ impl Session {
         metadata: Value,
         caller: &Caller,
     ) -> Result<u64> {
-        let now = now_us();
+        let now = resolve(caller.now_us);
         self.with_var(ident, caller, Permission::Write, |v| {
             let old = v.value_at(version)?.clone();
             let meta = metadata.with("rollback_to", Value::Int(version as i64));
@@ -526,8 +551,10 @@ pub fn access_rules_of(var: &Variable) -> Value {
 mod tests {
     use super::*;
 
+    const T0: i64 = 1_700_000_000_000_000;
+
     fn session() -> Session {
-        Session::new("s".into(), SessionOpts::default(), Limits::default())
+        Session::new("s".into(), SessionOpts::default(), Limits::default(), T0)
     }
 
     fn upd(ident: &str, value: Value) -> Update {
@@ -546,6 +573,7 @@ mod tests {
             VarType::Float,
             Value::Float(0.0),
             Default::default(),
+            0,
         )
         .unwrap();
         let again = s.register(
@@ -553,6 +581,7 @@ mod tests {
             VarType::Float,
             Value::Float(0.0),
             Default::default(),
+            0,
         );
         assert_eq!(again, Err(Error::AlreadyExists));
     }
@@ -566,11 +595,15 @@ mod tests {
                 VarType::Float,
                 Value::Float(0.5),
                 Default::default(),
+                0,
             )
             .unwrap();
-        assert_eq!(s.get_value("t", &Caller::OWNER), Ok(Value::Float(0.5)));
-        assert_eq!(s.get_value(&id, &Caller::OWNER), Ok(Value::Float(0.5)));
-        assert_eq!(s.get_value("nope", &Caller::OWNER), Err(Error::NotFound));
+        assert_eq!(s.get_value("t", &Caller::owner(T0)), Ok(Value::Float(0.5)));
+        assert_eq!(s.get_value(&id, &Caller::owner(T0)), Ok(Value::Float(0.5)));
+        assert_eq!(
+            s.get_value("nope", &Caller::owner(T0)),
+            Err(Error::NotFound)
+        );
     }
 
     #[test]
@@ -581,6 +614,7 @@ mod tests {
             VarType::Float,
             Value::Float(0.0),
             Default::default(),
+            0,
         )
         .unwrap();
         s.register(
@@ -588,23 +622,24 @@ mod tests {
             VarType::Integer,
             Value::Int(0),
             Default::default(),
+            0,
         )
         .unwrap();
         let r = s.update_atomic(
             vec![upd("a", Value::Float(1.0)), upd("b", Value::str("x"))],
-            &Caller::OWNER,
+            &Caller::owner(T0),
         );
         assert!(matches!(r, Err(Error::ValidationFailed(_))));
-        assert_eq!(s.get_value("a", &Caller::OWNER), Ok(Value::Float(0.0)));
+        assert_eq!(s.get_value("a", &Caller::owner(T0)), Ok(Value::Float(0.0)));
         let r = s.update_atomic(
             vec![upd("b", Value::Int(2)), upd("a", Value::Float(1.0))],
-            &Caller::OWNER,
+            &Caller::owner(T0),
         );
         assert_eq!(r, Ok(vec![1, 1]));
-        assert_eq!(s.get_value("a", &Caller::OWNER), Ok(Value::Float(1.0)));
+        assert_eq!(s.get_value("a", &Caller::owner(T0)), Ok(Value::Float(1.0)));
         let dup = s.update_atomic(
             vec![upd("a", Value::Float(1.0)), upd("a", Value::Float(2.0))],
-            &Caller::OWNER,
+            &Caller::owner(T0),
         );
         assert!(dup.is_err());
     }
@@ -617,16 +652,27 @@ mod tests {
             VarType::Integer,
             Value::Int(0),
             Default::default(),
+            0,
         )
         .unwrap();
-        s.update("a", Value::Int(100), WriteMeta::default(), &Caller::OWNER)
-            .unwrap();
-        s.update("a", Value::Int(200), WriteMeta::default(), &Caller::OWNER)
-            .unwrap();
-        assert_eq!(s.rollback("a", 1, Value::Nil, &Caller::OWNER), Ok(3));
-        assert_eq!(s.get_value("a", &Caller::OWNER), Ok(Value::Int(100)));
+        s.update(
+            "a",
+            Value::Int(100),
+            WriteMeta::default(),
+            &Caller::owner(T0),
+        )
+        .unwrap();
+        s.update(
+            "a",
+            Value::Int(200),
+            WriteMeta::default(),
+            &Caller::owner(T0),
+        )
+        .unwrap();
+        assert_eq!(s.rollback("a", 1, Value::Nil, &Caller::owner(T0)), Ok(3));
+        assert_eq!(s.get_value("a", &Caller::owner(T0)), Ok(Value::Int(100)));
         assert_eq!(
-            s.rollback("a", 99, Value::Nil, &Caller::OWNER),
+            s.rollback("a", 99, Value::Nil, &Caller::owner(T0)),
             Err(Error::VersionNotFound)
         );
     }
@@ -639,6 +685,7 @@ mod tests {
             VarType::Integer,
             Value::Int(0),
             Default::default(),
+            0,
         )
         .unwrap();
         let threads: Vec<_> = (0..8)
@@ -648,7 +695,7 @@ mod tests {
                     for _ in 0..1000 {
                         loop {
                             let (v, n) = s
-                                .with_var("n", &Caller::OWNER, Permission::Read, |v| {
+                                .with_var("n", &Caller::owner(T0), Permission::Read, |v| {
                                     Ok((v.version, v.value.clone()))
                                 })
                                 .unwrap();
@@ -657,7 +704,7 @@ mod tests {
                                 expected_version: Some(v),
                                 ..Default::default()
                             };
-                            if s.update("n", next, meta, &Caller::OWNER).is_ok() {
+                            if s.update("n", next, meta, &Caller::owner(T0)).is_ok() {
                                 break;
                             }
                         }
@@ -668,6 +715,6 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(s.get_value("n", &Caller::OWNER), Ok(Value::Int(8000)));
+        assert_eq!(s.get_value("n", &Caller::owner(T0)), Ok(Value::Int(8000)));
     }
 }

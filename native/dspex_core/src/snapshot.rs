@@ -106,7 +106,7 @@ pub struct HistorySnapshot {
 impl Snapshot {
     pub fn of(session: &Session) -> Snapshot {
         let variables: Vec<VarSnapshot> = session
-            .sorted_variables(&Caller::OWNER)
+            .sorted_variables(&Caller::owner(0))
             .iter()
             .map(VarSnapshot::of)
             .collect();
@@ -631,32 +631,35 @@ mod tests {
     #[test]
     fn export_import_round_trip() {
         let store = Store::new();
-        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        let s = store
+            .create_session("a", SessionOpts::default(), 0)
+            .unwrap();
         s.register(
             Value::atom("t"),
             VarType::Float,
             Value::Float(0.1),
             Default::default(),
+            0,
         )
         .unwrap();
         s.update(
             "t",
             Value::Float(0.2),
             WriteMeta::default(),
-            &crate::Caller::OWNER,
+            &crate::Caller::owner(0),
         )
         .unwrap();
-        let bytes = store.export_session("a").unwrap();
-        let id = store.import_session(&bytes, Some("b")).unwrap();
+        let bytes = store.export_session("a", 0).unwrap();
+        let id = store.import_session(&bytes, Some("b"), 0).unwrap();
         assert_eq!(&*id, "b");
-        let b = store.session("b").unwrap();
-        let t = b.get("t", &crate::Caller::OWNER).unwrap();
+        let b = store.session("b", 0).unwrap();
+        let t = b.get("t", &crate::Caller::owner(0)).unwrap();
         assert_eq!(t.value, Value::Float(0.2));
         assert_eq!(t.version, 1);
         assert_eq!(t.history.len(), 1);
         assert_eq!(t.name, Value::atom("t"));
         assert_eq!(
-            store.import_session(&bytes, None),
+            store.import_session(&bytes, None, 0),
             Err(Error::AlreadyExists)
         );
     }
@@ -664,24 +667,27 @@ mod tests {
     #[test]
     fn dependencies_travel_with_the_snapshot() {
         let store = Store::new();
-        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        let s = store
+            .create_session("a", SessionOpts::default(), 0)
+            .unwrap();
         for name in ["x", "y", "z"] {
             s.register(
                 Value::atom(name),
                 VarType::Float,
                 Value::Float(0.0),
                 Default::default(),
+                0,
             )
             .unwrap();
         }
-        let owner = &crate::Caller::OWNER;
+        let owner = &crate::Caller::owner(0);
         s.add_dependency(&Value::atom("x"), &Value::atom("y"), "data", owner)
             .unwrap();
         s.add_dependency(&Value::str("y"), &Value::atom("z"), "control", owner)
             .unwrap();
-        let bytes = store.export_session("a").unwrap();
-        store.import_session(&bytes, Some("b")).unwrap();
-        let b = store.session("b").unwrap();
+        let bytes = store.export_session("a", 0).unwrap();
+        store.import_session(&bytes, Some("b"), 0).unwrap();
+        let b = store.session("b", 0).unwrap();
         let graph = b.dependencies().read();
         assert_eq!(
             graph.update_order(&[Value::atom("x")]),
@@ -695,13 +701,16 @@ mod tests {
     #[test]
     fn a_cyclic_or_dangling_edge_list_is_rejected() {
         let store = Store::new();
-        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        let s = store
+            .create_session("a", SessionOpts::default(), 0)
+            .unwrap();
         for name in ["x", "y"] {
             s.register(
                 Value::atom(name),
                 VarType::Float,
                 Value::Float(0.0),
                 Default::default(),
+                0,
             )
             .unwrap();
         }
@@ -715,28 +724,31 @@ mod tests {
         }
         let cyclic = snapshot.encode().unwrap();
         assert!(matches!(
-            store.import_session(&cyclic, Some("b")),
+            store.import_session(&cyclic, Some("b"), 0),
             Err(Error::InvalidSnapshot(_))
         ));
         snapshot.edges.truncate(1);
         snapshot.edges[0].to = "nope".into();
         let dangling = snapshot.encode().unwrap();
         assert!(matches!(
-            store.import_session(&dangling, Some("b")),
+            store.import_session(&dangling, Some("b"), 0),
             Err(Error::InvalidSnapshot(_))
         ));
-        assert!(store.session("b").is_err());
+        assert!(store.session("b", 0).is_err());
     }
 
     /// A session with one float variable `t` written twice, and its snapshot
     /// as a struct to poison.
     fn poisonable(store: &Store) -> super::Snapshot {
-        let s = store.create_session("src", SessionOpts::default()).unwrap();
+        let s = store
+            .create_session("src", SessionOpts::default(), 0)
+            .unwrap();
         s.register(
             Value::atom("t"),
             VarType::Float,
             Value::Float(0.1),
             Default::default(),
+            0,
         )
         .unwrap();
         for f in [0.2, 0.3] {
@@ -744,7 +756,7 @@ mod tests {
                 "t",
                 Value::Float(f),
                 WriteMeta::default(),
-                &crate::Caller::OWNER,
+                &crate::Caller::owner(0),
             )
             .unwrap();
         }
@@ -757,13 +769,13 @@ mod tests {
         let store = Store::new();
         let mut snapshot = poisonable(&store);
         let t = store
-            .session("src")
+            .session("src", 0)
             .unwrap()
-            .get("t", &crate::Caller::OWNER)
+            .get("t", &crate::Caller::owner(0))
             .unwrap();
         poison(&mut snapshot, &t);
         let bytes = snapshot.encode().unwrap();
-        let r = store.import_session(&bytes, Some("poisoned"));
+        let r = store.import_session(&bytes, Some("poisoned"), 0);
         assert_eq!(store.len(), 1, "an import created a session: {r:?}");
         match r {
             Err(Error::InvalidSnapshot(why)) => why,
@@ -885,6 +897,10 @@ mod tests {
         for (what, poison) in cases {
             let why = rejected(poison);
             assert!(!why.is_empty(), "{what}");
+            if what == "duplicate id" {
+                // The clashing id by its text, not the (free) name.
+                assert!(why.contains("duplicate variable id \"var_t_1\""), "{why}");
+            }
         }
     }
 
@@ -893,11 +909,11 @@ mod tests {
         let store = Store::new();
         let snapshot = poisonable(&store);
         let bytes = snapshot.encode().unwrap();
-        store.import_session(&bytes, Some("copy")).unwrap();
+        store.import_session(&bytes, Some("copy"), 0).unwrap();
         let t = store
-            .session("copy")
+            .session("copy", 0)
             .unwrap()
-            .get("t", &crate::Caller::OWNER)
+            .get("t", &crate::Caller::owner(0))
             .unwrap();
         for at in std::iter::once(t.updated_at)
             .chain([t.created_at])
@@ -927,7 +943,7 @@ mod tests {
         ));
         let mut buf = Vec::new();
         rmpv::encode::write_value(&mut buf, &rmpv::Value::Map(extra)).unwrap();
-        store.import_session(&buf, Some("future")).unwrap();
+        store.import_session(&buf, Some("future"), 0).unwrap();
         let missing: Vec<_> = pairs
             .into_iter()
             .filter(|(k, _)| k.as_str() != Some("variables"))
@@ -935,7 +951,7 @@ mod tests {
         let mut buf = Vec::new();
         rmpv::encode::write_value(&mut buf, &rmpv::Value::Map(missing)).unwrap();
         assert!(matches!(
-            store.import_session(&buf, Some("partial")),
+            store.import_session(&buf, Some("partial"), 0),
             Err(Error::InvalidSnapshot(why)) if why.contains("variables")
         ));
     }
@@ -950,7 +966,7 @@ mod tests {
             let racers: Vec<_> = (0..16)
                 .map(|i| {
                     let (store, snapshot) = (&store, &snapshot);
-                    scope.spawn(move || store.import_session(snapshot, Some(&format!("c{i}"))))
+                    scope.spawn(move || store.import_session(snapshot, Some(&format!("c{i}")), 0))
                 })
                 .collect();
             racers.into_iter().map(|r| r.join().unwrap()).collect()
@@ -971,7 +987,7 @@ mod tests {
             &[0xdd, 0xff, 0xff, 0xff, 0xff],
         ] {
             assert!(matches!(
-                store.import_session(bytes, None),
+                store.import_session(bytes, None, 0),
                 Err(Error::InvalidSnapshot(_))
             ));
         }

@@ -1,4 +1,8 @@
 //! The `Store`: every session, in a concurrent map keyed by id.
+//!
+//! Every method that can see time takes it (`now`, microseconds since the
+//! epoch, stamped by the caller's entry point): whether a session has
+//! expired is decided by the stamp, never by reading the clock here.
 
 use std::sync::Arc;
 
@@ -10,7 +14,6 @@ use crate::limits::Limits;
 use crate::prometheus::names;
 use crate::session::{Session, SessionOpts};
 use crate::snapshot::{self, Snapshot};
-use crate::time::now_us;
 
 /// The session map is read by every call and written only when a session
 /// comes or goes, and every scheduler reads the same hot sessions: its reads
@@ -57,7 +60,7 @@ impl Store {
         &self.limits
     }
 
-    pub fn create_session(&self, id: &str, opts: SessionOpts) -> Result<Arc<Session>> {
+    pub fn create_session(&self, id: &str, opts: SessionOpts, now: i64) -> Result<Arc<Session>> {
         let _span = tracing::debug_span!("create_session", session_id = id).entered();
         self.limits.check_session_id(id)?;
         if opts.max_history > self.limits.max_history {
@@ -68,16 +71,15 @@ impl Store {
         }
         self.limits.check_value(&opts.metadata)?;
         let id: Arc<str> = id.into();
-        let session = Arc::new(Session::new(id.clone(), opts, self.limits.clone()));
-        self.publish(id, session.clone())?;
+        let session = Arc::new(Session::new(id.clone(), opts, self.limits.clone(), now));
+        self.publish(id, session.clone(), now)?;
         metrics::counter!(names::SESSIONS_CREATED).increment(1);
         Ok(session)
     }
 
     /// Inserts `session` under `id` unless a live session holds the id (an
     /// expired one is replaced), in one atomic step.
-    fn publish(&self, id: Arc<str>, session: Arc<Session>) -> Result<()> {
-        let now = now_us();
+    fn publish(&self, id: Arc<str>, session: Arc<Session>, now: i64) -> Result<()> {
         let sessions = self.sessions.pin();
         // The closure may run again if the entry changes under it.
         let outcome = sessions.compute(id, |entry| match entry {
@@ -91,15 +93,20 @@ impl Store {
     }
 
     /// The live session with this id; an expired one counts as gone.
-    pub fn session(&self, id: &str) -> Result<Arc<Session>> {
-        self.with_session(id, Arc::clone)
+    pub fn session(&self, id: &str, now: i64) -> Result<Arc<Session>> {
+        self.with_session(id, now, Arc::clone)
     }
 
     /// Runs `f` on the session without cloning the `Arc` (the read path).
-    pub fn with_session<T>(&self, id: &str, f: impl FnOnce(&Arc<Session>) -> T) -> Result<T> {
+    pub fn with_session<T>(
+        &self,
+        id: &str,
+        now: i64,
+        f: impl FnOnce(&Arc<Session>) -> T,
+    ) -> Result<T> {
         match self.sessions.pin().get(id) {
-            Some(s) if s.opts.ttl_ms.is_none() || !s.is_expired(now_us()) => {
-                s.touch();
+            Some(s) if s.opts.ttl_ms.is_none() || !s.is_expired(now) => {
+                s.touch(now);
                 Ok(f(s))
             }
             _ => Err(Error::SessionNotFound),
@@ -117,8 +124,7 @@ impl Store {
     }
 
     /// Live session ids, sorted.
-    pub fn session_ids(&self) -> Vec<Arc<str>> {
-        let now = now_us();
+    pub fn session_ids(&self, now: i64) -> Vec<Arc<str>> {
         let mut ids: Vec<Arc<str>> = self
             .sessions
             .pin()
@@ -138,10 +144,10 @@ impl Store {
         self.sessions.is_empty()
     }
 
-    /// Removes expired sessions and returns their ids.
-    pub fn sweep_expired(&self) -> Vec<Arc<str>> {
+    /// Removes the sessions expired at `now` and returns their ids, sorted
+    /// (the map's order depends on its per-process hash seed).
+    pub fn sweep_expired(&self, now: i64) -> Vec<Arc<str>> {
         let _span = tracing::debug_span!("sweep_expired").entered();
-        let now = now_us();
         let sessions = self.sessions.pin();
         let candidates: Vec<Arc<str>> = sessions
             .iter()
@@ -159,13 +165,15 @@ impl Store {
             })
             .collect();
         metrics::counter!(names::SESSIONS_EXPIRED).increment(expired.len() as u64);
+        let mut expired = expired;
+        expired.sort();
         expired
     }
 
     /// A MessagePack snapshot of the whole session.
-    pub fn export_session(&self, id: &str) -> Result<Vec<u8>> {
+    pub fn export_session(&self, id: &str, now: i64) -> Result<Vec<u8>> {
         let _span = tracing::debug_span!("export_session", session_id = id).entered();
-        let session = self.session(id)?;
+        let session = self.session(id, now)?;
         let bytes = Snapshot::of(&session).encode()?;
         metrics::counter!(names::SNAPSHOT_EXPORTS).increment(1);
         metrics::histogram!(names::SNAPSHOT_BYTES, "op" => "export").record(bytes.len() as f64);
@@ -174,9 +182,9 @@ impl Store {
 
     /// Creates a session from a snapshot, under `new_id` if given. A rejected
     /// snapshot is logged at warn level (forwarded to Elixir's Logger).
-    pub fn import_session(&self, bytes: &[u8], new_id: Option<&str>) -> Result<Arc<str>> {
+    pub fn import_session(&self, bytes: &[u8], new_id: Option<&str>, now: i64) -> Result<Arc<str>> {
         let _span = tracing::debug_span!("import_session", bytes = bytes.len()).entered();
-        let result = self.import_unobserved(bytes, new_id);
+        let result = self.import_unobserved(bytes, new_id, now);
         let outcome = match &result {
             Ok(_) => {
                 metrics::counter!(names::SESSIONS_CREATED).increment(1);
@@ -193,7 +201,7 @@ impl Store {
         result
     }
 
-    fn import_unobserved(&self, bytes: &[u8], new_id: Option<&str>) -> Result<Arc<str>> {
+    fn import_unobserved(&self, bytes: &[u8], new_id: Option<&str>, now: i64) -> Result<Arc<str>> {
         if bytes.len() > self.limits.max_snapshot_bytes {
             return Err(Error::TooLarge(self.limits.max_snapshot_bytes));
         }
@@ -203,15 +211,21 @@ impl Store {
         self.limits.check_session_id(id)?;
         // Build the whole session before publishing it: an import either
         // lands complete or not at all.
-        let session = Session::new(id.into(), snapshot.opts, self.limits.clone());
+        let session = Session::new(id.into(), snapshot.opts, self.limits.clone(), now);
         for (key, var) in snapshot.variables {
-            let dup = format!("duplicate variable name or id {key:?}");
-            session
-                .insert(key, var)
-                .map_err(|_| Error::InvalidSnapshot(dup))?;
+            let id = var.id.clone();
+            if session.insert(key.clone(), var).is_err() {
+                // Say which of the two was taken, with its own text.
+                let name_taken = session.with_cell(&key, |_| ()).is_ok();
+                return Err(Error::InvalidSnapshot(if name_taken {
+                    format!("duplicate variable name {key:?}")
+                } else {
+                    format!("duplicate variable id {id:?}")
+                }));
+            }
         }
         session.dependencies().replace(snapshot.graph);
-        self.publish(id.into(), Arc::new(session))?;
+        self.publish(id.into(), Arc::new(session), now)?;
         Ok(id.into())
     }
 }
@@ -271,9 +285,11 @@ mod tests {
     #[test]
     fn an_id_is_taken_once() {
         let store = Store::new();
-        store.create_session("s", SessionOpts::default()).unwrap();
+        store
+            .create_session("s", SessionOpts::default(), 0)
+            .unwrap();
         assert!(matches!(
-            store.create_session("s", SessionOpts::default()),
+            store.create_session("s", SessionOpts::default(), 0),
             Err(Error::AlreadyExists)
         ));
         store.delete_session("s").unwrap();
@@ -281,38 +297,47 @@ mod tests {
             store.delete_session("s"),
             Err(Error::SessionNotFound)
         ));
-        store.create_session("s", SessionOpts::default()).unwrap();
+        store
+            .create_session("s", SessionOpts::default(), 0)
+            .unwrap();
         assert_eq!(store.len(), 1);
     }
 
     #[test]
     fn an_expired_session_is_gone_and_its_id_free() {
         let store = Store::new();
-        store.create_session("old", ttl(1)).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(matches!(store.session("old"), Err(Error::SessionNotFound)));
-        assert!(store.session_ids().is_empty());
+        store.create_session("old", ttl(1), 0).unwrap();
+        // 1 ms is still within the ttl; 5 ms later it is gone.
+        assert!(store.session("old", 1_000).is_ok());
+        let later = 1_000 + 5_000;
+        assert!(matches!(
+            store.session("old", later),
+            Err(Error::SessionNotFound)
+        ));
+        assert!(store.session_ids(later).is_empty());
         // Taking the id replaces the expired session; the sweep then keeps it.
-        store.create_session("old", SessionOpts::default()).unwrap();
-        assert!(store.sweep_expired().is_empty());
-        assert!(store.session("old").is_ok());
+        store
+            .create_session("old", SessionOpts::default(), later)
+            .unwrap();
+        assert!(store.sweep_expired(later).is_empty());
+        assert!(store.session("old", later).is_ok());
     }
 
     #[test]
     fn the_sweep_removes_only_expired_sessions() {
         let store = Store::new();
-        store.create_session("short", ttl(1)).unwrap();
+        store.create_session("short", ttl(1), 0).unwrap();
         store
-            .create_session("long", SessionOpts::default())
+            .create_session("long", SessionOpts::default(), 0)
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(store.sweep_expired(1_000).is_empty());
         let swept: Vec<String> = store
-            .sweep_expired()
+            .sweep_expired(5_000)
             .iter()
             .map(|s| s.to_string())
             .collect();
         assert_eq!(swept, ["short"]);
-        assert_eq!(store.session_ids().len(), 1);
+        assert_eq!(store.session_ids(5_000).len(), 1);
         assert_eq!(store.len(), 1);
     }
 
@@ -323,7 +348,7 @@ mod tests {
             let id = format!("race-{round}");
             let wins = std::thread::scope(|scope| {
                 let racers: Vec<_> = (0..4)
-                    .map(|_| scope.spawn(|| store.create_session(&id, SessionOpts::default())))
+                    .map(|_| scope.spawn(|| store.create_session(&id, SessionOpts::default(), 0)))
                     .collect();
                 racers
                     .into_iter()
@@ -338,14 +363,16 @@ mod tests {
     #[test]
     fn an_import_does_not_replace_a_live_session() {
         let store = Store::new();
-        store.create_session("s", SessionOpts::default()).unwrap();
-        let snapshot = store.export_session("s").unwrap();
+        store
+            .create_session("s", SessionOpts::default(), 0)
+            .unwrap();
+        let snapshot = store.export_session("s", 0).unwrap();
         assert!(matches!(
-            store.import_session(&snapshot, None),
+            store.import_session(&snapshot, None, 0),
             Err(Error::AlreadyExists)
         ));
         assert_eq!(
-            &*store.import_session(&snapshot, Some("copy")).unwrap(),
+            &*store.import_session(&snapshot, Some("copy"), 0).unwrap(),
             "copy"
         );
         assert_eq!(store.len(), 2);

@@ -39,7 +39,7 @@ fn shared_rules() -> Value {
 fn store_with(rules: Value) -> Store {
     let store = Store::new();
     let s = store
-        .create_session("home", SessionOpts::default())
+        .create_session("home", SessionOpts::default(), 0)
         .unwrap();
     for name in ["private", "shared"] {
         let opts = RegisterOpts {
@@ -50,7 +50,7 @@ fn store_with(rules: Value) -> Store {
             },
             ..Default::default()
         };
-        s.register(Value::atom(name), VarType::Integer, Value::Int(0), opts)
+        s.register(Value::atom(name), VarType::Integer, Value::Int(0), opts, 0)
             .unwrap();
     }
     store
@@ -67,8 +67,8 @@ fn upd(ident: &str, v: i64) -> Update {
 #[test]
 fn another_session_is_refused_every_operation_on_a_private_variable() {
     let store = store_with(shared_rules());
-    let s = store.session("home").unwrap();
-    let intruder = Caller::principal("intruder");
+    let s = store.session("home", 0).unwrap();
+    let intruder = Caller::principal("intruder", 0);
     let denied = Err(Error::AccessDenied);
     assert_eq!(s.get_value("private", &intruder).map(drop), denied);
     assert_eq!(s.get("private", &intruder).map(drop), denied);
@@ -115,17 +115,17 @@ fn another_session_is_refused_every_operation_on_a_private_variable() {
     assert_eq!(names, vec![Value::atom("shared")]);
     assert_eq!(s.variables(&intruder).unwrap().len(), 1);
     // Nothing changed, and the session itself still sees everything.
-    assert_eq!(s.get_value("private", &Caller::OWNER), Ok(Value::Int(0)));
-    assert_eq!(s.names(&Caller::principal("home")).unwrap().len(), 2);
+    assert_eq!(s.get_value("private", &Caller::owner(0)), Ok(Value::Int(0)));
+    assert_eq!(s.names(&Caller::principal("home", 0)).unwrap().len(), 2);
 }
 
 #[test]
 fn rules_grant_across_sessions() {
     let store = store_with(shared_rules());
-    let s = store.session("home").unwrap();
-    let other = Caller::principal("other_session");
-    let admin = Caller::principal("admin_user");
-    let impostor = Caller::principal("not_admin_1");
+    let s = store.session("home", 0).unwrap();
+    let other = Caller::principal("other_session", 0);
+    let admin = Caller::principal("admin_user", 0);
+    let impostor = Caller::principal("not_admin_1", 0);
     assert_eq!(s.get_value("shared", &other), Ok(Value::Int(0)));
     assert_eq!(
         s.update("shared", Value::Int(1), WriteMeta::default(), &other),
@@ -154,8 +154,8 @@ fn rules_grant_across_sessions() {
 #[test]
 fn a_rule_change_takes_effect_at_once() {
     let store = store_with(shared_rules());
-    let s = store.session("home").unwrap();
-    let other = Caller::principal("other_session");
+    let s = store.session("home", 0).unwrap();
+    let other = Caller::principal("other_session", 0);
     // Warm the decision cache with both answers.
     for _ in 0..3 {
         assert_eq!(s.check_access("shared", &other, Permission::Read), Ok(()));
@@ -165,14 +165,14 @@ fn a_rule_change_takes_effect_at_once() {
         );
     }
     let writers = Value::List(vec![rule(Value::str("other_*"), &["write"])].into());
-    s.set_access_rules("shared", &writers, &Caller::OWNER)
+    s.set_access_rules("shared", &writers, &Caller::owner(0))
         .unwrap();
     assert_eq!(s.check_access("shared", &other, Permission::Write), Ok(()));
     assert_eq!(
         s.check_access("shared", &other, Permission::Read),
         Err(Error::AccessDenied)
     );
-    assert_eq!(s.access_rules("shared", &Caller::OWNER).unwrap(), {
+    assert_eq!(s.access_rules("shared", &Caller::owner(0)).unwrap(), {
         Value::List(
             vec![map(vec![
                 ("session_pattern", Value::str("other_*")),
@@ -187,7 +187,7 @@ fn a_rule_change_takes_effect_at_once() {
     });
     // Bad rules are refused and leave the old ones in place.
     assert!(matches!(
-        s.set_access_rules("shared", &Value::Int(1), &Caller::OWNER),
+        s.set_access_rules("shared", &Value::Int(1), &Caller::owner(0)),
         Err(Error::InvalidRules(_))
     ));
     assert_eq!(s.check_access("shared", &other, Permission::Write), Ok(()));
@@ -197,15 +197,15 @@ fn a_rule_change_takes_effect_at_once() {
 fn the_owner_in_metadata_has_every_permission() {
     let store = Store::new();
     let s = store
-        .create_session("host", SessionOpts::default())
+        .create_session("host", SessionOpts::default(), 0)
         .unwrap();
     let opts = RegisterOpts {
         metadata: map(vec![("owner_session", Value::str("alice"))]),
         ..Default::default()
     };
-    s.register(Value::atom("v"), VarType::Integer, Value::Int(0), opts)
+    s.register(Value::atom("v"), VarType::Integer, Value::Int(0), opts, 0)
         .unwrap();
-    let alice = Caller::principal("alice");
+    let alice = Caller::principal("alice", 0);
     assert_eq!(
         s.update("v", Value::Int(5), WriteMeta::default(), &alice),
         Ok(1)
@@ -213,7 +213,7 @@ fn the_owner_in_metadata_has_every_permission() {
     let rules = Value::List(vec![rule(Value::str("bob"), &["read"])].into());
     assert_eq!(s.set_access_rules("v", &rules, &alice), Ok(()));
     assert_eq!(
-        s.get_value("v", &Caller::principal("bob")),
+        s.get_value("v", &Caller::principal("bob", 0)),
         Ok(Value::Int(5))
     );
 }
@@ -225,16 +225,17 @@ fn denials_and_rule_changes_are_audited_in_a_bounded_ring() {
         audit_capacity: 4,
         ..Default::default()
     };
-    let s = store.create_session("home", opts).unwrap();
+    let s = store.create_session("home", opts, 0).unwrap();
     let id = s
         .register(
             Value::atom("v"),
             VarType::Integer,
             Value::Int(0),
             Default::default(),
+            0,
         )
         .unwrap();
-    s.set_access_rules("v", &shared_rules(), &Caller::OWNER)
+    s.set_access_rules("v", &shared_rules(), &Caller::owner(0))
         .unwrap();
     let log = s.audit_log(10);
     assert_eq!(log.len(), 1);
@@ -245,11 +246,11 @@ fn denials_and_rule_changes_are_audited_in_a_bounded_ring() {
             "v",
             Value::Int(1),
             WriteMeta::default(),
-            &Caller::principal(&who),
+            &Caller::principal(&who, 0),
         );
     }
     // Allowed operations are not audited.
-    s.get_value("v", &Caller::principal("reader")).unwrap();
+    s.get_value("v", &Caller::principal("reader", 0)).unwrap();
     let log = s.audit_log(10);
     assert_eq!(log.len(), 4);
     assert_eq!(log[0].event, AuditEvent::Denied);
@@ -267,45 +268,53 @@ fn rate_limit_refuses_past_the_burst_and_audits() {
         rate_limit: Some(RateLimit::new(1, 3).unwrap()),
         ..Default::default()
     };
-    let s = store.create_session("slow", opts).unwrap();
+    let s = store.create_session("slow", opts, 0).unwrap();
     // Registration is an operation too.
     s.register(
         Value::atom("v"),
         VarType::Integer,
         Value::Int(0),
         Default::default(),
+        0,
     )
     .unwrap();
-    assert!(s.get_value("v", &Caller::OWNER).is_ok());
-    assert!(s.names(&Caller::OWNER).is_ok());
-    assert_eq!(s.get_value("v", &Caller::OWNER), Err(Error::RateLimited));
-    assert_eq!(s.names(&Caller::OWNER).map(drop), Err(Error::RateLimited));
+    assert!(s.get_value("v", &Caller::owner(0)).is_ok());
+    assert!(s.names(&Caller::owner(0)).is_ok());
+    assert_eq!(s.get_value("v", &Caller::owner(0)), Err(Error::RateLimited));
+    assert_eq!(
+        s.names(&Caller::owner(0)).map(drop),
+        Err(Error::RateLimited)
+    );
     assert_eq!(s.audit_log(1)[0].event, AuditEvent::RateLimited);
     // Questions and snapshots take no token.
     assert_eq!(
-        s.check_access("v", &Caller::OWNER, Permission::Read),
+        s.check_access("v", &Caller::owner(0), Permission::Read),
         Ok(())
     );
-    assert!(store.export_session("slow").is_ok());
+    assert!(store.export_session("slow", 0).is_ok());
 }
 
 #[test]
 fn rules_and_limits_survive_export_and_import() {
     let store = store_with(shared_rules());
-    let bytes = store.export_session("home").unwrap();
-    store.import_session(&bytes, Some("copy")).unwrap();
-    let copy = store.session("copy").unwrap();
+    let bytes = store.export_session("home", 0).unwrap();
+    store.import_session(&bytes, Some("copy"), 0).unwrap();
+    let copy = store.session("copy", 0).unwrap();
     // The copy's own id now hosts it; the rules moved with the variables.
     assert_eq!(
-        copy.get_value("shared", &Caller::principal("anyone")),
+        copy.get_value("shared", &Caller::principal("anyone", 0)),
         Ok(Value::Int(0))
     );
     assert_eq!(
-        copy.get_value("private", &Caller::principal("home")),
+        copy.get_value("private", &Caller::principal("home", 0)),
         Err(Error::AccessDenied)
     );
     assert_eq!(
-        copy.authorize("shared", &Caller::principal("admin_x"), Permission::Write),
+        copy.authorize(
+            "shared",
+            &Caller::principal("admin_x", 0),
+            Permission::Write
+        ),
         Ok(())
     );
 
@@ -314,9 +323,9 @@ fn rules_and_limits_survive_export_and_import() {
         rate_limit: Some(RateLimit::new(7, 9).unwrap()),
         ..Default::default()
     };
-    limited.create_session("l", opts).unwrap();
-    let bytes = limited.export_session("l").unwrap();
-    limited.import_session(&bytes, Some("l2")).unwrap();
-    let (limit, _) = limited.session("l2").unwrap().rate_limit().unwrap();
+    limited.create_session("l", opts, 0).unwrap();
+    let bytes = limited.export_session("l", 0).unwrap();
+    limited.import_session(&bytes, Some("l2"), 0).unwrap();
+    let (limit, _) = limited.session("l2", 0).unwrap().rate_limit(0).unwrap();
     assert_eq!(limit, RateLimit::new(7, 9).unwrap());
 }

@@ -68,7 +68,7 @@ fn snapshot(
         max_history: 20,
         ..SessionOpts::default()
     };
-    let s = store.create_session(id, opts).unwrap();
+    let s = store.create_session(id, opts, 0).unwrap();
     for i in 0..vars {
         let name = format!("v{i}");
         let ty = match value(i, 0) {
@@ -76,14 +76,14 @@ fn snapshot(
             Value::Str(_) => VarType::String,
             _ => VarType::Embedding,
         };
-        s.register(Value::str(&name), ty, value(i, 0), Default::default())
+        s.register(Value::str(&name), ty, value(i, 0), Default::default(), 0)
             .unwrap();
         for n in 1..=20 {
-            s.update(&name, value(i, n), WriteMeta::default(), &Caller::OWNER)
+            s.update(&name, value(i, n), WriteMeta::default(), &Caller::owner(0))
                 .unwrap();
         }
     }
-    store.export_session(id).unwrap()
+    store.export_session(id, 0).unwrap()
 }
 
 /// The value of variable `i` at version `n`.
@@ -117,7 +117,8 @@ fn an_import_costs_a_small_multiple_of_the_snapshot() {
     ];
     for (shape, vars, value) in shapes {
         let bytes = snapshot(&store, shape, vars, value);
-        let (id, peak) = peak_of(|| store.import_session(&bytes, Some(&format!("{shape}-copy"))));
+        let (id, peak) =
+            peak_of(|| store.import_session(&bytes, Some(&format!("{shape}-copy")), 0));
         id.unwrap();
         let ratio = peak as f64 / bytes.len() as f64;
         eprintln!(
@@ -131,7 +132,7 @@ fn an_import_costs_a_small_multiple_of_the_snapshot() {
     // A value far over the value limit, in a snapshot under the snapshot
     // limit: refused at that value, having allocated about the limit, not
     // the ~56 bytes per element a decoded tree of it would take.
-    let s = store.session("floats").unwrap();
+    let s = store.session("floats", 0).unwrap();
     let mut snapshot = Snapshot::of(&s);
     snapshot.variables[0].metadata = Value::Map(
         vec![(
@@ -142,7 +143,7 @@ fn an_import_costs_a_small_multiple_of_the_snapshot() {
     );
     let bytes = snapshot.encode().unwrap();
     drop(snapshot);
-    let (r, peak) = peak_of(|| store.import_session(&bytes, Some("oversized")));
+    let (r, peak) = peak_of(|| store.import_session(&bytes, Some("oversized"), 0));
     let ratio = peak as f64 / bytes.len() as f64;
     eprintln!(
         "oversized value: snapshot {} bytes, rejected import peak {peak} bytes ({ratio:.1}x)",

@@ -54,7 +54,7 @@ proptest! {
     #[test]
     fn random_bytes_never_import(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let store = Store::new();
-        prop_assert!(store.import_session(&bytes, None).is_err());
+        prop_assert!(store.import_session(&bytes, None, 0).is_err());
         prop_assert!(store.is_empty());
     }
 
@@ -65,15 +65,15 @@ proptest! {
     ) {
         let store = Store::new();
         let opts = SessionOpts { max_history, ..Default::default() };
-        let s = store.create_session("p", opts).unwrap();
+        let s = store.create_session("p", opts, 0).unwrap();
         let reg = RegisterOpts { constraints: map1("min", Value::Int(0)), ..Default::default() };
-        s.register(Value::atom("x"), VarType::Integer, Value::Int(0), reg).unwrap();
+        s.register(Value::atom("x"), VarType::Integer, Value::Int(0), reg, 0).unwrap();
         let mut version = 0u64;
         let mut last = 0i64;
         for (n, expected) in writes {
             let meta = WriteMeta { expected_version: expected, ..Default::default() };
-            let before = s.get("x", &Caller::OWNER).unwrap();
-            match s.update("x", Value::Int(n), meta, &Caller::OWNER) {
+            let before = s.get("x", &Caller::owner(0)).unwrap();
+            match s.update("x", Value::Int(n), meta, &Caller::owner(0)) {
                 Ok(v) => {
                     version += 1;
                     prop_assert_eq!(v, version);
@@ -86,13 +86,13 @@ proptest! {
                 Err(Error::ConstraintViolation(_)) => prop_assert!(n < 0),
                 Err(e) => prop_assert!(false, "unexpected {:?}", e),
             }
-            let after = s.get("x", &Caller::OWNER).unwrap();
+            let after = s.get("x", &Caller::owner(0)).unwrap();
             if after.version == before.version {
                 prop_assert_eq!(after.value, before.value);
                 prop_assert_eq!(after.history.len(), before.history.len());
             }
         }
-        let var = s.get("x", &Caller::OWNER).unwrap();
+        let var = s.get("x", &Caller::owner(0)).unwrap();
         prop_assert_eq!(var.version, version);
         prop_assert_eq!(&var.value, &Value::Int(last));
         let hist: Vec<u64> = var.history.iter().map(|h| h.version).collect();
@@ -103,18 +103,18 @@ proptest! {
     #[test]
     fn export_import_reproduces_variables(values in proptest::collection::vec(value(), 1..6)) {
         let store = Store::new();
-        let s = store.create_session("a", SessionOpts::default()).unwrap();
+        let s = store.create_session("a", SessionOpts::default(), 0).unwrap();
         for (i, v) in values.iter().enumerate() {
             let name = format!("v{i}");
             let reg = RegisterOpts { metadata: map1("m", v.clone()), ..Default::default() };
-            s.register(Value::str(&name), VarType::Float, Value::Float(i as f64), reg).unwrap();
+            s.register(Value::str(&name), VarType::Float, Value::Float(i as f64), reg, 0).unwrap();
             let meta = WriteMeta { metadata: map1("w", v.clone()), expected_version: None };
-            s.update(&name, Value::Float(0.5), meta, &Caller::OWNER).unwrap();
+            s.update(&name, Value::Float(0.5), meta, &Caller::owner(0)).unwrap();
         }
-        let bytes = store.export_session("a").unwrap();
-        store.import_session(&bytes, Some("b")).unwrap();
-        let a = store.session("a").unwrap().variables(&Caller::OWNER).unwrap();
-        let b = store.session("b").unwrap().variables(&Caller::OWNER).unwrap();
+        let bytes = store.export_session("a", 0).unwrap();
+        store.import_session(&bytes, Some("b"), 0).unwrap();
+        let a = store.session("a", 0).unwrap().variables(&Caller::owner(0)).unwrap();
+        let b = store.session("b", 0).unwrap().variables(&Caller::owner(0)).unwrap();
         prop_assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
             prop_assert_eq!(&x.name, &y.name);

@@ -5,18 +5,18 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
+use crate::reply;
 use dspex_core::acl::{self, MAX_CONDITIONS, MAX_PATTERN_BYTES, MAX_RULES, MAX_RULES_BYTES};
-use dspex_core::command;
+use dspex_core::command::reply::audit_fields;
 use dspex_core::glob;
-use dspex_core::{Error, Permission, Session, Value};
+use dspex_core::time::now_us;
+use dspex_core::{Error, Permission, Value};
 use rustler::{Atom, Binary, Encoder, Env, MapIterator, Term};
 
 use crate::atoms;
 use crate::error::{error, unit_or};
 use crate::store::store;
-use crate::term::{
-    decode_principal, decode_sid, decode_value, encode_value, existing_atom, ident_text,
-};
+use crate::term::{decode_principal, decode_sid, decode_value, existing_atom, ident_text};
 use crate::variable::with_session;
 
 /// Rules as a value; oversized input is an invalid rule list, not a value error.
@@ -103,8 +103,9 @@ fn authorize_session<'a>(
     let r = (|| {
         let perm = decode_permission(permission)?;
         let principal = decode_principal(principal)?;
-        store().with_session(decode_sid(sid)?, |s| {
-            acl::authorize_session(s, principal, perm)
+        let now = now_us();
+        store().with_session(decode_sid(sid)?, now, |s| {
+            acl::authorize_session(s, principal, perm, now)
         })?
     })();
     unit_or(env, r)
@@ -282,21 +283,16 @@ fn audit_log<'a>(env: Env<'a>, sid: Term<'a>, limit: Term<'a>) -> Term<'a> {
             Ok(n) if n >= 0 => n as usize,
             _ => return Err(Error::invalid_arg("bad_limit")),
         };
-        store().with_session(decode_sid(sid)?, |s| s.audit_log(limit))
+        store().with_session(decode_sid(sid)?, now_us(), |s| s.audit_log(limit))
     })();
     match r {
         Ok(entries) => {
             let terms: Vec<Term> = entries
                 .iter()
-                .map(|e| encode_value(env, &command::audit_entry_value(e)))
+                .map(|e| reply::AUDIT.encode(env, &audit_fields(e)))
                 .collect();
             (atoms::ok(), terms).encode(env)
         }
         Err(e) => error(env, &e),
     }
-}
-
-/// `nil` or `%{ops_per_sec, burst, available}` for session info.
-pub fn encode_rate_limit<'a>(env: Env<'a>, s: &Session) -> Term<'a> {
-    encode_value(env, &command::rate_limit_value(s))
 }

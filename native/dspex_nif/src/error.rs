@@ -1,7 +1,7 @@
 //! The one place core errors become Erlang terms: `{:error, kind}` or
 //! `{:error, {kind, detail}}`, with `kind` an atom Elixir can match on.
 
-use dspex_core::Error;
+use dspex_core::{Answer, Error};
 use rustler::{Atom, Encoder, Env, Term};
 
 use crate::atoms;
@@ -25,6 +25,15 @@ pub fn error<'a>(env: Env<'a>, e: &Error) -> Term<'a> {
 pub fn ok_or<'a, T: Encoder>(env: Env<'a>, r: Result<T, Error>) -> Term<'a> {
     match r {
         Ok(v) => (atoms::ok(), v).encode(env),
+        Err(e) => error(env, &e),
+    }
+}
+
+/// The term of a command's outcome: `:ok`, `{:ok, value}` or the error.
+pub fn answer<'a>(env: Env<'a>, r: Result<Answer, Error>) -> Term<'a> {
+    match r {
+        Ok(Answer::Done) => atoms::ok().encode(env),
+        Ok(Answer::Value(v)) => (atoms::ok(), encode_value(env, &v)).encode(env),
         Err(e) => error(env, &e),
     }
 }

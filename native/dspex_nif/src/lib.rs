@@ -11,6 +11,7 @@ mod locks;
 mod log;
 mod metrics;
 mod replicated;
+mod reply;
 mod store;
 mod term;
 mod variable;

@@ -21,9 +21,10 @@ use std::time::Instant;
 
 use dspex_core::caller::Permission;
 use dspex_core::locks::{
-    Acquired, Cancelled, Conflict, EndReason, Fence, LockConfig, LockTable, OptimizerId, Request,
-    Status,
+    Acquired, Cancelled, Conflict, EndReason, Fence, FenceChange, LockConfig, LockTable,
+    OptimizerId, Request, Status,
 };
+use dspex_core::time::now_us;
 use dspex_core::{Caller, Error, Value};
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
 
@@ -80,8 +81,47 @@ impl Hash for Owner {
     }
 }
 
+/// Fence moves of variables held by an engine in another process, queued
+/// inside the table's critical section (where no term can be sent) and sent
+/// by [`LockTableRef::announce`] of the same call.
+type FenceQueue = Mutex<Vec<(LocalPid, Arc<str>, Arc<str>, FenceChange)>>;
+
+/// The fence of a variable of a `:port` session: each grant and release is
+/// sent to the port server as `{:dspex_fence, sid, var_id, change}`, which
+/// applies it in the program with the `var_fence` command (the same
+/// [`FenceChange`] the in-process fence applies).
+struct RemoteFence {
+    to: LocalPid,
+    session: Arc<str>,
+    ident: Arc<str>,
+    queue: Arc<FenceQueue>,
+}
+
+impl RemoteFence {
+    fn push(&self, change: FenceChange) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.push((self.to, self.session.clone(), self.ident.clone(), change));
+        }
+    }
+}
+
+impl Fence for RemoteFence {
+    fn granted(&self, optimizer: &OptimizerId, token: u64, preempted: Option<&OptimizerId>) {
+        self.push(FenceChange::Granted {
+            optimizer: optimizer.to_string(),
+            token,
+            preempted: preempted.map(|p| p.to_string()),
+        });
+    }
+
+    fn released(&self, token: u64) {
+        self.push(FenceChange::Released { token });
+    }
+}
+
 pub struct LockTableRef {
     table: Table,
+    fences: Arc<FenceQueue>,
     /// Told of holders that died or whose lease ran out.
     listener: Mutex<Option<LocalPid>>,
     /// Processes with a live monitor from this resource.
@@ -122,6 +162,22 @@ impl LockTableRef {
     /// Sends the grants of `fx` to their waiters and the holders that died or
     /// expired to the listener.
     fn announce(&self, env: Env, fx: &Effects) {
+        let moved = self
+            .fences
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        for (to, session, ident, change) in moved {
+            let change = match change {
+                FenceChange::Granted {
+                    optimizer,
+                    token,
+                    preempted,
+                } => (atoms::granted(), optimizer, token, preempted).encode(env),
+                FenceChange::Released { token } => (atoms::released(), token).encode(env),
+            };
+            let _ = env.send(&to, (atoms::dspex_fence(), &*session, &*ident, change));
+        }
         for g in &fx.grants {
             // A waiter that preempted is told whom, to notify it.
             let previous = g.preempted.as_ref().and_then(|p| {
@@ -219,14 +275,8 @@ fn key_term<'a>(env: Env<'a>, key: &[u8]) -> Term<'a> {
     }
 }
 
-/// An optimizer id: a non-empty UTF-8 binary of at most 255 bytes (atoms
-/// are converted in Elixir).
 fn optimizer_text<'a>(term: Term<'a>) -> Result<&'a str, Error> {
-    let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
-    match std::str::from_utf8(bin.as_slice()) {
-        Ok(s) if !s.is_empty() && s.len() <= 255 => Ok(s),
-        _ => Err(Error::invalid_arg("bad_optimizer_id")),
-    }
+    crate::term::decode_optimizer(term)
 }
 
 fn decode_optimizer(term: Term) -> Result<OptimizerId, Error> {
@@ -259,20 +309,34 @@ fn decode_conflict(term: Term) -> Result<Conflict, Error> {
     }
 }
 
-/// `nil`, or `{session_id, var_id, principal}`: the variable whose
-/// writes follow this lock (the caller needs `:optimize` on it).
+/// `nil`; `{session_id, var_id, principal}`: the variable (of a NIF
+/// session) whose writes follow this lock (the caller needs `:optimize` on
+/// it); or `{:port, server_pid, session_id, var_id}`: a port session's
+/// variable, its fence moved by messages to the server (the caller checked
+/// `:optimize` through the port).
 fn decode_fence(term: Term) -> Result<Option<Arc<dyn Fence>>, Error> {
     if is_nil(term) {
         return Ok(None);
     }
     let bad = || Error::invalid_arg("bad_fence");
+    if let Ok((tag, to, sid, ident)) = term.decode::<(Atom, LocalPid, Term, Term)>() {
+        if tag != atoms::port() {
+            return Err(bad());
+        }
+        return Ok(Some(Arc::new(RemoteFence {
+            to,
+            session: decode_sid(sid)?.into(),
+            ident: (*ident_text(ident)?).into(),
+            queue: locks().fences.clone(),
+        })));
+    }
     let (sid, ident, principal): (Term, Term, Term) = term.decode().map_err(|_| bad())?;
     let caller = Caller {
         principal: decode_principal(principal)?,
-        ..Caller::OWNER
+        ..Caller::owner(now_us())
     };
     let ident = ident_text(ident)?;
-    let cell = store().with_session(decode_sid(sid)?, |s| {
+    let cell = store().with_session(decode_sid(sid)?, caller.now_us, |s| {
         s.with_var(&ident, &caller, Permission::Optimize, |_| Ok(()))?;
         s.cell(&ident)
     })??;
@@ -287,6 +351,7 @@ static LOCKS: OnceLock<ResourceArc<LockTableRef>> = OnceLock::new();
 fn new_table(config: LockConfig) -> ResourceArc<LockTableRef> {
     ResourceArc::new(LockTableRef {
         table: LockTable::new(config),
+        fences: Arc::default(),
         listener: Mutex::new(None),
         watched: Mutex::new(HashSet::default()),
     })

@@ -5,9 +5,10 @@
 //! a replicated copy is never written around the log.
 //!
 //! A log entry carries one core [`Command`] as the MessagePack the port
-//! program accepts (`{"var_set": [...]}`); [`execute`] decodes it and runs
-//! [`Store::execute`], the dispatch point every transport shares, and answers
-//! the Elixir result term.
+//! program accepts (`{"var_set": {...}}`) and the time the leader stamped on
+//! it; [`execute`] decodes it, stamps it with that time and runs
+//! [`Store::execute`], the deterministic entry point every transport shares,
+//! so every member applying the entry computes the same result.
 //!
 //! # Invariants
 //! - Never panics on any frame: bytes that are not a command are
@@ -46,23 +47,24 @@ fn decode(frame: &[u8]) -> Result<Command, Error> {
     Ok(command)
 }
 
-fn run<'a>(env: Env<'a>, frame: Binary<'a>) -> Term<'a> {
-    match decode(frame.as_slice()).and_then(|c| replica().execute(c)) {
+fn run<'a>(env: Env<'a>, frame: Binary<'a>, now_us: i64) -> Term<'a> {
+    match decode(frame.as_slice()).and_then(|c| replica().execute(c.stamped(now_us))) {
         Ok(answer) => encode_value(env, &answer.into_term()),
         Err(e) => error(env, &e),
     }
 }
 
-/// Runs one command frame on the replica engine: `:ok`, `{:ok, value}` or
+/// Runs one command frame, stamped `now_us` (microseconds since the epoch),
+/// on the replica engine: `:ok`, `{:ok, value}` or
 /// `{:error, reason}`, as the port program would answer it.
 #[rustler::nif(name = "replica_execute")]
-fn execute<'a>(env: Env<'a>, frame: Binary<'a>) -> Term<'a> {
-    run(env, frame)
+fn execute<'a>(env: Env<'a>, frame: Binary<'a>, now_us: i64) -> Term<'a> {
+    run(env, frame, now_us)
 }
 
 /// As `replica_execute`, on a dirty scheduler, for commands whose cost grows
 /// with the session (exports, imports, listings).
 #[rustler::nif(name = "replica_execute_dirty", schedule = "DirtyCpu")]
-fn execute_dirty<'a>(env: Env<'a>, frame: Binary<'a>) -> Term<'a> {
-    run(env, frame)
+fn execute_dirty<'a>(env: Env<'a>, frame: Binary<'a>, now_us: i64) -> Term<'a> {
+    run(env, frame, now_us)
 }

@@ -2,15 +2,17 @@
 
 use std::sync::OnceLock;
 
-use dspex_core::audit;
+use dspex_core::command::reply::session_fields;
+use dspex_core::command::{Operation, SessionCreate};
 use dspex_core::limits::Limits;
-use dspex_core::ratelimit::RateLimit;
-use dspex_core::{Error, SessionOpts, Store, Value};
+use dspex_core::time::now_us;
+use dspex_core::{Error, Store, Value};
 use rustler::{Binary, Encoder, Env, Term};
 
 use crate::atoms;
-use crate::error::{error, ok_or, unit_or};
-use crate::term::{bytes, decode_sid, decode_value, encode_value, is_nil};
+use crate::error::{answer, error, ok_or, unit_or};
+use crate::reply;
+use crate::term::{bytes, decode_sid, decode_value, is_nil};
 
 /// One engine per VM, like an ETS table with a registered name: every NIF
 /// reaches it without a resource argument, so the hot paths pay neither a
@@ -106,80 +108,29 @@ fn limits(env: Env) -> Term {
 }
 
 /// opts: `%{ttl_ms: nil | n, max_history: n, metadata: map,
-/// rate_limit: nil | {ops_per_sec, burst}, audit_capacity: nil | n}`
+/// rate_limit: nil | {ops_per_sec, burst}, audit_capacity: nil | n}`,
+/// checked by the core's `SessionCreate`.
 #[rustler::nif(name = "session_create")]
 fn session_create<'a>(env: Env<'a>, id: Term<'a>, opts: Term<'a>) -> Term<'a> {
+    let now = now_us();
     let r = (|| {
         let id = decode_sid(id)?;
-        let limits = store().limits();
-        let opts = decode_value(opts, limits.max_value_bytes)?;
-        let mut session_opts = SessionOpts::default();
-        match opts.get("ttl_ms") {
-            None | Some(Value::Nil) => {}
-            Some(Value::Int(ms)) if *ms > 0 => session_opts.ttl_ms = Some(*ms as u64),
-            Some(_) => return Err(Error::invalid_arg("bad_ttl")),
-        }
-        match opts.get("max_history") {
-            None | Some(Value::Nil) => {}
-            Some(Value::Int(n)) => session_opts.max_history = limits.check_history(*n)?,
-            Some(_) => return Err(Error::invalid_arg("bad_max_history")),
-        }
-        match opts.get("metadata") {
-            None | Some(Value::Nil) => {}
-            Some(m @ Value::Map(_)) => session_opts.metadata = m.clone(),
-            Some(_) => return Err(Error::invalid_arg("metadata_must_be_a_map")),
-        }
-        if let Some(limit) = opts.get("rate_limit") {
-            session_opts.rate_limit = RateLimit::from_value(limit)?;
-        }
-        match opts.get("audit_capacity") {
-            None | Some(Value::Nil) => {}
-            Some(Value::Int(n)) if (0..=audit::MAX_CAPACITY as i64).contains(n) => {
-                session_opts.audit_capacity = *n as usize
-            }
-            Some(v) => {
-                return Err(Error::InvalidArgument(Value::tagged(
-                    "audit_capacity",
-                    v.clone(),
-                )))
-            }
-        }
-        store().create_session(id, session_opts).map(|_| ())
+        let opts = decode_value(opts, store().limits().max_value_bytes)?;
+        SessionCreate::from_opts(id, &opts)?.apply(store(), now)
     })();
-    unit_or(env, r)
+    answer(env, r)
 }
 
 #[rustler::nif(name = "session_info")]
 fn session_info<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
-    let r = decode_sid(id).and_then(|id| store().session(id));
+    let now = now_us();
+    let r = decode_sid(id).and_then(|id| store().session(id, now));
     match r {
-        Ok(s) => {
-            let keys = [
-                atoms::session_id().encode(env),
-                atoms::created_at().encode(env),
-                atoms::last_access().encode(env),
-                atoms::ttl_ms().encode(env),
-                atoms::max_history().encode(env),
-                atoms::variable_count().encode(env),
-                atoms::metadata().encode(env),
-                atoms::rate_limit().encode(env),
-                atoms::audit_capacity().encode(env),
-            ];
-            let vals = [
-                (*s.id).encode(env),
-                s.created_at.encode(env),
-                s.last_access().encode(env),
-                s.opts.ttl_ms.encode(env),
-                s.opts.max_history.encode(env),
-                s.len().encode(env),
-                encode_value(env, &s.opts.metadata),
-                crate::acl::encode_rate_limit(env, &s),
-                s.audit_ring().capacity().encode(env),
-            ];
-            let map = Term::map_from_term_arrays(env, &keys, &vals)
-                .unwrap_or_else(|_| Term::map_new(env));
-            (atoms::ok(), map).encode(env)
-        }
+        Ok(s) => (
+            atoms::ok(),
+            reply::SESSION.encode(env, &session_fields(&s, now)),
+        )
+            .encode(env),
         Err(e) => error(env, &e),
     }
 }
@@ -187,7 +138,7 @@ fn session_info<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
 /// Heap bytes of a session's variables; walks every variable.
 #[rustler::nif(name = "session_memory", schedule = "DirtyCpu")]
 fn session_memory<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
-    let r = decode_sid(id).and_then(|id| store().session(id).map(|s| s.heap_size()));
+    let r = decode_sid(id).and_then(|id| store().session(id, now_us()).map(|s| s.heap_size()));
     ok_or(env, r)
 }
 
@@ -202,7 +153,7 @@ fn session_delete<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
 #[rustler::nif(name = "session_list")]
 fn session_list() -> Vec<String> {
     store()
-        .session_ids()
+        .session_ids(now_us())
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -212,7 +163,7 @@ fn session_list() -> Vec<String> {
 #[rustler::nif(name = "session_sweep", schedule = "DirtyCpu")]
 fn session_sweep() -> Vec<String> {
     store()
-        .sweep_expired()
+        .sweep_expired(now_us())
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -220,7 +171,7 @@ fn session_sweep() -> Vec<String> {
 
 #[rustler::nif(name = "session_export", schedule = "DirtyCpu")]
 fn session_export<'a>(env: Env<'a>, id: Term<'a>) -> Term<'a> {
-    match decode_sid(id).and_then(|id| store().export_session(id)) {
+    match decode_sid(id).and_then(|id| store().export_session(id, now_us())) {
         Ok(b) => (atoms::ok(), bytes(env, &b)).encode(env),
         Err(e) => error(env, &e),
     }
@@ -240,8 +191,15 @@ fn session_import<'a>(env: Env<'a>, snapshot: Term<'a>, new_id: Term<'a>) -> Ter
             Some(decode_sid(new_id)?)
         };
         store()
-            .import_session(bin.as_slice(), new_id)
+            .import_session(bin.as_slice(), new_id, now_us())
             .map(|id| id.to_string())
     })();
     ok_or(env, r)
+}
+
+/// Test-only: panics, so a test can show that a panic in a NIF is an
+/// exception in the caller and that the VM and the store live on.
+#[rustler::nif(name = "debug_panic")]
+fn debug_panic() -> rustler::Atom {
+    panic!("debug_panic: a test of the NIF boundary")
 }

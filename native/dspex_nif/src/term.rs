@@ -7,7 +7,7 @@
 //! Encoding never creates an atom from data: `Value::Atom` names that the VM
 //! does not already know are handed back as binaries (`existing_atom`).
 
-use dspex_core::locks::LockClaim;
+use dspex_core::locks::{check_optimizer_id, LockClaim};
 use dspex_core::value::MAX_DEPTH;
 use dspex_core::{Caller, Error, Value};
 use rustler::types::tuple::{get_tuple, make_tuple};
@@ -293,11 +293,13 @@ pub struct CallerTerm<'a> {
 }
 
 impl CallerTerm<'_> {
-    pub fn caller(&self) -> Caller<'_> {
+    /// The caller of a call stamped `now_us`.
+    pub fn caller(&self, now_us: i64) -> Caller<'_> {
         Caller {
             principal: self.principal,
             context: self.context.as_ref(),
             lock: self.lock,
+            now_us,
         }
     }
 }
@@ -352,9 +354,13 @@ fn decode_context(term: Term) -> Result<Value, Error> {
     }
 }
 
-fn decode_optimizer<'a>(term: Term<'a>) -> Result<&'a str, Error> {
+/// An optimizer id: a UTF-8 binary the core's rule accepts
+/// ([`check_optimizer_id`]); atoms are converted in Elixir.
+pub fn decode_optimizer<'a>(term: Term<'a>) -> Result<&'a str, Error> {
     let bin = Binary::from_term(term).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
-    std::str::from_utf8(bin.as_slice()).map_err(|_| Error::invalid_arg("bad_optimizer_id"))
+    let text =
+        std::str::from_utf8(bin.as_slice()).map_err(|_| Error::invalid_arg("bad_optimizer_id"))?;
+    check_optimizer_id(text)
 }
 
 /// A session id: a non-empty UTF-8 binary.

@@ -3,19 +3,21 @@
 //! session id, or `{session_id, context}` when access rules have conditions.
 
 use dspex_core::glob::Glob;
-use dspex_core::{
-    Caller, Error, HistoryEntry, Session, Update, Value, VarType, Variable, WriteMeta,
-};
+use dspex_core::{Caller, Error, HistoryEntry, Session, Update, Value, Variable, WriteMeta};
 use rustler::types::tuple::get_tuple;
 use rustler::{Encoder, Env, Term};
 
 use crate::atoms;
-use crate::error::{error, ok_or, reason, unit_or};
+use crate::error::{answer, error, ok_or, reason, unit_or};
+use crate::reply;
 use crate::store::store;
 use crate::term::{
     decode_caller, decode_name, decode_opt_u64, decode_sid, decode_value, encode_value, ident_text,
     is_nil,
 };
+use dspex_core::command::reply as reply_shape;
+use dspex_core::command::{args::Actor, Operation, VarRegister};
+use dspex_core::time::{now_us, CLOCK};
 
 /// Runs `f` on the session with the decoded caller.
 pub(crate) fn with_session<'a, T>(
@@ -23,10 +25,12 @@ pub(crate) fn with_session<'a, T>(
     principal: Term<'a>,
     f: impl FnOnce(&Session, &Caller) -> Result<T, Error>,
 ) -> Result<T, Error> {
+    // Stamped lazily: the clock is read only if the call needs the time.
+    let now = CLOCK;
     let sid = decode_sid(sid)?;
     let caller = decode_caller(principal)?;
-    let caller = caller.caller();
-    store().with_session(sid, |s| f(s, &caller))?
+    let caller = caller.caller(now);
+    store().with_session(sid, now, |s| f(s, &caller))?
 }
 
 fn metadata_of(term: Term, budget: usize) -> Result<Value, Error> {
@@ -38,59 +42,11 @@ fn metadata_of(term: Term, budget: usize) -> Result<Value, Error> {
 }
 
 pub fn encode_variable<'a>(env: Env<'a>, v: &Variable) -> Term<'a> {
-    let keys = [
-        atoms::id().encode(env),
-        atoms::name().encode(env),
-        atoms::type_().encode(env),
-        atoms::value().encode(env),
-        atoms::version().encode(env),
-        atoms::constraints().encode(env),
-        atoms::metadata().encode(env),
-        atoms::description().encode(env),
-        atoms::created_at().encode(env),
-        atoms::updated_at().encode(env),
-        atoms::last_write().encode(env),
-        atoms::access_rules().encode(env),
-    ];
-    let type_atom = rustler::Atom::from_str(env, v.var_type.name())
-        .map(|a| a.encode(env))
-        .unwrap_or_else(|_| atoms::nil().encode(env));
-    let vals = [
-        (*v.id).encode(env),
-        encode_value(env, &v.name),
-        type_atom,
-        encode_value(env, &v.value),
-        v.version.encode(env),
-        encode_value(env, &v.constraints.source),
-        encode_value(env, &v.metadata),
-        v.description.as_deref().encode(env),
-        v.created_at.encode(env),
-        v.updated_at.encode(env),
-        encode_value(env, &v.write_metadata()),
-        encode_value(env, &dspex_core::session::access_rules_of(v)),
-    ];
-    Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
+    reply::VARIABLE.encode(env, &reply_shape::variable_fields(v))
 }
 
 fn encode_entry<'a>(env: Env<'a>, e: &HistoryEntry) -> Term<'a> {
-    let keys = [
-        atoms::version().encode(env),
-        atoms::value().encode(env),
-        atoms::updated_at().encode(env),
-        atoms::metadata().encode(env),
-    ];
-    let meta = e
-        .metadata
-        .as_deref()
-        .cloned()
-        .unwrap_or_else(Value::empty_map);
-    let vals = [
-        e.version.encode(env),
-        encode_value(env, &e.value),
-        e.updated_at.encode(env),
-        encode_value(env, &meta),
-    ];
-    Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
+    reply::HISTORY.encode(env, &reply_shape::history_fields(e))
 }
 
 /// opts: `%{constraints: map, metadata: map, description: binary | nil}`
@@ -105,34 +61,29 @@ fn register<'a>(
     opts: Term<'a>,
     principal: Term<'a>,
 ) -> Term<'a> {
-    let limits = store().limits().clone();
-    let r = with_session(sid, principal, |s, caller| {
-        s.check_register(caller)?;
+    let now = now_us();
+    let limits = store().limits();
+    let r = (|| {
+        let sid = decode_sid(sid)?;
+        let actor = Actor::of(&decode_caller(principal)?.caller(now));
         let name = decode_name(name, limits.max_name_bytes)?;
-        let type_name = var_type
-            .atom_to_string()
-            .map_err(|_| Error::invalid_arg("type_must_be_an_atom"))?;
-        let var_type = VarType::parse(&type_name)?;
+        let var_type = match var_type.atom_to_string() {
+            Ok(t) => Value::atom(&t),
+            Err(_) => Value::Nil,
+        };
         let initial = decode_value(initial, limits.max_value_bytes)?;
         let opts = decode_value(opts, limits.max_value_bytes)?;
-        let description = match opts.get("description") {
-            None | Some(Value::Nil) => None,
-            Some(Value::Str(d)) => Some(d.clone()),
-            Some(_) => return Err(Error::invalid_arg("description_must_be_a_string")),
-        };
-        let metadata = match opts.get("metadata") {
-            None | Some(Value::Nil) => Value::empty_map(),
-            Some(m @ Value::Map(_)) => m.clone(),
-            Some(_) => return Err(Error::invalid_arg("metadata_must_be_a_map")),
-        };
-        let reg = dspex_core::RegisterOpts {
-            constraints: opts.get("constraints").cloned().unwrap_or_default(),
-            metadata,
-            description,
-            access_rules: opts.get("access_rules").cloned().unwrap_or_default(),
-        };
-        s.register(name, var_type, initial, reg)
-            .map(|id| id.to_string())
+        VarRegister::from_opts(sid, name, var_type, initial, &opts, actor)?.apply(store(), now)
+    })();
+    answer(env, r)
+}
+
+/// `{:ok, true | false}`: is there a variable the caller may read?
+#[rustler::nif(name = "var_exists")]
+fn exists<'a>(env: Env<'a>, sid: Term<'a>, ident: Term<'a>, principal: Term<'a>) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| match ident_text(ident) {
+        Err(Error::NotFound) => Ok(false),
+        ident => s.exists(&ident?, caller),
     });
     ok_or(env, r)
 }

@@ -7,6 +7,9 @@
 //! big batches) go to a few worker threads, so their replies may overtake or
 //! trail others; the caller matches replies by id.
 //!
+//! Every request is stamped with the time it was read (the core applies
+//! commands with the stamp and reads no clock).
+//!
 //! Bad frames get an error reply (with the request id when one is readable)
 //! and the loop carries on; a panic inside an operation is caught and
 //! answered as `{:error, {:internal_error, _}}`. End of input (the BEAM closed
@@ -26,7 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use dspex_core::limits::Limits;
-use dspex_core::{Answer, Command, Error, Reply, Store};
+use dspex_core::time::now_us;
+use dspex_core::{Answer, Error, Reply, Stamped, Store};
 use dspex_port::protocol::{
     decode_request, encode_reply, peek_id, Frame, FrameReader, Request, DEFAULT_MAX_FRAME,
 };
@@ -82,13 +86,14 @@ impl Output {
     }
 }
 
-fn execute(store: &Store, command: Command) -> Result<Answer, Error> {
-    let name = command.name();
+fn execute(store: &Store, command: Stamped) -> Result<Answer, Error> {
+    let name = command.command.name();
     catch_unwind(AssertUnwindSafe(|| store.execute(command)))
         .unwrap_or_else(|_| Err(Error::Internal(format!("{name} panicked"))))
 }
 
-type Job = (u64, Command);
+/// A heavy request, stamped when it was read.
+type Job = (u64, Stamped);
 
 fn start_workers(n: usize, store: &Arc<Store>, out: &Arc<Output>) -> io::Result<Workers> {
     let (tx, rx) = mpsc::channel::<Job>();
@@ -144,12 +149,12 @@ fn serve(config: &Config) -> io::Result<()> {
             Some(Frame::Body(body)) => match decode_request(body) {
                 Ok(Request { id, command }) if command.is_heavy() => {
                     // The workers only stop when `tx` is dropped below.
-                    let _ = workers.tx.send((id, command));
+                    let _ = workers.tx.send((id, command.stamped(now_us())));
                     continue;
                 }
                 Ok(Request { id, command }) => Reply {
                     id: Some(id),
-                    result: execute(&store, command),
+                    result: execute(&store, command.stamped(now_us())),
                 },
                 Err(rejected) => rejected.into_reply(),
             },

@@ -2,7 +2,10 @@
 //! Erlang's `{:packet, 4}`), each carrying one MessagePack message.
 //!
 //! - request: `[id, command]`, `id` an unsigned integer chosen by the caller,
-//!   `command` a [`Command`] (`{"var_get": {...}}`).
+//!   `command` a [`Command`] with its arguments by name:
+//!   `{"var_get": {"session": s, "ident": i, "actor": {"principal": p}}}`.
+//!   Arguments by position (an array) are refused: the wire form never
+//!   depends on the order of a struct's fields.
 //! - reply: `[id, term]`, `term` the Elixir result (`:ok`, `{:ok, value}`,
 //!   `{:error, reason}`), `id` `nil` when it could not be read from the request.
 //!
@@ -75,6 +78,12 @@ pub fn decode_request(body: &[u8]) -> Result<Request, Rejected> {
     if len != 2 {
         return Err(bad(Some(id), "expected a request [id, command]"));
     }
+    if !arguments_by_name(rd) {
+        return Err(bad(
+            Some(id),
+            "expected a command {name => %{argument => value}}",
+        ));
+    }
     let mut de = rmp_serde::Deserializer::new(&mut rd);
     de.set_max_depth(MAX_DECODE_DEPTH);
     let command = Command::deserialize(&mut de).map_err(|e| bad(Some(id), describe(&e)))?;
@@ -83,6 +92,32 @@ pub fn decode_request(body: &[u8]) -> Result<Request, Rejected> {
         return Err(bad(Some(id), "trailing bytes after the command"));
     }
     Ok(Request { id, command })
+}
+
+/// Is `command` a one-entry map whose value is a map (arguments by name)?
+fn arguments_by_name(mut rd: &[u8]) -> bool {
+    use rmp::Marker;
+    if !matches!(rmp::decode::read_map_len(&mut rd), Ok(1)) {
+        return false;
+    }
+    let name_len = match rmp::decode::read_marker(&mut rd) {
+        Ok(Marker::FixStr(n)) => n as usize,
+        Ok(Marker::Str8 | Marker::Bin8) => match rd.split_first() {
+            Some((n, rest)) => {
+                rd = rest;
+                *n as usize
+            }
+            None => return false,
+        },
+        _ => return false,
+    };
+    let Some(rest) = rd.get(name_len..) else {
+        return false;
+    };
+    matches!(
+        rmp::decode::read_marker(&mut &rest[..]),
+        Ok(Marker::FixMap(_) | Marker::Map16 | Marker::Map32)
+    )
 }
 
 /// A serde error, phrased for the protocol: unknown variants are unknown
@@ -293,12 +328,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn get_value(id: &str) -> Command {
-        Command::VarGetValue {
+        Command::VarGetValue(dspex_core::command::VarGetValue {
             session: "s".into(),
             ident: Value::atom(id),
-            principal: None,
-            context: None,
-        }
+            actor: Default::default(),
+        })
     }
 
     fn frame(body: &[u8]) -> Vec<u8> {

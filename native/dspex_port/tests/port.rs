@@ -87,18 +87,18 @@ fn error_kind(term: &Value) -> Option<&str> {
 }
 
 fn create(session: &str) -> Command {
-    Command::SessionCreate {
+    Command::SessionCreate(dspex_core::command::SessionCreate {
         session: session.into(),
-        ttl_ms: None,
-        max_history: None,
+        ttl_ms: Value::Nil,
+        max_history: Value::Nil,
         metadata: Value::Nil,
         rate_limit: Value::Nil,
-        audit_capacity: None,
-    }
+        audit_capacity: Value::Nil,
+    })
 }
 
 fn register_int(session: &str, name: &str) -> Command {
-    Command::VarRegister {
+    Command::VarRegister(dspex_core::command::VarRegister {
         session: session.into(),
         name: Value::atom(name),
         var_type: Value::atom("integer"),
@@ -106,30 +106,28 @@ fn register_int(session: &str, name: &str) -> Command {
         constraints: Value::Nil,
         metadata: Value::Nil,
         description: None,
-        principal: None,
         access_rules: Value::Nil,
-    }
+        actor: Default::default(),
+    })
 }
 
 fn set(session: &str, name: &str, n: i64) -> Command {
-    Command::VarSet {
+    Command::VarSet(dspex_core::command::VarSet {
         session: session.into(),
         ident: Value::atom(name),
         value: Value::Int(n),
         metadata: Value::Nil,
         expected_version: None,
-        principal: None,
-        context: None,
-    }
+        actor: Default::default(),
+    })
 }
 
 fn get_value(session: &str, name: &str) -> Command {
-    Command::VarGetValue {
+    Command::VarGetValue(dspex_core::command::VarGetValue {
         session: session.into(),
         ident: Value::atom(name),
-        principal: None,
-        context: None,
-    }
+        actor: Default::default(),
+    })
 }
 
 #[test]
@@ -148,9 +146,9 @@ fn serves_sessions_and_variables() {
     );
     let exported = port.call(
         6,
-        &Command::SessionExport {
+        &Command::SessionExport(dspex_core::command::SessionExport {
             session: "s".into(),
-        },
+        }),
     );
     let Value::Tuple(parts) = exported else {
         panic!("{exported}")
@@ -162,10 +160,10 @@ fn serves_sessions_and_variables() {
     };
     let imported = port.call(
         7,
-        &Command::SessionImport {
+        &Command::SessionImport(dspex_core::command::SessionImport {
             snapshot,
             session: Some("copy".into()),
-        },
+        }),
     );
     assert_eq!(imported, ok(Value::str("copy")));
     assert_eq!(port.call(8, &get_value("copy", "n")), ok(Value::Int(5)));
@@ -183,7 +181,7 @@ fn pipelined_requests_are_all_answered_by_id() {
         let cmd = if id % 2 == 0 {
             set("s", "n", id as i64)
         } else if id % 7 == 0 {
-            Command::SessionList {}
+            Command::SessionList(dspex_core::command::SessionList {})
         } else {
             get_value("s", "n")
         };
@@ -258,14 +256,14 @@ fn bad_frames_get_error_replies_and_the_port_lives_on() {
     assert_eq!((id, error_kind(&term)), (Some(13), Some("bad_request")));
 
     // Oversized: skipped without being buffered, answered by id.
-    let big = Command::SessionCreate {
+    let big = Command::SessionCreate(dspex_core::command::SessionCreate {
         session: "x".into(),
-        ttl_ms: None,
-        max_history: None,
+        ttl_ms: Value::Nil,
+        max_history: Value::Nil,
         metadata: Value::str(&"m".repeat(4000)),
         rate_limit: Value::Nil,
-        audit_capacity: None,
-    };
+        audit_capacity: Value::Nil,
+    });
     port.send(14, &big);
     let (id, term) = port.recv();
     assert_eq!(
@@ -289,27 +287,26 @@ fn limits_come_from_the_command_line() {
     let mut port = Port::spawn(&["--max-value-bytes", "64", "--max-history", "60"]);
     assert_eq!(port.call(1, &create("s")), Value::atom("ok"));
     port.call(2, &register_int("s", "n"));
-    let big = Command::VarSet {
+    let big = Command::VarSet(dspex_core::command::VarSet {
         session: "s".into(),
         ident: Value::atom("n"),
         value: Value::str(&"x".repeat(100)),
         metadata: Value::Nil,
         expected_version: None,
-        principal: None,
-        context: None,
-    };
+        actor: Default::default(),
+    });
     assert_eq!(
         port.call(3, &big),
         Value::tagged("error", Value::tagged("too_large", Value::Int(64)))
     );
-    let deep_history = Command::SessionCreate {
+    let deep_history = Command::SessionCreate(dspex_core::command::SessionCreate {
         session: "h".into(),
-        ttl_ms: None,
-        max_history: Some(61),
+        ttl_ms: Value::Nil,
+        max_history: Value::Int(61),
         metadata: Value::Nil,
         rate_limit: Value::Nil,
-        audit_capacity: None,
-    };
+        audit_capacity: Value::Nil,
+    });
     assert_eq!(
         error_kind(&port.call(4, &deep_history)),
         Some("invalid_argument")

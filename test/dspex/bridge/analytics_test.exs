@@ -240,22 +240,24 @@ defmodule DSPex.Bridge.AnalyticsTest do
       assert last_hour(:short_lived, :count) == 1
       assert {:ok, %{buckets: buckets}} = Analytics.stats()
       assert buckets >= 1
-      # The server ages buckets every 20 ms; after the retention they are gone.
-      Process.sleep(250)
-      assert last_hour(:short_lived, :count) == 0
+      # The server ages buckets every 20 ms on its own timer, with no event:
+      # once the retention has passed, one of its rounds drops them.
+      assert DSPex.Wait.until(fn -> last_hour(:short_lived, :count) == 0 end)
       assert {:ok, %{buckets: 0}} = Analytics.stats()
     end
 
-    test "start_link validates its options" do
-      assert_raise ArgumentError, ~r/aggregation_interval/, fn ->
-        Analytics.start_link(aggregation_interval: 0)
+    test "start_link answers bad options with an error, and starts nothing" do
+      for {opts, detail} <- [
+            {[aggregation_interval: 0], {:aggregation_interval, 0}},
+            {[aggregation_interval: 1000, retention_period: 10], {:retention_period, 10}},
+            {[retention_period: :forever], {:retention_period, :forever}},
+            {[aggregation_intreval: 10], {:unknown_options, [:aggregation_intreval]}},
+            {:nope, {:bad_options, :nope}}
+          ] do
+        assert Analytics.start_link(opts) == {:error, {:invalid_argument, detail}}
       end
 
-      assert_raise ArgumentError, ~r/retention_period/, fn ->
-        Analytics.start_link(aggregation_interval: 1000, retention_period: 10)
-      end
-
-      assert_raise ArgumentError, fn -> Analytics.start_link(:nope) end
+      refute Analytics.running?()
     end
   end
 
@@ -333,6 +335,27 @@ defmodule DSPex.Bridge.AnalyticsTest do
       assert Enum.any?(Telemetry.handlers(read), fn {id, _, _} -> id == {Analytics, :handler} end)
       assert last_hour(:variable_read, :count) == 1
       assert last_hour(:optimization_completed, :count) == 1
+    end
+  end
+
+  describe "propagation" do
+    setup do: start()
+
+    test "a pass counts as :propagation, each failure in it as :propagation_error" do
+      alias DSPex.Bridge.DependencyManager
+      sid = "analytics-prop-#{System.unique_integer([:positive])}"
+      {:ok, _} = SessionStore.create_session(sid)
+      on_exit(fn -> SessionStore.delete_session(sid) end)
+      {:ok, _} = SessionStore.register_variable(sid, :n, :float, 1.0)
+      {:ok, _} = DependencyManager.defderived(sid, :inv, :float, [:n], &(1 / &1.n))
+      {:ok, _} = DependencyManager.defderived(sid, :half, :float, [:n], &(&1.n * 0.5))
+      {:ok, _} = DependencyManager.defderived(sid, :neg, :float, [:n], &(1 / -&1.n))
+
+      :ok = SessionStore.update_variable(sid, :n, 0)
+      :ok = DependencyManager.await_propagation(sid)
+
+      assert last_hour(:propagation, :count) == 1
+      assert last_hour(:propagation_error, :count) == 2
     end
   end
 

@@ -17,15 +17,8 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
 
   defp fail(name, n), do: for(_ <- 1..n, do: :ok = CB.record(name, :error))
 
-  # Waits for a condition the engine reaches on another thread (a dead
-  # process's monitor callback), with no event to wait for.
-  defp eventually(fun, tries \\ 200) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never held")
-      true -> Process.sleep(5) && eventually(fun, tries - 1)
-    end
-  end
+  # `DSPex.Wait.until/2` waits for conditions the engine reaches on another
+  # thread (a dead process's monitor callback), with no event to wait for.
 
   # A process that asks, tells us the answer, then does what it is told.
   defp prober(name) do
@@ -95,9 +88,9 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       assert CB.install(name, half_open_probes: 0) == bad.({:half_open_probes, 0})
       assert CB.install(name, timeout: :soon) == bad.({:timeout, :soon})
       assert CB.install(name, slow_call_ms: 0) == bad.({:slow_call_ms, 0})
-      assert CB.install(name, colour: :red) == bad.({:unknown_option, :colour})
-      assert CB.install(name, [:threshold]) == bad.({:options, [:threshold]})
-      assert CB.install(name, %{threshold: 1}) == bad.({:options, %{threshold: 1}})
+      assert CB.install(name, colour: :red) == bad.({:unknown_options, [:colour]})
+      assert CB.install(name, [:threshold]) == bad.({:bad_options, [:threshold]})
+      assert CB.install(name, %{threshold: 1}) == bad.({:bad_options, %{threshold: 1}})
       assert CB.state(name) == {:error, :not_found}
     end
 
@@ -184,7 +177,7 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       {pid, :ok} = prober(name)
       assert CB.ask(name) == {:error, :circuit_open}
       Process.exit(pid, :kill)
-      eventually(fn -> CB.info(name).probes_in_use == 0 end)
+      assert DSPex.Wait.until(fn -> CB.info(name).probes_in_use == 0 end)
       assert CB.ask(name) == :ok
     end
 
@@ -273,7 +266,7 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       assert CB.call(name, fn -> :ok end, timeout: -1) ==
                {:error, {:invalid_argument, {:timeout, -1}}}
 
-      assert CB.call(name, fn -> :ok end, :x) == {:error, {:invalid_argument, {:options, :x}}}
+      assert CB.call(name, fn -> :ok end, :x) == {:error, {:invalid_argument, {:bad_options, :x}}}
       assert CB.call({:nope, name}, fn -> :ok end) == {:error, :not_found}
     end
   end
@@ -311,7 +304,7 @@ defmodule DSPex.Bridge.CircuitBreakerTest do
       assert CB.record(name, :ok, duration_ms: -1) ==
                {:error, {:invalid_argument, {:duration_ms, -1}}}
 
-      assert CB.record(name, :ok, :x) == {:error, {:invalid_argument, {:options, :x}}}
+      assert CB.record(name, :ok, :x) == {:error, {:invalid_argument, {:bad_options, :x}}}
     end
   end
 

@@ -25,6 +25,16 @@ defmodule DSPex.Bridge.DependencyManagerTest do
 
   defp index(list, x), do: Enum.find_index(list, &(&1 == x))
 
+  describe "start_link/1 (seed 002)" do
+    test "gives the session's dependency process, the same one while it runs", %{sid: sid} do
+      assert {:ok, pid} = DependencyManager.start_link(sid)
+      assert is_pid(pid) and Process.alive?(pid)
+      assert {:ok, ^pid} = DependencyManager.start_link(sid)
+      assert {:error, :session_not_found} = DependencyManager.start_link("#{sid}_none")
+      assert {:error, :session_not_found} = DependencyManager.start_link(:not_an_id)
+    end
+  end
+
   describe "add_dependency/4" do
     test "an insert needing a large search moves to a dirty scheduler", %{sid: sid} do
       n = 12_000

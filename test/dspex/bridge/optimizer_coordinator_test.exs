@@ -47,18 +47,12 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
     pid
   end
 
+  # Queued waiters and grants have no event of their own: polled.
   defp await_waiters(key, n) do
-    Enum.reduce_while(1..200, nil, fn _, _ ->
-      case OptimizerCoordinator.get_lock_info(key) do
-        {:ok, %{waiters: ^n}} ->
-          {:halt, :ok}
-
-        _ ->
-          Process.sleep(5)
-          {:cont, :timeout}
-      end
-    end)
-    |> then(&assert(&1 == :ok, "never saw #{n} waiters on #{inspect(key)}"))
+    assert DSPex.Wait.until(fn ->
+             match?({:ok, %{waiters: ^n}}, OptimizerCoordinator.get_lock_info(key))
+           end),
+           "never saw #{n} waiters on #{inspect(key)}"
   end
 
   describe "seed 002 cases" do
@@ -97,10 +91,10 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   defp await_locked(key, optimizer) do
-    Enum.find_value(1..200, fn _ ->
-      match?({:ok, %{optimizer_id: ^optimizer}}, OptimizerCoordinator.get_lock_info(key)) ||
-        (Process.sleep(5) && false)
-    end) || flunk("#{optimizer} never got #{inspect(key)}")
+    assert DSPex.Wait.until(fn ->
+             match?({:ok, %{optimizer_id: ^optimizer}}, OptimizerCoordinator.get_lock_info(key))
+           end),
+           "#{optimizer} never got #{inspect(key)}"
   end
 
   describe "acquire_lock/4 with :wait" do
@@ -283,41 +277,70 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   describe "leases" do
-    test "an expired lock passes to the waiter; renewal keeps it", %{key: key} do
+    test "an expired lock passes to the waiter", %{key: key} do
       ref = TelemetryHelper.attach(@events)
       owner = opt("owner")
 
       assert {:ok, :lock_acquired} =
                OptimizerCoordinator.acquire_lock(key, owner, self(), lease: 100)
 
-      Process.sleep(60)
-      assert {:ok, _} = OptimizerCoordinator.renew_lock(key, owner, lease: 100)
-      Process.sleep(60)
-      assert {:ok, %{optimizer_id: ^owner}} = OptimizerCoordinator.get_lock_info(key)
-
-      waiter = holder(key, opt("heir"), timeout: 2_000)
-      assert_receive {:acquired, ^waiter, {:ok, :lock_acquired_after_wait}}, 1_500
+      # Nothing renews it: the waiter gets it when the lease runs out,
+      # however long the machine takes to get there.
+      waiter = holder(key, opt("heir"), timeout: 30_000)
 
       assert_receive {[:dspex, :optimization, :lock_expired], ^ref, _,
                       %{key: ^key, optimizer_id: ^owner}},
-                     1_000
+                     30_000
 
+      assert_receive {:acquired, ^waiter, {:ok, :lock_acquired_after_wait}}, 30_000
       assert {:error, :not_lock_owner} = OptimizerCoordinator.renew_lock(key, owner)
       send(waiter, :stop)
+    end
+
+    test "renewal replaces the lease", %{key: key} do
+      owner = opt("owner")
+
+      assert {:ok, :lock_acquired} =
+               OptimizerCoordinator.acquire_lock(key, owner, self(), lease: 100)
+
+      assert {:ok, %{lease_left_ms: left}} = OptimizerCoordinator.get_lock_info(key)
+      assert left <= 100
+      assert {:ok, _} = OptimizerCoordinator.renew_lock(key, owner, lease: 600_000)
+      # More than the first lease could ever have left: the new one.
+      assert {:ok, %{optimizer_id: ^owner, lease_left_ms: left}} =
+               OptimizerCoordinator.get_lock_info(key)
+
+      assert left > 100
     end
 
     test "progress renews the lease", %{key: key} do
       owner = opt("owner")
 
       assert {:ok, :lock_acquired} =
-               OptimizerCoordinator.acquire_lock(key, owner, self(), lease: 80)
+               OptimizerCoordinator.acquire_lock(key, owner, self(), lease: 4_000)
 
-      for i <- 1..4 do
-        Process.sleep(40)
-        assert {:ok, _} = OptimizerCoordinator.report_progress(owner, i, i, %{loss: 1 / i})
-      end
+      # Until a quarter of the lease has gone (the engine's clock; no margin
+      # is asserted on ours), then a report gives the whole lease back.
+      used = lease_left_below(key, 3_000)
+      assert {:ok, _} = OptimizerCoordinator.report_progress(owner, 1, 1, %{loss: 1.0})
 
-      assert {:ok, %{optimizer_id: ^owner}} = OptimizerCoordinator.get_lock_info(key)
+      assert {:ok, %{optimizer_id: ^owner, lease_left_ms: left}} =
+               OptimizerCoordinator.get_lock_info(key)
+
+      assert left > used
+    end
+  end
+
+  # The lease left on `key` once it is below `ms`, read from the lock table.
+  defp lease_left_below(key, ms) do
+    {:ok, %{lease_left_ms: left}} = OptimizerCoordinator.get_lock_info(key)
+
+    if left < ms do
+      left
+    else
+      # Time passing is the event: wait as long as the engine says is left.
+      Process.sleep(left - ms + 1)
+      lease_left_below(key, ms)
     end
   end
 
@@ -356,6 +379,23 @@ defmodule DSPex.Bridge.OptimizerCoordinatorTest do
   end
 
   describe "bad input" do
+    test "start_link/1 answers bad options with an error, and the running coordinator stays" do
+      running = Process.whereis(OptimizerCoordinator)
+
+      for {opts, detail} <- [
+            {[lease: 0], {:lease, 0}},
+            {[preempt_after: -1], {:preempt_after, -1}},
+            {[sweep_interval: :often], {:sweep_interval, :often}},
+            {[leese: 10], {:unknown_options, [:leese]}},
+            {:nope, {:bad_options, :nope}}
+          ] do
+        assert OptimizerCoordinator.start_link(opts) == {:error, {:invalid_argument, detail}}
+      end
+
+      assert Process.whereis(OptimizerCoordinator) == running
+      assert {:error, {:already_started, ^running}} = OptimizerCoordinator.start_link([])
+    end
+
     test "is answered with an error, never a crash", %{key: key} do
       dead = spawn(fn -> :ok end)
       ref = Process.monitor(dead)

@@ -1,11 +1,20 @@
 defmodule DSPex.Bridge.OptionsTest do
-  # One options policy for every public function of SessionStore,
-  # AccessControl and OptimizerCoordinator: options that are not a keyword
-  # list, or carry unknown keys, are an error tuple, never an exception,
-  # and change nothing.
+  # One options policy for every public function of the library
+  # (DSPex.Bridge.Options): options that are not a keyword list, carry
+  # unknown keys or a key twice are an error tuple, never an exception, and
+  # change nothing.
   use ExUnit.Case, async: true
 
-  alias DSPex.Bridge.{AccessControl, OptimizerCoordinator, SessionStore}
+  alias DSPex.Bridge.{
+    AccessControl,
+    CircuitBreaker,
+    DependencyManager,
+    OptimizerCoordinator,
+    RetryPolicy,
+    SessionStore
+  }
+
+  alias DSPex.{Context, Variables}
 
   setup do
     sid = "opts_#{System.unique_integer([:positive])}"
@@ -13,11 +22,15 @@ defmodule DSPex.Bridge.OptionsTest do
     {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 1)
     {:ok, snapshot} = SessionStore.export_session(sid)
     on_exit(fn -> SessionStore.delete_session(sid) end)
-    %{sid: sid, snapshot: snapshot}
+    {:ok, ctx} = Context.start_link()
+    {:ok, _} = Variables.defvariable(ctx, :v, :integer, 1)
+    breaker = {__MODULE__, sid}
+    :ok = CircuitBreaker.install(breaker)
+    %{sid: sid, snapshot: snapshot, ctx: ctx, breaker: breaker}
   end
 
   # Every public non-bang function taking options, with `opts` in place.
-  defp calls(sid, snapshot) do
+  defp calls(%{sid: sid, snapshot: snapshot, ctx: ctx, breaker: breaker}) do
     key = "opts_key_#{sid}"
     new = "#{sid}_new"
 
@@ -47,12 +60,25 @@ defmodule DSPex.Bridge.OptionsTest do
       acquire_lock: &OptimizerCoordinator.acquire_lock(key, "o", self(), &1),
       release_lock: &OptimizerCoordinator.release_lock(key, "o", &1),
       renew_lock: &OptimizerCoordinator.renew_lock(key, "o", &1),
-      get_lock_info: &OptimizerCoordinator.get_lock_info(key, &1)
+      get_lock_info: &OptimizerCoordinator.get_lock_info(key, &1),
+      context_start_link: &Context.start_link/1,
+      defvariable: &Variables.defvariable(ctx, :w, :integer, 1, &1),
+      set: &Variables.set(ctx, :v, 2, &1),
+      update: &Variables.update(ctx, :v, fn v -> v + 1 end, &1),
+      update_many: &Variables.update_many(ctx, %{v: 2}, &1),
+      add_dependency: &DependencyManager.add_dependency(sid, :x, :y, :data, &1),
+      get_dependencies: &DependencyManager.get_dependencies(sid, :x, &1),
+      breaker_install: &CircuitBreaker.install(breaker, &1),
+      breaker_call: &CircuitBreaker.call(breaker, fn -> :ok end, &1),
+      breaker_record: &CircuitBreaker.record(breaker, :ok, &1),
+      retry_new: &RetryPolicy.new/1,
+      retry_run: &RetryPolicy.run(RetryPolicy.new(), fn -> :ok end, &1),
+      retry_budget: &RetryPolicy.configure_budget({__MODULE__, sid}, &1)
     ]
   end
 
   test "options that are not a keyword list are {:bad_options, opts}", ctx do
-    for {name, call} <- calls(ctx.sid, ctx.snapshot),
+    for {name, call} <- calls(ctx),
         bad <- [:not_a_list, %{principal: "p"}, [1], ["principal", "p"], [{"principal", "p"}]] do
       assert call.(bad) == {:error, {:invalid_argument, {:bad_options, bad}}},
              "#{name} with #{inspect(bad)}"
@@ -62,9 +88,35 @@ defmodule DSPex.Bridge.OptionsTest do
   end
 
   test "unknown keys are {:unknown_options, keys}: a misspelt principal is not ignored", ctx do
-    for {name, call} <- calls(ctx.sid, ctx.snapshot) do
+    for {name, call} <- calls(ctx) do
       assert call.(principle: "intruder", bogus: 1) ==
                {:error, {:invalid_argument, {:unknown_options, [:principle, :bogus]}}},
+             "#{name}"
+    end
+
+    assert_unchanged(ctx.sid)
+  end
+
+  test "a key given twice is {:duplicate_options, keys}: which principal would it be?", ctx do
+    # A key each function knows (else :principal).
+    known = %{
+      create_session: :ttl,
+      import_session: :backend,
+      check_variable_access: :context,
+      context_start_link: :id,
+      breaker_install: :timeout,
+      breaker_call: :timeout,
+      breaker_record: :duration_ms,
+      retry_new: :max_attempts,
+      retry_run: :deadline,
+      retry_budget: :ratio
+    }
+
+    for {name, call} <- calls(ctx) do
+      key = Map.get(known, name, :principal)
+
+      assert call.([{key, nil}, {key, nil}]) ==
+               {:error, {:invalid_argument, {:duplicate_options, [key]}}},
              "#{name}"
     end
 

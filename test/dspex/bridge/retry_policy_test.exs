@@ -61,8 +61,11 @@ defmodule DSPex.Bridge.RetryPolicyTest do
       assert RP.new(jitter: :some) == bad.({:jitter, :some})
       assert RP.new(retry_on: :timeout) == bad.({:retry_on, :timeout})
       assert RP.new(initial_delay: 10, max_delay: 5) == bad.({:max_delay, 5})
-      assert RP.new(tries: 3) == bad.({:unknown_option, :tries})
-      assert RP.new(:x) == bad.({:options, :x})
+      assert RP.new(tries: 3) == bad.({:unknown_options, [:tries]})
+      assert RP.new(:x) == bad.({:bad_options, :x})
+
+      assert RP.new(max_attempts: 2, max_attempts: 3) ==
+               bad.({:duplicate_options, [:max_attempts]})
     end
   end
 
@@ -180,7 +183,9 @@ defmodule DSPex.Bridge.RetryPolicyTest do
       f2 = fn _, _ -> :ok end
       assert RP.run(RP.new(), f2) == {:error, {:invalid_argument, {:fun, f2}}}
       assert RP.run(:nope, fn -> :ok end) == {:error, {:invalid_argument, {:policy, :nope}}}
-      assert RP.run(RP.new(), fn -> :ok end, :x) == {:error, {:invalid_argument, {:options, :x}}}
+
+      assert RP.run(RP.new(), fn -> :ok end, :x) ==
+               {:error, {:invalid_argument, {:bad_options, :x}}}
 
       assert RP.run(RP.new(), fn -> :ok end, deadline: -5) ==
                {:error, {:invalid_argument, {:deadline, -5}}}
@@ -278,7 +283,7 @@ defmodule DSPex.Bridge.RetryPolicyTest do
       assert RP.configure_budget(budget, ratio: :x) == {:error, {:invalid_argument, {:ratio, :x}}}
 
       assert RP.configure_budget(budget, size: 1) ==
-               {:error, {:invalid_argument, {:unknown_option, :size}}}
+               {:error, {:invalid_argument, {:unknown_options, [:size]}}}
 
       assert RP.budget_info(budget) == {:error, :not_found}
     end

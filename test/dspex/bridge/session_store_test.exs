@@ -4,7 +4,11 @@ defmodule DSPex.Bridge.SessionStoreTest do
   use ExUnit.Case, async: true
 
   use DSPex.Bridge.Conformance,
-    cases: [DSPex.Bridge.Conformance.SessionStoreCases, DSPex.Bridge.Conformance.BatchCases]
+    cases: [
+      DSPex.Bridge.Conformance.SessionStoreCases,
+      DSPex.Bridge.Conformance.BatchCases,
+      DSPex.Bridge.Conformance.FencingCases
+    ]
 
   doctest DSPex.Bridge.SessionStore
 end

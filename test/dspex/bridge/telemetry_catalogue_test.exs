@@ -1,7 +1,7 @@
 defmodule DSPex.Bridge.TelemetryCatalogueTest do
   @moduledoc """
-  The `DSPex.Bridge.Telemetry` moduledoc is the catalogue of every event the
-  library emits. This test reads its tables and, for each row, runs the code
+  `DSPex.Bridge.Telemetry.Catalogue` lists every event the library emits.
+  For each of its rows (`events/0`), this test runs the code
   path named in `test/support/telemetry_emitters/` and checks the event
   really arrives with the documented measurement and metadata keys.
   """
@@ -9,46 +9,30 @@ defmodule DSPex.Bridge.TelemetryCatalogueTest do
 
   alias DSPex.TelemetryEmitters
 
-  @catalogue (fn ->
-                {:docs_v1, _, _, _, %{"en" => doc}, _, _} =
-                  Code.fetch_docs(DSPex.Bridge.Telemetry)
+  @catalogue DSPex.Bridge.Telemetry.Catalogue.events()
 
-                for "| `[:" <> _ = line <- String.split(doc, "\n") do
-                  [event, measurements, metadata] =
-                    line
-                    |> String.trim()
-                    |> String.trim("|")
-                    |> String.split(" | ")
-                    |> Enum.map(&String.trim/1)
+  test "the catalogue reads key names, not the notes in parentheses" do
+    assert %{
+             measurements: [:duration_us],
+             metadata: [:session_id, :variable, :result]
+           } = Enum.find(@catalogue, &(&1.event == [:dspex, :bridge, :variable, :read]))
 
-                  {event |> String.trim("`") |> Code.eval_string() |> elem(0), measurements,
-                   metadata}
-                end
-              end).()
-
-  # `a`, `b` (`:ok` or ...) -> [:a, :b]: backticked names outside parentheses.
-  defp keys(cell) do
-    cell
-    |> String.replace(~r/\([^)]*\)/, "")
-    |> then(&Regex.scan(~r/`([a-z_][a-z0-9_]*)`/, &1, capture: :all_but_first))
-    |> Enum.map(fn [k] -> String.to_atom(k) end)
+    assert %{measurements: [:duration_us, :version]} =
+             Enum.find(@catalogue, &(&1.event == [:dspex, :bridge, :variable, :write]))
   end
 
-  test "the key parser reads names, not the notes in parentheses" do
-    assert keys("`session_id`, `variable`, `result` (`:ok` or the error reason)") ==
-             [:session_id, :variable, :result]
-
-    assert keys("`duration_us`, `version`") == [:duration_us, :version]
-    assert keys("(none)") == []
+  test "the dispatcher's moduledoc repeats the catalogue" do
+    {:docs_v1, _, _, _, %{"en" => doc}, _, _} = Code.fetch_docs(DSPex.Bridge.Telemetry)
+    assert doc =~ DSPex.Bridge.Telemetry.Catalogue.markdown()
   end
 
   test "the catalogue lists events" do
     assert length(@catalogue) >= 8
-    for {event, _, _} <- @catalogue, do: assert([:dspex | _] = event)
+    for %{event: event} <- @catalogue, do: assert([:dspex | _] = event)
   end
 
   test "every documented event has an emitter, and every emitter a documented event" do
-    documented = MapSet.new(@catalogue, &elem(&1, 0))
+    documented = MapSet.new(@catalogue, & &1.event)
     emitted = TelemetryEmitters.all() |> Map.keys() |> MapSet.new()
 
     assert MapSet.difference(documented, emitted) |> Enum.sort() == [],
@@ -58,7 +42,7 @@ defmodule DSPex.Bridge.TelemetryCatalogueTest do
            "emitters for events missing from the DSPex.Bridge.Telemetry moduledoc"
   end
 
-  for {event, measurements, metadata} <- @catalogue do
+  for %{event: event, measurements: measurements, metadata: metadata} <- @catalogue do
     @event event
     @measurements measurements
     @metadata metadata
@@ -69,12 +53,12 @@ defmodule DSPex.Bridge.TelemetryCatalogueTest do
       emit.()
       assert_receive {@event, ^ref, measurements, metadata}, 3_000
 
-      for key <- keys(@measurements) do
+      for key <- @measurements do
         assert Map.has_key?(measurements, key),
                "#{inspect(@event)}: measurement #{key} missing from #{inspect(measurements)}"
       end
 
-      for key <- keys(@metadata) do
+      for key <- @metadata do
         assert Map.has_key?(metadata, key),
                "#{inspect(@event)}: metadata #{key} missing from #{inspect(metadata)}"
       end

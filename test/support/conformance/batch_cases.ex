@@ -48,6 +48,27 @@ defmodule DSPex.Bridge.Conformance.BatchCases do
     assert {:ok, %{}} = SessionStore.update_variables(sid, %{})
   end
 
+  conformance "update_variables/3: malformed updates or metadata are invalid arguments",
+              %{sid: sid} do
+    {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 1)
+
+    for {updates, opts, detail} <- [
+          {[{:x, 2, %{}}], [metadata: :not_a_map], :metadata_must_be_a_map},
+          {[{:x, 2}], [metadata: [:not, :a, :map]], :metadata_must_be_a_map},
+          {%{x: 2}, [metadata: :not_a_map], :metadata_must_be_a_map},
+          {[{:x, 2, :meta}], [], {:bad_update, {:x, 2, :meta}}},
+          {[:x], [], {:bad_update, :x}},
+          {:x, [], {:bad_updates, :x}}
+        ],
+        atomic <- [true, false] do
+      assert {:error, {:invalid_argument, ^detail}} =
+               SessionStore.update_variables(sid, updates, [{:atomic, atomic} | opts]),
+             "#{inspect(updates)} #{inspect(opts)}"
+    end
+
+    assert {:ok, %{version: 0, value: 1}} = SessionStore.get_variable(sid, :x)
+  end
+
   conformance "get_session_diagnostics/2 returns the rate limit's refusal, never crashes",
               ctx do
     # Registration leaves two tokens; diagnostics needs one per variable more.

@@ -64,6 +64,24 @@ defmodule DSPex.Bridge.Conformance.SessionAclCases do
     assert {:error, :session_not_found} = SessionStore.get_session(sid)
   end
 
+  conformance "list_variables(sid, principal: p): options as the second argument", ctx do
+    {sid, _id} = private_variable(ctx)
+
+    {:ok, _} =
+      SessionStore.register_variable(sid, :open, :integer, 1,
+        access_rules: [%{session_pattern: "reader_*", permissions: [:read]}]
+      )
+
+    assert {:ok, [%{name: :open}]} = SessionStore.list_variables(sid, principal: "reader_1")
+    assert {:ok, [%{name: :open}]} = SessionStore.list_variables(sid, nil, principal: "reader_1")
+    assert {:ok, []} = SessionStore.list_variables(sid, principal: "intruder")
+    assert {:ok, [%{name: :open}, %{name: :secret}]} = SessionStore.list_variables(sid, [])
+    assert {:ok, [%{name: :secret}]} = SessionStore.list_variables(sid, "sec*")
+
+    assert {:error, {:invalid_argument, {:unknown_options, [:principle]}}} =
+             SessionStore.list_variables(sid, principle: "reader_1")
+  end
+
   conformance "session-level operations: unknown sessions and bad principals", ctx do
     sid = new_session(ctx)
     as = [principal: "intruder"]

@@ -13,7 +13,7 @@ defmodule DSPex.TelemetryEmitters.Dependencies do
       [:dspex, :bridge, :dependency, :cycle_detected] => fn -> with_vars(&cycle/1) end,
       [:dspex, :bridge, :propagation, :start] => fn -> with_vars(&propagate/1) end,
       [:dspex, :bridge, :propagation, :stop] => fn -> with_vars(&propagate/1) end,
-      [:dspex, :bridge, :propagation, :exception] => fn -> with_vars(&raise_in_compute/1) end
+      [:dspex, :bridge, :propagation, :failed] => fn -> with_vars(&raise_in_compute/1) end
     }
   end
 

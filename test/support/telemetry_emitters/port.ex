@@ -17,16 +17,22 @@ defmodule DSPex.TelemetryEmitters.Port do
 
   defp kill_and_wait do
     old = Port.os_pid()
-    {_, 0} = System.cmd("kill", ["-9", to_string(old)])
-    wait_for_new(old, 100)
-  end
+    # Its own handler, so the event the catalogue test awaits is not taken.
+    id = {__MODULE__, make_ref()}
+    test = self()
+    forward = fn _, _, %{os_pid: pid}, _ -> send(test, {id, pid}) end
+    :ok = DSPex.Bridge.Telemetry.attach(id, [:dspex, :bridge, :port, :started], forward, nil)
 
-  defp wait_for_new(_old, 0), do: raise("the port program did not come back")
+    try do
+      {_, 0} = System.cmd("kill", ["-9", to_string(old)])
 
-  defp wait_for_new(old, tries) do
-    case Port.os_pid() do
-      pid when is_integer(pid) and pid != old -> :ok
-      _ -> Process.sleep(50) && wait_for_new(old, tries - 1)
+      receive do
+        {^id, pid} when pid != old -> :ok
+      after
+        10_000 -> raise "the port program did not come back"
+      end
+    after
+      DSPex.Bridge.Telemetry.detach(id)
     end
   end
 end

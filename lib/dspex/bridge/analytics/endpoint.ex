@@ -37,7 +37,7 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   use GenServer
   require Logger
 
-  alias DSPex.Bridge.{Analytics, Health}
+  alias DSPex.Bridge.{Analytics, Health, Options}
 
   @max_head_bytes 8192
   @max_headers 64
@@ -56,34 +56,41 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
     request (default 5000); then it is answered `408`;
   - `:name` (default this module).
 
-  Raises `ArgumentError` on a bad option.
+  A bad option is `{:error, {:invalid_argument, detail}}` (`{:bad_options,
+  opts}`, `{:unknown_options, keys}`, `{:duplicate_options, keys}` or `{key,
+  value}`; a missing `:port` is `{:port, nil}`), and nothing is started.
   """
-  @spec start_link(keyword) :: GenServer.on_start()
+  @spec start_link(keyword) :: GenServer.on_start() | {:error, {:invalid_argument, term}}
   def start_link(opts) do
+    with {:ok, opts} <-
+           Options.validate(opts, [:port, :ip, :max_connections, :read_timeout, :name]),
+         {:ok, config} <- config(opts) do
+      GenServer.start_link(__MODULE__, config, name: Keyword.get(opts, :name, __MODULE__))
+    end
+  end
+
+  defp config(opts) do
     port = Keyword.get(opts, :port)
     ip = Keyword.get(opts, :ip, {127, 0, 0, 1})
     max = Keyword.get(opts, :max_connections, 100)
     read_timeout = Keyword.get(opts, :read_timeout, 5_000)
 
-    unless is_integer(port) and port in 0..65_535,
-      do: raise(ArgumentError, ":port must be an integer in 0..65535, got: #{inspect(port)}")
+    cond do
+      not (is_integer(port) and port in 0..65_535) ->
+        Options.bad(:port, port)
 
-    unless is_tuple(ip) and tuple_size(ip) in [4, 8],
-      do: raise(ArgumentError, ":ip must be an address tuple, got: #{inspect(ip)}")
+      not (is_tuple(ip) and tuple_size(ip) in [4, 8]) ->
+        Options.bad(:ip, ip)
 
-    unless is_integer(max) and max > 0,
-      do:
-        raise(ArgumentError, ":max_connections must be a positive integer, got: #{inspect(max)}")
+      not (is_integer(max) and max > 0) ->
+        Options.bad(:max_connections, max)
 
-    unless is_integer(read_timeout) and read_timeout > 0,
-      do:
-        raise(
-          ArgumentError,
-          ":read_timeout must be a positive integer (ms), got: #{inspect(read_timeout)}"
-        )
+      not (is_integer(read_timeout) and read_timeout > 0) ->
+        Options.bad(:read_timeout, read_timeout)
 
-    config = %{port: port, ip: ip, max_connections: max, read_timeout: read_timeout}
-    GenServer.start_link(__MODULE__, config, name: Keyword.get(opts, :name, __MODULE__))
+      true ->
+        {:ok, %{port: port, ip: ip, max_connections: max, read_timeout: read_timeout}}
+    end
   end
 
   @doc false
@@ -349,7 +356,7 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   defp route(_method, _path), do: reply(405, "text/plain", "method not allowed\n")
 
   defp metrics_text do
-    Analytics.prometheus_text()
+    [Analytics.prometheus_text(), DSPex.Bridge.HAManager.prometheus_text()]
   rescue
     e -> "# metrics unavailable: #{Exception.message(e) |> String.replace("\n", " ")}\n"
   end

@@ -55,6 +55,8 @@ defmodule DSPex.Bridge.Backend.Native do
   def get_variable(sid, ident, principal), do: Native.var_get(sid, ident, principal)
   @impl true
   def get_value(sid, ident, principal), do: Native.var_value(sid, ident, principal)
+  @impl true
+  def variable_exists(sid, ident, principal), do: Native.var_exists(sid, ident, principal)
 
   @impl true
   def set_value(sid, ident, value, metadata, expected, principal),

@@ -63,9 +63,9 @@ defmodule DSPex.Bridge.Backend.Port do
   ## Wire format
 
   Each frame is one MessagePack message (`DSPex.Bridge.MsgPack`): requests
-  `[id, %{command => [args]}]`, replies `[id, result]` where `result` is the
+  `[id, %{command => %{argument => value}}]`, replies `[id, result]` where `result` is the
   term this module returns. Commands and their arguments are defined once, in
-  `native/dspex_core/src/command.rs`.
+  `native/dspex_core/src/command/` (one module per concern).
   """
   use GenServer
   @behaviour DSPex.Bridge.Backend
@@ -73,6 +73,7 @@ defmodule DSPex.Bridge.Backend.Port do
   require Logger
 
   alias DSPex.Bridge.{MsgPack, Telemetry}
+  alias DSPex.Bridge.State.Bridged
 
   @sessions __MODULE__.Sessions
   @limit_flags [
@@ -88,9 +89,10 @@ defmodule DSPex.Bridge.Backend.Port do
   # Commands that change the engine's state: past its timeout, whether such a
   # request took effect is unknown (see "Failure"). `acl_authorize` only
   # takes a rate-limit token and audits a refusal: it counts as a read.
+  @encode_only :dspex_port_encode_only
   @writes ~w(session_create session_delete session_import session_sweep var_register
              var_set var_set_many var_rollback var_delete acl_set_rules graph_add_edge
-             graph_remove_edge graph_clear)
+             graph_remove_edge graph_clear var_fence)
 
   # Every atom the engine can put in a reply (error reasons, map keys, type
   # and permission names) is a string literal of its sources. Listing them
@@ -160,17 +162,19 @@ defmodule DSPex.Bridge.Backend.Port do
 
   @doc """
   Sends one command and waits for its result: `:ok`, `{:ok, value}` or
-  `{:error, reason}`. `args` are encoded in the order the command declares
-  them (`command.rs`); trailing optional ones may be left off. Past
+  `{:error, reason}`. `args` is a keyword list of the command's arguments
+  by their core names (`native/dspex_core/src/command/`); optional ones may
+  be left off, an unknown one is `{:error, {:bad_request, _}}`. Past
   `timeout`, `{:error, :timeout}`, or `{:error, :timeout_unknown_outcome}`
   for a command that writes.
 
       DSPex.Bridge.Backend.Port.request("session_list", [])
       #=> {:ok, ["p1"]}
   """
-  @spec request(String.t(), [term], timeout) :: term
+  @spec request(String.t(), keyword, timeout) :: term
   def request(command, args, timeout \\ default_timeout()) do
-    send_command(command, Enum.map(args, &MsgPack.encode!/1), timeout)
+    encoded = Enum.map(args, fn {k, v} -> {k, MsgPack.encode!(v)} end)
+    send_command(command, encoded, timeout)
   catch
     {:invalid_value, _} = reason -> {:error, reason}
   end
@@ -184,12 +188,12 @@ defmodule DSPex.Bridge.Backend.Port do
       result =
         call("session_create", fn ->
           [
-            str(sid),
-            opt_int(opts[:ttl_ms], :bad_ttl),
-            opt_int(opts[:max_history], :bad_max_history),
-            MsgPack.encode!(opts[:metadata]),
-            MsgPack.encode!(opts[:rate_limit]),
-            audit_capacity!(opts[:audit_capacity])
+            session: str(sid),
+            ttl_ms: MsgPack.encode!(opts[:ttl_ms]),
+            max_history: MsgPack.encode!(opts[:max_history]),
+            metadata: MsgPack.encode!(opts[:metadata]),
+            rate_limit: MsgPack.encode!(opts[:rate_limit]),
+            audit_capacity: MsgPack.encode!(opts[:audit_capacity])
           ]
         end)
 
@@ -200,11 +204,11 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def session_info(sid), do: call("session_info", fn -> [sid!(sid)] end)
+  def session_info(sid), do: call("session_info", fn -> [session: sid!(sid)] end)
 
   @doc "Heap bytes held by one session's variables."
   @spec session_memory(String.t()) :: {:ok, non_neg_integer} | {:error, term}
-  def session_memory(sid), do: call("session_memory", fn -> [sid!(sid)] end)
+  def session_memory(sid), do: call("session_memory", fn -> [session: sid!(sid)] end)
 
   @doc """
   Deletes a session. An id the program does not have (it expired, or a
@@ -213,7 +217,7 @@ defmodule DSPex.Bridge.Backend.Port do
   """
   @impl DSPex.Bridge.Backend
   def delete_session(sid) do
-    case call("session_delete", fn -> [sid!(sid)] end) do
+    case call("session_delete", fn -> [session: sid!(sid)] end) do
       :ok ->
         release(sid)
 
@@ -252,13 +256,15 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl DSPex.Bridge.Backend
-  def export_session(sid), do: call("session_export", fn -> [sid!(sid)] end)
+  def export_session(sid), do: call("session_export", fn -> [session: sid!(sid)] end)
 
   @impl DSPex.Bridge.Backend
   def import_session(snapshot, new_id) when is_binary(snapshot) do
     with :ok <- if(new_id, do: check_sid(new_id), else: :ok),
          :ok <- if(new_id, do: claim(new_id), else: :ok) do
-      case call("session_import", fn -> [MsgPack.encode!(snapshot), opt_sid(new_id)] end) do
+      case call("session_import", fn ->
+             [snapshot: MsgPack.encode!(snapshot), session: opt_sid(new_id)]
+           end) do
         {:ok, sid} = ok ->
           :ets.insert(@sessions, {sid})
           ok
@@ -279,40 +285,44 @@ defmodule DSPex.Bridge.Backend.Port do
   def register_variable(sid, name, type, initial, opts, principal) do
     call("var_register", fn ->
       [
-        sid!(sid),
-        MsgPack.encode!(name),
-        type!(type),
-        MsgPack.encode!(initial),
-        MsgPack.encode!(opts[:constraints]),
-        MsgPack.encode!(opts[:metadata]),
-        description!(opts[:description]),
-        principal!(principal),
-        MsgPack.encode!(opts[:access_rules])
+        session: sid!(sid),
+        name: MsgPack.encode!(name),
+        var_type: type!(type),
+        initial: MsgPack.encode!(initial),
+        constraints: MsgPack.encode!(opts[:constraints]),
+        metadata: MsgPack.encode!(opts[:metadata]),
+        description: description!(opts[:description]),
+        access_rules: MsgPack.encode!(opts[:access_rules]),
+        actor: actor!(principal)
       ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def get_variable(sid, ident, principal) do
-    call("var_get", fn -> [sid!(sid), MsgPack.encode_ident!(ident) | caller!(principal)] end)
+    call("var_get", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
   def get_value(sid, ident, principal) do
-    call("var_get_value", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident) | caller!(principal)]
-    end)
+    call("var_get_value", fn -> ident_args(sid, ident, principal) end)
+  end
+
+  @impl DSPex.Bridge.Backend
+  def variable_exists(sid, ident, principal) do
+    call("var_exists", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
   def set_value(sid, ident, value, metadata, expected, principal) do
     call("var_set", fn ->
       [
-        sid!(sid),
-        MsgPack.encode_ident!(ident),
-        MsgPack.encode!(value),
-        MsgPack.encode!(metadata),
-        expected!(expected) | caller!(principal)
+        session: sid!(sid),
+        ident: MsgPack.encode_ident!(ident),
+        value: MsgPack.encode!(value),
+        metadata: MsgPack.encode!(metadata),
+        expected_version: expected!(expected),
+        actor: actor!(principal)
       ]
     end)
   end
@@ -321,9 +331,10 @@ defmodule DSPex.Bridge.Backend.Port do
   def set_values(sid, updates, atomic, principal) when is_list(updates) do
     call("var_set_many", fn ->
       [
-        sid!(sid),
-        [MsgPack.array_header(length(updates)) | Enum.map(updates, &update!/1)],
-        MsgPack.encode!(atomic == true) | caller!(principal)
+        session: sid!(sid),
+        updates: [MsgPack.array_header(length(updates)) | Enum.map(updates, &update!/1)],
+        atomic: MsgPack.encode!(atomic == true),
+        actor: actor!(principal)
       ]
     end)
   end
@@ -334,7 +345,12 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl DSPex.Bridge.Backend
   def history(sid, ident, limit, principal) do
     call("var_history", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident), limit!(limit) | caller!(principal)]
+      [
+        session: sid!(sid),
+        ident: MsgPack.encode_ident!(ident),
+        limit: limit!(limit),
+        actor: actor!(principal)
+      ]
     end)
   end
 
@@ -344,53 +360,78 @@ defmodule DSPex.Bridge.Backend.Port do
   def rollback(sid, ident, version, principal) do
     call("var_rollback", fn ->
       sid = sid!(sid)
-      caller = caller!(principal)
+      actor = actor!(principal)
 
       unless is_integer(version) and version >= 0 and version <= @max_u64,
         do: throw(:version_not_found)
 
-      [sid, MsgPack.encode_ident!(ident), MsgPack.uint(version), MsgPack.encode!(nil) | caller]
+      [
+        session: sid,
+        ident: MsgPack.encode_ident!(ident),
+        version: MsgPack.uint(version),
+        actor: actor
+      ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def delete_variable(sid, ident, principal) do
-    call("var_delete", fn -> [sid!(sid), MsgPack.encode_ident!(ident) | caller!(principal)] end)
+    call("var_delete", fn -> ident_args(sid, ident, principal) end)
   end
 
   @impl DSPex.Bridge.Backend
   def list_variables(sid, pattern, principal) do
-    call("var_list", fn -> [sid!(sid), pattern!(pattern) | caller!(principal)] end)
+    call("var_list", fn ->
+      [session: sid!(sid), pattern: pattern!(pattern), actor: actor!(principal)]
+    end)
   end
 
   @impl DSPex.Bridge.Backend
   def variable_names(sid, pattern, principal) do
-    call("var_names", fn -> [sid!(sid), pattern!(pattern) | caller!(principal)] end)
+    call("var_names", fn ->
+      [session: sid!(sid), pattern: pattern!(pattern), actor: actor!(principal)]
+    end)
   end
 
   @impl DSPex.Bridge.Backend
   def set_access_rules(sid, ident, rules, principal) do
     call("acl_set_rules", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident), MsgPack.encode!(rules) | caller!(principal)]
+      [
+        session: sid!(sid),
+        ident: MsgPack.encode_ident!(ident),
+        rules: MsgPack.encode!(rules),
+        actor: actor!(principal)
+      ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def check_access(sid, ident, principal, permission) do
     call("acl_check", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident), permission!(permission) | caller!(principal)]
+      [
+        session: sid!(sid),
+        ident: MsgPack.encode_ident!(ident),
+        permission: permission!(permission),
+        actor: actor!(principal)
+      ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def authorize(sid, ident, principal, permission) do
     call("acl_authorize", fn ->
-      [sid!(sid), MsgPack.encode_ident!(ident), permission!(permission) | caller!(principal)]
+      [
+        session: sid!(sid),
+        ident: MsgPack.encode_ident!(ident),
+        permission: permission!(permission),
+        actor: actor!(principal)
+      ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
-  def audit_log(sid, limit), do: call("acl_audit_log", fn -> [sid!(sid), limit!(limit)] end)
+  def audit_log(sid, limit),
+    do: call("acl_audit_log", fn -> [session: sid!(sid), limit: limit!(limit)] end)
 
   # Dependency graph (DSPex.Bridge.DependencyManager). Idents go through
   # `encode!/1`, so `nil` and booleans are refused as names, as the NIF does.
@@ -398,30 +439,43 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl DSPex.Bridge.Backend
   def graph_add_edge(sid, from, to, type, principal) do
     call("graph_add_edge", fn ->
-      [sid!(sid), MsgPack.encode!(from), MsgPack.encode!(to), type!(type), principal!(principal)]
+      [
+        session: sid!(sid),
+        from: MsgPack.encode!(from),
+        to: MsgPack.encode!(to),
+        edge_type: type!(type),
+        actor: actor!(principal)
+      ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def graph_remove_edge(sid, from, to, principal) do
     call("graph_remove_edge", fn ->
-      [sid!(sid), MsgPack.encode!(from), MsgPack.encode!(to), principal!(principal)]
+      [
+        session: sid!(sid),
+        from: MsgPack.encode!(from),
+        to: MsgPack.encode!(to),
+        actor: actor!(principal)
+      ]
     end)
   end
 
   @impl DSPex.Bridge.Backend
   def graph_clear(sid, var, principal) do
-    call("graph_clear", fn -> [sid!(sid), MsgPack.encode!(var), principal!(principal)] end)
+    call("graph_clear", fn ->
+      [session: sid!(sid), ident: MsgPack.encode!(var), actor: actor!(principal)]
+    end)
   end
 
   @impl DSPex.Bridge.Backend
   def graph_dependencies(sid, var, transitive, principal) do
     call("graph_dependencies", fn ->
       [
-        sid!(sid),
-        MsgPack.encode!(var),
-        MsgPack.encode!(transitive == true),
-        principal!(principal)
+        session: sid!(sid),
+        ident: MsgPack.encode!(var),
+        transitive: MsgPack.encode!(transitive == true),
+        actor: actor!(principal)
       ]
     end)
   end
@@ -430,10 +484,10 @@ defmodule DSPex.Bridge.Backend.Port do
   def graph_dependents(sid, var, transitive, principal) do
     call("graph_dependents", fn ->
       [
-        sid!(sid),
-        MsgPack.encode!(var),
-        MsgPack.encode!(transitive == true),
-        principal!(principal)
+        session: sid!(sid),
+        ident: MsgPack.encode!(var),
+        transitive: MsgPack.encode!(transitive == true),
+        actor: actor!(principal)
       ]
     end)
   end
@@ -442,9 +496,9 @@ defmodule DSPex.Bridge.Backend.Port do
   def graph_update_order(sid, changed, principal) when is_list(changed) do
     call("graph_update_order", fn ->
       [
-        sid!(sid),
-        [MsgPack.array_header(length(changed)) | Enum.map(changed, &MsgPack.encode!/1)],
-        principal!(principal)
+        session: sid!(sid),
+        changed: [MsgPack.array_header(length(changed)) | Enum.map(changed, &MsgPack.encode!/1)],
+        actor: actor!(principal)
       ]
     end)
   end
@@ -454,12 +508,14 @@ defmodule DSPex.Bridge.Backend.Port do
 
   @impl DSPex.Bridge.Backend
   def graph_render(sid, format, principal) do
-    call("graph_render", fn -> [sid!(sid), type!(format), principal!(principal)] end)
+    call("graph_render", fn ->
+      [session: sid!(sid), format: type!(format), actor: actor!(principal)]
+    end)
   end
 
   @impl DSPex.Bridge.Backend
   def graph_info(sid, principal) do
-    call("graph_info", fn -> [sid!(sid), principal!(principal)] end)
+    call("graph_info", fn -> [session: sid!(sid), actor: actor!(principal)] end)
   end
 
   ## Requests (in the caller's process)
@@ -476,8 +532,46 @@ defmodule DSPex.Bridge.Backend.Port do
     :version_not_found -> {:error, :version_not_found}
   end
 
+  # Every request goes through the backend's protection (breaker, retries,
+  # cache, dead-letter queue; `DSPex.Bridge.State.Bridged`).
   defp send_command(command, args, timeout) do
-    frame = [0x81, str(command), MsgPack.array_header(length(args)) | args]
+    if Process.get(@encode_only) do
+      throw({@encode_only, command, IO.iodata_to_binary([0x81, str(command), named(args)])})
+    end
+
+    Bridged.run(:port, command, args, command in @writes, fn ->
+      send_raw(command, args, timeout)
+    end)
+  end
+
+  @doc false
+  # The command a backend callback sends, without sending it:
+  # `{:ok, name, frame, write?}` (the frame as `send_raw/3` would put it on
+  # the wire), or the callback's `{:error, reason}` for a refused argument.
+  # The Raft backend (`Backend.Raft.Command`) appends these frames to its
+  # log, so both transports share one encoding of every operation.
+  def encode_command(fun, args) do
+    Process.put(@encode_only, true)
+
+    try do
+      apply(__MODULE__, fun, args)
+    catch
+      {@encode_only, name, frame} -> {:ok, name, frame, name in @writes}
+    else
+      {:error, _} = error -> error
+    after
+      Process.delete(@encode_only)
+    end
+  end
+
+  @doc false
+  # `State.Bridged`'s replay of a parked request: `args` already encoded.
+  def bridged_execute(command, args), do: send_raw(command, args, default_timeout())
+
+  # A command goes over as `%{name => %{argument => value}}`, arguments by
+  # the core's names (`native/dspex_core/src/command/`), never by position.
+  defp send_raw(command, args, timeout) do
+    frame = [0x81, str(command), named(args)]
 
     case GenServer.call(__MODULE__, {:request, frame}, timeout) do
       {:reply, bytes} ->
@@ -497,6 +591,16 @@ defmodule DSPex.Bridge.Backend.Port do
 
   defp str(s), do: MsgPack.encode!(s)
 
+  # Already encoded arguments, as a MessagePack map keyed by name.
+  defp named(args) do
+    n = length(args)
+    header = if n < 16, do: <<0x80 + n>>, else: <<0xDE, n::16>>
+    [header | Enum.map(args, fn {k, v} -> [str(Atom.to_string(k)), v] end)]
+  end
+
+  defp ident_args(sid, ident, principal),
+    do: [session: sid!(sid), ident: MsgPack.encode_ident!(ident), actor: actor!(principal)]
+
   defp check_sid(sid) when is_binary(sid) do
     if String.valid?(sid), do: :ok, else: {:error, {:invalid_argument, :bad_session_id}}
   end
@@ -513,38 +617,45 @@ defmodule DSPex.Bridge.Backend.Port do
   defp opt_sid(nil), do: <<0xC0>>
   defp opt_sid(sid), do: sid!(sid)
 
-  defp opt_int(nil, _), do: <<0xC0>>
-  defp opt_int(n, _) when is_integer(n), do: MsgPack.encode!(n)
-  defp opt_int(_, reason), do: throw({:invalid_argument, reason})
-
-  defp principal!(nil), do: <<0xC0>>
-  defp principal!({principal, _context}), do: principal!(principal)
-
   defp principal!(p) when is_binary(p) do
-    if String.valid?(p), do: str(p), else: throw({:invalid_argument, :bad_principal})
+    if String.valid?(p), do: p, else: throw({:invalid_argument, :bad_principal})
   end
 
-  # A write under an optimizer lock: the port does not fence writes (see
-  # OptimizerCoordinator), so only the principal goes over.
-  defp principal!({p, _lock_token, _optimizer_id}), do: principal!(p)
-  defp principal!({p, _context, _lock_token, _optimizer_id}), do: principal!(p)
   defp principal!(_), do: throw({:invalid_argument, :bad_principal})
 
-  # The principal and the context arguments: `nil`, a principal, or
-  # `{principal, context}`.
-  defp caller!({principal, context}) when is_map(context),
-    do: [principal!(principal), MsgPack.encode!(context)]
+  # Who a call is for (`Backend.principal`): `nil`, a principal,
+  # `{principal, context}`, `{principal, lock_token, optimizer_id}` or
+  # `{principal, context, lock_token, optimizer_id}`, as the core's `Actor`.
+  defp actor!(nil), do: named([])
+  defp actor!({principal, context}), do: actor!({principal, context, nil, nil})
 
-  defp caller!({_principal, _context}), do: throw({:invalid_argument, :context_must_be_a_map})
+  defp actor!({principal, token, optimizer}) when not is_map(token),
+    do: actor!({principal, nil, token, optimizer})
 
-  defp caller!({principal, context, _lock_token, _optimizer_id}),
-    do: caller!({principal, context})
+  defp actor!({principal, context, token, optimizer}) do
+    unless is_nil(context) or is_map(context),
+      do: throw({:invalid_argument, :context_must_be_a_map})
 
-  defp caller!(principal), do: [principal!(principal), <<0xC0>>]
+    [
+      principal: principal && str(principal!(principal)),
+      context: context && MsgPack.encode!(context),
+      lock_token: token && lock_token!(token),
+      optimizer_id: optimizer && str(optimizer_id!(optimizer))
+    ]
+    |> Enum.reject(fn {_, v} -> is_nil(v) end)
+    |> named()
+  end
 
-  defp audit_capacity!(nil), do: <<0xC0>>
-  defp audit_capacity!(n) when is_integer(n), do: MsgPack.encode!(n)
-  defp audit_capacity!(other), do: throw({:invalid_argument, {:audit_capacity, other}})
+  defp actor!(principal), do: named(principal: str(principal!(principal)))
+
+  defp lock_token!(n) when is_integer(n) and n >= 0 and n <= @max_u64, do: MsgPack.uint(n)
+  defp lock_token!(_), do: throw({:invalid_argument, :bad_lock_token})
+
+  defp optimizer_id!(id) when is_binary(id) and byte_size(id) in 1..255 do
+    if String.valid?(id), do: id, else: throw({:invalid_argument, :bad_optimizer_id})
+  end
+
+  defp optimizer_id!(_), do: throw({:invalid_argument, :bad_optimizer_id})
 
   defp permission!(p) when is_atom(p), do: MsgPack.encode_ident!(p)
 
@@ -568,13 +679,12 @@ defmodule DSPex.Bridge.Backend.Port do
   defp pattern!(_), do: throw({:invalid_argument, :pattern_must_be_a_string})
 
   defp update!({ident, value, metadata, expected}) do
-    [
-      0x94,
-      MsgPack.encode_ident!(ident),
-      MsgPack.encode!(value),
-      MsgPack.encode!(metadata),
-      expected!(expected)
-    ]
+    named(
+      ident: MsgPack.encode_ident!(ident),
+      value: MsgPack.encode!(value),
+      metadata: MsgPack.encode!(metadata),
+      expected_version: expected!(expected)
+    )
   end
 
   defp update!(_), do: throw({:invalid_argument, :bad_update})
@@ -715,7 +825,38 @@ defmodule DSPex.Bridge.Backend.Port do
 
   def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
 
+  @doc false
+  # The optimizer-lock table (in the VM, `DSPex.Bridge.OptimizerCoordinator`)
+  # moved a port session's variable fence: pass it on as a `var_fence`
+  # command. The NIF sends this from the process whose call moved the lock,
+  # before that call returns, so the holder's own writes reach the program
+  # after the fence. Nobody waits for the reply (its id is not pending).
   @impl GenServer
+  def handle_info({:dspex_fence, sid, var_id, change}, %{port: port, next_id: id} = state)
+      when is_port(port) do
+    change =
+      case change do
+        {:granted, optimizer, token, preempted} ->
+          named(
+            granted:
+              named(
+                optimizer: str(optimizer),
+                token: MsgPack.uint(token),
+                preempted: MsgPack.encode!(preempted)
+              )
+          )
+
+        {:released, token} ->
+          named(released: named(token: MsgPack.uint(token)))
+      end
+
+    frame = [0x81, str("var_fence"), named(session: str(sid), ident: str(var_id), change: change)]
+    Port.command(port, [0x92, MsgPack.uint(id) | frame])
+    {:noreply, %{state | next_id: id + 1}}
+  rescue
+    ArgumentError -> {:noreply, state}
+  end
+
   def handle_info({port, {:data, <<0x92, reply::binary>>}}, %{port: port} = state) do
     case MsgPack.decode_prefix(reply) do
       {:ok, id, result} when is_integer(id) ->

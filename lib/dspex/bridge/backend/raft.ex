@@ -73,7 +73,15 @@ defmodule DSPex.Bridge.Backend.Raft do
 
   @doc false
   # Every entry of this node's table (exchanged with nodes that connect).
-  def local_entries, do: :ets.tab2list(@sessions)
+  def local_entries, do: :ets.match_object(@sessions, {:_, :_, :_, :_})
+
+  @doc false
+  def consistency(sid) do
+    case entry(sid) do
+      {:ok, _, _, consistency} -> consistency
+      _ -> :consistent
+    end
+  end
 
   @doc "The members of `sid` as this node last learnt them."
   @spec known_members(String.t()) :: {:ok, [server_id]} | {:error, :session_not_found}
@@ -136,10 +144,14 @@ defmodule DSPex.Bridge.Backend.Raft do
   end
 
   @doc false
-  def machine(sid),
+  def machine(sid, consistency \\ :consistent),
     do:
       {:module, Machine,
-       %{sid: sid, snapshot_every: Application.get_env(:dspex_bridge, :raft_snapshot_every, 4096)}}
+       %{
+         sid: sid,
+         consistency: consistency,
+         snapshot_every: Application.get_env(:dspex_bridge, :raft_snapshot_every, 4096)
+       }}
 
   @doc """
   The nodes a new group of `replicas` members goes to: the eligible
@@ -185,8 +197,8 @@ defmodule DSPex.Bridge.Backend.Raft do
       name = cluster_name(sid)
       ids = Enum.map(nodes, &{name, &1})
 
-      case :ra.start_cluster(System.name(), name, machine(sid), ids) do
-        {:ok, [_ | _], _} ->
+      case start_members(name, machine(sid, consistency), ids) do
+        :ok ->
           case append(ids, {:create, now_us(), frame, rate}) do
             :ok ->
               broadcast(:register_local, [sid, name, ids, consistency])
@@ -207,18 +219,64 @@ defmodule DSPex.Bridge.Backend.Raft do
     end
   end
 
+  @doc false
+  # The ra server config of member `id` (a fresh uid); `members` the group.
+  def server_config(name, machine, {_, _} = id, members) do
+    uid = :ra.new_uid(Atom.to_string(name))
+
+    %{
+      id: id,
+      uid: uid,
+      cluster_name: name,
+      log_init_args: %{uid: uid},
+      initial_members: members,
+      machine: machine
+    }
+  end
+
+  defp start_members(name, machine, ids) do
+    results =
+      Enum.map(ids, fn {_, node} = id ->
+        try do
+          :erpc.call(
+            node,
+            System,
+            :start_member,
+            [server_config(name, machine, id, ids)],
+            timeout()
+          )
+        catch
+          kind, reason -> {:error, {kind, reason}}
+        end
+      end)
+
+    if Enum.all?(results, &(&1 == :ok)) do
+      _ = :ra.trigger_election(hd(ids))
+      :ok
+    else
+      for {{_, node} = id, :ok} <- Enum.zip(ids, results) do
+        :erpc.call(node, :ra, :force_delete_server, [System.name(), id])
+        :erpc.call(node, System, :forget_member, [name])
+      end
+
+      {:error, :already_exists}
+    end
+  end
+
   @impl true
   def delete_session(sid) do
     with {:ok, _name, ids, _} <- entry(sid),
          :ok <- run(:delete_session, [sid]) do
       _ = :ra.delete_cluster(ids, timeout())
+      for {name, node} <- ids, do: :erpc.multicast([node], System, :forget_member, [name])
       broadcast(:unregister_local, [sid])
       :ok
     end
   end
 
   @impl true
-  def list_sessions, do: :ets.select(@sessions, [{{:"$1", :_, :_, :_}, [], [:"$1"]}])
+  def list_sessions,
+    do: :ets.select(@sessions, [{{:"$1", :_, :_, :_}, [{:is_binary, :"$1"}], [:"$1"]}])
 
   # Replicated sessions do not expire by TTL (a wall-clock sweep on each
   # member would not be deterministic).
@@ -226,7 +284,8 @@ defmodule DSPex.Bridge.Backend.Raft do
   def sweep_expired, do: []
 
   @impl true
-  def import_session(_snapshot, _new_id), do: {:error, {:invalid_argument, :import_into_replicated}}
+  def import_session(_snapshot, _new_id),
+    do: {:error, {:invalid_argument, :import_into_replicated}}
 
   @doc """
   Reads with an explicit consistency (`:consistent`, `:leader`, `:local`):
@@ -250,13 +309,10 @@ defmodule DSPex.Bridge.Backend.Raft do
   def write_with_position(sid, fun, args) do
     with {:ok, _name, ids, _} <- entry(sid),
          {:ok, kind, frame} <- Command.encode(fun, args) do
-      Enum.reduce_while(ids, {:error, :unavailable}, fn id, acc ->
-        case :ra.process_command(id, {:exec_meta, now_us(), kind, frame}, timeout()) do
-          {:ok, {reply, pos}, {_, leader}} -> {:halt, {:ok, reply, Map.put(pos, :leader, leader)}}
-          {:timeout, _} -> {:halt, {:error, :timeout_unknown_outcome}}
-          {:error, _} -> {:cont, acc}
-        end
-      end)
+      case send_command(ids, {:exec_meta, now_us(), kind, frame}) do
+        {:ok, {reply, pos}, {_, leader}} -> {:ok, reply, Map.put(pos, :leader, leader)}
+        error -> error
+      end
     end
   end
 
@@ -310,16 +366,49 @@ defmodule DSPex.Bridge.Backend.Raft do
 
   defp now_us, do: :os.system_time(:microsecond)
 
-  # One server at a time: on a timeout the outcome is unknown and the
-  # command is not sent again elsewhere.
+  # One server at a time, the last known leader first: on a timeout the
+  # outcome is unknown and the command is not sent again elsewhere (the
+  # next call starts with another member).
   defp append(ids, cmd) do
-    Enum.reduce_while(ids, {:error, :unavailable}, fn id, acc ->
+    case send_command(ids, cmd) do
+      {:ok, reply, _pos} -> reply
+      error -> error
+    end
+  end
+
+  defp send_command(ids, cmd) do
+    [{name, _} | _] = ids
+
+    Enum.reduce_while(leader_first(name, ids), {:error, :unavailable}, fn id, acc ->
       case :ra.process_command(id, cmd, timeout()) do
-        {:ok, reply, _leader} -> {:halt, reply}
-        {:timeout, _} -> {:halt, {:error, :timeout_unknown_outcome}}
-        {:error, _} -> {:cont, acc}
+        {:ok, reply, leader} ->
+          note_leader(name, leader)
+          {:halt, {:ok, reply, leader}}
+
+        {:timeout, _} ->
+          note_leader(name, next_member(ids, id))
+          {:halt, {:error, :timeout_unknown_outcome}}
+
+        {:error, _} ->
+          {:cont, acc}
       end
     end)
+  end
+
+  defp leader_first(name, ids) do
+    case :ets.lookup(@sessions, {:leader, name}) do
+      [{_, leader}] -> [leader | List.delete(ids, leader)]
+      [] -> ids
+    end
+  end
+
+  defp note_leader(name, leader), do: :ets.insert(@sessions, {{:leader, name}, leader})
+
+  defp next_member(ids, id) do
+    case Enum.drop_while(ids, &(&1 != id)) do
+      [_, next | _] -> next
+      _ -> hd(ids)
+    end
   end
 
   defp query(ids, kind, frame, consistency) do
@@ -389,6 +478,8 @@ defmodule DSPex.Bridge.Backend.Raft do
   def get_variable(sid, ident, principal), do: run(:get_variable, [sid, ident, principal])
   @impl true
   def get_value(sid, ident, principal), do: run(:get_value, [sid, ident, principal])
+  @impl true
+  def variable_exists(sid, ident, principal), do: run(:variable_exists, [sid, ident, principal])
 
   @impl true
   def set_value(sid, ident, value, metadata, expected, principal),
@@ -528,9 +619,10 @@ defmodule DSPex.Bridge.Backend.Raft.Membership do
   defp led_by?(sid, id), do: match?({:ok, %{leader: ^id}}, Raft.members(sid))
 
   defp add(sid, leader, {name, node} = id, members) do
-    args = [System.name(), name, id, Raft.machine(sid), members ++ [id]]
+    config =
+      Raft.server_config(name, Raft.machine(sid, Raft.consistency(sid)), id, members ++ [id])
 
-    with :ok <- start_server(node, args),
+    with :ok <- start_server(node, config),
          {:ok, _, _} <- :ra.add_member(leader, id, timeout()) |> ok3(),
          {:ok, {_, goal}, _} <- :ra.local_query(leader, & &1.applied) do
       await(fn ->
@@ -542,10 +634,9 @@ defmodule DSPex.Bridge.Backend.Raft.Membership do
     end
   end
 
-  defp start_server(node, args) do
-    case :erpc.call(node, :ra, :start_server, args, timeout()) do
+  defp start_server(node, config) do
+    case :erpc.call(node, System, :start_member, [config], timeout()) do
       :ok -> :ok
-      {:error, {:already_started, _}} -> :ok
       other -> {:error, other}
     end
   catch
@@ -558,6 +649,7 @@ defmodule DSPex.Bridge.Backend.Raft.Membership do
         _ =
           try do
             :erpc.call(node, :ra, :force_delete_server, [System.name(), id], timeout())
+            :erpc.call(node, System, :forget_member, [elem(id, 0)], timeout())
           catch
             _, _ -> :ok
           end

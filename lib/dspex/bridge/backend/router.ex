@@ -43,6 +43,24 @@ defmodule DSPex.Bridge.Backend.Router do
     end
   end
 
+  @doc """
+  The fence argument of `lock_acquire` for a session variable: the variable
+  itself for a NIF session (the lock table moves its fence in the same
+  critical section), or `{:port, server, sid, var_id}` for a port session
+  (the table sends each move to the port server, which applies it in the
+  program as a `var_fence` command). `nil` when no backend holds `sid`.
+  """
+  @spec fence(String.t(), String.t(), term) :: tuple | nil
+  def fence(sid, var_id, principal) do
+    case kind_of(sid) do
+      :nif -> {sid, var_id, principal}
+      :port -> with pid when is_pid(pid) <- Process.whereis(Port), do: {:port, pid, sid, var_id}
+      # Replicated sessions fence in their state machine (Backend.Raft.fenced/5).
+      :raft -> nil
+      nil -> nil
+    end
+  end
+
   @doc false
   def module(:nif), do: Native
   def module(:port), do: Port
@@ -179,6 +197,10 @@ defmodule DSPex.Bridge.Backend.Router do
   def get_variable(sid, ident, principal), do: routed(:get_variable, [sid, ident, principal])
 
   @impl true
+  def variable_exists(sid, ident, principal),
+    do: routed(:variable_exists, [sid, ident, principal])
+
+  @impl true
   def get_value(sid, ident, principal) do
     case Native.get_value(sid, ident, principal) do
       {:error, :session_not_found} = miss ->
@@ -249,8 +271,15 @@ defmodule DSPex.Bridge.Backend.Router do
     case Native.authorize_session(sid, principal, permission) do
       {:error, :session_not_found} = miss ->
         elsewhere(miss, sid, fn
-          Port -> Port.request("acl_authorize_session", [sid, permission, principal])
-          Raft -> Raft.authorize_session(sid, principal, permission)
+          Port ->
+            Port.request("acl_authorize_session",
+              session: sid,
+              permission: permission,
+              principal: principal
+            )
+
+          Raft ->
+            Raft.authorize_session(sid, principal, permission)
         end)
 
       result ->

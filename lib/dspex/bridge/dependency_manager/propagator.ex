@@ -39,6 +39,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   alias DSPex.Bridge.{DependencyManager, SessionStore, Telemetry}
   alias DSPex.Bridge.DependencyManager.{Compute, Table}
+  alias DSPex.Bridge.Backend.Router
 
   @registry DSPex.Bridge.DependencyManager.Registry
   @supervisor DSPex.Bridge.DependencyManager.Supervisor
@@ -63,7 +64,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         {:ok, pid}
 
       [] ->
-        with {:ok, _} <- SessionStore.backend().session_info(session_id) do
+        with {:ok, _} <- DSPex.Bridge.Backend.Router.session_info(session_id) do
           case DynamicSupervisor.start_child(@supervisor, {__MODULE__, session_id}) do
             {:ok, pid} -> {:ok, pid}
             {:error, {:already_started, pid}} -> {:ok, pid}
@@ -252,7 +253,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def notify_delete(session_id, ident) do
     with pid when is_pid(pid) <- whereis(session_id),
          %{} = d <- Table.find(session_id, ident),
-         {:error, :not_found} <- SessionStore.backend().check_access(session_id, d.id, nil, :read) do
+         {:error, :not_found} <- Router.check_access(session_id, d.id, nil, :read) do
       Table.delete_def(session_id, d)
     end
 
@@ -299,7 +300,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     end
   end
 
-  defp session?(sid), do: match?({:ok, _}, SessionStore.backend().session_info(sid))
+  defp session?(sid), do: match?({:ok, _}, Router.session_info(sid))
 
   @impl true
   def handle_continue({:start, restarted?}, state) do
@@ -423,14 +424,13 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # A pass: the update order of the changed variables, walked once. Writes
   # that reach no derived variable end here, without events.
   defp propagate(state, roots, forced) do
-    start = System.monotonic_time()
     changed = Enum.map(roots, &elem(&1, 0))
     sid = state.session_id
 
     case update_order(sid, changed) do
       {:ok, order} ->
         if Enum.any?(order, &Map.has_key?(state.derived, to_string(&1))),
-          do: walk(state, roots, order, forced, start),
+          do: walk(state, roots, order, forced),
           else: state
 
       {:error, :session_not_found} ->
@@ -440,35 +440,35 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     end
   end
 
-  defp walk(state, roots, order, forced, start) do
+  # The pass is a span (`:start`, then `:stop`, or `:exception` should the
+  # pass itself crash); its failures are `:failed` events carrying its
+  # `telemetry_span_context`, which the table keeps while the pass runs, so
+  # a worker killed mid-pass names the pass it ended.
+  defp walk(state, roots, order, forced) do
     sid = state.session_id
-    changed = Enum.map(roots, &elem(&1, 0))
+    meta = %{session_id: sid, changed: Enum.map(roots, &elem(&1, 0))}
+    context = make_ref()
+    Table.pass_started(sid, context)
 
-    Telemetry.execute(
-      [:dspex, :bridge, :propagation, :start],
-      %{system_time: System.system_time(), monotonic_time: start},
-      %{session_id: sid, changed: changed}
-    )
-
-    dirty = root_keys(sid, roots, order)
-
-    {state, _dirty, counts} =
-      Enum.reduce(order, {state, dirty, %{recomputed: 0, failed: 0}}, &step(&2, &1, forced))
-
-    stop = System.monotonic_time()
-
-    Telemetry.execute(
-      [:dspex, :bridge, :propagation, :stop],
-      Map.merge(counts, %{duration: stop - start, monotonic_time: stop}),
-      %{session_id: sid, changed: changed}
-    )
-
-    state
+    try do
+      Telemetry.span(
+        [:dspex, :bridge, :propagation],
+        Map.put(meta, :telemetry_span_context, context),
+        fn ->
+          dirty = root_keys(sid, roots, order)
+          acc = {state, dirty, %{recomputed: 0, failed: 0}}
+          {state, _dirty, counts} = Enum.reduce(order, acc, &step(&2, &1, forced, context))
+          {state, counts, meta}
+        end
+      )
+    after
+      Table.pass_ended(sid)
+    end
   end
 
   # The engine's order for the changed variables that still exist.
   defp update_order(sid, changed) do
-    case SessionStore.backend().graph_update_order(sid, changed, nil) do
+    case DSPex.Bridge.Backend.Router.graph_update_order(sid, changed, nil) do
       {:ok, order} ->
         {:ok, order}
 
@@ -504,12 +504,12 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     end)
   end
 
-  defp step({state, dirty, counts} = acc, name, forced) do
+  defp step({state, dirty, counts} = acc, name, forced, context) do
     key = to_string(name)
 
     with %{} = d <- Map.get(state.derived, key),
          [_ | _] = causes <- causes(d, key, dirty, forced) do
-      case recompute(state, d, causes) do
+      case recompute(state, d, causes, context) do
         {:ok, state} ->
           dirty = Map.update(dirty, key, causes, &Enum.uniq(&1 ++ causes))
           {state, dirty, %{counts | recomputed: counts.recomputed + 1}}
@@ -538,7 +538,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   end
 
   # Inputs are read and the result written with the definer's permissions.
-  defp recompute(state, d, causes) do
+  defp recompute(state, d, causes, context) do
     sid = state.session_id
     start = System.monotonic_time()
 
@@ -574,7 +574,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         previous = Table.status(sid, d.key) || %{computed_at: nil}
         stale = Map.merge(previous, %{status: :stale, error: dead_reason(reason)})
         Table.put_status(sid, d.key, stale)
-        report(sid, d.name, reason, causes, start)
+        report(sid, d.name, reason, causes, start, context)
         {:error, state}
     end
   end
@@ -589,25 +589,29 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   end
 
   @doc false
-  # A failed recomputation or write: the event, then the dead letter.
-  @spec report(String.t(), term, term, list, integer) :: :ok
-  def report(sid, var, reason, causes, start) do
+  # A failure of propagation (a recomputation, a rejected `propagate_change/5`
+  # write, a worker's death): the `:failed` event, then the dead letter.
+  # `context` is the `telemetry_span_context` of the pass it happened in,
+  # `nil` outside any pass; `start` when the failed work began.
+  @spec report(String.t(), term, term, list, integer, reference | nil) :: :ok
+  def report(sid, var, reason, causes, start, context \\ nil) do
     now = System.monotonic_time()
 
     Telemetry.execute(
-      [:dspex, :bridge, :propagation, :exception],
+      [:dspex, :bridge, :propagation, :failed],
       %{duration: now - start, monotonic_time: now},
-      exception_metadata(sid, var, reason, causes)
+      failed_metadata(sid, var, reason, causes, context)
     )
 
     Table.add_letter(sid, %{variable: var, reason: dead_reason(reason), caused_by: causes})
   end
 
-  defp exception_metadata(sid, var, reason, causes) do
+  defp failed_metadata(sid, var, reason, causes, context) do
     {kind, reason, stack} =
       case reason do
         {:raised, kind, reason, stack} -> {kind, reason, stack}
         :timeout -> {:exit, :timeout, []}
+        {:worker_exit, _} -> {:exit, reason, []}
         reason -> {:error, reason, []}
       end
 
@@ -617,7 +621,8 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
       kind: kind,
       reason: reason,
       stacktrace: stack,
-      caused_by: causes
+      caused_by: causes,
+      telemetry_span_context: context
     }
   end
 

@@ -8,8 +8,9 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   The worker (`DSPex.Bridge.DependencyManager.Propagator`) is a cache over
   this table: a restarted worker reads its definitions back. This process
   also watches every worker and makes a death visible: a dead letter, a
-  `[:dspex, :bridge, :propagation, :exception]` event with `variable: nil`
-  and `reason: {:worker_exit, reason}`, and the `restarts` count of
+  `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`,
+  `reason: {:worker_exit, reason}` and the `telemetry_span_context` of the
+  pass it ended (`nil` between passes), and the `restarts` count of
   `DSPex.Bridge.DependencyManager.derived_status/3`.
 
   Keys start with the session id (an ordered set, so a session's keys are
@@ -24,9 +25,10 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :changed, ident}` | the latest version written to `ident`, not yet propagated |
   | `{sid, :wake}` | set while a wake-up message is on its way to the worker |
   | `{sid, :waiter, alias}` | `:sync` or `:replay`: a caller waiting for the worker |
-  | `{sid, :letter, id}` / `{sid, :letter_seq}` | dead letters, and the last id given |
+  | `{sid, :letter_seq}` | the last dead-letter id given (the letters are in `DSPex.Bridge.DeadLetterQueue`) |
   | `{sid, :restarts}` | how many times the worker died and was restarted |
   | `{sid, :computing}` | the worker's latest computation, killed if the worker dies |
+  | `{sid, :pass}` | `{worker, telemetry_span_context}` of the pass running now |
   | `{sid, :closed}` | the session is gone; its worker stops |
 
   Writers coalesce: a write overwrites its variable's `:changed` entry and
@@ -35,10 +37,12 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   """
   use GenServer
 
-  alias DSPex.Bridge.Telemetry
+  require Logger
+
+  alias DSPex.Bridge.DeadLetterQueue
+  alias DSPex.Bridge.DependencyManager.Propagator
 
   @table __MODULE__
-  @max_dead_letters 100
 
   @doc false
   def start_link(_opts \\ []), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
@@ -161,36 +165,84 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   @spec computing(String.t(), pid) :: true
   def computing(sid, pid), do: :ets.insert(@table, {{sid, :computing}, {self(), pid}})
 
+  @doc false
+  # The `telemetry_span_context` of the pass the worker runs now, for the
+  # report of its death.
+  @spec pass_started(String.t(), reference) :: true
+  def pass_started(sid, context), do: :ets.insert(@table, {{sid, :pass}, {self(), context}})
+
+  @spec pass_ended(String.t()) :: true
+  def pass_ended(sid), do: :ets.delete(@table, {sid, :pass})
+
   ## Dead letters
 
-  @doc "Records a dead letter (`%{variable, reason, caused_by}`), keeping the last 100."
+  # Kept in DSPex.Bridge.DeadLetterQueue (kind `:propagation`), the one
+  # queue for failed work; this table only numbers them per session. The
+  # session's view shows the letters of this VM's life: a session does not
+  # outlive the VM, the queue's entries do.
+
+  @doc """
+  Records a dead letter (`%{variable, reason, caused_by}`) in the
+  dead-letter queue, which keeps the last 100 of a session (its
+  `max_per_session`; older ones are evicted, with an event).
+  """
   @spec add_letter(String.t(), map) :: :ok
   def add_letter(sid, letter) do
     id = :ets.update_counter(@table, {sid, :letter_seq}, 1, {{sid, :letter_seq}, 0})
     letter = Map.merge(letter, %{id: id, at: DateTime.utc_now()})
-    :ets.insert(@table, {{sid, :letter, id}, letter})
-    oldest = id - @max_dead_letters
 
-    if oldest > 0 do
-      :ets.select_delete(@table, [
-        {{{sid, :letter, :"$1"}, :_}, [{:"=<", :"$1", oldest}], [true]}
-      ])
+    entry = %{
+      kind: :propagation,
+      op: if(letter.variable == nil, do: :worker_exit, else: :recompute),
+      args: [sid, letter.variable],
+      session_id: sid,
+      attempts: [%{error: letter.reason, at: System.os_time(:millisecond)}],
+      meta: %{letter: letter, vm: vm()}
+    }
+
+    case DeadLetterQueue.add(entry) do
+      {:ok, _} ->
+        :ok
+
+      {:error, reason} ->
+        Logger.warning("dspex_bridge: dead letter of #{sid} lost: #{inspect(reason)}")
     end
 
     :ok
   end
 
-  @doc "The dead letters, oldest first."
+  @doc "The dead letters, oldest first (each with its queue id, `dlq_id`)."
   @spec letters(String.t()) :: [map]
-  def letters(sid), do: :ets.select(@table, [{{{sid, :letter, :_}, :"$1"}, [], [:"$1"]}])
+  def letters(sid) do
+    if DeadLetterQueue.session?(sid) do
+      case DeadLetterQueue.list(kind: :propagation, session_id: sid, limit: 1_000_000) do
+        {:ok, entries} ->
+          vm = vm()
+
+          for %{meta: %{letter: letter, vm: ^vm}, id: dlq_id} <- entries,
+              do: Map.put(letter, :dlq_id, dlq_id)
+
+        {:error, _} ->
+          []
+      end
+    else
+      []
+    end
+  end
 
   @spec last_letter_id(String.t()) :: non_neg_integer
   def last_letter_id(sid), do: lookup({sid, :letter_seq}, 0)
 
+  @doc "Takes letters out of the queue: they were replayed."
   @spec delete_letters(String.t(), [pos_integer]) :: :ok
+  def delete_letters(_sid, []), do: :ok
+
   def delete_letters(sid, ids) do
-    Enum.each(ids, &:ets.delete(@table, {sid, :letter, &1}))
+    dlq_ids = for %{id: id, dlq_id: dlq_id} <- letters(sid), id in ids, do: dlq_id
+    DeadLetterQueue.resolve(dlq_ids)
   end
+
+  defp vm, do: {System.pid(), :erlang.system_info(:start_time)}
 
   ## The session and its worker
 
@@ -210,6 +262,14 @@ defmodule DSPex.Bridge.DependencyManager.Table do
       {{{sid, :_}, :_}, [], [true]},
       {{{sid, :_, :_}, :_}, [], [true]}
     ])
+
+    # Its letters go with it (audited, as every drop).
+    if DeadLetterQueue.session?(sid) do
+      DeadLetterQueue.drop([kind: :propagation, session_id: sid],
+        by: :dspex_bridge,
+        reason: :session_closed
+      )
+    end
 
     :ok
   end
@@ -248,7 +308,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     if sid do
       # Its computation in flight, if any, goes with it.
       with {^worker, pid} <- lookup({sid, :computing}, nil), do: Process.exit(pid, :kill)
-      died(sid, reason)
+      died(sid, worker, reason)
     end
 
     {:noreply, watched}
@@ -259,27 +319,26 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   # Its supervisor restarts a worker that died; the death is recorded here.
   # A normal stop is the session closing; `:noproc` a worker gone before it
   # was watched (nothing can be said about it).
-  defp died(_sid, reason) when reason in [:normal, :shutdown, :noproc], do: :ok
-  defp died(_sid, {:shutdown, _}), do: :ok
+  defp died(_sid, _worker, reason) when reason in [:normal, :shutdown, :noproc], do: :ok
+  defp died(_sid, _worker, {:shutdown, _}), do: :ok
 
-  defp died(sid, reason) do
+  defp died(sid, worker, reason) do
     if defs(sid) != [] and not closed?(sid) do
       :ets.update_counter(@table, {sid, :restarts}, 1, {{sid, :restarts}, 0})
-      add_letter(sid, %{variable: nil, reason: {:worker_exit, reason}, caused_by: []})
-      now = System.monotonic_time()
+      # The pass it was in, if any: the span that death ended.
+      # (Not a restarted worker's: that one may have begun a pass already.)
+      context =
+        case :ets.lookup(@table, {sid, :pass}) do
+          [{_, {^worker, context}} = entry] ->
+            :ets.delete_object(@table, entry)
+            context
 
-      Telemetry.execute(
-        [:dspex, :bridge, :propagation, :exception],
-        %{duration: 0, monotonic_time: now},
-        %{
-          session_id: sid,
-          variable: nil,
-          kind: :exit,
-          reason: {:worker_exit, reason},
-          stacktrace: [],
-          caused_by: []
-        }
-      )
+          _ ->
+            nil
+        end
+
+      start = System.monotonic_time()
+      Propagator.report(sid, nil, {:worker_exit, reason}, [], start, context)
     end
 
     :ok

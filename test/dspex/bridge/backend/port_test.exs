@@ -6,20 +6,27 @@ defmodule DSPex.Bridge.Backend.PortTest do
   alias DSPex.Bridge.{MsgPack, SessionStore}
   alias DSPex.TelemetryHelper
 
+  # These tests are about the raw backend: its calls go unprotected by
+  # DSPex.Bridge.State.Bridged (no breaker, retries or cache) here.
   setup do
+    :ok = DSPex.Bridge.State.Bridged.uninstall(:port)
+    on_exit(fn -> :ok = DSPex.Bridge.State.Bridged.install(:port) end)
     wait_for_port()
     :ok
   end
 
-  defp wait_for_port(old \\ nil, deadline \\ System.monotonic_time(:millisecond) + 5_000) do
+  # The program's os pid, once it runs: now, or at its next `:started`
+  # event (attached before asking, so the event cannot be missed).
+  defp wait_for_port do
+    ref = TelemetryHelper.attach([[:dspex, :bridge, :port, :started]])
+
     case PortBackend.os_pid() do
-      pid when is_integer(pid) and pid != old ->
+      pid when is_integer(pid) ->
         pid
 
       _ ->
-        if System.monotonic_time(:millisecond) > deadline, do: flunk("the port did not restart")
-        Process.sleep(10)
-        wait_for_port(old, deadline)
+        assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: pid}}, 5_000
+        pid
     end
   end
 
@@ -62,8 +69,12 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert {:error, {:bad_request, "unknown command `format_disk`"}} =
                PortBackend.request("format_disk", [])
 
-      assert {:error, {:bad_request, _}} = PortBackend.request("session_info", [42])
-      assert {:error, {:invalid_value, :unsupported_term}} = PortBackend.request("x", [self()])
+      assert {:error, {:bad_request, _}} = PortBackend.request("session_info", session: 42)
+      # Arguments go by name: a misspelt one is refused, not defaulted.
+      assert {:error, {:bad_request, "unknown field `sesion`" <> _}} =
+               PortBackend.request("session_info", sesion: "s")
+
+      assert {:error, {:invalid_value, :unsupported_term}} = PortBackend.request("x", pid: self())
       assert {:ok, _} = PortBackend.request("session_list", [])
     end
   end
@@ -82,12 +93,19 @@ defmodule DSPex.Bridge.Backend.PortTest do
       {:ok, _} = SessionStore.register_variable(nif_sid, :x, :integer, 0)
       os_pid = PortBackend.os_pid()
 
+      test = self()
+
       callers =
         for i <- 1..16 do
-          Task.async(fn -> hammer(port_sid, i, System.monotonic_time(:millisecond) + 600) end)
+          Task.async(fn ->
+            first = SessionStore.update_variable(port_sid, :x, i)
+            send(test, {:first, i, first})
+            [first | hammer(port_sid, i, System.monotonic_time(:millisecond) + 600)]
+          end)
         end
 
-      Process.sleep(150)
+      # Every caller is in the middle of its traffic.
+      for i <- 1..16, do: assert_receive({:first, ^i, :ok}, 5_000)
       {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
 
       outcomes = callers |> Task.await_many(10_000) |> List.flatten()
@@ -114,8 +132,10 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert SessionStore.get_variable_value(nif_sid, :x) == 42
 
       # A fresh program serves again; the old one's sessions went with it.
-      new_pid = wait_for_port(os_pid)
-      assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: ^new_pid}}
+      assert_receive {[:dspex, :bridge, :port, :started], ^ref, _, %{os_pid: new_pid}}
+                     when new_pid != os_pid,
+                     5_000
+
       assert {:error, :session_not_found} = SessionStore.get_variable(port_sid, :x)
       again = session(:port)
       assert {:ok, _} = SessionStore.register_variable(again, :x, :integer, 7)
@@ -392,22 +412,31 @@ defmodule DSPex.Bridge.Backend.PortTest do
       assert {nil, {:error, {:bad_request, _}}} = reply(port)
 
       # Unknown command: answered by id.
-      Port.command(port, frame(7, "launch_rockets", []))
+      Port.command(port, frame(7, "launch_rockets", %{}))
       assert {7, {:error, {:bad_request, "unknown command `launch_rockets`"}}} = reply(port)
 
       # Truncated body: answered by id.
-      good = frame(8, "session_create", ["s"])
+      good = frame(8, "session_create", %{"session" => "s"})
       Port.command(port, binary_part(good, 0, byte_size(good) - 1))
       assert {8, {:error, {:bad_request, _}}} = reply(port)
 
       # Arguments of the wrong type: answered by id.
-      Port.command(port, frame(9, "session_create", [%{}]))
+      Port.command(port, frame(9, "session_create", %{"session" => %{}}))
       assert {9, {:error, {:bad_request, _}}} = reply(port)
+
+      # Arguments by position: refused, the wire form never follows field order.
+      Port.command(port, frame(13, "session_create", ["s"]))
+
+      assert {13, {:error, {:bad_request, "expected a command {name => %{argument => value}}"}}} =
+               reply(port)
 
       # Oversized (limit 1024 here): skipped unread, answered by id.
       Port.command(
         port,
-        frame(10, "session_create", ["big", nil, nil, %{m: :binary.copy("x", 5000)}])
+        frame(10, "session_create", %{
+          "session" => "big",
+          "metadata" => %{m: :binary.copy("x", 5000)}
+        })
       )
 
       assert {10, {:error, {:too_large, 1024}}} = reply(port)
@@ -417,9 +446,9 @@ defmodule DSPex.Bridge.Backend.PortTest do
       for _ <- 1..200, do: assert({_, {:error, _}} = reply(port))
 
       # Still serving.
-      Port.command(port, frame(11, "session_create", ["s"]))
+      Port.command(port, frame(11, "session_create", %{"session" => "s"}))
       assert {11, :ok} = reply(port)
-      Port.command(port, frame(12, "session_list", []))
+      Port.command(port, frame(12, "session_list", %{}))
       assert {12, {:ok, ["s"]}} = reply(port)
     end
 
@@ -430,20 +459,17 @@ defmodule DSPex.Bridge.Backend.PortTest do
     end
   end
 
+  # No message announces the exit of a program this VM no longer holds a
+  # port to: ask the OS, within a deadline.
   defp exits_within?(os_pid, ms) do
-    cond do
-      match?(
-        {_, 1},
-        System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
-      ) ->
-        true
-
-      ms <= 0 ->
-        false
-
-      true ->
-        Process.sleep(10)
-        exits_within?(os_pid, ms - 10)
-    end
+    DSPex.Wait.until(
+      fn ->
+        match?(
+          {_, 1},
+          System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
+        )
+      end,
+      timeout: ms
+    )
   end
 end

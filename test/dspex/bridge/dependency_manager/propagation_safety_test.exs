@@ -77,7 +77,7 @@ defmodule DSPex.Bridge.DependencyManager.PropagationSafetyTest do
     end
 
     test "a linked process crashing it, or it killing itself, is a visible failure", %{sid: sid} do
-      ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :exception]])
+      ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :failed]])
 
       {:ok, _} =
         DependencyManager.defderived(sid, :linked, :integer, [:a], fn %{a: a} ->
@@ -159,7 +159,7 @@ defmodule DSPex.Bridge.DependencyManager.PropagationSafetyTest do
 
     test "a recomputation overrunning its deadline is killed, marked stale and dead-lettered",
          %{sid: sid} do
-      ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :exception]])
+      ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :failed]])
 
       {:ok, _} =
         DependencyManager.defderived(
@@ -248,7 +248,7 @@ defmodule DSPex.Bridge.DependencyManager.PropagationSafetyTest do
   describe "the worker" do
     test "a worker that dies is restarted with its definitions, and the death is visible",
          %{sid: sid} do
-      ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :exception]])
+      ref = TelemetryHelper.attach([[:dspex, :bridge, :propagation, :failed]])
       old = Propagator.whereis(sid)
       mref = Process.monitor(old)
       Process.exit(old, :kill)

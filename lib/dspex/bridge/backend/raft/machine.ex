@@ -28,6 +28,7 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
   - Snapshots: every `snapshot_every` writes, a `release_cursor` with the
     engine's export, which bounds the log.
   """
+
   # The `ra_machine` behaviour, not declared: ra is optional at compile time.
 
   import Kernel, except: [apply: 3]
@@ -43,112 +44,125 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
   def init(config) do
     %{
       sid: Map.fetch!(config, :sid),
+      # The default read consistency, restored with the member after a restart.
+      consistency: Map.get(config, :consistency, :consistent),
       applied: 0,
       snap: nil,
       since_snap: 0,
       snapshot_every: Map.get(config, :snapshot_every, @default_snapshot_every),
       rate: nil,
       tat: 0,
+      # The last stamped time: the time of the commands the machine issues.
+      now: 0,
       locks: %{}
     }
   end
 
-  def apply(%{index: index}, {:create, now, frame, rate}, state) do
+  # Every entry: the engine copy is brought to `applied` first, the entry
+  # handled, then `applied` (in the state and in the node's table) moves to
+  # the entry's index, and a snapshot is due every `snapshot_every` entries.
+  def apply(%{index: index, term: term}, cmd, state) do
     state = sync(state)
-    reply = execute(:write, frame)
 
-    state =
-      if reply == :ok, do: %{state | rate: rate_config(rate), tat: now}, else: state
+    {state, reply, effects} =
+      case handle(cmd, index, state) do
+        {state, reply} -> {state, reply, []}
+        triple -> triple
+      end
 
-    applied(state, index, reply)
+    reply =
+      case cmd do
+        {:exec_meta, _, _, _} -> {reply, %{index: index, term: term}}
+        _ -> reply
+      end
+
+    state = %{state | applied: index, snap: nil, since_snap: state.since_snap + 1}
+    :ets.insert(@engine, {state.sid, index})
+    {state, snapshot} = snapshot(state, index)
+    {state, reply, effects ++ snapshot}
   end
 
-  def apply(%{index: index}, {:exec, now, kind, frame}, state) do
-    state = sync(state)
+  defp handle({:create, now, frame, rate}, _index, state) do
+    state = %{state | now: now}
+    reply = execute(:write, frame, now)
+    state = if reply == :ok, do: %{state | rate: rate_config(rate), tat: now}, else: state
+    {state, reply}
+  end
+
+  defp handle({:exec, now, kind, frame}, _index, state) do
+    state = %{state | now: max(state.now, now)}
 
     case admit(state, now) do
-      {:ok, state} -> applied(state, index, execute(kind, frame))
-      :rate_limited -> applied(state, index, {:error, :rate_limited})
+      {:ok, state} -> {state, execute(kind, frame, now)}
+      :rate_limited -> {state, {:error, :rate_limited}}
     end
   end
 
-  # As `:exec`, answering `{reply, %{index: i, term: t}}`: where the write
-  # sits in the log (for clients that check histories).
-  def apply(%{index: index, term: term} = meta, {:exec_meta, now, kind, frame}, state) do
-    case apply(meta, {:exec, now, kind, frame}, state) do
-      {state, reply} -> {state, {reply, %{index: index, term: term}}}
-      {state, reply, effects} -> {state, {reply, %{index: index, term: term}}, effects}
-    end
-  end
+  # As `:exec`; the reply also says where the write sits in the log.
+  defp handle({:exec_meta, now, kind, frame}, index, state),
+    do: handle({:exec, now, kind, frame}, index, state)
 
-  def apply(%{index: index}, {:lock_acquire, now, lock, holder, lease_ms}, state) do
-    state = sync(state)
-
+  defp handle({:lock_acquire, now, lock, holder, lease_ms}, index, state) do
     case Map.get(state.locks, lock) do
       %{holder: ^holder, token: token} ->
         # Re-entrant: the holder renews its lease and keeps its token.
         state = put_in(state.locks[lock].lease_ms, lease_ms)
-        {%{state | applied: index}, {:ok, token}, lease_effects(lock, token, holder, lease_ms)}
+        {state, {:ok, token}, lease_effects(lock, token, holder, lease_ms)}
 
       nil ->
         grant = %{token: index, holder: holder, lease_ms: lease_ms, granted_at: now}
-        state = %{state | locks: Map.put(state.locks, lock, grant), applied: index}
+        state = %{state | locks: Map.put(state.locks, lock, grant)}
         {state, {:ok, index}, lease_effects(lock, index, holder, lease_ms)}
 
       %{holder: other} ->
-        {%{state | applied: index}, {:error, {:locked, other}}}
+        {state, {:error, {:locked, other}}}
     end
   end
 
-  def apply(%{index: index}, {:lock_release, lock, token}, state) do
-    state = sync(state)
-
+  defp handle({:lock_release, lock, token}, _index, state) do
     case Map.get(state.locks, lock) do
-      %{token: ^token} -> {%{state | locks: Map.delete(state.locks, lock), applied: index}, :ok}
-      _ -> {%{state | applied: index}, {:error, :stale_fencing_token}}
+      %{token: ^token} -> {%{state | locks: Map.delete(state.locks, lock)}, :ok}
+      _ -> {state, {:error, :stale_fencing_token}}
     end
   end
 
-  def apply(%{index: index}, {:fenced, lock, token, now, kind, frame}, state) do
-    state = sync(state)
-
+  defp handle({:fenced, lock, token, now, kind, frame}, index, state) do
     case Map.get(state.locks, lock) do
-      %{token: ^token} ->
-        case admit(state, now) do
-          {:ok, state} -> applied(state, index, execute(kind, frame))
-          :rate_limited -> applied(state, index, {:error, :rate_limited})
-        end
-
-      _ ->
-        {%{state | applied: index}, {:error, :stale_fencing_token}}
+      %{token: ^token} -> handle({:exec, now, kind, frame}, index, state)
+      _ -> {state, {:error, :stale_fencing_token}}
     end
   end
 
   # Appended by the leader when a lease's timer fires.
-  def apply(%{index: index}, {:timeout, {:lease, lock, token}}, state) do
-    state = sync(state)
-
-    locks =
-      case Map.get(state.locks, lock) do
-        %{token: ^token} -> Map.delete(state.locks, lock)
-        _ -> state.locks
-      end
-
-    {%{state | locks: locks, applied: index}, :ok}
+  defp handle({:timeout, {:lease, lock, token}}, _index, state) do
+    case Map.get(state.locks, lock) do
+      %{token: ^token} -> {%{state | locks: Map.delete(state.locks, lock)}, :ok}
+      _ -> {state, :ok}
+    end
   end
 
   # Appended by the leader when a monitored lock holder dies.
-  def apply(%{index: index}, {:down, pid, _info}, state) do
-    state = sync(state)
-    locks = Map.reject(state.locks, fn {_, l} -> l.holder == pid end)
-    {%{state | locks: locks, applied: index}, :ok}
+  defp handle({:down, pid, _info}, _index, state) do
+    {%{state | locks: Map.reject(state.locks, fn {_, l} -> l.holder == pid end)}, :ok}
   end
 
-  def apply(%{index: index}, _other, state), do: {%{state | applied: index}, {:error, :bad_command}}
+  defp handle(_other, _index, state), do: {state, {:error, :bad_command}}
+
+  # The engine's export as the state at `index`: ra writes it as a snapshot
+  # and truncates the log before it.
+  defp snapshot(state, index) do
+    with true <- state.since_snap >= state.snapshot_every,
+         {:ok, bin} <- execute(:heavy_read, export_frame(state.sid), state.now) do
+      state = %{state | since_snap: 0}
+      {state, [{:release_cursor, index, %{state | snap: bin}}]}
+    else
+      _ -> {state, []}
+    end
+  end
 
   def state_enter(:eol, %{sid: sid}) do
     # This member was removed or its group deleted: drop the engine copy.
-    _ = Native.replica_execute(delete_frame(sid))
+    _ = Native.replica_execute(delete_frame(sid), 0)
     _ = :ets.delete(@engine, sid)
     []
   end
@@ -167,7 +181,7 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
   @doc "A query on this member's engine copy (runs in the ra server process)."
   def query(kind, frame, state) do
     _ = sync(state)
-    execute(kind, frame)
+    execute(kind, frame, :os.system_time(:microsecond))
   end
 
   @doc "The fencing token of `lock`, or `nil` (a query)."
@@ -179,24 +193,6 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
   end
 
   ## Internals
-
-  defp applied(state, index, reply) do
-    state = %{state | applied: index, snap: nil, since_snap: state.since_snap + 1}
-    :ets.insert(@engine, {state.sid, index})
-
-    if state.since_snap >= state.snapshot_every do
-      case execute(:heavy_read, export_frame(state.sid)) do
-        {:ok, bin} ->
-          snapshot = %{state | snap: bin, since_snap: 0}
-          {%{state | since_snap: 0}, reply, [{:release_cursor, index, snapshot}]}
-
-        _ ->
-          {state, reply}
-      end
-    else
-      {state, reply}
-    end
-  end
 
   defp lease_effects(_lock, _token, holder, _lease_ms) when not is_pid(holder), do: []
 
@@ -216,14 +212,14 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
         state
 
       _ ->
-        _ = Native.replica_execute(delete_frame(sid))
+        _ = Native.replica_execute(delete_frame(sid), state.now)
 
         cond do
           applied == 0 ->
             :ok
 
           is_binary(state.snap) ->
-            {:ok, _} = Native.replica_execute_dirty(import_frame(state.snap, sid))
+            {:ok, _} = Native.replica_execute_dirty(import_frame(state.snap, sid), state.now)
 
           true ->
             # Neither a snapshot nor the entries since: let ra restart this
@@ -236,10 +232,10 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
     end
   end
 
-  defp execute(kind, frame) when kind in [:heavy_read, :heavy_write],
-    do: Native.replica_execute_dirty(frame)
+  defp execute(kind, frame, now) when kind in [:heavy_read, :heavy_write],
+    do: Native.replica_execute_dirty(frame, now)
 
-  defp execute(_kind, frame), do: Native.replica_execute(frame)
+  defp execute(_kind, frame, now), do: Native.replica_execute(frame, now)
 
   defp rate_config(%{ops_per_sec: ops, burst: burst}), do: rate_config({ops, burst})
 
@@ -256,17 +252,12 @@ defmodule DSPex.Bridge.Backend.Raft.Machine do
     if next - now > t, do: :rate_limited, else: {:ok, %{state | tat: next}}
   end
 
-  defp delete_frame(sid), do: frame("session_delete", [sid])
-  defp export_frame(sid), do: frame("session_export", [sid])
-  defp import_frame(bin, sid), do: frame("session_import", [bin, sid])
+  defp delete_frame(sid), do: frame("session_delete", session: sid)
+  defp export_frame(sid), do: frame("session_export", session: sid)
+  defp import_frame(bin, sid), do: frame("session_import", snapshot: bin, session: sid)
 
   defp frame(name, args) do
-    alias DSPex.Bridge.MsgPack
-
-    IO.iodata_to_binary([
-      0x81,
-      MsgPack.encode!(name),
-      MsgPack.array_header(length(args)) | Enum.map(args, &MsgPack.encode!/1)
-    ])
+    {:ok, _kind, frame} = DSPex.Bridge.Backend.Raft.Command.encode_raw(name, args)
+    frame
   end
 end

@@ -85,24 +85,81 @@ defmodule DSPex.Bridge.Backend.Raft.System do
     end
   end
 
-  # Every member registered on disk is restarted; the ones that answer
-  # are registered in the sessions table.
+  @doc """
+  Starts a member on this node from its ra server config, after writing
+  the config to this node's data directory (fsynced): ra's own name
+  directory is a dets file that a kill -9 can leave without its last
+  entries, and a member this node cannot name after a crash could not be
+  restarted.
+  """
+  @spec start_member(map) :: :ok | {:error, term}
+  def start_member(%{id: {name, _}} = config) do
+    path = member_path(name)
+    File.mkdir_p!(Path.dirname(path))
+    tmp = path <> ".tmp"
+    {:ok, fd} = :file.open(tmp, [:write, :raw, :binary])
+    :ok = :file.write(fd, :erlang.term_to_binary(config))
+    :ok = :file.sync(fd)
+    :ok = :file.close(fd)
+    :ok = :file.rename(tmp, path)
+
+    case :ra.start_server(@system, config) do
+      :ok -> :ok
+      {:error, {:already_started, _}} -> :ok
+      error -> error
+    end
+  end
+
+  @doc "Forgets a member removed from its group (its ra data is deleted by ra)."
+  @spec forget_member(atom) :: :ok
+  def forget_member(name) do
+    _ = File.rm(member_path(name))
+    :ok
+  end
+
+  defp member_path(name), do: Path.join([data_dir(), "dspex_members", Atom.to_string(name)])
+
+  # Every member this node recorded is restarted (ra recovers its log and
+  # snapshot from the data directory), then registered in the sessions table.
   defp restart_members do
-    for {name, _uid} <- :ra_directory.list_registered(@system) do
-      id = {name, node()}
+    for file <- Path.wildcard(Path.join([data_dir(), "dspex_members", "*"])),
+        not String.ends_with?(file, ".tmp"),
+        {:ok, bin} <- [File.read(file)] do
+      %{id: {name, _}} = config = :erlang.binary_to_term(bin)
+      config = %{config | id: {name, node()}}
+      id = config.id
 
       case :ra.restart_server(@system, id) do
         :ok -> :ok
         {:error, {:already_started, _}} -> :ok
+        {:error, :name_not_registered} -> :ra.start_server(@system, config)
         error -> Logger.warning("dspex: could not restart #{inspect(id)}: #{inspect(error)}")
       end
 
-      with {:ok, {_, sid}, _} <- :ra.local_query(id, & &1.sid),
-           {:ok, members, _} <- :ra.members({:local, id}) do
-        :ets.insert(@sessions, {sid, name, members})
-      end
+      # A restarted member answers queries once its group has a leader,
+      # which needs the other members' nodes: learn its session meanwhile.
+      Task.start(fn -> register_member(id, 120) end)
     end
   rescue
     e -> Logger.warning("dspex: restarting replicated sessions: #{Exception.message(e)}")
+  end
+
+  defp register_member(_id, 0), do: :ok
+
+  defp register_member({name, _} = id, tries) do
+    with {:ok, {_, {sid, consistency}}, _} <-
+           :ra.local_query(id, &{&1.sid, &1.consistency}, 1_000),
+         {:ok, members, _} <- :ra.members({:local, id}, 1_000) do
+      :ets.insert(@sessions, {sid, name, members, consistency})
+      :ok
+    else
+      _ ->
+        Process.sleep(500)
+        register_member(id, tries - 1)
+    end
+  catch
+    _, _ ->
+      Process.sleep(500)
+      register_member(id, tries - 1)
   end
 end
