@@ -88,7 +88,8 @@ defmodule Mix.Tasks.Compile.DspexCargoTest do
       assert {out, 0} =
                System.cmd(Path.join(host, "_build/prod/rel/host/bin/host"), ["eval", check])
 
-      assert out =~ "{{:ok, %{nif: :ok, port: :not_configured, store: :ok}}, true, true}"
+      assert out =~
+               "{{:ok, %{nif: :ok, port: :not_configured, raft: :not_configured, store: :ok}}, true, true}"
     end
 
     test "the compiler honours --force and mix clean removes its outputs", %{dep: dep} do

@@ -61,6 +61,15 @@ defmodule DSPex.Bridge.HA.FaultTest do
     end
   end
 
+  # A restarted member tells the other nodes about its session once it
+  # has recovered.
+  defp await_members(peer, sid, tries) do
+    case C.call(peer, Raft, :members, [sid]) do
+      {:ok, _} = ok -> ok
+      _ when tries > 0 -> Process.sleep(25) && await_members(peer, sid, tries - 1)
+    end
+  end
+
   test "leader killed by kill -9 mid-writes: no acknowledged write lost, tokens increase",
        %{peers: [a | _] = peers} do
     create!(a, "k9", 3)
@@ -177,7 +186,7 @@ defmodule DSPex.Bridge.HA.FaultTest do
     on_exit(fn -> C.stop(restarted) end)
 
     assert C.check!(history, restarted, "all", :x) == 50
-    {:ok, %{members: [{_, solo_node}]}} = C.call(hd(restarted), Raft, :members, ["solo"])
+    {:ok, %{members: [{_, solo_node}]}} = await_members(hd(restarted), "solo", 200)
     solo_peer = Enum.find(restarted, &(&1.node == solo_node))
     assert C.check!(solo, [solo_peer], "solo", :x) == 20
   end

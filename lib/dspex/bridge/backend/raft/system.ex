@@ -150,8 +150,15 @@ defmodule DSPex.Bridge.Backend.Raft.System do
     with {:ok, {_, {sid, consistency}}, _} <-
            :ra.local_query(id, &{&1.sid, &1.consistency}, 1_000),
          {:ok, members, _} <- :ra.members({:local, id}, 1_000) do
-      :ets.insert(@sessions, {sid, name, members, consistency})
-      :ok
+      # Every connected node learns it (a node without a member forwards).
+      DSPex.Bridge.Backend.Raft.register_local(sid, name, members, consistency)
+
+      :erpc.multicast(Node.list(), DSPex.Bridge.Backend.Raft, :register_local, [
+        sid,
+        name,
+        members,
+        consistency
+      ])
     else
       _ ->
         Process.sleep(500)
