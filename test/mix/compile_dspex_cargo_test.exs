@@ -82,7 +82,8 @@ defmodule Mix.Tasks.Compile.DspexCargoTest do
       check = """
       {:ok, _} = Application.ensure_all_started(:host)
       IO.inspect({DSPex.Bridge.Health.ready(), DSPex.Bridge.Analytics.running?(),
-                  {DSPex.Bridge.Analytics, :handler} in Enum.map(:telemetry.handlers(), &elem(&1, 0))})
+                  {DSPex.Bridge.Analytics, :handler} in Enum.map(:telemetry.handlers(), &elem(&1, 0))},
+                 width: :infinity)
       """
 
       assert {out, 0} =

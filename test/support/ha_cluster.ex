@@ -68,12 +68,19 @@ defmodule DSPex.Test.HACluster do
 
   def call(peer, m, f, a, timeout \\ 15_000), do: :peer.call(peer.pid, m, f, a, timeout)
 
-  def kill9(peer), do: System.cmd("kill", ["-9", to_string(peer.os_pid)])
-  def sigstop(peer), do: System.cmd("kill", ["-STOP", to_string(peer.os_pid)])
-  def sigcont(peer), do: System.cmd("kill", ["-CONT", to_string(peer.os_pid)])
+  def kill9(peer), do: signal(peer, "-9")
+  def sigstop(peer), do: signal(peer, "-STOP")
+  def sigcont(peer), do: signal(peer, "-CONT")
 
+  defp signal(peer, sig),
+    do: System.cmd("kill", [sig, to_string(peer.os_pid)], stderr_to_stdout: true)
+
+  # Never leaves a stopped process behind: a peer a failed test left
+  # SIGSTOPped is continued before it is stopped.
   def stop(peers) do
     for p <- peers do
+      sigcont(p)
+
       try do
         :peer.stop(p.pid)
       catch

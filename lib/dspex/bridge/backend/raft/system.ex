@@ -10,8 +10,9 @@ defmodule DSPex.Bridge.Backend.Raft.System do
   and `available?/0` is false.
 
   Configuration: `config :dspex_bridge, ra_data_dir: "/var/lib/dspex/ra"`
-  (default: `<tmp>/dspex_ra/<node>`; one directory per node, on a disk
-  that survives restarts for durable sessions).
+  (a folder per node is made inside it; on a disk that survives restarts
+  for durable sessions). Default: `<tmp>/dspex_ra/<hash of the working
+  directory>/<node>`, so two projects on one machine never share a WAL.
   """
   use GenServer
   require Logger
@@ -37,9 +38,13 @@ defmodule DSPex.Bridge.Backend.Raft.System do
   @spec data_dir() :: String.t()
   def data_dir do
     case Application.get_env(:dspex_bridge, :ra_data_dir) do
-      nil -> Path.join([System.tmp_dir!(), "dspex_ra", Atom.to_string(node())])
+      nil -> Path.join([System.tmp_dir!(), "dspex_ra", cwd_hash(), Atom.to_string(node())])
       dir -> Path.join(dir, Atom.to_string(node()))
     end
+  end
+
+  defp cwd_hash do
+    :crypto.hash(:sha256, File.cwd!()) |> Base.url_encode64(padding: false) |> binary_part(0, 12)
   end
 
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
