@@ -43,3 +43,49 @@ if ! "$venv/bin/python" -c "import grpc, grpc_tools, google.protobuf, pytest, py
   echo "setup: installing grpcio grpcio-tools protobuf pytest pytest-timeout into $venv"
   "$venv/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools protobuf pytest pytest-timeout
 fi
+
+# ra (Raft) and its dependencies for replicated sessions, from Debian's
+# rabbitmq-server package: downloaded and unpacked into .cache/ra (git-ignored),
+# never installed (no RabbitMQ service starts). mix.exs puts their ebin folders
+# on the code path. Optional: without it, sessions without `replicas:` work as
+# before, `replicas:` answers {:error, :ra_unavailable} and the :ha tests are
+# skipped. Idempotent: nothing is fetched once .cache/ra is complete, and a
+# half-made cache is never left behind (staged, then renamed).
+ra_cache="$(cd "$(dirname "$0")/.." && pwd)/.cache/ra"
+ra_apps=(ra aten gen_batch_server seshat)
+
+ra_complete() {
+  local app
+  for app in "${ra_apps[@]}"; do
+    ls -d "$ra_cache/$app"-[0-9]*/ebin >/dev/null 2>&1 || return 1
+  done
+}
+
+ra_download() {
+  (cd "$1" && apt-get download -qq rabbitmq-server >/dev/null 2>&1) && return 0
+  # A fresh machine may have no package lists yet.
+  [ "$(id -u)" -eq 0 ] && apt-get update -qq >/dev/null 2>&1 &&
+    (cd "$1" && apt-get download -qq rabbitmq-server >/dev/null 2>&1)
+}
+
+ra_fetch() {
+  local tmp app
+  tmp="$(mktemp -d)" || return 1
+  ra_download "$tmp" &&
+    dpkg-deb -x "$tmp"/rabbitmq-server_*.deb "$tmp/x" &&
+    mkdir -p "$tmp/stage" || { rm -rf "$tmp"; return 1; }
+  for app in "${ra_apps[@]}"; do
+    cp -r "$tmp"/x/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/"$app"-[0-9]* "$tmp/stage/" ||
+      { rm -rf "$tmp"; return 1; }
+  done
+  mkdir -p "$(dirname "$ra_cache")" && rm -rf "$ra_cache" && mv "$tmp/stage" "$ra_cache"
+  local rc=$?
+  rm -rf "$tmp"
+  return $rc
+}
+
+if ! ra_complete; then
+  echo "setup: fetching ra from Debian's rabbitmq-server package into .cache/ra"
+  ra_fetch && ra_complete ||
+    echo "setup: could not fetch ra; replicated sessions unavailable, :ha tests skipped" >&2
+fi

@@ -82,13 +82,15 @@ defmodule Mix.Tasks.Compile.DspexCargoTest do
       check = """
       {:ok, _} = Application.ensure_all_started(:host)
       IO.inspect({DSPex.Bridge.Health.ready(), DSPex.Bridge.Analytics.running?(),
-                  {DSPex.Bridge.Analytics, :handler} in Enum.map(:telemetry.handlers(), &elem(&1, 0))})
+                  {DSPex.Bridge.Analytics, :handler} in Enum.map(:telemetry.handlers(), &elem(&1, 0))},
+                 width: :infinity)
       """
 
       assert {out, 0} =
                System.cmd(Path.join(host, "_build/prod/rel/host/bin/host"), ["eval", check])
 
-      assert out =~ "{{:ok, %{nif: :ok, port: :not_configured, store: :ok}}, true, true}"
+      assert out =~
+               "{{:ok, %{nif: :ok, port: :not_configured, raft: :not_configured, store: :ok}}, true, true}"
     end
 
     test "the compiler honours --force and mix clean removes its outputs", %{dep: dep} do

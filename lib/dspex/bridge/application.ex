@@ -22,6 +22,9 @@ defmodule DSPex.Bridge.Application do
       # Before the port: its calls are protected from the first one.
       DSPex.Bridge.DeadLetterQueue,
       DSPex.Bridge.State.Bridged,
+      # Replicated sessions: ra's system, restarted members, the HA manager.
+      DSPex.Bridge.Backend.Raft.System,
+      DSPex.Bridge.HAManager,
       # The port program may die (that is what it is for): the Port server
       # restarts it with a backoff and never exits for it. Its supervisor only
       # sees the server's own crashes; should even those exhaust it, it stops

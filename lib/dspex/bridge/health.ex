@@ -10,6 +10,10 @@ defmodule DSPex.Bridge.Health do
     answers within `:timeout` ms (default 1000). Otherwise the port is
     `:not_configured` and does not count: it may die and restart without
     making a NIF node unready.
+  - *raft*: `:not_configured` while this node holds no replicated-session
+    member; else `:ok` when ra runs and every group with a member here has
+    a leader, `{:error, {:raft_no_leader, session_ids}}` otherwise (the
+    group cannot take writes: a majority of its members is down or cut off).
 
       {:ok, %{nif: :ok, store: :ok, port: :not_configured}} = DSPex.Bridge.Health.ready()
   """
@@ -17,7 +21,7 @@ defmodule DSPex.Bridge.Health do
   alias DSPex.Bridge.{Backend, Native, SessionStore}
 
   @type check :: :ok | :not_configured | {:error, term}
-  @type checks :: %{nif: check, store: check, port: check}
+  @type checks :: %{nif: check, store: check, port: check, raft: check}
 
   @doc "Always `:ok`: if this runs, the VM is alive."
   @spec live() :: :ok
@@ -29,7 +33,13 @@ defmodule DSPex.Bridge.Health do
     timeout = Keyword.get(opts, :timeout, 1_000)
     nif = check_nif()
     store = if nif == :ok, do: check_store(), else: {:error, :nif_not_loaded}
-    checks = %{nif: nif, store: store, port: check_port(timeout)}
+
+    checks = %{
+      nif: nif,
+      store: store,
+      port: check_port(timeout),
+      raft: DSPex.Bridge.HAManager.health()
+    }
 
     if Enum.all?(Map.values(checks), &(&1 in [:ok, :not_configured])),
       do: {:ok, checks},

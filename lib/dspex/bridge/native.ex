@@ -30,6 +30,10 @@ defmodule DSPex.Bridge.Native do
   def session_export(_sid), do: err()
   def session_import(_snapshot, _new_id), do: err()
 
+  # replicated sessions (native/dspex_nif/src/replicated.rs)
+  def replica_execute(_frame, _now_us), do: err()
+  def replica_execute_dirty(_frame, _now_us), do: err()
+
   # variables
   def var_register(_sid, _name, _type, _initial, _opts, _principal), do: err()
   def var_get(_sid, _ident, _principal), do: err()

@@ -137,6 +137,11 @@ defmodule DSPex.Bridge.SessionStore do
   effect), and `{:error, :backend_unavailable}` while the port program
   restarts.
 
+  `replicas: n` makes the session a Raft group on `n` connected nodes
+  (`replicas: 1`: a durable session on one node), `consistency:` its
+  default read consistency (`:consistent`, `:leader` or `:local`); see
+  `DSPex.Bridge.Backend.Raft` and `DSPex.Bridge.HAManager`.
+
       iex> {:ok, "doc-create"} = DSPex.Bridge.SessionStore.create_session("doc-create")
       iex> DSPex.Bridge.SessionStore.create_session("doc-create")
       {:error, :already_exists}

@@ -10,6 +10,7 @@ mod graph;
 mod locks;
 mod log;
 mod metrics;
+mod replicated;
 mod reply;
 mod store;
 mod term;

@@ -356,7 +356,7 @@ defmodule DSPex.Bridge.Analytics.Endpoint do
   defp route(_method, _path), do: reply(405, "text/plain", "method not allowed\n")
 
   defp metrics_text do
-    Analytics.prometheus_text()
+    [Analytics.prometheus_text(), DSPex.Bridge.HAManager.prometheus_text()]
   rescue
     e -> "# metrics unavailable: #{Exception.message(e) |> String.replace("\n", " ")}\n"
   end

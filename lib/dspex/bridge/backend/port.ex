@@ -93,6 +93,7 @@ defmodule DSPex.Bridge.Backend.Port do
   # `Operation::WRITES` of each command, read from the NIF once
   # (`Native.command_catalog/0`) and kept in a persistent term.
   @catalog_key {__MODULE__, :writes}
+  @encode_only :dspex_port_encode_only
 
   ## Lifecycle
 
@@ -556,9 +557,33 @@ defmodule DSPex.Bridge.Backend.Port do
   # Every request goes through the backend's protection (breaker, retries,
   # cache, dead-letter queue; `DSPex.Bridge.State.Bridged`).
   defp send_command(command, args, timeout) do
+    if Process.get(@encode_only) do
+      throw({@encode_only, command, IO.iodata_to_binary([0x81, str(command), named(args)])})
+    end
+
     Bridged.run(:port, command, args, writes?(command), fn ->
       send_raw(command, args, timeout)
     end)
+  end
+
+  @doc false
+  # The command a backend callback sends, without sending it:
+  # `{:ok, name, frame, write?}` (the frame as `send_raw/3` would put it on
+  # the wire), or the callback's `{:error, reason}` for a refused argument.
+  # The Raft backend (`Backend.Raft.Command`) appends these frames to its
+  # log, so both transports share one encoding of every operation.
+  def encode_command(fun, args) do
+    Process.put(@encode_only, true)
+
+    try do
+      apply(__MODULE__, fun, args)
+    catch
+      {@encode_only, name, frame} -> {:ok, name, frame, writes?(name)}
+    else
+      {:error, _} = error -> error
+    after
+      Process.delete(@encode_only)
+    end
   end
 
   @doc false

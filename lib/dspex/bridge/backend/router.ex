@@ -2,7 +2,8 @@ defmodule DSPex.Bridge.Backend.Router do
   @moduledoc """
   The backend `DSPex.Bridge.SessionStore` talks to: it serves every session
   from the backend that holds it, `DSPex.Bridge.Backend.Native` (the NIF) or
-  `DSPex.Bridge.Backend.Port` (the port program).
+  `DSPex.Bridge.Backend.Port` (the port program), or
+  `DSPex.Bridge.Backend.Raft` (a replicated session, `replicas:`).
 
   Which backend a new session goes to: `SessionStore.create_session(id, backend: :port)`
   (or `:nif`), else `config :dspex_bridge, backend: :nif | :port` (default
@@ -14,17 +15,18 @@ defmodule DSPex.Bridge.Backend.Router do
   session, that is the answer: no table, no message, nothing added to the
   hot path. Only when the NIF answers `{:error, :session_not_found}` does the
   router check, with one `:ets` lookup (`Backend.Port.owns?/1`), whether the
-  port holds the session, and if so asks it. A session lives in exactly one
+  port (or, with one more lookup, the Raft backend) holds the session, and
+  if so asks it. A session lives in exactly one
   backend: each create (or import) publishes the new id in its own backend
   first and then checks the other, so of two racing creates of one id at
   least one sees the other and gives up with `{:error, :already_exists}`.
   """
   @behaviour DSPex.Bridge.Backend
 
-  alias DSPex.Bridge.Backend.{Native, Port}
+  alias DSPex.Bridge.Backend.{Native, Port, Raft}
 
   @typedoc "Where a session lives."
-  @type kind :: :nif | :port
+  @type kind :: :nif | :port | :raft
 
   @doc "The backend new sessions go to unless told otherwise."
   @spec default_kind() :: kind
@@ -36,6 +38,7 @@ defmodule DSPex.Bridge.Backend.Router do
     cond do
       match?({:ok, _}, Native.session_info(sid)) -> :nif
       is_binary(sid) and Port.owns?(sid) -> :port
+      is_binary(sid) and Raft.owns?(sid) -> :raft
       true -> nil
     end
   end
@@ -52,6 +55,8 @@ defmodule DSPex.Bridge.Backend.Router do
     case kind_of(sid) do
       :nif -> {sid, var_id, principal}
       :port -> with pid when is_pid(pid) <- Process.whereis(Port), do: {:port, pid, sid, var_id}
+      # Replicated sessions fence in their state machine (Backend.Raft.fenced/5).
+      :raft -> nil
       nil -> nil
     end
   end
@@ -59,6 +64,7 @@ defmodule DSPex.Bridge.Backend.Router do
   @doc false
   def module(:nif), do: Native
   def module(:port), do: Port
+  def module(:raft), do: Raft
 
   @doc """
   Creates a session in backend `kind` (`nil` for the default).
@@ -67,8 +73,9 @@ defmodule DSPex.Bridge.Backend.Router do
   @spec session_create(String.t(), map, kind | nil) :: :ok | {:error, term}
   def session_create(sid, opts, kind) do
     case kind || default_kind() do
-      :nif -> exclusive(Native, Port, sid, &Native.session_create(&1, opts))
-      :port -> exclusive(Port, Native, sid, &Port.session_create(&1, opts))
+      :nif -> exclusive(Native, [Port, Raft], sid, &Native.session_create(&1, opts))
+      :port -> exclusive(Port, [Native, Raft], sid, &Port.session_create(&1, opts))
+      :raft -> exclusive(Raft, [Native, Port], sid, &Raft.session_create(&1, opts))
       other -> {:error, {:invalid_argument, {:backend, other}}}
     end
   end
@@ -77,16 +84,16 @@ defmodule DSPex.Bridge.Backend.Router do
   @spec session_import(binary, String.t() | nil, kind | nil) :: {:ok, String.t()} | {:error, term}
   def session_import(snapshot, new_id, kind) do
     case kind || default_kind() do
-      :nif -> exclusive_import(Native, Port, snapshot, new_id)
-      :port -> exclusive_import(Port, Native, snapshot, new_id)
+      :nif -> exclusive_import(Native, [Port, Raft], snapshot, new_id)
+      :port -> exclusive_import(Port, [Native, Raft], snapshot, new_id)
       other -> {:error, {:invalid_argument, {:backend, other}}}
     end
   end
 
-  # Publish in `mine`, then look in `other`: undo if `other` has it too.
-  defp exclusive(mine, other, sid, create) do
+  # Publish in `mine`, then look in `others`: undo if one has it too.
+  defp exclusive(mine, others, sid, create) do
     with :ok <- create.(sid) do
-      if held_by?(other, sid) do
+      if Enum.any?(others, &held_by?(&1, sid)) do
         mine.session_delete(sid)
         {:error, :already_exists}
       else
@@ -95,9 +102,9 @@ defmodule DSPex.Bridge.Backend.Router do
     end
   end
 
-  defp exclusive_import(mine, other, snapshot, new_id) do
+  defp exclusive_import(mine, others, snapshot, new_id) do
     with {:ok, sid} <- mine.session_import(snapshot, new_id) do
-      if held_by?(other, sid) do
+      if Enum.any?(others, &held_by?(&1, sid)) do
         mine.session_delete(sid)
         {:error, :already_exists}
       else
@@ -108,10 +115,17 @@ defmodule DSPex.Bridge.Backend.Router do
 
   defp held_by?(Native, sid), do: match?({:ok, _}, Native.session_info(sid))
   defp held_by?(Port, sid), do: Port.owns?(sid)
+  defp held_by?(Raft, sid), do: Raft.owns?(sid)
 
-  # The port, for a session the NIF store does not have and the port owns.
-  defp on_port(miss, sid, call) do
-    if is_binary(sid) and Port.owns?(sid), do: call.(), else: miss
+  # The backend, other than the NIF, holding a session the NIF store does
+  # not have: `call.(module)`, or `miss` when none does.
+  defp elsewhere(miss, sid, call) do
+    cond do
+      not is_binary(sid) -> miss
+      Port.owns?(sid) -> call.(Port)
+      Raft.owns?(sid) -> call.(Raft)
+      true -> miss
+    end
   end
 
   # A session-scoped call (the session id first): served by the NIF, or by
@@ -120,7 +134,7 @@ defmodule DSPex.Bridge.Backend.Router do
   # hot path.
   defp routed(fun, [sid | _] = args) do
     case apply(Native, fun, args) do
-      {:error, :session_not_found} = miss -> on_port(miss, sid, fn -> apply(Port, fun, args) end)
+      {:error, :session_not_found} = miss -> elsewhere(miss, sid, &apply(&1, fun, args))
       result -> result
     end
   end
@@ -144,7 +158,7 @@ defmodule DSPex.Bridge.Backend.Router do
   @impl true
   @spec session_list() :: [String.t()] | {:error, {:partial, map}}
   def session_list do
-    nif = Native.session_list()
+    nif = Native.session_list() ++ if(Raft.owns_any?(), do: Raft.session_list(), else: [])
 
     if Port.owns_any?() do
       case Port.session_list() do
@@ -160,7 +174,7 @@ defmodule DSPex.Bridge.Backend.Router do
   end
 
   @impl true
-  def session_sweep, do: Native.session_sweep() ++ Port.session_sweep()
+  def session_sweep, do: Native.session_sweep() ++ Port.session_sweep() ++ Raft.session_sweep()
 
   @impl true
   def session_info(sid), do: routed(:session_info, [sid])
@@ -189,7 +203,7 @@ defmodule DSPex.Bridge.Backend.Router do
   def var_get_value(sid, ident, principal) do
     case Native.var_get_value(sid, ident, principal) do
       {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.var_get_value(sid, ident, principal) end)
+        elsewhere(miss, sid, & &1.var_get_value(sid, ident, principal))
 
       result ->
         result
@@ -200,9 +214,7 @@ defmodule DSPex.Bridge.Backend.Router do
   def var_set(sid, ident, value, metadata, expected, principal) do
     case Native.var_set(sid, ident, value, metadata, expected, principal) do
       {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn ->
-          Port.var_set(sid, ident, value, metadata, expected, principal)
-        end)
+        elsewhere(miss, sid, & &1.var_set(sid, ident, value, metadata, expected, principal))
 
       result ->
         result
@@ -252,7 +264,13 @@ defmodule DSPex.Bridge.Backend.Router do
   def acl_authorize_session(sid, principal, permission) do
     case Native.acl_authorize_session(sid, principal, permission) do
       {:error, :session_not_found} = miss ->
-        on_port(miss, sid, fn -> Port.acl_authorize_session(sid, principal, permission) end)
+        elsewhere(miss, sid, fn
+          Port ->
+            Port.acl_authorize_session(sid, principal, permission)
+
+          Raft ->
+            Raft.acl_authorize_session(sid, principal, permission)
+        end)
 
       result ->
         result

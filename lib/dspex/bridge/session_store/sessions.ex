@@ -27,10 +27,14 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
              :metadata,
              :rate_limit,
              :audit_size,
-             :backend
+             :backend,
+             :replicas,
+             :consistency
            ]),
-         kind = opts[:backend] || Router.default_kind(),
+         kind = if(opts[:replicas], do: :raft, else: opts[:backend] || Router.default_kind()),
          native_opts = %{
+           replicas: opts[:replicas],
+           consistency: opts[:consistency],
            ttl_ms: opts[:ttl],
            max_history: opts[:max_history],
            metadata: opts[:metadata] || %{},

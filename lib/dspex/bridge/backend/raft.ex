@@ -1,0 +1,678 @@
+defmodule DSPex.Bridge.Backend.Raft do
+  @moduledoc """
+  Replicated sessions: each one a Raft group (ra) whose members apply the
+  core's commands to their own node's engine (`DSPex.Bridge.Backend.Raft.Machine`).
+
+      {:ok, _} = DSPex.Bridge.SessionStore.create_session("s1", replicas: 3)
+      {:ok, 1} = DSPex.Bridge.SessionStore.update_variable("s1", :x, 1)  # on a majority, on disk
+
+  - **Writes** go through the log: the caller's node stamps the time, sends
+    the command to the leader (any node may call; ra redirects), and
+    answers once a majority has it on disk. Past `raft_timeout` (default
+    5000 ms) the answer is `{:error, :timeout_unknown_outcome}`: the write
+    may or may not have happened, and it is never retried on another
+    member behind the caller's back (that could apply it twice).
+  - **Reads** are served by the leader after it has confirmed its
+    leadership (`consistency: :consistent`, the default), by the leader
+    without that round (`:leader`), or by this node's member (`:local`,
+    possibly stale). The default is chosen per session at creation
+    (`create_session(sid, replicas: 3, consistency: :local)`).
+  - **Placement**: the `replicas` members are the connected nodes with the
+    highest rendezvous hash of `{sid, node}`, skipping draining nodes. Only
+    Raft decides who writes.
+  - **Locks** (`lock_acquire/4`, `lock_release/3`, `fenced/5`): a grant's
+    fencing token is its Raft index; fenced writes are checked inside the
+    state machine.
+  - **Telemetry and propagation** run once, in the calling process, as for
+    every backend: the state machine emits nothing.
+
+  Errors: `{:error, :ra_unavailable}` when ra is not on this node's code
+  path (see `scripts/setup.sh`); `{:error, {:insufficient_nodes, have, want}}`
+  when fewer eligible nodes are connected than `replicas`;
+  `{:error, :unavailable}` when no member answers.
+  """
+  @behaviour DSPex.Bridge.Backend
+
+  alias DSPex.Bridge.Backend.Raft.{Command, Machine, System}
+
+  @sessions :dspex_raft_sessions
+
+  @typedoc "A ra server id: `{cluster_name, node}`."
+  @type server_id :: {atom, node}
+
+  ## Registry
+
+  @doc "Whether `sid` is a replicated session known on this node."
+  @spec owns?(String.t()) :: boolean
+  def owns?(sid) do
+    :ets.member(@sessions, sid)
+  rescue
+    ArgumentError -> false
+  end
+
+  @doc "Whether any replicated session is known on this node."
+  @spec owns_any?() :: boolean
+  def owns_any? do
+    :ets.first(@sessions) != :"$end_of_table"
+  rescue
+    ArgumentError -> false
+  end
+
+  @doc false
+  # Called on every node when a session is created or its members change.
+  def register_local(sid, name, members, consistency \\ :consistent) do
+    :ets.insert(@sessions, {sid, name, members, consistency})
+    :ok
+  end
+
+  @doc false
+  def unregister_local(sid) do
+    :ets.delete(@sessions, sid)
+    :ok
+  end
+
+  @doc false
+  # Every entry of this node's table (exchanged with nodes that connect).
+  def local_entries, do: :ets.match_object(@sessions, {:_, :_, :_, :_})
+
+  @doc false
+  def consistency(sid) do
+    case entry(sid) do
+      {:ok, _, _, consistency} -> consistency
+      _ -> :consistent
+    end
+  end
+
+  @doc "The members of `sid` as this node last learnt them."
+  @spec known_members(String.t()) :: {:ok, [server_id]} | {:error, :session_not_found}
+  def known_members(sid) do
+    case entry(sid) do
+      {:ok, _name, ids, _} -> {:ok, ids}
+      error -> error
+    end
+  end
+
+  defp entry(sid) do
+    case :ets.lookup(@sessions, sid) do
+      [{^sid, name, ids, consistency}] -> {:ok, name, ids, consistency}
+      [] -> {:error, :session_not_found}
+    end
+  rescue
+    ArgumentError -> {:error, :session_not_found}
+  end
+
+  defp broadcast(fun, args) do
+    apply(__MODULE__, fun, args)
+    :erpc.multicast(Node.list(), __MODULE__, fun, args)
+  end
+
+  ## Membership
+
+  @doc """
+  The group's members and leader, asked of the group:
+  `{:ok, %{members: [server_id], leader: server_id}}`.
+  """
+  @spec members(String.t()) :: {:ok, map} | {:error, term}
+  def members(sid) do
+    with {:ok, name, ids, consistency} <- entry(sid) do
+      case :ra.members(ids, timeout()) do
+        {:ok, members, leader} ->
+          if Enum.sort(members) != Enum.sort(ids),
+            do: broadcast(:register_local, [sid, name, members, consistency])
+
+          {:ok, %{members: members, leader: leader}}
+
+        {:timeout, _} ->
+          {:error, :timeout}
+
+        {:error, _} ->
+          {:error, :unavailable}
+      end
+    end
+  end
+
+  @doc "The node of the group's leader."
+  @spec leader_node(String.t()) :: {:ok, node} | {:error, term}
+  def leader_node(sid) do
+    with {:ok, %{leader: {_, node}}} <- members(sid), do: {:ok, node}
+  end
+
+  @doc false
+  def cluster_name(sid) do
+    hash = :crypto.hash(:sha256, sid) |> Base.url_encode64(padding: false) |> binary_part(0, 22)
+    String.to_atom("dspex_" <> hash)
+  end
+
+  @doc false
+  def machine(sid, consistency \\ :consistent),
+    do:
+      {:module, Machine,
+       %{
+         sid: sid,
+         consistency: consistency,
+         snapshot_every: Application.get_env(:dspex_bridge, :raft_snapshot_every, 4096)
+       }}
+
+  @doc """
+  The nodes a new group of `replicas` members goes to: the eligible
+  connected nodes (ra running, not draining) ranked by the rendezvous hash
+  of `{sid, node}`.
+  """
+  @spec placement(String.t(), pos_integer, [node]) ::
+          {:ok, [node]} | {:error, {:insufficient_nodes, non_neg_integer, pos_integer}}
+  def placement(sid, replicas, exclude \\ []) do
+    candidates = ([node() | Node.list()] -- exclude) -- draining_nodes()
+
+    eligible =
+      candidates
+      |> :erpc.multicall(System, :available?, [], 2_000)
+      |> Enum.zip(candidates)
+      |> Enum.flat_map(fn
+        {{:ok, true}, n} -> [n]
+        _ -> []
+      end)
+      |> Enum.sort_by(&:crypto.hash(:sha256, [sid, 0, Atom.to_string(&1)]), :desc)
+
+    if length(eligible) >= replicas,
+      do: {:ok, Enum.take(eligible, replicas)},
+      else: {:error, {:insufficient_nodes, length(eligible), replicas}}
+  end
+
+  defp draining_nodes, do: :persistent_term.get({DSPex.Bridge.HAManager, :draining}, [])
+
+  ## Sessions
+
+  @impl true
+  def session_create(sid, opts) do
+    replicas = opts[:replicas]
+    consistency = opts[:consistency] || :consistent
+
+    with :ok <- check_available(),
+         :ok <- check_replicas(replicas),
+         :ok <- check_consistency(consistency),
+         {:ok, rate} <- check_rate(opts[:rate_limit]),
+         {:ok, _kind, frame} <- Command.encode(:session_create, [sid, opts]),
+         :ok <- if(owns?(sid), do: {:error, :already_exists}, else: :ok),
+         {:ok, nodes} <- placement(sid, replicas) do
+      name = cluster_name(sid)
+      ids = Enum.map(nodes, &{name, &1})
+
+      case start_members(name, machine(sid, consistency), ids) do
+        :ok ->
+          case append(ids, {:create, now_us(), frame, rate}) do
+            :ok ->
+              broadcast(:register_local, [sid, name, ids, consistency])
+              :ok
+
+            {:error, :timeout_unknown_outcome} = unknown ->
+              broadcast(:register_local, [sid, name, ids, consistency])
+              unknown
+
+            error ->
+              _ = :ra.delete_cluster(ids)
+              error
+          end
+
+        _ ->
+          {:error, :already_exists}
+      end
+    end
+  end
+
+  @doc false
+  # The ra server config of member `id` (a fresh uid); `members` the group.
+  def server_config(name, machine, {_, _} = id, members) do
+    uid = :ra.new_uid(Atom.to_string(name))
+
+    %{
+      id: id,
+      uid: uid,
+      cluster_name: name,
+      log_init_args: %{uid: uid},
+      initial_members: members,
+      machine: machine
+    }
+  end
+
+  defp start_members(name, machine, ids) do
+    results =
+      Enum.map(ids, fn {_, node} = id ->
+        try do
+          :erpc.call(
+            node,
+            System,
+            :start_member,
+            [server_config(name, machine, id, ids)],
+            timeout()
+          )
+        catch
+          kind, reason -> {:error, {kind, reason}}
+        end
+      end)
+
+    if Enum.all?(results, &(&1 == :ok)) do
+      _ = :ra.trigger_election(hd(ids))
+      :ok
+    else
+      for {{_, node} = id, :ok} <- Enum.zip(ids, results) do
+        :erpc.call(node, :ra, :force_delete_server, [System.name(), id])
+        :erpc.call(node, System, :forget_member, [name])
+      end
+
+      {:error, :already_exists}
+    end
+  end
+
+  @impl true
+  def session_delete(sid) do
+    with {:ok, _name, ids, _} <- entry(sid),
+         :ok <- run(:session_delete, [sid]) do
+      _ = :ra.delete_cluster(ids, timeout())
+      for {name, node} <- ids, do: :erpc.multicast([node], System, :forget_member, [name])
+      broadcast(:unregister_local, [sid])
+      :ok
+    end
+  end
+
+  @impl true
+  def session_list,
+    do: :ets.select(@sessions, [{{:"$1", :_, :_, :_}, [{:is_binary, :"$1"}], [:"$1"]}])
+
+  # Replicated sessions do not expire by TTL (a wall-clock sweep on each
+  # member would not be deterministic).
+  @impl true
+  def session_sweep, do: []
+
+  @impl true
+  def session_import(_snapshot, _new_id),
+    do: {:error, {:invalid_argument, :import_into_replicated}}
+
+  @doc """
+  Reads with an explicit consistency (`:consistent`, `:leader`, `:local`):
+  `read("s1", :var_get_value, ["s1", :x, nil], :local)`.
+  """
+  @spec read(String.t(), atom, list, :consistent | :leader | :local) :: term
+  def read(sid, fun, args, consistency) do
+    with {:ok, _name, ids, _} <- entry(sid),
+         {:ok, kind, frame} <- Command.encode(fun, args) do
+      query(ids, kind, frame, consistency)
+    end
+  end
+
+  @doc """
+  A write that also answers where it sits in the log:
+  `{:ok, reply, %{index: i, term: t, leader: node}}`, or `{:error, reason}`
+  when it was not acknowledged. For clients that keep histories (and the
+  fault tests' checker).
+  """
+  @spec write_with_position(String.t(), atom, list) :: {:ok, term, map} | {:error, term}
+  def write_with_position(sid, fun, args) do
+    with {:ok, _name, ids, _} <- entry(sid),
+         {:ok, kind, frame} <- Command.encode(fun, args) do
+      case send_command(ids, {:exec_meta, now_us(), kind, frame}) do
+        {:ok, {reply, pos}, {_, leader}} -> {:ok, reply, Map.put(pos, :leader, leader)}
+        error -> error
+      end
+    end
+  end
+
+  defp run(fun, [sid | _] = args) do
+    with {:ok, _name, ids, consistency} <- entry(sid),
+         {:ok, kind, frame} <- Command.encode(fun, args) do
+      if kind in [:write, :heavy_write],
+        do: append(ids, {:exec, now_us(), kind, frame}),
+        else: query(ids, kind, frame, consistency)
+    end
+  end
+
+  ## Locks with fencing tokens
+
+  @doc """
+  Takes `lock` in session `sid` for `holder` (a pid is monitored: its death
+  releases the lock) with a lease of `lease_ms` (`nil`: no lease). Answers
+  `{:ok, token}`, the grant's Raft index (tokens only increase), or
+  `{:error, {:locked, holder}}`. The holder asking again renews its lease
+  and keeps its token.
+  """
+  @spec lock_acquire(String.t(), term, term, pos_integer | nil) ::
+          {:ok, pos_integer} | {:error, term}
+  def lock_acquire(sid, lock, holder, lease_ms \\ 30_000) do
+    with {:ok, _name, ids, _} <- entry(sid),
+         do: append(ids, {:lock_acquire, now_us(), lock, holder, lease_ms})
+  end
+
+  @doc "Releases `lock` if `token` is still its grant: `:ok` or `{:error, :stale_fencing_token}`."
+  @spec lock_release(String.t(), term, pos_integer) :: :ok | {:error, term}
+  def lock_release(sid, lock, token) do
+    with {:ok, _name, ids, _} <- entry(sid), do: append(ids, {:lock_release, lock, token})
+  end
+
+  @doc """
+  A write (a `DSPex.Bridge.Backend` callback name and its arguments) made
+  only while `token` is `lock`'s current grant; else
+  `{:error, :stale_fencing_token}`, decided inside the state machine.
+  """
+  @spec fenced(String.t(), term, pos_integer, atom, list) :: term
+  def fenced(sid, lock, token, fun, args) do
+    with {:ok, _name, ids, _} <- entry(sid),
+         {:ok, kind, frame} <- Command.encode(fun, args) do
+      append(ids, {:fenced, lock, token, now_us(), kind, frame})
+    end
+  end
+
+  ## Transport
+
+  defp timeout, do: Application.get_env(:dspex_bridge, :raft_timeout, 5_000)
+
+  defp now_us, do: :os.system_time(:microsecond)
+
+  # One server at a time, the last known leader first: on a timeout the
+  # outcome is unknown and the command is not sent again elsewhere (the
+  # next call starts with another member).
+  defp append(ids, cmd) do
+    case send_command(ids, cmd) do
+      {:ok, reply, _pos} -> reply
+      error -> error
+    end
+  end
+
+  defp send_command(ids, cmd) do
+    [{name, _} | _] = ids
+
+    Enum.reduce_while(leader_first(name, ids), {:error, :unavailable}, fn id, acc ->
+      case :ra.process_command(id, cmd, timeout()) do
+        {:ok, reply, leader} ->
+          note_leader(name, leader)
+          {:halt, {:ok, reply, leader}}
+
+        {:timeout, _} ->
+          note_leader(name, next_member(ids, id))
+          {:halt, {:error, :timeout_unknown_outcome}}
+
+        {:error, _} ->
+          {:cont, acc}
+      end
+    end)
+  end
+
+  defp leader_first(name, ids) do
+    case :ets.lookup(@sessions, {:leader, name}) do
+      [{_, leader}] -> [leader | List.delete(ids, leader)]
+      [] -> ids
+    end
+  end
+
+  defp note_leader(name, leader), do: :ets.insert(@sessions, {{:leader, name}, leader})
+
+  defp next_member(ids, id) do
+    case Enum.drop_while(ids, &(&1 != id)) do
+      [_, next | _] -> next
+      _ -> hd(ids)
+    end
+  end
+
+  defp query(ids, kind, frame, consistency) do
+    mfa = {Machine, :query, [kind, frame]}
+
+    targets =
+      case consistency do
+        :local -> Enum.sort_by(ids, fn {_, n} -> n != node() end)
+        _ -> ids
+      end
+
+    Enum.reduce_while(targets, {:error, :unavailable}, fn id, acc ->
+      case do_query(consistency, id, mfa) do
+        {:ok, reply} -> {:halt, reply}
+        {:timeout, _} -> {:halt, {:error, :timeout}}
+        {:error, _} -> {:cont, acc}
+      end
+    end)
+  end
+
+  defp do_query(:consistent, id, mfa) do
+    case :ra.consistent_query(id, mfa, timeout()) do
+      {:ok, reply, _} -> {:ok, reply}
+      other -> other
+    end
+  end
+
+  defp do_query(:leader, id, mfa), do: unwrap(:ra.leader_query(id, mfa, timeout()))
+  defp do_query(:local, id, mfa), do: unwrap(:ra.local_query(id, mfa, timeout()))
+
+  defp unwrap({:ok, {_idx_term, reply}, _}), do: {:ok, reply}
+  defp unwrap(other), do: other
+
+  defp check_available do
+    if System.available?(), do: :ok, else: {:error, :ra_unavailable}
+  end
+
+  defp check_replicas(n) when is_integer(n) and n >= 1 and n <= 7, do: :ok
+  defp check_replicas(n), do: {:error, {:invalid_argument, {:replicas, n}}}
+
+  defp check_consistency(c) when c in [:consistent, :leader, :local], do: :ok
+  defp check_consistency(c), do: {:error, {:invalid_argument, {:consistency, c}}}
+
+  defp check_rate(nil), do: {:ok, nil}
+
+  defp check_rate({ops, burst} = r)
+       when is_integer(ops) and ops > 0 and is_integer(burst) and burst > 0,
+       do: {:ok, r}
+
+  defp check_rate(%{ops_per_sec: ops, burst: burst}), do: check_rate({ops, burst})
+  defp check_rate(other), do: {:error, {:invalid_argument, {:rate_limit, other}}}
+
+  ## Backend callbacks (session-scoped: through the log or a query)
+
+  @impl true
+  def session_info(sid), do: run(:session_info, [sid])
+  @impl true
+  def session_memory(sid), do: run(:session_memory, [sid])
+  @impl true
+  def session_export(sid), do: run(:session_export, [sid])
+
+  @impl true
+  def var_register(sid, name, type, initial, opts, principal),
+    do: run(:var_register, [sid, name, type, initial, opts, principal])
+
+  @impl true
+  def var_get(sid, ident, principal), do: run(:var_get, [sid, ident, principal])
+  @impl true
+  def var_get_value(sid, ident, principal), do: run(:var_get_value, [sid, ident, principal])
+  @impl true
+  def var_exists(sid, ident, principal), do: run(:var_exists, [sid, ident, principal])
+
+  @impl true
+  def var_set(sid, ident, value, metadata, expected, principal),
+    do: run(:var_set, [sid, ident, value, metadata, expected, principal])
+
+  @impl true
+  def var_set_many(sid, updates, atomic, principal),
+    do: run(:var_set_many, [sid, updates, atomic, principal])
+
+  @impl true
+  def var_history(sid, ident, limit, principal),
+    do: run(:var_history, [sid, ident, limit, principal])
+
+  @impl true
+  def var_rollback(sid, ident, version, principal),
+    do: run(:var_rollback, [sid, ident, version, principal])
+
+  @impl true
+  def var_delete(sid, ident, principal), do: run(:var_delete, [sid, ident, principal])
+
+  @impl true
+  def var_list(sid, pattern, principal),
+    do: run(:var_list, [sid, pattern, principal])
+
+  @impl true
+  def var_names(sid, pattern, principal),
+    do: run(:var_names, [sid, pattern, principal])
+
+  @impl true
+  def acl_set_rules(sid, ident, rules, principal),
+    do: run(:acl_set_rules, [sid, ident, rules, principal])
+
+  @impl true
+  def acl_check(sid, ident, principal, permission),
+    do: run(:acl_check, [sid, ident, principal, permission])
+
+  @impl true
+  def acl_authorize(sid, ident, principal, permission),
+    do: run(:acl_authorize, [sid, ident, principal, permission])
+
+  @impl true
+  def acl_authorize_session(sid, principal, permission),
+    do: run(:acl_authorize_session, [sid, principal, permission])
+
+  @impl true
+  def acl_audit_log(sid, limit), do: run(:acl_audit_log, [sid, limit])
+
+  @impl true
+  def graph_add_edge(sid, from, to, type, principal),
+    do: run(:graph_add_edge, [sid, from, to, type, principal])
+
+  @impl true
+  def graph_remove_edge(sid, from, to, principal),
+    do: run(:graph_remove_edge, [sid, from, to, principal])
+
+  @impl true
+  def graph_clear(sid, var, principal), do: run(:graph_clear, [sid, var, principal])
+
+  @impl true
+  def graph_dependencies(sid, var, transitive, principal),
+    do: run(:graph_dependencies, [sid, var, transitive, principal])
+
+  @impl true
+  def graph_dependents(sid, var, transitive, principal),
+    do: run(:graph_dependents, [sid, var, transitive, principal])
+
+  @impl true
+  def graph_update_order(sid, changed, principal),
+    do: run(:graph_update_order, [sid, changed, principal])
+
+  @impl true
+  def graph_render(sid, format, principal), do: run(:graph_render, [sid, format, principal])
+
+  @impl true
+  def graph_info(sid, principal), do: run(:graph_info, [sid, principal])
+end
+
+defmodule DSPex.Bridge.Backend.Raft.Membership do
+  @moduledoc false
+  # Live membership changes of one group: the moves behind
+  # HAManager.migrate_session/2 and draining. Each step is a Raft
+  # operation; no acknowledged write depends on anything done here.
+
+  alias DSPex.Bridge.Backend.Raft
+  alias DSPex.Bridge.Backend.Raft.System
+
+  @catch_up_ms 10_000
+
+  defp timeout, do: Application.get_env(:dspex_bridge, :raft_timeout, 5_000)
+
+  @doc false
+  # Makes `target` the group's leader: a member already, or added (started,
+  # joined, caught up) and then led; the member on the old leader's node is
+  # then removed when `remove_old?`.
+  def migrate(sid, target, remove_old? \\ true) do
+    with {:ok, %{members: members, leader: {name, from} = leader}} <- Raft.members(sid) do
+      target_id = {name, target}
+
+      cond do
+        from == target ->
+          :ok
+
+        target_id in members ->
+          transfer(sid, leader, target_id)
+
+        true ->
+          with :ok <- add(sid, leader, target_id, members),
+               :ok <- transfer(sid, leader, target_id) do
+            if remove_old?, do: remove(sid, target_id, leader), else: :ok
+          end
+      end
+    end
+  end
+
+  @doc false
+  # Moves the member on `from` to `to` (not a member yet), keeping the leader
+  # off `from`.
+  def replace(sid, {name, _} = from_id, to) do
+    with {:ok, %{members: members, leader: leader}} <- Raft.members(sid),
+         :ok <- add(sid, leader, {name, to}, members) do
+      if leader == from_id do
+        with :ok <- transfer(sid, leader, {name, to}), do: remove(sid, {name, to}, from_id)
+      else
+        remove(sid, leader, from_id)
+      end
+    end
+  end
+
+  @doc false
+  def transfer(sid, leader, target_id) do
+    case :ra.transfer_leadership(leader, target_id) do
+      r when r in [:ok, :already_leader] -> await(fn -> led_by?(sid, target_id) end)
+      {:error, reason} -> {:error, {:transfer_failed, reason}}
+      {:timeout, _} -> {:error, {:transfer_failed, :timeout}}
+    end
+  end
+
+  defp led_by?(sid, id), do: match?({:ok, %{leader: ^id}}, Raft.members(sid))
+
+  defp add(sid, leader, {name, node} = id, members) do
+    config =
+      Raft.server_config(name, Raft.machine(sid, Raft.consistency(sid)), id, members ++ [id])
+
+    with :ok <- start_server(node, config),
+         {:ok, _, _} <- :ra.add_member(leader, id, timeout()) |> ok3(),
+         {:ok, {_, goal}, _} <- :ra.local_query(leader, & &1.applied) do
+      await(fn ->
+        match?({:ok, {_, n}, _} when n >= goal, :ra.local_query(id, & &1.applied))
+      end)
+    else
+      {:error, reason} -> {:error, {:transfer_failed, reason}}
+      other -> {:error, {:transfer_failed, other}}
+    end
+  end
+
+  defp start_server(node, config) do
+    case :erpc.call(node, System, :start_member, [config], timeout()) do
+      :ok -> :ok
+      other -> {:error, other}
+    end
+  catch
+    kind, reason -> {:error, {kind, reason}}
+  end
+
+  defp remove(sid, via, {_, node} = id) do
+    case :ra.remove_member(via, id, timeout()) |> ok3() do
+      {:ok, _, _} ->
+        _ =
+          try do
+            :erpc.call(node, :ra, :force_delete_server, [System.name(), id], timeout())
+            :erpc.call(node, System, :forget_member, [elem(id, 0)], timeout())
+          catch
+            _, _ -> :ok
+          end
+
+        _ = Raft.members(sid)
+        :ok
+
+      other ->
+        {:error, {:transfer_failed, other}}
+    end
+  end
+
+  defp ok3({:ok, _, _} = ok), do: ok
+  defp ok3({:error, :already_member}), do: {:ok, nil, nil}
+  defp ok3({:error, :not_member}), do: {:ok, nil, nil}
+  defp ok3(other), do: other
+
+  defp await(check, waited \\ 0) do
+    cond do
+      check.() -> :ok
+      waited >= @catch_up_ms -> {:error, {:transfer_failed, :timeout}}
+      true -> Process.sleep(10) && await(check, waited + 10)
+    end
+  end
+end

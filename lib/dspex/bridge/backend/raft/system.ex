@@ -1,0 +1,177 @@
+defmodule DSPex.Bridge.Backend.Raft.System do
+  @moduledoc """
+  The node's Raft runtime: starts ra's `:dspex` system on the configured
+  data directory, owns the tables the Raft backend reads, and at boot
+  restarts every replicated-session member found on disk (that is how a
+  durable session comes back after its VM was killed).
+
+  ra is optional: when its code is not on the path (`scripts/setup.sh`
+  fetches it into `.cache/ra`), this process still owns the (empty) tables
+  and `available?/0` is false.
+
+  Configuration: `config :dspex_bridge, ra_data_dir: "/var/lib/dspex/ra"`
+  (a folder per node is made inside it; on a disk that survives restarts
+  for durable sessions). Default: `<tmp>/dspex_ra/<hash of the working
+  directory>/<node>`, so two projects on one machine never share a WAL.
+  """
+  use GenServer
+  require Logger
+
+  alias DSPex.Bridge.Backend.Raft.Machine
+
+  @system :dspex
+  @sessions :dspex_raft_sessions
+
+  @doc "The ra system name."
+  def name, do: @system
+
+  @doc "The table of known replicated sessions: `{sid, cluster, members}`."
+  def sessions_table, do: @sessions
+
+  @doc "Whether replicated sessions can be created on this node."
+  @spec available?() :: boolean
+  def available? do
+    :persistent_term.get({__MODULE__, :available}, false)
+  end
+
+  @doc "The ra data directory of this node."
+  @spec data_dir() :: String.t()
+  def data_dir do
+    case Application.get_env(:dspex_bridge, :ra_data_dir) do
+      nil -> Path.join([System.tmp_dir!(), "dspex_ra", cwd_hash(), Atom.to_string(node())])
+      dir -> Path.join(dir, Atom.to_string(node()))
+    end
+  end
+
+  defp cwd_hash do
+    :crypto.hash(:sha256, File.cwd!()) |> Base.url_encode64(padding: false) |> binary_part(0, 12)
+  end
+
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
+
+  @impl true
+  def init(_opts) do
+    :ets.new(@sessions, [:named_table, :public, :set, read_concurrency: true])
+    :ets.new(Machine.engine_table(), [:named_table, :public, :set, write_concurrency: true])
+    # Synchronous: once the application has started, the members on disk
+    # are back and `available?/0` is final.
+    available =
+      with true <- Code.ensure_loaded?(:ra),
+           {:ok, _} <- Application.ensure_all_started(:ra),
+           :ok <- start_system() do
+        true
+      else
+        other ->
+          Logger.debug("dspex: replicated sessions unavailable: #{inspect(other)}")
+          false
+      end
+
+    if available, do: restart_members()
+    :persistent_term.put({__MODULE__, :available}, available)
+    {:ok, %{}}
+  end
+
+  defp start_system do
+    dir = String.to_charlist(data_dir())
+    File.mkdir_p!(data_dir())
+
+    config =
+      Map.merge(:ra_system.default_config(), %{
+        name: @system,
+        names: :ra_system.derive_names(@system),
+        data_dir: dir,
+        wal_data_dir: dir
+      })
+
+    case :ra_system.start(config) do
+      {:ok, _} -> :ok
+      {:error, {:already_started, _}} -> :ok
+      other -> other
+    end
+  end
+
+  @doc """
+  Starts a member on this node from its ra server config, after writing
+  the config to this node's data directory (fsynced): ra's own name
+  directory is a dets file that a kill -9 can leave without its last
+  entries, and a member this node cannot name after a crash could not be
+  restarted.
+  """
+  @spec start_member(map) :: :ok | {:error, term}
+  def start_member(%{id: {name, _}} = config) do
+    path = member_path(name)
+    File.mkdir_p!(Path.dirname(path))
+    tmp = path <> ".tmp"
+    {:ok, fd} = :file.open(tmp, [:write, :raw, :binary])
+    :ok = :file.write(fd, :erlang.term_to_binary(config))
+    :ok = :file.sync(fd)
+    :ok = :file.close(fd)
+    :ok = :file.rename(tmp, path)
+
+    case :ra.start_server(@system, config) do
+      :ok -> :ok
+      {:error, {:already_started, _}} -> :ok
+      error -> error
+    end
+  end
+
+  @doc "Forgets a member removed from its group (its ra data is deleted by ra)."
+  @spec forget_member(atom) :: :ok
+  def forget_member(name) do
+    _ = File.rm(member_path(name))
+    :ok
+  end
+
+  defp member_path(name), do: Path.join([data_dir(), "dspex_members", Atom.to_string(name)])
+
+  # Every member this node recorded is restarted (ra recovers its log and
+  # snapshot from the data directory), then registered in the sessions table.
+  defp restart_members do
+    for file <- Path.wildcard(Path.join([data_dir(), "dspex_members", "*"])),
+        not String.ends_with?(file, ".tmp"),
+        {:ok, bin} <- [File.read(file)] do
+      %{id: {name, _}} = config = :erlang.binary_to_term(bin)
+      config = %{config | id: {name, node()}}
+      id = config.id
+
+      case :ra.restart_server(@system, id) do
+        :ok -> :ok
+        {:error, {:already_started, _}} -> :ok
+        {:error, :name_not_registered} -> :ra.start_server(@system, config)
+        error -> Logger.warning("dspex: could not restart #{inspect(id)}: #{inspect(error)}")
+      end
+
+      # A restarted member answers queries once its group has a leader,
+      # which needs the other members' nodes: learn its session meanwhile.
+      Task.start(fn -> register_member(id, 120) end)
+    end
+  rescue
+    e -> Logger.warning("dspex: restarting replicated sessions: #{Exception.message(e)}")
+  end
+
+  defp register_member(_id, 0), do: :ok
+
+  defp register_member({name, _} = id, tries) do
+    with {:ok, {_, {sid, consistency}}, _} <-
+           :ra.local_query(id, &{&1.sid, &1.consistency}, 1_000),
+         {:ok, members, _} <- :ra.members({:local, id}, 1_000) do
+      # Every connected node learns it (a node without a member forwards).
+      DSPex.Bridge.Backend.Raft.register_local(sid, name, members, consistency)
+
+      :erpc.multicast(Node.list(), DSPex.Bridge.Backend.Raft, :register_local, [
+        sid,
+        name,
+        members,
+        consistency
+      ])
+    else
+      _ ->
+        Process.sleep(500)
+        register_member(id, tries - 1)
+    end
+  catch
+    _, _ ->
+      Process.sleep(500)
+      register_member(id, tries - 1)
+  end
+end
