@@ -1,5 +1,5 @@
 //! A log-linear histogram of `f64` values with a bounded relative error,
-//! the building block of the time-bucketed metrics in [`crate::metrics`].
+//! the building block of the time-bucketed metrics in [`crate::timeseries`].
 //!
 //! Every finite value falls into a *cell*: its binary exponent and the top
 //! [`SUB_BITS`] bits of its mantissa (64 cells per power of two), signed by the

@@ -27,7 +27,7 @@ use metrics::{
 use parking_lot::{Mutex, RwLock};
 
 use crate::histogram::Histogram;
-use crate::metrics::{Aggregation, Metrics};
+use crate::timeseries::{Aggregation, Metrics};
 
 /// Quantiles rendered for every summary.
 pub const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
@@ -376,7 +376,7 @@ pub fn render_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::MetricsConfig;
+    use crate::timeseries::MetricsConfig;
 
     #[test]
     fn recorder_renders_counters_gauges_and_summaries() {

@@ -4,9 +4,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use crate::acl::Acl;
 use crate::error::{Error, Result};
-use crate::locks::VarLock;
+use crate::locks::{Fence, OptimizerId, VarLock};
 use crate::types::{validate, Constraints, VarType};
 use crate::value::Value;
 
@@ -168,6 +170,18 @@ fn non_empty(metadata: Value) -> Option<Box<Value>> {
         Value::Nil => None,
         Value::Map(ref pairs) if pairs.is_empty() => None,
         m => Some(Box::new(m)),
+    }
+}
+
+/// The in-process fence: the lock table updates the variable inside its own
+/// critical section.
+impl Fence for Mutex<Variable> {
+    fn granted(&self, optimizer: &OptimizerId, token: u64, preempted: Option<&OptimizerId>) {
+        self.lock().lock.grant(optimizer, token, preempted);
+    }
+
+    fn released(&self, token: u64) {
+        self.lock().lock.release(token);
     }
 }
 

@@ -1,13 +1,13 @@
 //! The metrics resource behind `DSPex.Bridge.Analytics`: time-bucketed
-//! counters and histograms of `dspex_core::metrics`, and the Prometheus text
+//! counters and histograms of `dspex_core::timeseries`, and the Prometheus text
 //! of both the analytics series and the engine's own `metrics` recorder.
 //!
 //! Recording is one short critical section on a per-thread shard, so it runs
 //! on the calling scheduler. Queries, bucket listings, maintenance and
 //! rendering walk many buckets and run on dirty CPU schedulers.
 
-use dspex_core::metrics::{Aggregation, Merged, Metrics, MetricsConfig};
 use dspex_core::prometheus::{render_metrics, PromRecorder, PromText};
+use dspex_core::timeseries::{Aggregation, Merged, Metrics, MetricsConfig};
 use dspex_core::{Error, Value};
 use rustler::{Atom, Encoder, Env, ResourceArc, Term};
 

@@ -29,6 +29,8 @@ use crate::types::{Constraints, VarType};
 use crate::value::Value;
 use crate::variable::{HistoryEntry, Variable, WriteMeta};
 
+mod dependencies;
+
 pub type VarCell = Arc<Mutex<Variable>>;
 
 /// Options of a new session.
@@ -113,7 +115,7 @@ impl Session {
         }
     }
 
-    /// Which variables depend on which (see `graph.rs`).
+    /// Which variables depend on which (see [`crate::graph`]; the session side is in `dependencies.rs`).
     pub fn dependencies(&self) -> &SessionGraph {
         &self.dependencies
     }
