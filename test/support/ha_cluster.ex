@@ -131,7 +131,7 @@ defmodule DSPex.Test.HACluster do
               :write_with_position,
               [
                 sid,
-                :set_value,
+                :var_set,
                 [sid, var, v, %{}, nil, nil]
               ],
               10_000
@@ -158,14 +158,14 @@ defmodule DSPex.Test.HACluster do
     {:ok, entries} =
       call(peer, DSPex.Bridge.Backend.Raft, :read, [
         sid,
-        :history,
+        :var_history,
         [sid, var, 100_000, nil],
         :local
       ])
 
     # The history holds the earlier values; the current one is the variable's.
     {:ok, current} =
-      call(peer, DSPex.Bridge.Backend.Raft, :read, [sid, :get_value, [sid, var, nil], :local])
+      call(peer, DSPex.Bridge.Backend.Raft, :read, [sid, :var_get_value, [sid, var, nil], :local])
 
     MapSet.new([current | Enum.map(entries, & &1.value)])
   end
@@ -173,7 +173,7 @@ defmodule DSPex.Test.HACluster do
   defp barrier([r | _], sid) do
     call(r, DSPex.Bridge.Backend.Raft, :write_with_position, [
       sid,
-      :set_value,
+      :var_set,
       [sid, :__barrier__, 0, %{}, nil, nil]
     ])
   end

@@ -91,10 +91,10 @@ defmodule DSPex.Bridge.HA.FaultTest do
     assert t2 > t1
 
     assert {:error, :stale_fencing_token} =
-             C.call(p1, Raft, :fenced, ["k9", :opt, t1, :set_value, ["k9", :x, -1, %{}, nil, nil]])
+             C.call(p1, Raft, :fenced, ["k9", :opt, t1, :var_set, ["k9", :x, -1, %{}, nil, nil]])
 
     assert {:ok, _} =
-             C.call(p1, Raft, :fenced, ["k9", :opt, t2, :set_value, ["k9", :x, -2, %{}, nil, nil]])
+             C.call(p1, Raft, :fenced, ["k9", :opt, t2, :var_set, ["k9", :x, -2, %{}, nil, nil]])
   end
 
   test "leader partitioned from the majority: its writes are never acknowledged",

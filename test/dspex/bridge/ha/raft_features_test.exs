@@ -39,7 +39,7 @@ defmodule DSPex.Bridge.HA.RaftFeaturesTest do
     test "reads with :local consistency", %{sid: sid} do
       assert {:ok, ^sid} = SessionStore.create_session(sid, replicas: 1, consistency: :local)
       assert {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 3)
-      assert {:ok, 3} = Raft.read(sid, :get_value, [sid, :x, nil], :local)
+      assert {:ok, 3} = Raft.read(sid, :var_get_value, [sid, :x, nil], :local)
     end
 
     test "bad options are refused", %{sid: sid} do
@@ -78,11 +78,11 @@ defmodule DSPex.Bridge.HA.RaftFeaturesTest do
       assert {:ok, t1} = Raft.lock_acquire(sid, :opt, "a", nil)
       assert {:error, {:locked, "a"}} = Raft.lock_acquire(sid, :opt, "b", nil)
       assert {:ok, ^t1} = Raft.lock_acquire(sid, :opt, "a", nil)
-      assert {:ok, _} = Raft.fenced(sid, :opt, t1, :set_value, write.(1))
+      assert {:ok, _} = Raft.fenced(sid, :opt, t1, :var_set, write.(1))
       assert :ok = Raft.lock_release(sid, :opt, t1)
       assert {:ok, t2} = Raft.lock_acquire(sid, :opt, "b", nil)
       assert t2 > t1
-      assert {:error, :stale_fencing_token} = Raft.fenced(sid, :opt, t1, :set_value, write.(2))
+      assert {:error, :stale_fencing_token} = Raft.fenced(sid, :opt, t1, :var_set, write.(2))
       assert 1 = SessionStore.get_variable_value(sid, :x)
     end
 
