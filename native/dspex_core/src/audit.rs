@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 
 use parking_lot::Mutex;
 
-use crate::caller::Permission;
+use crate::permission::Permission;
 
 /// Default entries kept per session.
 pub const DEFAULT_CAPACITY: usize = 256;

@@ -5,48 +5,18 @@
 //! entry point (the NIF, the port's frame loop, a replicated log entry):
 //! nothing below reads the clock, so applying the same calls with the same
 //! stamps to two stores gives the same state.
+//!
+//! Dependencies point one way: a caller uses [`crate::acl`] (the
+//! variable-level check), [`crate::permission`], [`crate::variable`] and
+//! [`crate::locks`]; none of them uses a caller. [`crate::session`] uses
+//! this module.
 
 use crate::acl;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::locks::LockClaim;
+use crate::permission::Permission;
 use crate::value::Value;
 use crate::variable::Variable;
-
-/// What a caller wants to do with a variable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Permission {
-    Read,
-    Write,
-    Observe,
-    Optimize,
-}
-
-impl Permission {
-    pub const ALL: [Permission; 4] = [
-        Permission::Read,
-        Permission::Write,
-        Permission::Observe,
-        Permission::Optimize,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Permission::Read => "read",
-            Permission::Write => "write",
-            Permission::Observe => "observe",
-            Permission::Optimize => "optimize",
-        }
-    }
-
-    pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| {
-                Error::InvalidArgument(Value::tagged("unknown_permission", Value::str(name)))
-            })
-    }
-}
 
 /// The principal a call is made on behalf of, the context its access
 /// rules are evaluated in, and the time it was stamped with.

@@ -16,6 +16,18 @@
 //!   commutative, so merging per-second buckets gives the histogram of the range;
 //! - no operation panics or allocates without bound: a dense histogram spans at
 //!   most `2 * MAX_CELL + 1` cells.
+//!
+//! Why hand-written rather than `hdrhistogram` or `metrics-util`'s summary
+//! (`cargo bench -p dspex_core --bench compare`, issue 12, one run on the
+//! shared 2-core machine): `hdrhistogram` records faster (17 ns against
+//! 30 ns a sample) and at 2 significant digits is as accurate in 16 KiB
+//! against our 12 KiB (3 digits: 160 KiB), but it holds only non-negative
+//! integers and no exact sum, while the engine records any finite `f64`
+//! (fractional, negative) and renders exact `_sum`s; and these cells are
+//! also the storage of [`crate::timeseries`] (dense while a bucket is open,
+//! sparse once closed, merged across buckets). `metrics-util`'s summary
+//! takes 85 ns a sample and 302 KiB, and its p50 was 15-39% off on samples
+//! spanning six decades.
 
 /// Mantissa bits kept per cell: 64 cells per power of two.
 pub const SUB_BITS: u32 = 6;

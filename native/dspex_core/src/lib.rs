@@ -15,6 +15,7 @@ pub mod graph;
 pub mod histogram;
 pub mod limits;
 pub mod locks;
+pub mod permission;
 pub mod prometheus;
 pub mod ratelimit;
 pub mod session;
@@ -31,11 +32,12 @@ pub mod vocabulary;
 /// short keys, and keyed per process so hostile ids cannot flood a shard).
 pub type ConcurrentMap<K, V> = dashmap::DashMap<K, V, ahash::RandomState>;
 
-pub use acl::{Acl, PermSet};
-pub use caller::{Caller, Permission};
+pub use acl::Acl;
+pub use caller::Caller;
 pub use command::{Answer, Command, Operation, Reply, Stamped, UpdateSpec};
 pub use error::{Error, Result};
 pub use graph::{DependencyGraph, SessionGraph};
+pub use permission::{PermSet, Permission};
 pub use session::{RegisterOpts, Session, SessionOpts, Update};
 pub use store::Store;
 pub use types::VarType;

@@ -14,6 +14,24 @@
 //!   samples; names that collide after sanitizing keep the first family;
 //! - recording never blocks on rendering for longer than one copy of a
 //!   histogram.
+//!
+//! Why hand-written rather than `metrics-exporter-prometheus` (its recorder
+//! and `render()`, no HTTP listener): measured beside it by
+//! `cargo bench -p dspex_core --bench compare` (issue 12; one run on the
+//! shared 2-core machine, medians of 15 rounds), it lost on every count:
+//! - recording a histogram sample: 27.5 ns here, 146 ns there once the fold
+//!   its `run_upkeep()` defers is counted (5.3x; 3.1x on 2 threads);
+//!   counters 2.4x (1.7x on 2 threads);
+//! - one render of 100 histogram series and 100 counters: 0.86 ms here,
+//!   129 ms there (150x: it clones every rolling summary per scrape);
+//! - memory per series: 12 KiB here, 257-489 KiB there after upkeep, and
+//!   until the next upkeep its raw samples queue without bound (161 KiB a
+//!   series after 10 000 samples);
+//! - accuracy: on samples spanning six decades its default summary (a
+//!   DDSketch capped at 32 768 bins, over a rolling 60 s window) rendered
+//!   p50/p90/p99 off by up to 350% / 88% / 77%; ours stay within 0.4%;
+//! - it renders into its own `String`, so the analytics families could not
+//!   share [`PromText`]'s one-family-per-name rule.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;

@@ -12,6 +12,16 @@
 //! - After `k / ops_per_sec` seconds, `k` more pass (never more than `burst`).
 //! - A rejected call consumes nothing.
 //! - Never panics or overflows, whatever the configuration or the clock.
+//!
+//! Why hand-written rather than `governor` (`cargo bench -p dspex_core
+//! --bench compare`, issue 12, one run on the shared 2-core machine): its
+//! direct limiter is the same GCRA and took the same 40 000 of 40 000
+//! decisions on a shared schedule, but it reads its own clock, so a call
+//! cannot carry the stamp of its command and two replicas applying the same
+//! commands could decide differently; it refuses a cost above the burst
+//! outright (`InsufficientCapacity`) where the contract caps the cost at
+//! the burst; and a check costs 13 ns on its fake clock (60 ns on its
+//! quanta clock) against 7.7 ns here with the stamp given.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -14,8 +14,8 @@
 //! ([`crate::Error::kind`]) and every key of a reply map ([`crate::command::reply`]).
 
 use crate::audit::AuditEvent;
-use crate::caller::Permission;
 use crate::command::reply::{AUDIT_KEYS, HISTORY_KEYS, SESSION_KEYS, VARIABLE_KEYS};
+use crate::permission::Permission;
 use crate::types::VarType;
 
 /// Every reason [`crate::Error::kind`] gives (checked against its source).

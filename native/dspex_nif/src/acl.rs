@@ -103,7 +103,7 @@ fn authorize_session<'a>(
         let principal = decode_principal(principal)?;
         let now = now_us();
         store().with_session(decode_sid(sid)?, now, |s| {
-            acl::authorize_session(s, principal, perm, now)
+            s.authorize_session(principal, perm, now)
         })?
     })();
     unit_or(env, r)

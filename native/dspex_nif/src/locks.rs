@@ -19,12 +19,12 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use dspex_core::caller::Permission;
 use dspex_core::locks::{
     Acquired, Cancelled, Conflict, EndReason, Fence, FenceChange, LockConfig, LockTable,
     OptimizerId, Request, Status,
 };
 use dspex_core::time::now_us;
+use dspex_core::Permission;
 use dspex_core::{Caller, Error, Value};
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
 

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use super::args::{ident_text, limit_of, permission_of, Actor};
 use super::reply::audit_entry_value;
 use super::{value, Answer, Operation};
-use crate::acl;
 use crate::error::Result;
 use crate::store::Store;
 use crate::value::Value;
@@ -86,7 +85,7 @@ impl Operation for AclAuthorize {
 }
 
 /// The guard of a session-level operation (information, diagnostics,
-/// export, audit log, deletion), see [`acl::authorize_session`]: `:ok`,
+/// export, audit log, deletion), see [`Session::authorize_session`](crate::session::Session::authorize_session): `:ok`,
 /// or `{:error, :access_denied}` (audited) for anyone but the session.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,7 +103,7 @@ impl Operation for AclAuthorizeSession {
         let perm = permission_of(&self.permission)?;
         let principal = self.principal.as_deref();
         store.with_session(&self.session, now_us, |s| {
-            acl::authorize_session(s, principal, perm, now_us)
+            s.authorize_session(principal, perm, now_us)
         })??;
         Ok(Answer::Done)
     }

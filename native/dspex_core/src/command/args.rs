@@ -1,10 +1,11 @@
 //! Argument checks shared by several operations, so each rule is written
 //! once whichever transport decoded the argument.
 
-use crate::caller::{Caller, Permission};
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::glob::Glob;
 use crate::locks::LockClaim;
+use crate::permission::Permission;
 use crate::value::Value;
 
 /// Who a command acts for: `principal` (nil: the session itself), the

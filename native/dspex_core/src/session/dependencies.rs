@@ -3,9 +3,10 @@
 //! graph itself knows nothing of sessions.
 
 use super::Session;
-use crate::caller::{Caller, Permission};
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::graph::{key_of, Direction, Format, Insert};
+use crate::permission::Permission;
 use crate::value::Value;
 
 /// Dependencies between a session's variables. Idents are names (atom or

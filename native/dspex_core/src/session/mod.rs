@@ -8,7 +8,13 @@
 //! session's token bucket ([`crate::ratelimit`]), then the variable's access
 //! rules for the caller ([`crate::acl`]), both refusals recorded in the
 //! audit ring ([`crate::audit`]). Code outside this file that acts on a
-//! variable (locks, observers) asks [`Session::authorize`] first.
+//! variable (locks, observers) asks [`Session::authorize`] first; an
+//! operation on the session itself asks [`Session::authorize_session`]
+//! (`access.rs`).
+//!
+//! Dependencies point one way: a session uses [`crate::acl`],
+//! [`crate::caller`], [`crate::variable`], [`crate::permission`] and
+//! [`crate::graph`]; none of them uses a session.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,16 +25,18 @@ use parking_lot::Mutex;
 
 use crate::acl::Acl;
 use crate::audit::{AuditEntry, AuditEvent, AuditRing, DEFAULT_CAPACITY};
-use crate::caller::{Caller, Permission};
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::graph::SessionGraph;
 use crate::limits::Limits;
+use crate::permission::Permission;
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::time::resolve;
 use crate::types::{Constraints, VarType};
 use crate::value::Value;
 use crate::variable::{HistoryEntry, Variable, WriteMeta};
 
+mod access;
 mod dependencies;
 
 pub type VarCell = Arc<Mutex<Variable>>;
