@@ -53,12 +53,16 @@ defmodule DSPex.Bridge.DependencyManager do
     session's dead letters (`dead_letters/1`, `replay_dead_letters/2`);
     nothing else stops.
 
-  Every call of a compute function runs in a process of its own, unlinked
-  and monitored, under a deadline: the `compute_timeout:` of `defderived/6`,
-  by default `config :dspex_bridge, DSPex.Bridge.DependencyManager,
-  compute_timeout: ms` (5,000 unless set). What it links to, spawns or
-  kills ends with it; overrunning its deadline kills it and counts as a
-  failure with reason `:timeout`.
+  Every call of a compute function runs apart from the worker, in a process
+  unlinked and monitored, under a deadline: the `compute_timeout:` of
+  `defderived/6`, by default `config :dspex_bridge,
+  DSPex.Bridge.DependencyManager, compute_timeout: ms` (5,000 unless set).
+  The calls of one pass share that process, and each finds it as a fresh
+  one (an empty mailbox, a fresh process dictionary); a call that fails,
+  or leaves a link, a monitor or a changed process flag behind, ends the
+  process, and the next call gets a new one. What a call links to ends
+  with it; overrunning its deadline kills it and counts as a failure with
+  reason `:timeout`.
 
   Definitions are kept outside the worker
   (`DSPex.Bridge.DependencyManager.Table`). A worker that dies anyway is

@@ -24,8 +24,10 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   one of its inputs is dirty (written in this batch, or recomputed earlier in
   this pass); it then becomes dirty itself. As the order is topological,
   every derived variable is recomputed at most once per pass, after all of
-  its inputs. Each computation runs in a process of its own under its
-  deadline (`DSPex.Bridge.DependencyManager.Compute`).
+  its inputs. The computations run apart from the worker, each under its
+  deadline, in one process per pass that is replaced only after a
+  computation fails or leaves it changed
+  (`DSPex.Bridge.DependencyManager.Compute`).
 
   Writers find the worker through `:persistent_term` (`whereis/1`), so a
   write to a session without derived variables does one lookup and nothing
@@ -106,7 +108,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         access: access
       }
 
-      Table.put_def(sid, d, %{status: :fresh, error: nil, computed_at: DateTime.utc_now()})
+      Table.put_def(sid, d)
       catch_up(sid, read, access)
       {:ok, id}
     end
@@ -456,8 +458,12 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         Map.put(meta, :telemetry_span_context, context),
         fn ->
           dirty = root_keys(sid, roots, order)
-          acc = {state, dirty, %{recomputed: 0, failed: 0}}
-          {state, _dirty, counts} = Enum.reduce(order, acc, &step(&2, &1, forced, context))
+          acc = {state, dirty, %{recomputed: 0, failed: 0}, nil}
+
+          {state, _dirty, counts, worker} =
+            Enum.reduce(order, acc, &step(&2, &1, forced, context))
+
+          Compute.stop(worker)
           {state, counts, meta}
         end
       )
@@ -504,21 +510,22 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     end)
   end
 
-  defp step({state, dirty, counts} = acc, name, forced, context) do
+  # `worker` is the pass's compute process (`Compute.run/5`).
+  defp step({state, dirty, counts, worker} = acc, name, forced, context) do
     key = to_string(name)
 
     with %{} = d <- Map.get(state.derived, key),
          [_ | _] = causes <- causes(d, key, dirty, forced) do
-      case recompute(state, d, causes, context) do
-        {:ok, state} ->
+      case recompute(state, d, causes, context, worker) do
+        {:ok, state, worker} ->
           dirty = Map.update(dirty, key, causes, &Enum.uniq(&1 ++ causes))
-          {state, dirty, %{counts | recomputed: counts.recomputed + 1}}
+          {state, dirty, %{counts | recomputed: counts.recomputed + 1}, worker}
 
-        {:error, state} ->
-          {state, dirty, %{counts | failed: counts.failed + 1}}
+        {:error, state, worker} ->
+          {state, dirty, %{counts | failed: counts.failed + 1}, worker}
 
-        {:gone, state} ->
-          {state, dirty, counts}
+        {:gone, state, worker} ->
+          {state, dirty, counts, worker}
       end
     else
       _ -> acc
@@ -538,44 +545,46 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   end
 
   # Inputs are read and the result written with the definer's permissions.
-  defp recompute(state, d, causes, context) do
+  defp recompute(state, d, causes, context, worker) do
     sid = state.session_id
     start = System.monotonic_time()
 
-    result =
-      with {:ok, values} <- read_inputs(sid, d.inputs, d.access),
-           {:ok, value} <-
-             Compute.run(d.fun, values, d.compute_timeout, &Table.computing(sid, &1)) do
-        meta = %{derived: true, caused_by: causes}
+    {result, worker} =
+      case read_inputs(sid, d.inputs, d.access) do
+        {:ok, values} ->
+          case Compute.run(worker, d.fun, values, d.compute_timeout, &Table.computing(sid, &1)) do
+            {{:ok, value}, worker} -> {write(sid, d, value, causes), worker}
+            {error, worker} -> {error, worker}
+          end
 
-        case SessionStore.update_variable(sid, d.name, value, meta, d.access) do
-          :ok -> :ok
-          {:error, :not_found} -> :gone
-          {:error, reason} -> {:error, {:write_rejected, reason}}
-        end
+        error ->
+          {error, worker}
       end
 
     case result do
       :ok ->
-        Table.put_status(sid, d.key, %{
-          status: :fresh,
-          error: nil,
-          computed_at: DateTime.utc_now()
-        })
-
-        {:ok, state}
+        Table.fresh(sid, d.key)
+        {:ok, state, worker}
 
       # Deleted under us (SessionStore forgets it too): forget it.
       :gone ->
         Table.delete_def(sid, d)
-        {:gone, %{state | derived: Map.delete(state.derived, d.key)}}
+        {:gone, %{state | derived: Map.delete(state.derived, d.key)}, worker}
 
       {:error, reason} ->
-        previous = Table.status(sid, d.key) || %{computed_at: nil}
-        stale = Map.merge(previous, %{status: :stale, error: dead_reason(reason)})
-        Table.put_status(sid, d.key, stale)
+        Table.stale(sid, d.key, dead_reason(reason))
         report(sid, d.name, reason, causes, start, context)
-        {:error, state}
+        {:error, state, worker}
+    end
+  end
+
+  defp write(sid, d, value, causes) do
+    meta = %{derived: true, caused_by: causes}
+
+    case SessionStore.update_variable(sid, d.name, value, meta, d.access) do
+      :ok -> :ok
+      {:error, :not_found} -> :gone
+      {:error, reason} -> {:error, {:write_rejected, reason}}
     end
   end
 

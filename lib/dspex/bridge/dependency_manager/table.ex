@@ -20,7 +20,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | --- | --- |
   | `{sid, :def, key}` | a definition (`key` is the name as a string) |
   | `{sid, :id, id}` | the key of the definition whose variable has id `id` |
-  | `{sid, :status, key}` | `%{status, error, computed_at}` |
+  | `{sid, :status, key}` | `status, error, computed_at` (three fields; the time in µs since the epoch) |
   | `{sid, :gen}` | bumped by every change to the definitions |
   | `{sid, :changed, ident}` | the latest version written to `ident`, not yet propagated |
   | `{sid, :wake}` | set while a wake-up message is on its way to the worker |
@@ -78,12 +78,13 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     end
   end
 
-  @spec put_def(String.t(), map, map) :: :ok
-  def put_def(sid, d, status) do
+  @doc "Records the definition `d`, fresh now."
+  @spec put_def(String.t(), map) :: :ok
+  def put_def(sid, d) do
     :ets.insert(@table, [
       {{sid, :def, d.key}, d},
       {{sid, :id, d.id}, d.key},
-      {{sid, :status, d.key}, status}
+      {{sid, :status, d.key}, :fresh, nil, now()}
     ])
 
     bump(sid)
@@ -106,18 +107,39 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     :ok
   end
 
+  @doc "`%{status: :fresh | :stale, error, computed_at}` of the definition `key`, or `nil`."
   @spec status(String.t(), String.t()) :: map | nil
-  def status(sid, key), do: lookup({sid, :status, key}, nil)
+  def status(sid, key) do
+    case :ets.lookup(@table, {sid, :status, key}) do
+      [{_, status, error, at}] ->
+        %{status: status, error: error, computed_at: at && DateTime.from_unix!(at, :microsecond)}
 
-  @spec put_status(String.t(), String.t(), map) :: :ok
-  def put_status(sid, key, status) do
-    # Only for a definition that still exists: a late write must not
-    # resurrect a deleted one.
-    if :ets.member(@table, {sid, :def, key}),
-      do: :ets.insert(@table, {{sid, :status, key}, status})
+      [] ->
+        nil
+    end
+  end
 
+  # The status row exists exactly while its definition does (`put_def/2`,
+  # `delete_def/2`), so updating it in place cannot resurrect a deleted one;
+  # and in place it is one table operation on the hot path.
+
+  @doc "The definition `key` was computed now."
+  @spec fresh(String.t(), String.t()) :: :ok
+  def fresh(sid, key) do
+    :ets.update_element(@table, {sid, :status, key}, [{2, :fresh}, {3, nil}, {4, now()}])
     :ok
   end
+
+  @doc "The definition `key` failed with `error`; its last computation time stays."
+  @spec stale(String.t(), String.t(), term) :: :ok
+  def stale(sid, key, error) do
+    :ets.update_element(@table, {sid, :status, key}, [{2, :stale}, {3, error}])
+    :ok
+  end
+
+  # DateTime.utc_now/0's clock, kept as an integer: the conversion is paid
+  # by the readers (derived_status/3), not by every recomputation.
+  defp now, do: System.os_time(:microsecond)
 
   ## Changes, wake-ups and waiters
 
@@ -260,7 +282,8 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   def drop(sid) do
     :ets.select_delete(@table, [
       {{{sid, :_}, :_}, [], [true]},
-      {{{sid, :_, :_}, :_}, [], [true]}
+      {{{sid, :_, :_}, :_}, [], [true]},
+      {{{sid, :status, :_}, :_, :_, :_}, [], [true]}
     ])
 
     # Its letters go with it (audited, as every drop).
