@@ -485,8 +485,9 @@ defmodule DSPex.Bridge.Backup do
   @doc """
   What the periodic process is doing: `dir`, `interval`, `keep`, `rounds`
   (finished), `skipped` (ticks that found the previous round still running),
-  `running` (a round is under way) and `last_round` (`nil`, or `%{finished_at,
-  taken, failed: [{sid, reason}]}`).
+  `running` (a round is under way), `round_pid` (its process, or `nil`;
+  killing it ends a hung round, which is then reported as failed) and
+  `last_round` (`nil`, or `%{finished_at, taken, failed: [{sid, reason}]}`).
   """
   @spec status(GenServer.server()) :: map
   def status(server \\ __MODULE__), do: GenServer.call(server, :status)
@@ -515,6 +516,7 @@ defmodule DSPex.Bridge.Backup do
        rounds: state.rounds,
        skipped: state.skipped,
        running: state.task != nil,
+       round_pid: state.task && state.task.pid,
        last_round: state.last_round
      }, state}
   end
@@ -523,8 +525,13 @@ defmodule DSPex.Bridge.Backup do
   def handle_info(:tick, %{task: nil} = state) do
     schedule(state.interval)
     %{dir: dir, keep: keep, select: select} = state
-    task = Task.async(fn -> round(select, dir, keep) end)
-    {:noreply, %{state | task: task}}
+    server = self()
+    ref = make_ref()
+
+    # Not linked: a round that crashes is reported, and never takes the
+    # server (or, by its restarts, the application's supervisor) down.
+    {pid, monitor} = spawn_monitor(fn -> send(server, {ref, round(select, dir, keep)}) end)
+    {:noreply, %{state | task: %{ref: ref, pid: pid, monitor: monitor}}}
   end
 
   def handle_info(:tick, state) do
@@ -532,8 +539,8 @@ defmodule DSPex.Bridge.Backup do
     {:noreply, %{state | skipped: state.skipped + 1}}
   end
 
-  def handle_info({ref, results}, %{task: %Task{ref: ref}} = state) do
-    Process.demonitor(ref, [:flush])
+  def handle_info({ref, results}, %{task: %{ref: ref, monitor: monitor}} = state) do
+    Process.demonitor(monitor, [:flush])
 
     failed = for {sid, {:error, reason}} <- results, do: {sid, reason}
     taken = map_size(results) - length(failed)
@@ -543,13 +550,17 @@ defmodule DSPex.Bridge.Backup do
     {:noreply, %{state | task: nil, rounds: state.rounds + 1, last_round: last}}
   end
 
-  def handle_info({:DOWN, ref, :process, _, reason}, %{task: %Task{ref: ref}} = state) do
+  def handle_info({:DOWN, monitor, :process, _, reason}, %{task: %{monitor: monitor}} = state) do
     Logger.error("dspex backup round crashed: #{inspect(reason)}")
     last = %{finished_at: DateTime.utc_now(), taken: 0, failed: [{:round, reason}]}
     {:noreply, %{state | task: nil, rounds: state.rounds + 1, last_round: last}}
   end
 
   def handle_info(_msg, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, %{task: %{pid: pid}}), do: Process.exit(pid, :kill)
+  def terminate(_reason, _state), do: :ok
 
   defp schedule(interval), do: Process.send_after(self(), :tick, interval)
 

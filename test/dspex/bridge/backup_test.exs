@@ -397,6 +397,31 @@ defmodule DSPex.Bridge.BackupTest do
       assert %{last_round: %{taken: 1, failed: []}} = Backup.status(name)
     end
 
+    test "a round that dies is reported, and the next one runs", %{dir: dir} do
+      _ = session("bk-crash")
+      test = self()
+      name = :"backup_crash_#{System.unique_integer([:positive])}"
+
+      # The selector runs in the round's process: this one kills it.
+      selector = fn _sid ->
+        send(test, :selecting)
+        Process.exit(self(), :kill)
+      end
+
+      {:ok, pid} = Backup.start_link(dir: dir, interval: 20, sessions: selector, name: name)
+      on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
+
+      # A second round starts only once the first one's end is recorded.
+      assert_receive :selecting, 5_000
+      assert_receive :selecting, 5_000
+
+      assert %{rounds: rounds, last_round: %{taken: 0, failed: [{:round, :killed}]}} =
+               Backup.status(name)
+
+      assert rounds >= 1
+      assert Process.alive?(pid)
+    end
+
     test "a bad config starts nothing", %{dir: dir} do
       for opts <- [
             [],
