@@ -5,7 +5,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export LC_ALL ?= C.UTF-8
 
-.PHONY: setup demo test rust-checks elixir-checks python-checks bench
+.PHONY: setup demo test rust-checks elixir-checks python-checks ops-checks bench
 
 setup:
 	@scripts/setup.sh
@@ -14,7 +14,7 @@ demo: setup
 	mix run examples/demo.exs
 	mix run examples/python_demo.exs
 
-test: setup rust-checks elixir-checks python-checks
+test: setup rust-checks elixir-checks python-checks ops-checks
 
 rust-checks:
 	cargo fmt --all -- --check
@@ -36,6 +36,24 @@ python-checks:
 	MIX_ENV=test mix compile
 	.venv/bin/python python/dspex_bridge/_generate.py
 	.venv/bin/python -m pytest -q --timeout=120 python/tests
+
+# The operations files: the Prometheus alerting rules (promtool's syntax
+# check and the rules' unit tests) and the Grafana dashboard (valid JSON).
+# promtool is Debian's prometheus package (scripts/setup.sh installs it); on
+# CI (.ci/run sets DSPEX_CI=1) a missing promtool fails the check, elsewhere
+# it is reported and skipped. test/dspex/ops_metrics_test.exs checks that the
+# metrics both use are exported.
+ops-checks:
+	@if command -v promtool >/dev/null 2>&1; then \
+	  promtool check rules ops/prometheus/alerts.yml && \
+	  promtool test rules ops/prometheus/alerts_test.yml; \
+	elif [ -n "$$DSPEX_CI$$CI" ]; then \
+	  echo "ops-checks: promtool not found (Debian package prometheus); required on CI" >&2; \
+	  exit 1; \
+	else \
+	  echo "ops-checks: promtool not found (Debian package prometheus): alerting rules NOT checked"; \
+	fi
+	python3 -m json.tool ops/grafana/dspex_bridge.json > /dev/null
 
 bench: setup
 	@for f in bench/*_bench.exs; do MIX_ENV=prod mix run $$f || exit 1; done

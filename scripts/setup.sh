@@ -7,8 +7,13 @@
 set -euo pipefail
 
 packages=(elixir erlang-dev erlang-src erlang-proper python3 python3-venv)
-# Extra tools used by the test suite when present.
+# Extra tools used by the test suite when present. prometheus gives promtool,
+# for `make ops-checks`; on CI (DSPEX_CI or CI set) it is required.
 optional=(prometheus)
+if [ -n "${DSPEX_CI:-}${CI:-}" ]; then
+  packages+=("${optional[@]}")
+  optional=()
+fi
 
 missing=()
 for p in "${packages[@]}" "${optional[@]}"; do
@@ -22,8 +27,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   # prometheus (for promtool) is optional: do not fail the setup without it.
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${packages[@]}" >/dev/null
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${optional[@]}" >/dev/null 2>&1 || echo "setup: optional ${optional[*]} not installed"
+  if [ ${#optional[@]} -gt 0 ]; then
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${optional[@]}" >/dev/null 2>&1 || echo "setup: optional ${optional[*]} not installed"
+  fi
 fi
 
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || {

@@ -61,7 +61,7 @@ defmodule DSPex.Bridge.Application do
        sweep_interval: Application.get_env(:dspex_bridge, :sweep_interval, 1_000)},
       DSPex.Bridge.OptimizerCoordinator,
       DSPex.Bridge.SessionStore.Watch
-      | gateway_children() ++ observability_children()
+      | gateway_children() ++ observability_children() ++ backup_children()
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPex.Bridge.Supervisor)
@@ -94,6 +94,15 @@ defmodule DSPex.Bridge.Application do
       nil -> []
       false -> []
       opts -> [{DSPex.Bridge.Gateway.Supervisor, opts}]
+    end
+  end
+
+  # Periodic backups when configured: `config :dspex_bridge, :backup, dir: ...`
+  # (see `DSPex.Bridge.Backup`). Last: a round snapshots the sessions above.
+  defp backup_children do
+    case Application.get_env(:dspex_bridge, :backup) do
+      opts when is_list(opts) and opts != [] -> [{DSPex.Bridge.Backup, opts}]
+      _ -> []
     end
   end
 

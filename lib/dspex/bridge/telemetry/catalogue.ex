@@ -129,6 +129,19 @@ defmodule DSPex.Bridge.Telemetry.Catalogue do
   hit is served from the cache), never for a read that reached the
   backend. Queue events are emitted by the queue's process.
 
+  ### Backups (`DSPex.Bridge.Backup`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :backup, :snapshot_taken]` | `bytes` (of the file), `duration_us`, `pruned` (older files deleted) | `session_id`, `path` |
+  | `[:dspex, :bridge, :backup, :snapshot_failed]` | `system_time` | `session_id`, `reason` |
+  | `[:dspex, :bridge, :backup, :restored]` | `bytes` (of the snapshot), `duration_us` | `session_id` (restored as), `from` (the backup's session id), `path` |
+  | `[:dspex, :bridge, :backup, :restore_failed]` | `system_time` | `path` (the file or directory), `reason` |
+
+  Emitted by the process that called `snapshot_now/2` or `restore/2`, or
+  by the periodic round's task. A round skips sessions deleted since it
+  listed them, without an event.
+
   ### Observability (`DSPex.Bridge.Analytics`)
 
   Analytics emits no events of its own: it consumes the events of this
