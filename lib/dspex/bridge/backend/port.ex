@@ -40,6 +40,21 @@ defmodule DSPex.Bridge.Backend.Port do
     the application's supervisor.
   - Bad frames never reach the program from here; the program answers those
     it gets from elsewhere with `{:error, {:bad_request, _}}` and carries on.
+
+  ## Overload
+
+  The program serves one pipe: requests past what it can answer queue in
+  this server and in the pipe, and a caller would wait there until its
+  timeout. So at most `max_in_flight` requests (default 1024; read at each
+  call) are admitted at once, counted from the caller's send until this
+  server answers it (a reply, `:backend_unavailable`, or the program's
+  death; a caller that timed out still holds its place until then, so a
+  stopped program cannot collect more). Past that a call returns
+  `{:error, :overloaded}` at once, having sent nothing: whatever it asked,
+  it did not happen. Admitted calls wait at most for the requests ahead of
+  them; the server's mailbox and its table of pending requests stay below
+  `max_in_flight`. `DSPex.Bridge.State.Bridged` neither retries
+  `:overloaded` nor counts it against the breaker.
   - No integer is truncated on the way: an argument outside the range the
     NIF accepts gets the NIF's error (`expected_version` beyond 64 unsigned
     bits `{:error, {:invalid_argument, :expected_non_negative_integer}}`, a
@@ -56,7 +71,8 @@ defmodule DSPex.Bridge.Backend.Port do
       config :dspex_bridge,
         port_timeout: 5_000,               # per call, milliseconds
         port: [max_frame_bytes: 64 * 1024 * 1024, workers: 2,
-               min_restart_delay_ms: 10, max_restart_delay_ms: 5_000]
+               min_restart_delay_ms: 10, max_restart_delay_ms: 5_000,
+               max_in_flight: 1024]
 
   The store limits (`config :dspex_bridge, limits: ...`) apply to both
   backends. The restart delays are read at each restart. Telemetry:
@@ -74,7 +90,7 @@ defmodule DSPex.Bridge.Backend.Port do
 
   require Logger
 
-  alias DSPex.Bridge.{MsgPack, Telemetry}
+  alias DSPex.Bridge.{Admission, MsgPack, Telemetry}
   alias DSPex.Bridge.State.Bridged
 
   @sessions __MODULE__.Sessions
@@ -94,6 +110,9 @@ defmodule DSPex.Bridge.Backend.Port do
   # (`Native.command_catalog/0`) and kept in a persistent term.
   @catalog_key {__MODULE__, :writes}
   @encode_only :dspex_port_encode_only
+  # Requests admitted to the program's pipe at once (see "Overload").
+  @gate :dspex_port
+  @default_max_in_flight 1024
 
   ## Lifecycle
 
@@ -592,25 +611,40 @@ defmodule DSPex.Bridge.Backend.Port do
 
   # A command goes over as `%{name => %{argument => value}}`, arguments by
   # the core's names (`native/dspex_core/src/command/`), never by position.
+  # Admitted first (see "Overload"): the server gives the place back when it
+  # answers; a request that never reached it (no server) gives it back here.
   defp send_raw(command, args, timeout) do
     frame = [0x81, str(command), named(args)]
 
-    case GenServer.call(__MODULE__, {:request, frame}, timeout) do
-      {:reply, bytes} ->
-        case MsgPack.decode(bytes) do
-          {:ok, result} -> result
-          {:error, _} -> {:error, {:internal_error, "undecodable reply"}}
-        end
+    with :ok <- Admission.admit(@gate, max_in_flight()) do
+      case GenServer.call(__MODULE__, {:request, frame}, timeout) do
+        {:reply, bytes} ->
+          case MsgPack.decode(bytes) do
+            {:ok, result} -> result
+            {:error, _} -> {:error, {:internal_error, "undecodable reply"}}
+          end
 
-      {:error, _} = error ->
-        error
+        {:error, _} = error ->
+          error
+      end
     end
   catch
     :exit, {:timeout, _} ->
       if writes?(command), do: {:error, :timeout_unknown_outcome}, else: {:error, :timeout}
 
+    :exit, {:noproc, _} ->
+      Admission.release(@gate)
+      {:error, :backend_unavailable}
+
     :exit, _ ->
       {:error, :backend_unavailable}
+  end
+
+  defp max_in_flight do
+    case Application.get_env(:dspex_bridge, :port, [])[:max_in_flight] do
+      n when is_integer(n) and n > 0 -> n
+      _ -> @default_max_in_flight
+    end
   end
 
   defp str(s), do: MsgPack.encode!(s)
@@ -741,6 +775,8 @@ defmodule DSPex.Bridge.Backend.Port do
   @impl GenServer
   def init(opts) do
     Process.flag(:trap_exit, true)
+    # What an earlier server had admitted died with its mailbox.
+    Admission.reset(@gate)
     # Replies carry the engine's vocabulary: the NIF makes it atoms.
     load_catalog()
     config = Keyword.merge(Application.get_env(:dspex_bridge, :port, []), opts)
@@ -840,14 +876,19 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   @impl GenServer
-  def handle_call({:request, _frame}, _from, %{port: nil} = state),
-    do: {:reply, {:error, :backend_unavailable}, state}
+  # Every request answered here gives its admission back (`send_raw/3`).
+  def handle_call({:request, _frame}, _from, %{port: nil} = state) do
+    Admission.release(@gate)
+    {:reply, {:error, :backend_unavailable}, state}
+  end
 
   def handle_call({:request, frame}, from, %{port: port, next_id: id} = state) do
     Port.command(port, [0x92, MsgPack.uint(id) | frame])
     {:noreply, %{state | next_id: id + 1, pending: Map.put(state.pending, id, from)}}
   rescue
-    ArgumentError -> {:reply, {:error, :backend_unavailable}, state}
+    ArgumentError ->
+      Admission.release(@gate)
+      {:reply, {:error, :backend_unavailable}, state}
   end
 
   def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
@@ -889,6 +930,8 @@ defmodule DSPex.Bridge.Backend.Port do
       {:ok, id, result} when is_integer(id) ->
         case :maps.take(id, state.pending) do
           {from, pending} ->
+            # The place first: a caller that has its answer may call again.
+            Admission.release(@gate)
             GenServer.reply(from, {:reply, result})
             {:noreply, %{state | pending: pending}}
 
@@ -947,6 +990,8 @@ defmodule DSPex.Bridge.Backend.Port do
   end
 
   defp fail_pending(%{pending: pending}) do
+    if map_size(pending) > 0, do: Admission.release(@gate, map_size(pending))
+
     Enum.each(pending, fn {_id, from} -> GenServer.reply(from, {:error, :backend_unavailable}) end)
   end
 end

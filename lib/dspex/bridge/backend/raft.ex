@@ -26,6 +26,16 @@ defmodule DSPex.Bridge.Backend.Raft do
   - **Telemetry and propagation** run once, in the calling process, as for
     every backend: the state machine emits nothing.
 
+  ## Overload
+
+  A group's leader is one process: commands past what it can apply wait in
+  its mailbox, and their callers until `raft_timeout`. So each node admits
+  at most `config :dspex_bridge, raft_max_in_flight: n` (default 1024, read
+  at each call) commands and queries at once, over all its replicated
+  sessions; past that a call returns `{:error, :overloaded}` at once,
+  having sent nothing (a write refused so did not happen). What waits at a
+  leader is then bounded by the number of nodes times that.
+
   Errors: `{:error, :ra_unavailable}` when ra is not on this node's code
   path (see `scripts/setup.sh`); `{:error, {:insufficient_nodes, have, want}}`
   when fewer eligible nodes are connected than `replicas`;
@@ -33,9 +43,13 @@ defmodule DSPex.Bridge.Backend.Raft do
   """
   @behaviour DSPex.Bridge.Backend
 
+  alias DSPex.Bridge.Admission
   alias DSPex.Bridge.Backend.Raft.{Command, Machine, System}
 
   @sessions :dspex_raft_sessions
+  # Commands and queries this node has in flight at once (see "Overload").
+  @gate :dspex_raft
+  @default_max_in_flight 1024
 
   @typedoc "A ra server id: `{cluster_name, node}`."
   @type server_id :: {atom, node}
@@ -376,7 +390,26 @@ defmodule DSPex.Bridge.Backend.Raft do
     end
   end
 
-  defp send_command(ids, cmd) do
+  defp send_command(ids, cmd), do: admitted(fn -> send_admitted(ids, cmd) end)
+
+  defp admitted(fun) do
+    with :ok <- Admission.admit(@gate, max_in_flight()) do
+      try do
+        fun.()
+      after
+        Admission.release(@gate)
+      end
+    end
+  end
+
+  defp max_in_flight do
+    case Application.get_env(:dspex_bridge, :raft_max_in_flight) do
+      n when is_integer(n) and n > 0 -> n
+      _ -> @default_max_in_flight
+    end
+  end
+
+  defp send_admitted(ids, cmd) do
     [{name, _} | _] = ids
 
     Enum.reduce_while(leader_first(name, ids), {:error, :unavailable}, fn id, acc ->
@@ -411,7 +444,10 @@ defmodule DSPex.Bridge.Backend.Raft do
     end
   end
 
-  defp query(ids, kind, frame, consistency) do
+  defp query(ids, kind, frame, consistency),
+    do: admitted(fn -> query_admitted(ids, kind, frame, consistency) end)
+
+  defp query_admitted(ids, kind, frame, consistency) do
     mfa = {Machine, :query, [kind, frame]}
 
     targets =

@@ -68,7 +68,7 @@ defmodule DSPex.Bridge.Gateway.Holders do
         Process.send_after(self(), :check, @check_ms)
         {:noreply, state}
 
-      {:error, reason} when reason in [:rate_limited, :backend_unavailable] ->
+      {:error, reason} when reason in [:rate_limited, :overloaded, :backend_unavailable] ->
         Process.send_after(self(), :check, @check_ms)
         {:noreply, state}
 

@@ -245,6 +245,9 @@ defmodule DSPex.Bridge.Gateway.Wire do
       "busy" ->
         :resource_exhausted
 
+      "overloaded" ->
+        :resource_exhausted
+
       "already_exists" ->
         :already_exists
 

@@ -51,6 +51,8 @@ defmodule DSPex.Bridge.Backend.Raft.System do
 
   @impl true
   def init(_opts) do
+    # The node's admission counter for Raft calls (`Backend.Raft`, "Overload").
+    :ok = DSPex.Bridge.Admission.ensure(:dspex_raft)
     :ets.new(@sessions, [:named_table, :public, :set, read_concurrency: true])
     :ets.new(Machine.engine_table(), [:named_table, :public, :set, write_concurrency: true])
     # Synchronous: once the application has started, the members on disk

@@ -1,0 +1,73 @@
+defmodule DSPex.Bridge.HA.RaftOverloadTest do
+  # Admission to Raft calls: past `raft_max_in_flight` commands and queries
+  # in flight on a node, a call is refused at once instead of queueing at
+  # the leader. A `replicas: 1` session in this VM whose member is
+  # suspended stands for a leader that cannot keep up.
+  use ExUnit.Case, async: false
+
+  alias DSPex.Bridge.Backend.Raft
+  alias DSPex.Bridge.SessionStore
+
+  @moduletag :ha
+
+  setup_all do
+    if Raft.System.available?(),
+      do: :ok,
+      else: {:skip, "ra is not on the code path (scripts/setup.sh fetches it into .cache/ra)"}
+  end
+
+  setup do
+    sid = "raft-overload-#{System.unique_integer([:positive])}"
+    {:ok, ^sid} = SessionStore.create_session(sid, replicas: 1)
+    {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 0)
+    max = Application.fetch_env(:dspex_bridge, :raft_max_in_flight)
+    timeout = Application.fetch_env(:dspex_bridge, :raft_timeout)
+    Application.put_env(:dspex_bridge, :raft_max_in_flight, 3)
+    Application.put_env(:dspex_bridge, :raft_timeout, 10_000)
+
+    on_exit(fn ->
+      restore_env(:raft_max_in_flight, max)
+      restore_env(:raft_timeout, timeout)
+      SessionStore.delete_session(sid)
+    end)
+
+    {:ok, [{name, _node}]} = Raft.known_members(sid)
+    %{sid: sid, member: Process.whereis(name)}
+  end
+
+  test "past raft_max_in_flight calls are refused with :overloaded; answered, places come back",
+       %{sid: sid, member: member} do
+    :ok = :sys.suspend(member)
+    on_exit(fn -> if Process.alive?(member), do: :sys.resume(member) end)
+
+    tasks =
+      Enum.map(1..10, fn i -> Task.async(fn -> SessionStore.update_variable(sid, :x, i) end) end)
+
+    # Seven are refused at once; the three admitted wait for the member.
+    refused =
+      for _ <- 1..7, do: receive(do: ({ref, result} when is_reference(ref) -> {ref, result}))
+
+    assert Enum.all?(refused, &match?({_, {:error, :overloaded}}, &1))
+    refused_refs = Enum.map(refused, &elem(&1, 0))
+    admitted = Enum.reject(tasks, &(&1.ref in refused_refs))
+    # A read is refused too: it would wait at the same member.
+    assert {:error, :overloaded} = SessionStore.get_variable(sid, :x)
+
+    :ok = :sys.resume(member)
+    assert Task.await_many(admitted, 15_000) == [:ok, :ok, :ok]
+    for t <- tasks, t.ref in refused_refs, do: Process.demonitor(t.ref, [:flush])
+
+    # A refused write was never sent: three writes happened, no more.
+    assert {:ok, %{version: 3}} = SessionStore.get_variable(sid, :x)
+
+    results =
+      1..3
+      |> Enum.map(fn _ -> Task.async(fn -> SessionStore.get_variable(sid, :x) end) end)
+      |> Task.await_many(15_000)
+
+    assert [{:ok, %{version: 3}}] = Enum.uniq(results)
+  end
+
+  defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)
+  defp restore_env(key, :error), do: Application.delete_env(:dspex_bridge, key)
+end
