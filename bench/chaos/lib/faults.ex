@@ -89,14 +89,14 @@ defmodule DSPex.Chaos.Faults do
   def inject(:gateway_kill, _ctx) do
     old = Gateway.os_pid()
     {at, 0} = kill(old, "-9")
-    healed = await_started([:dspex, :bridge, :gateway, :started], old, 30_000)
+    healed = await_started([:dspex, :bridge, :gateway, :started], old, at, 30_000)
     done(:gateway_kill, [:grpc], at, healed, "gateway os pid #{old} killed")
   end
 
   def inject(:port_kill, _ctx) do
     old = PortBackend.os_pid()
     {at, 0} = kill(old, "-9")
-    healed = await_started([:dspex, :bridge, :port, :started], old, 30_000)
+    healed = await_started([:dspex, :bridge, :port, :started], old, at, 30_000)
 
     done(:port_kill, [:port], at, healed, "port program os pid #{old} killed", %{
       ends_sessions: [:port]
@@ -236,9 +236,9 @@ defmodule DSPex.Chaos.Faults do
 
   defp attached?(id), do: Enum.any?(Telemetry.handlers(@write_event), &(elem(&1, 0) == id))
 
-  defp await_started(event, old, timeout) do
+  defp await_started(event, old, at, timeout) do
     receive do
-      {:chaos_event, ^event, %{os_pid: p}, t} when p != old -> t
+      {:chaos_event, ^event, %{os_pid: p}, t} when p != old and t >= at -> t
     after
       timeout -> raise "#{inspect(event)} not seen within #{timeout} ms"
     end
