@@ -6,8 +6,10 @@
 #
 # Options: --profile short|full, --faults a,b,... (names below), --window S
 # (seconds per fault), --hold S (how long a lasting fault lasts), --no-raft,
-# --no-grpc. Faults: gateway_kill, port_kill, raft_leader_kill,
-# raft_partition, port_sigstop, telemetry_crash, compute_crash.
+# --no-grpc, --trace (every operation also as a line of a TSV file per
+# client, under bench/chaos/results/trace-*/). Faults: gateway_kill,
+# port_kill, raft_leader_kill, raft_partition, port_sigstop, telemetry_crash,
+# compute_crash. What the run does and checks: bench/chaos/README.md.
 #
 # Needs scripts/setup.sh (the .venv with grpcio for the Python clients, ra in
 # .cache/ra for the replicated sessions). Prints the tables, writes JSON under
@@ -74,7 +76,8 @@ result =
     faults: faults,
     override: override,
     raft: Keyword.get(opts, :raft, true),
-    grpc: Keyword.get(opts, :grpc, true)
+    grpc: Keyword.get(opts, :grpc, true),
+    trace: Keyword.get(opts, :trace, false)
   )
 
 System.halt(if result.ok, do: 0, else: 1)

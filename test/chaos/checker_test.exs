@@ -235,6 +235,16 @@ defmodule DSPex.Chaos.CheckerTest do
     assert p99 >= 1_000 and p99 < 1_200
   end
 
+  test "an operation's trace line carries its intent, times and outcome" do
+    line =
+      op(writes: [{:x, 7}], dur_us: 42, outcome: {:unknown, :timeout_unknown_outcome})
+      |> History.trace_line()
+      |> IO.iodata_to_binary()
+
+    assert line ==
+             "nif\tc1\ts\t0\twrite\tx=7\t#{@t0}\t42\t1000\tunknown\ttimeout_unknown_outcome\t\tfalse\n"
+  end
+
   test "the JSON encoder escapes what needs it" do
     json = IO.iodata_to_binary(Report.json(%{a: [1, 2.5, nil, true], b: "q\"\n", c: {:x, "y"}}))
     assert json =~ ~s("b":"q\\"\\n")

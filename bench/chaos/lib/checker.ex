@@ -19,7 +19,9 @@ defmodule DSPex.Chaos.Checker do
   - `unrecovered`: a session whose last operation failed (the clients end
     with one read of each of their sessions, after every fault healed);
   - `replicas`, `derived`: replicas that disagree after healing, derived
-    variables that disagree with their inputs (given by the runner).
+    variables that disagree with their inputs; `faults`: a fault that did
+    not do what it is for (a breaker that never opened, a crashed handler
+    not detached): given by the runner.
 
   Reported per fault, all from the fault's time: the first error on its
   paths, the recovery (the first success, after that error, on a session
@@ -67,7 +69,8 @@ defmodule DSPex.Chaos.Checker do
       stale: stale,
       unrecovered: unrecovered,
       replicas: Keyword.get(extra, :replicas, []),
-      derived: Keyword.get(extra, :derived, [])
+      derived: Keyword.get(extra, :derived, []),
+      faults: Keyword.get(extra, :faults_failed, [])
     }
 
     %{
@@ -266,7 +269,7 @@ defmodule DSPex.Chaos.Checker do
 
     Map.new(paths, fn p ->
       counts = for {{^p, op, class, reason}, n} <- h.counts, do: {op, class, reason, n}
-      total = for {_, class, _, n} <- counts, class != :stale, do: n
+      total = for {_, class, _, n} <- counts, class not in [:stale, :cache], do: n
       total = Enum.sum(total)
       by_class = fn c -> counts |> Enum.filter(&(elem(&1, 1) == c)) |> Enum.map(&elem(&1, 3)) end
 
@@ -285,6 +288,7 @@ defmodule DSPex.Chaos.Checker do
          refused: Enum.sum(by_class.(:refused)),
          failed: Enum.sum(by_class.(:fail)),
          unknown: Enum.sum(by_class.(:unknown)),
+         from_cache: Enum.sum(by_class.(:cache)),
          errors_by_reason: errors |> Enum.sort_by(fn {_, n} -> -n end) |> Map.new(),
          p50_us: percentile(hist, 0.50),
          p99_us: percentile(hist, 0.99),

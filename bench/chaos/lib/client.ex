@@ -19,7 +19,10 @@ defmodule DSPex.Chaos.Client do
   (read, then conditional write) 10; atomic batches of two variables 5;
   lock cycles (start_optimization, a write under the lock token,
   stop_optimization) 3; derived variables 2 (write the input, await the
-  propagation, read input and output). The `:raft` path does no lock
+  propagation, read input and output). Sessions listed in `read_mostly`
+  get reads 98 and writes 2 instead: while the port's breaker is open,
+  their reads are the ones its last-known-value cache can answer (a write
+  to a session makes its cached reads unusable). The `:raft` path does no lock
   cycles nor derived variables (the coordinator does not take Raft locks
   yet; see the README), and the `:port` path no derived variables: their
   shares go to writes and batches.
@@ -41,6 +44,8 @@ defmodule DSPex.Chaos.Client do
   @mixes %{
     nif: [{70, :read}, {10, :write}, {10, :cas}, {5, :batch}, {3, :lock}, {2, :derived}],
     port: [{70, :read}, {11, :write}, {11, :cas}, {5, :batch}, {3, :lock}],
+    # Sessions mostly read, whose reads the port breaker's cache can answer.
+    read_mostly: [{98, :read}, {2, :write}],
     raft: [{70, :read}, {12, :write}, {12, :cas}, {6, :batch}]
   }
   @crash_key {__MODULE__, :compute_crash}
@@ -84,7 +89,8 @@ defmodule DSPex.Chaos.Client do
   calls are judged by), `owner` (told `{:chaos_ready, id}` once its
   sessions exist, `{:chaos_setup_failed, id, reason}` if they cannot be
   made), and for `:raft`: `node_index`, `peers` (a fun returning the live
-  peers), `call_timeout_ms`.
+  peers), `call_timeout_ms`. With `trace_dir`, every operation is also
+  written there as a line (`DSPex.Chaos.History.trace_line/1`).
   """
   def start(spec) do
     spawn_monitor(fn -> init(spec) end)
@@ -92,6 +98,11 @@ defmodule DSPex.Chaos.Client do
 
   defp init(spec) do
     :rand.seed(:exsss, {:erlang.phash2(spec.id), 7, 11})
+
+    if dir = Map.get(spec, :trace_dir) do
+      {:ok, file} = File.open(Path.join(dir, "#{spec.id}.tsv"), [:write, :raw, :delayed_write])
+      Process.put(:dspex_chaos_trace, file)
+    end
 
     state = %{
       spec: spec,
@@ -170,6 +181,7 @@ defmodule DSPex.Chaos.Client do
     receive do
       {:chaos_stop, from} ->
         st = probe(st)
+        if trace = Process.get(:dspex_chaos_trace), do: File.close(trace)
         send(from, {:chaos_history, st.spec.id, st.h})
     after
       0 ->
@@ -196,7 +208,13 @@ defmodule DSPex.Chaos.Client do
 
     if MapSet.member?(st.lost, sid),
       do: recreate(st, sid),
-      else: run(st, sid, pick(@mixes[st.spec.path]))
+      else: run(st, sid, pick(mix(st, sid)))
+  end
+
+  defp mix(st, sid) do
+    if sid in Map.get(st.spec, :read_mostly, []),
+      do: @mixes.read_mostly,
+      else: Map.fetch!(@mixes, st.spec.path)
   end
 
   defp pick(mix) do
@@ -384,7 +402,9 @@ defmodule DSPex.Chaos.Client do
         else: st
 
     st = if outcome != :ok and st.spec.path == :raft, do: failover(st, outcome), else: st
-    %{st | h: History.record(st.h, %{op | outcome: outcome})}
+    op = %{op | outcome: outcome}
+    if trace = Process.get(:dspex_chaos_trace), do: IO.binwrite(trace, History.trace_line(op))
+    %{st | h: History.record(st.h, op)}
   end
 
   # Refusals are the caller's doing; only failures move a Raft client on.
@@ -403,9 +423,12 @@ defmodule DSPex.Chaos.Client do
         try do
           :peer.call(peer.pid, m, f, a, st.spec.call_timeout_ms)
         catch
-          :exit, {:timeout, _} -> {:error, :call_timeout}
-          :exit, _ -> {:error, :node_down}
-          :error, _ -> {:error, :node_down}
+          # The peer's control connection: gone with its node, or no answer.
+          :exit, {:timeout, {:gen_server, :call, _}} -> {:error, :call_timeout}
+          :exit, {reason, {:gen_server, :call, _}} when reason != :timeout -> {:error, :node_down}
+          :error, :noconnection -> {:error, :node_down}
+          # Raised or exited inside the call on the node: a finding, not a fault.
+          kind, reason -> {:error, {:raised_on_node, {kind, reason}}}
         end
       end
 

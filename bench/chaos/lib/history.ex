@@ -132,6 +132,7 @@ defmodule DSPex.Chaos.History do
 
     h = Enum.reduce(op.writes, h, &apply_write(&2, op, &1, class, stop))
     h = if stale?, do: bump_counts(h, {op.path, :read, :stale, "stale_read"}), else: h
+    h = if cache?, do: bump_counts(h, {op.path, op.op, :cache, "cache_hit"}), else: h
 
     bad? = class in [:fail, :unknown]
     was_bad? = Map.get(h.status, unit) == :bad
@@ -230,6 +231,36 @@ defmodule DSPex.Chaos.History do
   @doc "The upper edge, in microseconds, of a latency bucket."
   @spec bucket_us(non_neg_integer) :: float
   def bucket_us(b), do: :math.pow(2, (b + 1) / 4)
+
+  @doc """
+  One operation as a line of tab-separated fields (the raw trace of
+  `--trace`): path, client, sid, epoch, op, writes (`var=value,...`),
+  start_us, dur_us, timeout_ms, class, reason, read (`var=value`), cache.
+  """
+  @spec trace_line(map) :: iodata
+  def trace_line(op) do
+    pairs = fn list -> Enum.map_join(list, ",", fn {k, v} -> "#{k}=#{inspect(v)}" end) end
+
+    Enum.map_intersperse(
+      [
+        op.path,
+        op.client,
+        op.sid,
+        op.epoch,
+        op.op,
+        pairs.(op.writes),
+        op.start_us,
+        op.dur_us,
+        op.timeout_ms,
+        class(op.outcome),
+        reason_name(reason(op.outcome)),
+        pairs.(List.wrap(op.read)),
+        Map.get(op, :cache, false)
+      ],
+      "\t",
+      &to_string/1
+    ) ++ ["\n"]
+  end
 
   @doc "Several clients' histories as one (their variables are disjoint)."
   @spec merge([t]) :: t

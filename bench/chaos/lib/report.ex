@@ -36,6 +36,7 @@ defmodule DSPex.Chaos.Report do
           Integer.to_string(s.refused),
           Integer.to_string(s.failed),
           Integer.to_string(s.unknown),
+          Integer.to_string(s.from_cache),
           us(s.p50_us),
           us(s.p99_us),
           us(s.max_us),
@@ -54,7 +55,8 @@ defmodule DSPex.Chaos.Report do
       ["stale reads", length(v.stale)],
       ["sessions not recovered at the end", length(v.unrecovered)],
       ["replicas disagreeing after healing", length(v.replicas)],
-      ["derived variables disagreeing with inputs", length(v.derived)]
+      ["derived variables disagreeing with inputs", length(v.derived)],
+      ["faults that did not do what they are for", length(v.faults)]
     ]
 
     """
@@ -64,7 +66,7 @@ defmodule DSPex.Chaos.Report do
     #{config_line(config)}
 
     #{render(["fault", "paths", "healed ms", "sessions hit", "errors", "first err ms", "recovery ms", "all sessions ms", "last err ms", "unrecovered", "slowest call ms", "errors by reason", "collateral"], faults)}
-    #{render(["path", "ops", "ops/s", "ok", "refused", "failed", "unknown", "p50", "p99", "max", "errors by reason"], paths)}
+    #{render(["path", "ops", "ops/s", "ok", "refused", "failed", "unknown", "from cache", "p50", "p99", "max", "errors by reason"], paths)}
     #{render(["check", "count"], Enum.map(checks, fn [a, b] -> [a, Integer.to_string(b)] end))}
     acknowledged writes that ended with a port session the kill destroyed (by design): \
     #{result.ended_with_session.acked_writes} on #{result.ended_with_session.variables} variables

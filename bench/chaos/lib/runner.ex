@@ -23,7 +23,7 @@ defmodule DSPex.Chaos.Runner do
   @profiles %{
     short: %{
       nif: {8, 25},
-      port: {4, 2},
+      port: {4, 3},
       raft: {6, 1},
       grpc: {3, 2},
       interval: %{nif: 2, port: 2, raft: 5, grpc: 5},
@@ -34,10 +34,10 @@ defmodule DSPex.Chaos.Runner do
     },
     full: %{
       nif: {16, 64},
-      port: {8, 4},
+      port: {8, 5},
       raft: {6, 2},
       grpc: {6, 4},
-      interval: %{nif: 1, port: 1, raft: 2, grpc: 2},
+      interval: %{nif: 2, port: 2, raft: 5, grpc: 5},
       warmup_s: 30,
       window_s: 180,
       hold_s: 30,
@@ -53,6 +53,7 @@ defmodule DSPex.Chaos.Runner do
     faults = Keyword.get(opts, :faults, Faults.all())
     raft? = Keyword.get(opts, :raft, true) and Raft.System.available?()
     grpc? = Keyword.get(opts, :grpc, true)
+    trace_dir = if Keyword.get(opts, :trace, false), do: trace_dir(profile)
 
     faults =
       Enum.filter(faults, fn f ->
@@ -98,7 +99,7 @@ defmodule DSPex.Chaos.Runner do
       {:ok, _} = Cluster.start(for(x <- ~w(a b c), do: :"chaos#{id}#{x}"), dir)
     end
 
-    specs = client_specs(p, cfg, id, raft?)
+    specs = client_specs(p, cfg, id, raft?) |> Enum.map(&Map.put(&1, :trace_dir, trace_dir))
     log("starting #{length(specs)} Elixir clients")
     clients = Map.new(specs, fn s -> {s.id, {s, Client.start(s)}} end)
     await_ready(Map.keys(clients), 120_000)
@@ -106,7 +107,7 @@ defmodule DSPex.Chaos.Runner do
     python =
       if grpc? do
         log("starting #{elem(p.grpc, 0)} Python clients")
-        start_python(grpc, p, cfg, id)
+        start_python(grpc, p, cfg, id, trace_dir)
       end
 
     log("warm-up #{p.warmup_s} s")
@@ -148,6 +149,7 @@ defmodule DSPex.Chaos.Runner do
         hung: hung ++ py_hung,
         replicas: replicas,
         derived: derived,
+        faults_failed: unmet(injected),
         started_us: started_us,
         stopped_us: stopped_us
       )
@@ -162,6 +164,7 @@ defmodule DSPex.Chaos.Runner do
     IO.puts(Report.table(result, cfg))
     path = write_json(result, profile)
     IO.puts("JSON: #{Path.relative_to(path, @root)}")
+    if trace_dir, do: IO.puts("every operation: #{Path.relative_to(trace_dir, @root)}/*.tsv")
 
     cleanup(raft?, grpc?)
     result
@@ -192,6 +195,19 @@ defmodule DSPex.Chaos.Runner do
 
   defp heal_extra(_f, rec, _ctx), do: rec
 
+  # What each fault is for, which did not happen.
+  defp unmet(injected) do
+    for f <- injected,
+        {key, expected} <- [
+          breaker_opened: true,
+          handler_detached: true,
+          other_handler_alive: true
+        ],
+        Map.has_key?(f, key),
+        Map.fetch!(f, key) != expected,
+        do: %{fault: f.name, expected: key, note: f.note}
+  end
+
   defp windows(faults, stopped_us) do
     ends = Enum.map(Enum.drop(faults, 1), & &1.at_us) ++ [stopped_us]
     Enum.zip_with(faults, ends, fn f, until -> Map.put(f, :until_us, until) end)
@@ -212,6 +228,8 @@ defmodule DSPex.Chaos.Runner do
             path: path,
             sids: for(k <- 1..per, do: "chaos-#{id}-#{path}-#{i}-#{k}"),
             interval_ms: p.interval[path],
+            # The last port session of each client is read-mostly.
+            read_mostly: if(path == :port, do: ["chaos-#{id}-#{path}-#{i}-#{per}"], else: []),
             timeout_ms: if(path == :nif, do: cfg.nif_timeout, else: cfg.port_timeout),
             owner: owner
           }
@@ -306,7 +324,7 @@ defmodule DSPex.Chaos.Runner do
     %{address: "127.0.0.1:#{port}", token: token}
   end
 
-  defp start_python(grpc, p, cfg, id) do
+  defp start_python(grpc, p, cfg, id, trace_dir) do
     python = Path.join(@root, ".venv/bin/python")
     {workers, per} = p.grpc
     prefix = "chaos-py-#{id}"
@@ -354,6 +372,13 @@ defmodule DSPex.Chaos.Runner do
             h -> History.declare(h, "#{prefix}-#{i}-#{k}", 0, var, 0)
           end
 
+        if trace_dir do
+          {:ok, file} =
+            File.open(Path.join(trace_dir, "grpc.tsv"), [:write, :raw, :delayed_write])
+
+          Process.put(:dspex_chaos_trace, file)
+        end
+
         python_loop(port, owner, h, [], nil)
       end)
 
@@ -372,7 +397,12 @@ defmodule DSPex.Chaos.Runner do
       {^port, {:data, {:eol, line}}} ->
         case String.split(line, " ") do
           ["op" | fields] ->
-            python_loop(port, owner, History.record(h, python_op(fields)), hung, stopper)
+            op = python_op(fields)
+
+            if trace = Process.get(:dspex_chaos_trace),
+              do: IO.binwrite(trace, History.trace_line(op))
+
+            python_loop(port, owner, History.record(h, op), hung, stopper)
 
           ["ready", n] ->
             send(owner, {:python_ready, self(), String.to_integer(n)})
@@ -393,6 +423,7 @@ defmodule DSPex.Chaos.Runner do
         python_loop(port, owner, h, hung, stopper)
 
       {^port, {:exit_status, _}} ->
+        if trace = Process.get(:dspex_chaos_trace), do: File.close(trace)
         if stopper, do: send(stopper, {:python_history, h, hung})
 
       {:stop, from} ->
@@ -574,6 +605,13 @@ defmodule DSPex.Chaos.Runner do
       {:ok, text} -> text |> String.split() |> Enum.take(3) |> Enum.join(" ")
       _ -> nil
     end
+  end
+
+  defp trace_dir(profile) do
+    stamp = DateTime.utc_now() |> DateTime.to_iso8601(:basic) |> String.slice(0, 15)
+    dir = Path.join(@root, "bench/chaos/results/trace-#{profile}-#{stamp}")
+    File.mkdir_p!(dir)
+    dir
   end
 
   defp write_json(result, profile) do
