@@ -5,7 +5,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export LC_ALL ?= C.UTF-8
 
-.PHONY: setup demo test rust-checks elixir-checks python-checks ops-checks bench
+.PHONY: setup demo test rust-checks elixir-checks python-checks ops-checks chaos-checks bench
 
 setup:
 	@scripts/setup.sh
@@ -14,7 +14,7 @@ demo: setup
 	mix run examples/demo.exs
 	mix run examples/python_demo.exs
 
-test: setup rust-checks elixir-checks python-checks ops-checks
+test: setup rust-checks elixir-checks python-checks ops-checks chaos-checks
 
 rust-checks:
 	cargo fmt --all -- --check
@@ -54,6 +54,16 @@ ops-checks:
 	  echo "ops-checks: promtool not found (Debian package prometheus): alerting rules NOT checked"; \
 	fi
 	python3 -m json.tool ops/grafana/dspex_bridge.json > /dev/null
+
+# Chaos under load, short version (~2.5 min): every fault of
+# bench/chaos/run.exs injected in turn while clients on the NIF, port, gRPC
+# (Python) and replicated (3 peer nodes) paths run a mixed workload; fails
+# on a lost acknowledged write, a call past its timeout or a stale read.
+# The full run: MIX_ENV=test mix run --no-start bench/chaos/run.exs --profile full
+chaos-checks:
+	MIX_ENV=test mix compile
+	.venv/bin/python python/dspex_bridge/_generate.py
+	MIX_ENV=test mix run --no-start bench/chaos/run.exs --profile short
 
 bench: setup
 	@for f in bench/*_bench.exs; do MIX_ENV=prod mix run $$f || exit 1; done

@@ -16,7 +16,15 @@ from ._proto import bridge_service_pb2_grpc as pb_grpc
 
 __all__ = ["SessionContext", "VariableUpdate", "Optimization", "Watch", "connect"]
 
-_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    # After the gateway restarts (kill -9: back in ~100 ms), reconnect as soon
+    # as it listens: grpc's defaults wait 1 s after a drop, and up to 120 s
+    # after a long outage; the gateway's own restart backoff stops at 5 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
 
 
 def connect(address: str, *, tls: bool = False, root_certificates: Optional[bytes] = None,

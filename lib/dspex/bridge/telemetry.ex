@@ -219,19 +219,21 @@ defmodule DSPex.Bridge.Telemetry do
     if telemetry?() do
       apply(:telemetry, :detach, [id])
     else
-      update_handlers(fn table ->
-        if Enum.any?(table, fn {_event, hs} -> List.keymember?(hs, id, 0) end) do
-          table =
-            table
-            |> Enum.map(fn {event, hs} -> {event, List.keydelete(hs, id, 0)} end)
-            |> Enum.reject(fn {_event, hs} -> hs == [] end)
-            |> Map.new()
+      update_handlers(&remove_handler(&1, id))
+    end
+  end
 
-          {:ok, table}
-        else
-          {{:error, :not_found}, table}
-        end
-      end)
+  defp remove_handler(table, id) do
+    if Enum.any?(table, fn {_event, hs} -> List.keymember?(hs, id, 0) end) do
+      table =
+        table
+        |> Enum.map(fn {event, hs} -> {event, List.keydelete(hs, id, 0)} end)
+        |> Enum.reject(fn {_event, hs} -> hs == [] end)
+        |> Map.new()
+
+      {:ok, table}
+    else
+      {{:error, :not_found}, table}
     end
   end
 
@@ -341,21 +343,23 @@ defmodule DSPex.Bridge.Telemetry do
   defp invoke({id, fun, config}, event, measurements, metadata) do
     fun.(event, measurements, metadata, config)
   rescue
-    e ->
-      Logger.error(
-        "DSPex.Bridge.Telemetry handler #{inspect(id)} failed on #{inspect(event)} and was detached: " <>
-          Exception.message(e)
-      )
-
-      detach(id)
+    e -> failed(id, event, Exception.message(e))
   catch
-    kind, reason ->
+    kind, reason -> failed(id, event, inspect({kind, reason}))
+  end
+
+  # A failed handler is detached by the caller that takes the lock first;
+  # callers failing in it at the same moment (a hot event under load) do
+  # not queue for the lock behind it, whose retries sleep, nor log it
+  # again. Should the lock be busy with another attach, the handler's next
+  # failure detaches it.
+  defp failed(id, event, why) do
+    if update_handlers(&remove_handler(&1, id), 0) == :ok do
       Logger.error(
         "DSPex.Bridge.Telemetry handler #{inspect(id)} failed on #{inspect(event)} and was detached: " <>
-          inspect({kind, reason})
+          why
       )
-
-      detach(id)
+    end
   end
 
   # Attach and detach are rare; :global.trans serialises them without a process.
@@ -395,7 +399,9 @@ defmodule DSPex.Bridge.Telemetry do
     end
   end
 
-  defp update_handlers(fun) do
+  # `retries`: as `:global.trans/4` (0: one attempt, `:aborted` if the
+  # lock is busy).
+  defp update_handlers(fun, retries \\ :infinity) do
     # The lock id is {resource, requester}: the requester must be this
     # process, or every caller shares one lock holder and nothing is serialised.
     :global.trans(
@@ -412,7 +418,8 @@ defmodule DSPex.Bridge.Telemetry do
 
         reply
       end,
-      [node()]
+      [node()],
+      retries
     )
   end
 end
