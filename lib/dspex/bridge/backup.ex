@@ -45,6 +45,12 @@ defmodule DSPex.Bridge.Backup do
   beyond `keep` are deleted. Restores check the length and the checksum
   before anything is imported.
 
+  A snapshot is consistent per variable (value, version and history
+  together), not across variables: the engine copies the variables one by
+  one, so an `update_variables(..., atomic: true)` running meanwhile may be
+  in the snapshot for some of its variables and not others. Pause the
+  writers (or snapshot from a quiet moment) when that matters.
+
   ## Restoring
 
   `restore/2` imports a snapshot through `SessionStore.import_session/2`

@@ -5,7 +5,7 @@ defmodule Mix.Tasks.Dspex.Restore do
   running node, or checks backups without restoring.
 
       mix dspex.restore DIR_OR_FILE [--as NEW_ID] [--session SID] [--backend nif|port]
-                        --node NODE [--cookie COOKIE]
+                        [--node NODE] [--cookie COOKIE]
       mix dspex.restore DIR_OR_FILE --check [--session SID]
       mix dspex.restore DIR --list
 
@@ -24,8 +24,10 @@ defmodule Mix.Tasks.Dspex.Restore do
     (`ok SID TIME BYTES PATH` or `bad REASON PATH`) and fails if any is bad.
   - `--list` prints the directory's backups, newest first (headers only).
 
-  A restore needs `--node`: in the task's own VM the session would be gone
-  when the task exits. Prints `restored SID from PATH` and exits 0, or
+  A restore needs `--node` (default: the `DSPEX_NODE` environment
+  variable): in the task's own VM the session would be gone when the task
+  exits, so `mix dspex.restore DIR_OR_FILE [--as NEW_ID]` restores into
+  `$DSPEX_NODE`. Prints `restored SID from PATH` and exits 0, or
   fails with the reason (exit status 1).
   """
   use Mix.Task
@@ -57,11 +59,13 @@ defmodule Mix.Tasks.Dspex.Restore do
     # The code and config, not the application: nothing here needs the engine.
     Mix.Task.run("app.config")
 
+    opts = Keyword.put_new_lazy(opts, :node, fn -> System.get_env("DSPEX_NODE") end)
+
     cond do
       opts[:list] -> list(path, opts)
       opts[:check] -> check(path, opts)
-      opts[:node] -> restore(path, opts)
-      true -> fail("give --node NODE to restore into (or --check, --list)")
+      opts[:node] not in [nil, ""] -> restore(path, opts)
+      true -> fail("give --node NODE (or DSPEX_NODE) to restore into (or --check, --list)")
     end
   end
 

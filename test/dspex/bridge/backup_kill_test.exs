@@ -3,7 +3,8 @@ defmodule DSPex.Bridge.BackupKillTest do
   Backups survive a `kill -9` of the VM taking them: a real BEAM OS process
   (a `:peer`) backs up a session every 30 ms while a writer rewrites every
   variable; it is killed with SIGKILL in the middle of that, and the newest
-  backup it left is restored here, in the test's VM.
+  backup it left is restored here, in the test's VM. And durable
+  (replicated) sessions are backed up too.
   """
   use ExUnit.Case, async: false
 
@@ -70,6 +71,26 @@ defmodule DSPex.Bridge.BackupKillTest do
     on_exit(fn -> SessionStore.delete_session(as2) end)
     assert {:ok, ^as2} = Backup.restore(reported, as: as2)
     check_every_variable(as2, 5)
+  end
+
+  describe "durable sessions" do
+    @describetag :ha
+    test "a replicas: 1 session is backed up by its leader and restored in memory", ctx do
+      sid = "bk-durable-#{System.unique_integer([:positive])}"
+      {:ok, ^sid} = SessionStore.create_session(sid, replicas: 1)
+      on_exit(fn -> SessionStore.delete_session(sid) end)
+      {:ok, _} = SessionStore.register_variable(sid, :t, :float, 0.5)
+      :ok = SessionStore.update_variable(sid, :t, 0.9)
+
+      # Picked by a selector: this node leads its group.
+      assert {:ok, %{^sid => {:ok, %{path: path}}}} = Backup.snapshot_now([sid], dir: ctx.dir)
+
+      as = sid <> "-copy"
+      on_exit(fn -> SessionStore.delete_session(as) end)
+      assert {:ok, ^as} = Backup.restore(path, as: as)
+      assert {:ok, :nif} = SessionStore.backend(as)
+      assert {:ok, %{value: 0.9, version: 1}} = SessionStore.get_variable(as, :t)
+    end
   end
 
   # Each variable v1..vN is there, its value is its version (the writer's

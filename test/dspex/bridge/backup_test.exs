@@ -171,25 +171,6 @@ defmodule DSPex.Bridge.BackupTest do
     end
   end
 
-  describe "durable sessions" do
-    @describetag :ha
-    test "a replicas: 1 session is backed up by its leader and restored in memory", %{dir: dir} do
-      sid = sid("bk-durable")
-      {:ok, ^sid} = SessionStore.create_session(sid, replicas: 1)
-      on_exit(fn -> SessionStore.delete_session(sid) end)
-      {:ok, _} = SessionStore.register_variable(sid, :t, :float, 0.5)
-      :ok = SessionStore.update_variable(sid, :t, 0.9)
-
-      # Picked by a selector: this node leads its group.
-      assert {:ok, %{^sid => {:ok, %{path: path}}}} = Backup.snapshot_now([sid], dir: dir)
-
-      as = restored(sid("bk-durable-copy"))
-      assert {:ok, ^as} = Backup.restore(path, as: as)
-      assert {:ok, :nif} = SessionStore.backend(as)
-      assert {:ok, %{value: 0.9, version: 1}} = SessionStore.get_variable(as, :t)
-    end
-  end
-
   describe "restore/2 refuses bad files" do
     setup %{dir: dir} do
       sid = session()
