@@ -16,7 +16,11 @@
 # first value column of a bench's summary table (random-DAG insert, chain
 # build, handoff p50/p99, ...); cases are matched by name, and a case found
 # in one tree only is listed as such. Each figure is the median over the
-# rounds. after/before > 1.10 is marked: more than 10% slower.
+# rounds. after/before > 1.10 is marked: more than 10% slower. A second
+# table per bench has the ratios each run measures between its cases
+# taking turns (DSPex.Bench.ratio/3: ours against the seed's or a raw
+# floor), which the machine's drift affects much less than times: a time
+# marked slower whose baseline moved as much is the machine, not the code.
 #
 # Environment: ROUNDS (default 2), BENCHES (default "variables locks acl
 # graph"), SCRATCH (the scratch worktree, default /tmp/dspex_before_<sha>),
@@ -115,9 +119,12 @@ elixir -e '
 defmodule Parse do
   @unit %{"ns" => 1.0, "us" => 1.0e3, "µs" => 1.0e3, "ms" => 1.0e6, "s" => 1.0e9}
   @time ~r/^\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)\s*(ns|us|µs|ms|s)\b/u
+  # DSPex.Bench.ratio/3: "A vs B: 5.15x (median of 5 rounds, 4.31x-6.22x)"
+  @ratio ~r/^(.+ vs .+): ([0-9]+(?:\.[0-9]+)?)x(?: \(median|$)/
 
-  # `{case, ns}` of one bench log: DSPex.Bench rows (p50) and the times in
-  # the first value column of markdown summary tables.
+  # `{kind, case, value}` of one bench log: `:time` for DSPex.Bench rows
+  # (their p50) and the times in the first value column of summary tables,
+  # in ns; `:ratio` for the ratio lines (how many times faster A ran than B).
   def log(path) do
     path
     |> File.read!()
@@ -134,12 +141,13 @@ defmodule Parse do
   end
 
   defp line("| " <> _ = row, {title, mode, acc}) do
-    cells = row |> String.trim() |> String.trim("|") |> String.split("|") |> Enum.map(&String.trim/1)
+    cells =
+      row |> String.trim() |> String.trim("|") |> String.split("|") |> Enum.map(&String.trim/1)
 
     cond do
       match?(["---" | _], cells) -> {title, :table, acc}
       mode != :table -> {title, :table_header, acc}
-      true -> {title, :table, table_row(title, cells) ++ acc}
+      true -> {title, :table, table_row(cells) ++ acc}
     end
   end
 
@@ -152,22 +160,26 @@ defmodule Parse do
 
         case time(p50) do
           nil -> {title, :harness, acc}
-          ns -> {title, :harness, [{"#{title}: #{Enum.join(name, "  ")} (p50)", ns} | acc]}
+          ns -> {title, :harness, [{:time, "#{title}: #{Enum.join(name, "  ")} (p50)", ns} | acc]}
         end
 
+      # The table has ended (a ratio line may follow it at once).
       _ ->
-        {title, nil, acc}
+        line(row, {title, nil, acc})
     end
   end
 
-  defp line(_row, {title, mode, acc}) when mode in [:table, :table_header],
-    do: {title, nil, acc}
-
-  defp line(_row, state), do: state
+  defp line(row, {title, _mode, acc}) do
+    case Regex.run(@ratio, String.trim(row)) do
+      [_, name, r] -> {title, nil, [{:ratio, name, elem(Float.parse(r), 0)} | acc]}
+      nil -> {title, nil, acc}
+    end
+  end
 
   # A summary row: its first value column, when it holds times ("a" or
   # "a / b", a parenthesis after them ignored).
-  defp table_row(title, [name, value | _]) do
+  defp table_row([name, value | _]) do
+    title = "summary"
     parts = value |> String.split("(") |> hd() |> String.split(" / ")
     times = Enum.map(parts, &time/1)
 
@@ -176,15 +188,17 @@ defmodule Parse do
         []
 
       length(times) == 1 ->
-        [{"#{title}: #{name}", hd(times)}]
+        [{:time, "#{title}: #{name}", hd(times)}]
 
       true ->
-        names = sub_names(name, length(times))
-        Enum.zip(names, times) |> Enum.map(fn {n, t} -> {"#{title}: #{n}", t} end) |> Enum.reverse()
+        sub_names(name, length(times))
+        |> Enum.zip(times)
+        |> Enum.map(fn {n, t} -> {:time, "#{title}: #{n}", t} end)
+        |> Enum.reverse()
     end
   end
 
-  defp table_row(_title, _cells), do: []
+  defp table_row(_cells), do: []
 
   # "chain: build / reject closing edge" with two values: one case each.
   defp sub_names(name, n) do
@@ -204,8 +218,11 @@ defmodule Parse do
 
   def time(text) do
     case Regex.run(@time, text) do
-      [_, num, unit] -> String.replace(num, ",", "") |> Float.parse() |> elem(0) |> Kernel.*(@unit[unit])
-      nil -> nil
+      [_, num, unit] ->
+        num |> String.replace(",", "") |> Float.parse() |> elem(0) |> Kernel.*(@unit[unit])
+
+      nil ->
+        nil
     end
   end
 end
@@ -213,73 +230,101 @@ end
 median = fn xs ->
   s = Enum.sort(xs)
   n = length(s)
-  if rem(n, 2) == 1, do: Enum.at(s, div(n, 2)), else: (Enum.at(s, div(n, 2) - 1) + Enum.at(s, div(n, 2))) / 2
+  mid = div(n, 2)
+  if rem(n, 2) == 1, do: Enum.at(s, mid), else: (Enum.at(s, mid - 1) + Enum.at(s, mid)) / 2
 end
 
 fmt = fn
-  nil -> "-"
-  ns when ns >= 1.0e9 -> "#{Float.round(ns / 1.0e9, 2)} s"
-  ns when ns >= 1.0e6 -> "#{Float.round(ns / 1.0e6, 2)} ms"
-  ns when ns >= 1.0e3 -> "#{Float.round(ns / 1.0e3, 2)} us"
-  ns -> "#{Float.round(ns * 1.0, 1)} ns"
+  _kind, nil -> "-"
+  :ratio, r -> "#{Float.round(r, 2)}x"
+  :time, ns when ns >= 1.0e9 -> "#{Float.round(ns / 1.0e9, 2)} s"
+  :time, ns when ns >= 1.0e6 -> "#{Float.round(ns / 1.0e6, 2)} ms"
+  :time, ns when ns >= 1.0e3 -> "#{Float.round(ns / 1.0e3, 2)} us"
+  :time, ns -> "#{Float.round(ns * 1.0, 1)} ns"
 end
 
-# `%{case => median}` and the cases in the order first seen.
-side = fn bench, side ->
-  runs =
-    Path.wildcard(Path.join(out, "#{bench}.#{side}.*.log"))
-    |> Enum.map(&Parse.log/1)
-    |> Enum.reject(&(&1 == []))
-
+# `{[case], %{case => median}, runs}` of one kind of figure of one side.
+side = fn runs, kind ->
+  runs = Enum.map(runs, fn run -> for {^kind, c, v} <- run, do: {c, v} end)
   order = runs |> Enum.flat_map(fn r -> Enum.map(r, &elem(&1, 0)) end) |> Enum.uniq()
-  # A case named twice in one run (two tables with the same title) keeps its first value.
+  # A case named twice in one run keeps its first value.
   firsts = Enum.map(runs, fn r -> r |> Enum.reverse() |> Map.new() end)
-
-  medians =
-    for c <- order, into: %{} do
-      {c, firsts |> Enum.flat_map(&List.wrap(&1[c])) |> median.()}
-    end
-
-  {order, medians, length(runs)}
+  {order, Map.new(order, fn c -> {c, firsts |> Enum.flat_map(&List.wrap(&1[c])) |> median.()} end)}
 end
 
-load = Path.join(out, "load.txt") |> File.read!() |> String.split("\n", trim: true)
-slower = []
+runs = fn bench, side ->
+  Path.wildcard(Path.join(out, "#{bench}.#{side}.*.log"))
+  |> Enum.map(&Parse.log/1)
+  |> Enum.reject(&(&1 == []))
+end
 
-slower =
-  for bench <- String.split(benches), reduce: slower do
-    slower ->
-      {b_order, b, b_runs} = side.(bench, "before")
-      {a_order, a, a_runs} = side.(bench, "after")
-      IO.puts("\n### #{bench}_bench.exs (before #{before}: #{b_runs} runs, after: #{a_runs} runs; medians)\n")
-      IO.puts("| case | before | after | after/before |")
-      IO.puts("| --- | --- | --- | --- |")
-      cases = Enum.uniq(b_order ++ a_order)
+# One table; returns the cases marked.
+table = fn kind, b_runs, a_runs, header, mark? ->
+  {b_order, b} = side.(b_runs, kind)
+  {a_order, a} = side.(a_runs, kind)
+  cases = Enum.uniq(b_order ++ a_order)
 
-      for c <- cases, reduce: slower do
-        slower ->
-          {ratio, mark} =
-            case {b[c], a[c]} do
-              {nil, _} -> {"after only", ""}
-              {_, nil} -> {"before only", ""}
-              {x, y} when x > 0 ->
-                r = y / x
-                {"#{:erlang.float_to_binary(r, decimals: 2)}x", if(r > 1.10, do: " **>10% slower**", else: "")}
-              _ -> {"-", ""}
-            end
+  if cases != [] do
+    IO.puts(header <> "\n")
+    IO.puts("| case | before | after | after/before |")
+    IO.puts("| --- | --- | --- | --- |")
+  end
 
-          IO.puts("| #{c} | #{fmt.(b[c])} | #{fmt.(a[c])} | #{ratio}#{mark} |")
-          if mark != "", do: [{bench, c, ratio} | slower], else: slower
-      end
+  for c <- cases, reduce: [] do
+    marked ->
+      {ratio, mark} =
+        case {b[c], a[c]} do
+          {nil, _} -> {"after only", nil}
+          {_, nil} -> {"before only", nil}
+          {x, y} when x > 0 -> {"#{:erlang.float_to_binary(y / x, decimals: 2)}x", mark?.(y / x)}
+          _ -> {"-", nil}
+        end
+
+      IO.puts("| #{c} | #{fmt.(kind, b[c])} | #{fmt.(kind, a[c])} | #{ratio}#{mark && " **" <> mark <> "**"} |")
+      if mark, do: [{c, ratio, mark} | marked], else: marked
+  end
+  |> Enum.reverse()
+end
+
+marked =
+  for bench <- String.split(benches) do
+    b_runs = runs.(bench, "before")
+    a_runs = runs.(bench, "after")
+
+    IO.puts(
+      "\n### #{bench}_bench.exs (before #{before}: #{length(b_runs)} runs, after: " <>
+        "#{length(a_runs)} runs; medians over the runs)\n"
+    )
+
+    slower =
+      table.(:time, b_runs, a_runs, "times (p50 of DSPex.Bench rows; summary figures):", fn r ->
+        if r > 1.10, do: ">10% slower"
+      end)
+
+    IO.puts("")
+
+    moved =
+      table.(
+        :ratio,
+        b_runs,
+        a_runs,
+        "ratios measured within each run (A vs B: how many times faster A ran than B " <>
+          "in the same run):",
+        fn r -> if r > 1.10 or r < 1 / 1.10, do: "moved >10%" end
+      )
+
+    {bench, slower, moved}
   end
 
 IO.puts("\nload average (1, 5, 15 min) before each run:")
-Enum.each(load, &IO.puts("  " <> &1))
+Path.join(out, "load.txt") |> File.read!() |> String.split("\n", trim: true) |> Enum.each(&IO.puts("  " <> &1))
 
-case Enum.reverse(slower) do
-  [] -> IO.puts("\nno case more than 10% slower")
+case for({bench, slower, _} <- marked, {c, r, _} <- slower, do: {bench, c, r}) do
+  [] ->
+    IO.puts("\nno time more than 10% slower")
+
   list ->
-    IO.puts("\nmore than 10% slower:")
+    IO.puts("\ntimes more than 10% slower (compare the ratios: a baseline that moved as much is the machine):")
     for {bench, c, r} <- list, do: IO.puts("  #{bench}: #{c}: #{r}")
 end
 ' "$out" "$benches" "$before" | tee "$out/tables.md"
