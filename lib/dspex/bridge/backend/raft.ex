@@ -265,12 +265,15 @@ defmodule DSPex.Bridge.Backend.Raft do
   # The ra server config of member `id` (a fresh uid); `members` the group.
   def server_config(name, machine, {_, _} = id, members) do
     uid = :ra.new_uid(Atom.to_string(name))
+    # ra writes the machine's snapshot (its release cursor) at most every
+    # `snapshot_interval` entries: the same interval as the machine's.
+    {:module, _, %{snapshot_every: every}} = machine
 
     %{
       id: id,
       uid: uid,
       cluster_name: name,
-      log_init_args: %{uid: uid},
+      log_init_args: %{uid: uid, snapshot_interval: every},
       initial_members: members,
       machine: machine
     }
@@ -338,7 +341,7 @@ defmodule DSPex.Bridge.Backend.Raft do
   def expired(sid) do
     _ =
       spawn(fn ->
-        with {:ok, _name, ids, _} <- entry(sid) do
+        with {:ok, ids} <- expired_members(sid) do
           unregister_local(sid)
           _ = :erpc.multicall(Node.list(), __MODULE__, :unregister_local, [sid], timeout())
           _ = :ra.delete_cluster(ids, timeout())
@@ -349,6 +352,20 @@ defmodule DSPex.Bridge.Backend.Raft do
       end)
 
     :ok
+  end
+
+  # The members as this node knows them, else as its own member does.
+  defp expired_members(sid) do
+    case entry(sid) do
+      {:ok, _name, ids, _} ->
+        {:ok, ids}
+
+      _ ->
+        case :ra.members({cluster_name(sid), node()}, timeout()) do
+          {:ok, ids, _leader} -> {:ok, ids}
+          _ -> :error
+        end
+    end
   end
 
   @impl true

@@ -215,5 +215,60 @@ defmodule DSPex.Bridge.HA.OptimizerLockTest do
         assert {:ok, 4} = C.call(p, Raft, :read, [sid, :var_get_value, [sid, :t, nil], :leader])
       end
     end
+
+    test "a member rebuilt from a snapshot fences the locked variable as the others do",
+         %{peers: [a | _] = peers} do
+      sid = "hls"
+      lock = [session_id: sid]
+      # A snapshot every 5 entries: the member added below gets one.
+      for p <- peers,
+          do: C.call(p, Application, :put_env, [:dspex_bridge, :raft_snapshot_every, 5])
+
+      assert {:ok, ^sid} = C.call(a, SessionStore, :create_session, [sid, [replicas: 2]])
+      assert {:ok, _} = C.call(a, SessionStore, :register_variable, [sid, :t, :integer, 0])
+      {:ok, %{members: members}} = C.call(a, Raft, :members, [sid])
+      [target] = Enum.map(peers, & &1.node) -- Enum.map(members, &elem(&1, 1))
+      [p1 | _] = Enum.filter(peers, &(&1.node != target))
+
+      holder = C.call(p1, :erlang, :spawn, [:timer, :sleep, [:infinity]])
+
+      assert {:ok, :lock_acquired} =
+               C.call(p1, OptimizerCoordinator, :acquire_lock, [:t, "o1", holder, lock])
+
+      assert {:ok, %{token: t1}} = C.call(p1, OptimizerCoordinator, :get_lock_info, [:t, lock])
+      assert :ok = C.call(p1, OptimizerCoordinator, :release_lock, [:t, "o1", lock])
+
+      assert {:ok, :lock_acquired} =
+               C.call(p1, OptimizerCoordinator, :acquire_lock, [:t, "o2", holder, lock])
+
+      assert {:ok, %{token: t2}} = C.call(p1, OptimizerCoordinator, :get_lock_info, [:t, lock])
+
+      for v <- 1..12 do
+        assert :ok =
+                 C.call(p1, SessionStore, :update_variable, [sid, :t, v, %{}, [lock_token: t2]])
+      end
+
+      # The target joins from the snapshot and becomes the leader: its
+      # engine copy, rebuilt from the export, has the fence back.
+      assert :ok = C.call(a, DSPex.Bridge.HAManager, :migrate_session, [sid, target], 30_000)
+      assert {:ok, ^target} = C.call(a, Raft, :leader_node, [sid])
+      tp = Enum.find(peers, &(&1.node == target))
+
+      assert {:error, {:locked_by, "o2"}} =
+               C.call(tp, SessionStore, :update_variable, [sid, :t, -1])
+
+      assert {:error, :stale_lock_token} =
+               C.call(tp, SessionStore, :update_variable, [sid, :t, -2, %{}, [lock_token: t1]])
+
+      assert :ok =
+               C.call(tp, SessionStore, :update_variable, [sid, :t, 13, %{}, [lock_token: t2]])
+
+      assert :ok = C.call(tp, OptimizerCoordinator, :release_lock, [:t, "o2", lock])
+      # Released, an older token stays stale on the rebuilt member too.
+      assert {:error, :stale_lock_token} =
+               C.call(tp, SessionStore, :update_variable, [sid, :t, -3, %{}, [lock_token: t1]])
+
+      assert {:ok, 13} = C.call(tp, Raft, :read, [sid, :var_get_value, [sid, :t, nil], :local])
+    end
   end
 end

@@ -141,7 +141,8 @@ defmodule DSPex.Bridge.Backend.Raft.Batcher do
          # Commands waiting for a batch, newest first, and how many.
          queued: [],
          n: 0,
-         next: 0
+         next: 0,
+         max_inflight: Application.get_env(:dspex_bridge, :raft_batches_in_flight, @max_inflight)
        }}
     else
       :ignore
@@ -272,7 +273,7 @@ defmodule DSPex.Bridge.Backend.Raft.Batcher do
   defp flush(%{n: 0} = state), do: state
 
   defp flush(state) do
-    if map_size(state.inflight) >= @max_inflight do
+    if map_size(state.inflight) >= state.max_inflight do
       state
     else
       {batch, rest} = state.queued |> Enum.reverse() |> Enum.split(@max_batch)
