@@ -214,6 +214,7 @@ defmodule DSPex.Bridge.Backend.Raft do
   @impl true
   def session_create(sid, opts) do
     with :ok <- check_available(),
+         :ok <- check_sid(sid),
          {:ok, rate} <- check_rate(opts[:rate_limit]),
          {:ok, ttl} <- check_ttl(opts[:ttl_ms]),
          {:ok, _kind, frame} <- Command.encode(:session_create, [sid, opts]) do
@@ -381,6 +382,7 @@ defmodule DSPex.Bridge.Backend.Raft do
     with :ok <- check_available(),
          {:ok, %{sid: sid, ttl_ms: ttl, rate_limit: rate}, stripped} <-
            Snapshot.strip(snapshot, new_id),
+         :ok <- check_sid(sid),
          {:ok, rate} <- check_rate(rate),
          {:ok, ttl} <- check_ttl(ttl),
          {:ok, _kind, frame} <-
@@ -616,6 +618,13 @@ defmodule DSPex.Bridge.Backend.Raft do
   defp check_available do
     if System.available?(), do: :ok, else: {:error, :ra_unavailable}
   end
+
+  # The engine checks ids too, but the group's name is made from it first.
+  defp check_sid(sid) when is_binary(sid) and byte_size(sid) in 1..255 do
+    if String.valid?(sid), do: :ok, else: {:error, {:invalid_argument, :bad_session_id}}
+  end
+
+  defp check_sid(_sid), do: {:error, {:invalid_argument, :bad_session_id}}
 
   defp check_replicas(n) when is_integer(n) and n >= 1 and n <= 7, do: :ok
   defp check_replicas(n), do: {:error, {:invalid_argument, {:replicas, n}}}

@@ -126,6 +126,12 @@ defmodule DSPex.Bridge.HA.SessionOptionsTest do
                  replicas: 1
                )
 
+      assert {:error, {:invalid_argument, :bad_session_id}} =
+               SessionStore.import_session(snapshot, session_id: 123, replicas: 1)
+
+      assert {:error, {:invalid_argument, :bad_session_id}} =
+               SessionStore.import_session(snapshot, session_id: <<255>>, replicas: 1)
+
       assert {:error, :session_not_found} = SessionStore.backend(other)
     end
   end

@@ -23,7 +23,7 @@ defmodule DSPex.Bridge.Backend.Raft.Snapshot do
       kept = for {k, _v, raw} <- fields, k not in @taken, do: raw
       sid = new_id || values["session_id"]
 
-      if is_binary(sid) do
+      if sid != nil do
         info = %{sid: sid, ttl_ms: values["ttl_ms"], rate_limit: rate(values["rate_limit"])}
         {:ok, info, IO.iodata_to_binary([map_prefix(length(kept)) | kept])}
       else
