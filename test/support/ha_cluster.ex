@@ -226,4 +226,94 @@ defmodule DSPex.Test.HACluster do
 
     length(acked)
   end
+
+  @doc """
+  `k` concurrent clients on `peer`, each writing `n` values to its own
+  variable `:"w<i>"` of `sid` through `SessionStore.update_variable/3` (the
+  batched path). Returns, per client, `{var, [{value, :ok | :fail | :info, reason}]}`.
+  """
+  def store_writers(peer, sid, k, n) do
+    for i <- 1..k do
+      var = :"w#{i}"
+
+      Task.async(fn ->
+        history =
+          for v <- 1..n do
+            outcome =
+              try do
+                call(peer, DSPex.Bridge.SessionStore, :update_variable, [sid, var, v], 15_000)
+              catch
+                _, reason -> {:error, {:call_failed, reason}}
+              end
+
+            case outcome do
+              :ok -> {v, :ok, nil}
+              {:error, :timeout_unknown_outcome} -> {v, :info, :timeout}
+              {:error, {:call_failed, r}} -> {v, :info, r}
+              {:error, reason} -> {v, :fail, reason}
+            end
+          end
+
+        {var, history}
+      end)
+    end
+  end
+
+  @doc "Every acknowledged value of `histories` (from `store_writers/4`) is on each of `replicas`."
+  def check_store!(histories, replicas, sid) do
+    barrier(replicas, sid)
+
+    Enum.reduce(histories, 0, fn {var, history}, count ->
+      acked = for {v, :ok, _} <- history, do: v
+      for r <- replicas, do: await_values(r, sid, var, acked, 200)
+      count + length(acked)
+    end)
+  end
+
+  ## Telemetry on a peer
+  #
+  # The controller is not a distributed node, so events on a peer are
+  # collected there by a process that `await_event/3` (a call made on the
+  # peer) asks.
+
+  @doc "Starts collecting `events` on the node it runs on (call it on a peer); returns the collector."
+  def collect(events) do
+    pid = spawn(__MODULE__, :collector, [[], []])
+
+    :ok =
+      DSPex.Bridge.Telemetry.attach_many({__MODULE__, pid}, events, &__MODULE__.forward/4, pid)
+
+    pid
+  end
+
+  @doc false
+  def forward(event, measurements, metadata, pid),
+    do: send(pid, {:event, {event, measurements, metadata}})
+
+  @doc false
+  def collector(seen, waiting) do
+    receive do
+      {:event, {event, _, _} = e} ->
+        {ready, waiting} = Enum.split_with(waiting, fn {want, _} -> want == event end)
+        for {_, from} <- ready, do: send(from, {:collected, e})
+        collector([e | seen], waiting)
+
+      {:await, event, from} ->
+        case Enum.find(Enum.reverse(seen), fn {ev, _, _} -> ev == event end) do
+          nil -> collector(seen, [{event, from} | waiting])
+          e -> send(from, {:collected, e}) && collector(seen, waiting)
+        end
+    end
+  end
+
+  @doc "On the collector's node: the first `event` it saw or sees within `timeout`, or `:timeout`."
+  def await_event(collector, event, timeout) do
+    send(collector, {:await, event, self()})
+
+    receive do
+      {:collected, e} -> e
+    after
+      timeout -> :timeout
+    end
+  end
 end

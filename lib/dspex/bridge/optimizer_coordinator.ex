@@ -68,6 +68,28 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   `{:error, {:locked_by, optimizer_id}}`, and a preempted holder, or any
   write carrying an older token, gets `{:error, :stale_lock_token}`.
 
+  ## Replicated sessions
+
+  A lock on a variable of a replicated session (`replicas:`, see
+  `DSPex.Bridge.Backend.Raft`) is not in this node's table: it is a
+  command in the session's Raft log, so it holds on every node and
+  survives the leader's failure. Its token is the grant's log index (it
+  only increases, also across leader changes); the grant moves the
+  variable's fence on every member, so the fencing above is decided inside
+  the state machine. `:wait` queues in the state machine (first come,
+  first served), which sends the grant to the waiting caller. A lease's
+  expiry and the holder's death are commands the leader appends; their
+  `:lock_expired` and `:lock_released` events fire once, on the holder's
+  node. Every call made about the lock is a round trip to the leader
+  (a write to the log, or a read for `get_lock_info/2`), and one that times
+  out is `{:error, :timeout_unknown_outcome}` (a grant may have been made:
+  its lease and the holder's death still end it).
+
+  Not replicated: progress reports (`report_progress/4`,
+  `get_optimization_status/1`, `get_all_active_optimizations/0` cover this
+  node's table), so a replicated lock is renewed with `renew_lock/3` and
+  `:preempt` never preempts it: it waits, as `:wait` does.
+
   ## Configuration
 
       config :dspex_bridge, DSPex.Bridge.OptimizerCoordinator,
@@ -83,7 +105,7 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   import DSPex.Bridge.OptimizerCoordinator.{Args, Events}
 
   alias DSPex.Bridge.{AccessControl, Native, Options, Telemetry}
-  alias DSPex.Bridge.Backend.Router
+  alias DSPex.Bridge.Backend.{Raft, Router}
 
   require Telemetry
 
@@ -208,6 +230,27 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   end
 
   defp release(key, optimizer_id) do
+    case replicated(key) do
+      {sid, id} -> raft_release(key, sid, id, optimizer_id)
+      nil -> native_release(key, optimizer_id)
+    end
+  end
+
+  defp raft_release(key, sid, id, optimizer_id) do
+    case Raft.var_unlock(sid, id, optimizer_id) do
+      {:ok, token, _holder, finished} ->
+        ended(key, optimizer_id, token, finished, :released)
+        :ok
+
+      {:error, :not_locked} ->
+        {:error, :not_lock_owner}
+
+      error ->
+        error
+    end
+  end
+
+  defp native_release(key, optimizer_id) do
     case Native.lock_release(key, optimizer_id) do
       {:ok, token, finished} ->
         ended(key, optimizer_id, token, finished, :released)
@@ -229,8 +272,14 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
          {:ok, optimizer_id} <- optimizer(optimizer_id),
          {:ok, lease} <- lease(opts[:lease]),
          {:ok, key} <- key(var_id, opts, :optimize) do
-      if lease, do: hint_lease(lease)
-      Native.lock_renew(key, optimizer_id, lease)
+      case replicated(key) do
+        {sid, id} ->
+          Raft.var_renew(sid, id, optimizer_id, lease || default_lease())
+
+        nil ->
+          if lease, do: hint_lease(lease)
+          Native.lock_renew(key, optimizer_id, lease)
+      end
     end
   end
 
@@ -263,8 +312,9 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   def get_lock_info(var_id, opts \\ []) do
     with {:ok, opts} <- Options.validate(opts, [:session_id, :principal]),
          {:ok, key} <- key(var_id, opts, :read) do
-      case Native.lock_info(key) do
+      case lock_info(key) do
         nil -> {:error, :not_locked}
+        {:error, _} = error -> error
         info -> {:ok, %{info | acquired_at: datetime(info.acquired_at)}}
       end
     end
@@ -338,11 +388,17 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
          {:ok, key} <-
            key(ident, [session_id: session_id, principal: opts[:principal]], :optimize) do
       result =
-        case opts[:optimizer_id] do
-          nil ->
+        case {opts[:optimizer_id], replicated(key)} do
+          {id, {sid, var}} ->
+            with {:ok, holder} <- if(id, do: optimizer(id), else: {:ok, :any}),
+                 {:ok, token, holder, finished} <- Raft.var_unlock(sid, var, holder) do
+              {:ok, token, finished, holder}
+            end
+
+          {nil, _} ->
             Native.lock_release_any(key)
 
-          id ->
+          {id, _} ->
             with {:ok, id} <- optimizer(id),
                  {:ok, token, finished} <- Native.lock_release(key, id) do
               {:ok, token, finished, id}
@@ -354,8 +410,11 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
           ended(key, id, token, finished, :released)
           :ok
 
+        {:error, :not_locked} ->
+          {:error, :not_optimizing}
+
         {:error, :not_lock_owner} = error ->
-          if Native.lock_info(key), do: error, else: {:error, :not_optimizing}
+          if lock_info(key), do: error, else: {:error, :not_optimizing}
 
         error ->
           error
@@ -373,10 +432,129 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
          {:ok, lease} <- lease(opts[:lease]),
          :ok <- check_pid(pid),
          {:ok, key} <- key(var_id, opts, :optimize) do
-      if lease, do: hint_lease(lease)
-      run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence(key, opts))
+      case replicated(key) do
+        {_sid, _id} ->
+          raft_acquire(key, optimizer_id, pid, mode, timeout, lease)
+
+        nil ->
+          if lease, do: hint_lease(lease)
+          run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence(key, opts))
+      end
     end
   end
+
+  ## The acquire path of a replicated session's variable
+  #
+  # The lock is a command in the session's Raft log (`Raft.var_lock/3`):
+  # its token is the grant's log index, so it only increases, also across
+  # leader changes; the grant moves the variable's fence on every member.
+  # Waiters queue in the state machine, which sends the grant to the
+  # waiting process. Preemption needs the holder's progress reports, which
+  # stay in this node's lock table: `:preempt` waits as `:wait` does.
+
+  defp raft_acquire({@session, sid, id} = key, optimizer_id, pid, mode, timeout, lease) do
+    start = start_time()
+    ref = make_ref()
+
+    request = %{
+      holder: optimizer_id,
+      pid: pid,
+      lease_ms: lease || default_lease(),
+      mode: if(mode == :abort, do: :abort, else: :wait),
+      ref: ref,
+      notify: self()
+    }
+
+    case Raft.var_lock(sid, id, request) do
+      {:ok, :granted, token, started} ->
+        acquired(key, optimizer_id, pid, token, started, :immediate, start)
+        {:ok, :lock_acquired, token}
+
+      {:ok, :already_held, token, _} ->
+        {:ok, :lock_acquired, token}
+
+      {:wait, ^ref, _holder} ->
+        conflict_event(key, optimizer_id, mode)
+
+        case await_raft_grant(key, ref, optimizer_id, pid, deadline(timeout)) do
+          {:ok, token, started} ->
+            acquired(key, optimizer_id, pid, token, started, :after_wait, start)
+            {:ok, :lock_acquired_after_wait, token}
+
+          error ->
+            error
+        end
+
+      {:error, {:lock_held_by, _}} = error ->
+        conflict_event(key, optimizer_id, mode)
+        error
+
+      error ->
+        error
+    end
+  end
+
+  defp deadline(nil), do: nil
+  defp deadline(ms), do: System.monotonic_time(:millisecond) + ms
+
+  # The grant is a message from the leader's member. Should it be lost (a
+  # leader change at that moment), the lock's state tells: it is looked at
+  # once a second. Past the deadline the request is cancelled in the log;
+  # if the lock reached it first, it is ours.
+  defp await_raft_grant({@session, sid, id} = key, ref, optimizer_id, pid, deadline) do
+    left = if deadline, do: max(deadline - System.monotonic_time(:millisecond), 0), else: 1_000
+
+    receive do
+      {:dspex_raft_lock_granted, ^ref, token, started} -> {:ok, token, started}
+    after
+      min(left, 1_000) ->
+        case Raft.var_lock_info(sid, id) do
+          %{optimizer_id: ^optimizer_id, pid: ^pid, token: token} ->
+            flush_grant(ref)
+            {:ok, token, true}
+
+          _ when deadline == nil or left > 1_000 ->
+            await_raft_grant(key, ref, optimizer_id, pid, deadline)
+
+          _ ->
+            case Raft.var_cancel(sid, id, ref) do
+              {:granted, token} ->
+                flush_grant(ref)
+                {:ok, token, true}
+
+              _ ->
+                flush_grant(ref)
+                {:error, :timeout}
+            end
+        end
+    end
+  end
+
+  defp flush_grant(ref) do
+    receive do
+      {:dspex_raft_lock_granted, ^ref, _, _} -> :ok
+    after
+      0 -> :ok
+    end
+  end
+
+  defp default_lease do
+    Keyword.get(Application.get_env(:dspex_bridge, __MODULE__, []), :lease, :timer.minutes(5))
+  end
+
+  defp lock_info(key) do
+    case replicated(key) do
+      {sid, id} -> Raft.var_lock_info(sid, id)
+      nil -> Native.lock_info(key)
+    end
+  end
+
+  # `{session_id, var_id}` when `key` is a replicated session's variable.
+  defp replicated({@session, sid, id}) do
+    if Raft.owns?(sid), do: {sid, id}
+  end
+
+  defp replicated(_key), do: nil
 
   defp run_acquire(var_id, key, optimizer_id, pid, mode, timeout, lease, fence) do
     start = start_time()

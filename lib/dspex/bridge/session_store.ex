@@ -54,6 +54,17 @@ defmodule DSPex.Bridge.SessionStore do
     token or id get `{:error, {:locked_by, optimizer_id}}`, and writes with
     an older token (a preempted optimizer's) `{:error, :stale_lock_token}`.
 
+  - `consistency:` on reads of variables (`get_variable/3`,
+    `get_variable_value/4`, `get_variables/3`, `variable_exists?/3`,
+    `list_variables/3`, `get_variable_history/4`): for a replicated session
+    (`replicas:`), where the read is served: `:consistent` (the leader,
+    after confirming it still leads), `:leader` (the leader, without that
+    round) or `:local` (this node's member, possibly stale, answering also
+    when the group has no leader). The default is the session's own
+    (`create_session/2`'s `consistency:`, else `:consistent`): the leader.
+    A session that is not replicated has one copy and ignores it; any
+    other value is `{:error, {:invalid_argument, {:consistency, value}}}`.
+
   Options are a keyword list of the keys a function documents: anything
   else returns `{:error, {:invalid_argument, {:bad_options, opts}}}` or
   `{:error, {:invalid_argument, {:unknown_options, keys}}}` (a misspelt
@@ -105,11 +116,12 @@ defmodule DSPex.Bridge.SessionStore do
   def child_spec(opts), do: %{Sweeper.child_spec(opts) | id: __MODULE__}
 
   @doc """
-  The backend holding a session: `{:ok, :nif}` (in the VM) or `{:ok, :port}`
+  The backend holding a session: `{:ok, :nif}` (in the VM), `{:ok, :port}`
   (the out-of-process engine), as chosen by `create_session/2`'s
-  `backend:`; `{:error, :session_not_found}` when neither holds it.
+  `backend:`, or `{:ok, :raft}` (a replicated session, `replicas:`);
+  `{:error, :session_not_found}` when none holds it.
   """
-  @spec backend(session_id) :: {:ok, :nif | :port} | {:error, :session_not_found}
+  @spec backend(session_id) :: {:ok, :nif | :port | :raft} | {:error, :session_not_found}
   def backend(session_id) do
     case Router.kind_of(session_id) do
       nil -> {:error, :session_not_found}
@@ -140,7 +152,9 @@ defmodule DSPex.Bridge.SessionStore do
   `replicas: n` makes the session a Raft group on `n` connected nodes
   (`replicas: 1`: a durable session on one node), `consistency:` its
   default read consistency (`:consistent`, `:leader` or `:local`); see
-  `DSPex.Bridge.Backend.Raft` and `DSPex.Bridge.HAManager`.
+  `DSPex.Bridge.Backend.Raft` and `DSPex.Bridge.HAManager`. A replicated
+  session's `ttl:` counts from its last write or the last read its leader
+  served, and its expiry is a command in its log, so every member agrees.
 
       iex> {:ok, "doc-create"} = DSPex.Bridge.SessionStore.create_session("doc-create")
       iex> DSPex.Bridge.SessionStore.create_session("doc-create")
@@ -193,7 +207,9 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Creates a session from an `export_session/1` snapshot; `session_id:` gives
   it a new id, `backend:` the backend to create it in (as in
-  `create_session/2`; snapshots move freely between backends). Every value
+  `create_session/2`; snapshots move freely between backends), `replicas:`
+  and `consistency:` make it a replicated session (as in
+  `create_session/2`; the snapshot's ttl and rate limit carry over). Every value
   is validated again, every field as a write of it would be (types,
   constraints, rules, versions, timestamps, limits); garbage returns
   `{:error, {:invalid_snapshot, reason}}` and creates nothing. Imports into a
@@ -220,7 +236,7 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   The whole variable: `id name type value version constraints metadata
   description created_at updated_at last_write access_rules`.
-  Options: `principal:`, `context:`.
+  Options: `principal:`, `context:`, `consistency:`.
   """
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
   defdelegate get_variable(session_id, ident, opts \\ []), to: Variables
@@ -229,7 +245,7 @@ defmodule DSPex.Bridge.SessionStore do
   Is there a variable under this name or id that the caller may read?
   `{:ok, true}` or `{:ok, false}`; a variable the caller may not read is
   `{:error, :access_denied}`, as reading it is. Options: `principal:`,
-  `context:`.
+  `context:`, `consistency:`.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-exists")
       iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
@@ -243,8 +259,8 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   The value of a variable, or `default` when it cannot be read (unknown
-  session or variable, access denied, or options other than `principal:`
-  and `context:`). The hot read path.
+  session or variable, access denied, or options other than `principal:`,
+  `context:` and `consistency:`). The hot read path.
 
       iex> {:ok, sid} = DSPex.Bridge.SessionStore.create_session("doc-value")
       iex> {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :k, :integer, 3)
@@ -285,7 +301,7 @@ defmodule DSPex.Bridge.SessionStore do
   Variables the principal may not read, and names that cannot name a
   variable, count as missing; what concerns the whole call is its error:
   an unknown or malformed session id (also with no names), a bad principal
-  or context, the rate limit. Options: `principal:`, `context:`.
+  or context, the rate limit. Options: `principal:`, `context:`, `consistency:`.
   """
   @spec get_variables(session_id, [ident], keyword) :: {:ok, map} | {:error, reason}
   defdelegate get_variables(session_id, idents, opts \\ []), to: Variables
@@ -293,8 +309,8 @@ defmodule DSPex.Bridge.SessionStore do
   @doc """
   Variables of a session, sorted by name; with a `pattern` (an anchored glob,
   `*` and `?`) only those whose name matches. Variables the principal may
-  not read are left out. Options: `principal:`, `context:`; they may come
-  in place of the pattern, as in `list_variables(sid, principal: p)`.
+  not read are left out. Options: `principal:`, `context:`, `consistency:`;
+  they may come in place of the pattern, as in `list_variables(sid, principal: p)`.
   """
   @spec list_variables(session_id, String.t() | nil | keyword, keyword) ::
           {:ok, [map]} | {:error, reason}
@@ -337,7 +353,7 @@ defmodule DSPex.Bridge.SessionStore do
 
   @doc """
   Previous versions of a variable, newest first: `[%{version, value,
-  updated_at, metadata}]`. Options: `principal:`, `context:`.
+  updated_at, metadata}]`. Options: `principal:`, `context:`, `consistency:`.
   """
   @spec get_variable_history(session_id, ident, non_neg_integer, keyword) ::
           {:ok, [map]} | {:error, reason}

@@ -8,23 +8,42 @@ defmodule DSPex.Bridge.Backend.Raft do
 
   - **Writes** go through the log: the caller's node stamps the time, sends
     the command to the leader (any node may call; ra redirects), and
-    answers once a majority has it on disk. Past `raft_timeout` (default
-    5000 ms) the answer is `{:error, :timeout_unknown_outcome}`: the write
-    may or may not have happened, and it is never retried on another
-    member behind the caller's back (that could apply it twice).
+    answers once a majority has it on disk and the leader has applied it.
+    Concurrent writes from one node to one session are committed together
+    (`DSPex.Bridge.Backend.Raft.Batcher`): one log entry, one replication
+    round and one fsync per batch, each caller answered with its own
+    command's reply. Past `raft_timeout` (default 5000 ms) the answer is
+    `{:error, :timeout_unknown_outcome}`: the write may or may not have
+    happened, and it is never retried on another member behind the
+    caller's back (that could apply it twice).
   - **Reads** are served by the leader after it has confirmed its
     leadership (`consistency: :consistent`, the default), by the leader
     without that round (`:leader`), or by this node's member (`:local`,
     possibly stale). The default is chosen per session at creation
-    (`create_session(sid, replicas: 3, consistency: :local)`).
+    (`create_session(sid, replicas: 3, consistency: :local)`) and per call
+    by the SessionStore's reads (`get_variable(sid, :x, consistency: :local)`).
   - **Placement**: the `replicas` members are the connected nodes with the
     highest rendezvous hash of `{sid, node}`, skipping draining nodes. Only
     Raft decides who writes.
-  - **Locks** (`lock_acquire/4`, `lock_release/3`, `fenced/5`): a grant's
-    fencing token is its Raft index; fenced writes are checked inside the
-    state machine.
+  - **Locks**: `DSPex.Bridge.OptimizerCoordinator`'s locks on a replicated
+    session's variables are commands in its log (`var_lock/3`): a grant's
+    fencing token is its Raft index, the grant moves the variable's fence
+    on every member, lease expiry and holder death are commands the leader
+    appends. The lower-level `lock_acquire/4`, `lock_release/3` and
+    `fenced/5` lock any term, fenced writes checked inside the state machine.
+  - **TTL**: `ttl:` counts from the session's last write or the last read
+    its leader served; the expiry is a command the leader appends, so every
+    member deletes the session at the same point of the log. A `:local`
+    read on a follower does not keep a session alive.
+  - **Import**: `SessionStore.import_session(snapshot, replicas: n)` makes a
+    new group whose first entry is the snapshot; its ttl and rate limit
+    carry over.
   - **Telemetry and propagation** run once, in the calling process, as for
-    every backend: the state machine emits nothing.
+    every backend: the state machine emits nothing itself. What has no
+    caller (a lock's expiry, a holder's death, a session's expiry) is
+    reported once, by a ra effect on the leader: a lock's end to the
+    holder's node's `OptimizerCoordinator`, a session's expiry by the
+    leader node's sweep (`[:dspex, :bridge, :session, :expired]`).
 
   ## Overload
 
@@ -44,7 +63,7 @@ defmodule DSPex.Bridge.Backend.Raft do
   @behaviour DSPex.Bridge.Backend
 
   alias DSPex.Bridge.Admission
-  alias DSPex.Bridge.Backend.Raft.{Command, Machine, System}
+  alias DSPex.Bridge.Backend.Raft.{Batcher, Command, Machine, Snapshot, System}
 
   @sessions :dspex_raft_sessions
   # Commands and queries this node has in flight at once (see "Overload").
@@ -81,6 +100,16 @@ defmodule DSPex.Bridge.Backend.Raft do
 
   @doc false
   def unregister_local(sid) do
+    case :ets.lookup(@sessions, sid) do
+      [{_, name, _, _}] ->
+        Batcher.stop(name)
+        :ets.delete(@sessions, {:direct, name})
+        :ets.delete(@sessions, {:leader, name})
+
+      [] ->
+        :ok
+    end
+
     :ets.delete(@sessions, sid)
     :ok
   end
@@ -198,14 +227,27 @@ defmodule DSPex.Bridge.Backend.Raft do
 
   @impl true
   def session_create(sid, opts) do
+    with :ok <- check_available(),
+         :ok <- check_sid(sid),
+         {:ok, rate} <- check_rate(opts[:rate_limit]),
+         {:ok, ttl} <- check_ttl(opts[:ttl_ms]),
+         {:ok, _kind, frame} <- Command.encode(:session_create, [sid, opts]) do
+      case start_group(sid, opts, {:create, now_us(), frame, %{rate: rate, ttl_ms: ttl}}) do
+        {:ok, :ok} -> :ok
+        {:ok, other} -> other
+        error -> error
+      end
+    end
+  end
+
+  # A new group for `sid` (placed, started) whose first entry is `first`
+  # (a create or an import): `{:ok, reply}` once it is applied.
+  defp start_group(sid, opts, first) do
     replicas = opts[:replicas]
     consistency = opts[:consistency] || :consistent
 
-    with :ok <- check_available(),
-         :ok <- check_replicas(replicas),
+    with :ok <- check_replicas(replicas),
          :ok <- check_consistency(consistency),
-         {:ok, rate} <- check_rate(opts[:rate_limit]),
-         {:ok, _kind, frame} <- Command.encode(:session_create, [sid, opts]),
          :ok <- if(owns?(sid), do: {:error, :already_exists}, else: :ok),
          {:ok, nodes} <- placement(sid, replicas) do
       name = cluster_name(sid)
@@ -213,10 +255,10 @@ defmodule DSPex.Bridge.Backend.Raft do
 
       case start_members(name, machine(sid, consistency), ids) do
         :ok ->
-          case append(ids, {:create, now_us(), frame, rate}) do
-            :ok ->
+          case append(ids, first) do
+            reply when reply == :ok or elem(reply, 0) == :ok ->
               broadcast(:register_local, [sid, name, ids, consistency])
-              :ok
+              {:ok, reply}
 
             {:error, :timeout_unknown_outcome} = unknown ->
               broadcast(:register_local, [sid, name, ids, consistency])
@@ -224,6 +266,7 @@ defmodule DSPex.Bridge.Backend.Raft do
 
             error ->
               _ = :ra.delete_cluster(ids)
+              for {name, node} <- ids, do: :erpc.multicast([node], System, :forget_member, [name])
               error
           end
 
@@ -237,12 +280,15 @@ defmodule DSPex.Bridge.Backend.Raft do
   # The ra server config of member `id` (a fresh uid); `members` the group.
   def server_config(name, machine, {_, _} = id, members) do
     uid = :ra.new_uid(Atom.to_string(name))
+    # ra writes the machine's snapshot (its release cursor) at most every
+    # `snapshot_interval` entries: the same interval as the machine's.
+    {:module, _, %{snapshot_every: every}} = machine
 
     %{
       id: id,
       uid: uid,
       cluster_name: name,
-      log_init_args: %{uid: uid},
+      log_init_args: %{uid: uid, snapshot_interval: every},
       initial_members: members,
       machine: machine
     }
@@ -292,14 +338,76 @@ defmodule DSPex.Bridge.Backend.Raft do
   def session_list,
     do: :ets.select(@sessions, [{{:"$1", :_, :_, :_}, [{:is_binary, :"$1"}], [:"$1"]}])
 
-  # Replicated sessions do not expire by TTL (a wall-clock sweep on each
-  # member would not be deterministic).
+  # A replicated session expires by a command its leader appends (see
+  # `Machine.tick/2`); the leader's node reports it here, once.
   @impl true
-  def session_sweep, do: []
+  def session_sweep do
+    for {{:expired, sid} = key} <- :ets.match_object(@sessions, {{:expired, :_}}),
+        :ets.delete(@sessions, key),
+        do: sid
+  rescue
+    ArgumentError -> []
+  end
+
+  @doc false
+  # Run by the leader's member (a ra effect) once the session's expiry is
+  # applied: the group is deleted, every node forgets it, and this node's
+  # sweep reports it.
+  def expired(sid) do
+    _ =
+      spawn(fn ->
+        with {:ok, ids} <- expired_members(sid) do
+          unregister_local(sid)
+          _ = :erpc.multicall(Node.list(), __MODULE__, :unregister_local, [sid], timeout())
+          _ = :ra.delete_cluster(ids, timeout())
+          for {name, node} <- ids, do: :erpc.multicast([node], System, :forget_member, [name])
+          # Reported by this node's sweep, once every node has forgotten it.
+          :ets.insert(@sessions, {{:expired, sid}})
+        end
+      end)
+
+    :ok
+  end
+
+  # The members as this node knows them, else as its own member does.
+  defp expired_members(sid) do
+    case entry(sid) do
+      {:ok, _name, ids, _} ->
+        {:ok, ids}
+
+      _ ->
+        case :ra.members({cluster_name(sid), node()}, timeout()) do
+          {:ok, ids, _leader} -> {:ok, ids}
+          _ -> :error
+        end
+    end
+  end
 
   @impl true
-  def session_import(_snapshot, _new_id),
-    do: {:error, {:invalid_argument, :import_into_replicated}}
+  def session_import(snapshot, new_id), do: session_import(snapshot, new_id, %{replicas: 1})
+
+  @doc """
+  Imports an `export_session/1` snapshot as a new replicated session:
+  `opts` as `session_create/2`'s (`replicas:`, `consistency:`). The
+  snapshot's ttl and rate limit carry over, enforced by the state machine.
+  """
+  @spec session_import(binary, String.t() | nil, map) :: {:ok, String.t()} | {:error, term}
+  def session_import(snapshot, new_id, opts) do
+    with :ok <- check_available(),
+         {:ok, %{sid: sid, ttl_ms: ttl, rate_limit: rate}, stripped} <-
+           Snapshot.strip(snapshot, new_id),
+         :ok <- check_sid(sid),
+         {:ok, rate} <- check_rate(rate),
+         {:ok, ttl} <- check_ttl(ttl),
+         {:ok, _kind, frame} <-
+           Command.encode_raw("session_import", snapshot: stripped, session: sid) do
+      case start_group(sid, opts, {:create, now_us(), frame, %{rate: rate, ttl_ms: ttl}}) do
+        {:ok, {:ok, ^sid}} -> {:ok, sid}
+        {:ok, other} -> other
+        error -> error
+      end
+    end
+  end
 
   @doc """
   Reads with an explicit consistency (`:consistent`, `:leader`, `:local`):
@@ -307,9 +415,13 @@ defmodule DSPex.Bridge.Backend.Raft do
   """
   @spec read(String.t(), atom, list, :consistent | :leader | :local) :: term
   def read(sid, fun, args, consistency) do
-    with {:ok, _name, ids, _} <- entry(sid),
+    with :ok <- check_consistency(consistency),
+         {:ok, _name, ids, _} <- entry(sid),
          {:ok, kind, frame} <- Command.encode(fun, args) do
-      query(ids, kind, frame, consistency)
+      # A write is never run as a query (it would change one copy only).
+      if kind in [:read, :heavy_read],
+        do: query(ids, kind, frame, consistency),
+        else: {:error, {:invalid_argument, {:not_a_read, fun}}}
     end
   end
 
@@ -334,8 +446,31 @@ defmodule DSPex.Bridge.Backend.Raft do
     with {:ok, _name, ids, consistency} <- entry(sid),
          {:ok, kind, frame} <- Command.encode(fun, args) do
       if kind in [:write, :heavy_write],
-        do: append(ids, {:exec, now_us(), kind, frame}),
+        do: batched(sid, ids, {:exec, now_us(), kind, frame}),
         else: query(ids, kind, frame, consistency)
+    end
+  end
+
+  # Writes go to the log in batches with the other writes made meanwhile
+  # from this node (`Raft.Batcher`). A write made while no other write of
+  # this node to the session is in flight goes straight to the leader (one
+  # hop less: a lone writer waits as long as with one entry per write);
+  # the count is per node and session, and a caller killed mid-write leaves
+  # it high, which only sends later writes through the batcher.
+  defp batched(sid, [{name, _} | _] = ids, cmd) do
+    key = {:direct, name}
+
+    case :ets.update_counter(@sessions, key, {2, 1}, {key, 0}) do
+      1 ->
+        try do
+          append(ids, cmd)
+        after
+          :ets.update_counter(@sessions, key, {2, -1})
+        end
+
+      _ ->
+        :ets.update_counter(@sessions, key, {2, -1})
+        Batcher.write(sid, name, cmd, timeout())
     end
   end
 
@@ -370,8 +505,45 @@ defmodule DSPex.Bridge.Backend.Raft do
   def fenced(sid, lock, token, fun, args) do
     with {:ok, _name, ids, _} <- entry(sid),
          {:ok, kind, frame} <- Command.encode(fun, args) do
-      append(ids, {:fenced, lock, token, now_us(), kind, frame})
+      batched(sid, ids, {:fenced, lock, token, now_us(), kind, frame})
     end
+  end
+
+  ## Optimizer locks on session variables (`OptimizerCoordinator`)
+
+  @doc false
+  # Takes the lock on variable `var` (its id) for `request`
+  # (`%{holder: optimizer_id, pid: pid, lease_ms: ms | nil, mode: :abort |
+  # :wait, ref: reference | nil}`): `{:ok, :granted | :already_held,
+  # token, granted_at_us}`, `{:wait, ref, holder}` (queued: the grant comes
+  # as `{:dspex_raft_lock_granted, ref, token, granted_at_us}`), or
+  # `{:error, {:lock_held_by, holder}}`. A grant moves the variable's
+  # fence on every member: writes without the holder's token or id are
+  # refused inside the state machine.
+  def var_lock(sid, var, request), do: lock_command(sid, {:var_lock, now_us(), var, request})
+
+  @doc false
+  def var_renew(sid, var, holder, lease_ms),
+    do: lock_command(sid, {:var_renew, now_us(), var, holder, lease_ms})
+
+  @doc false
+  # `{:ok, token, holder, finished?}`, `{:error, :not_lock_owner}` or
+  # `{:error, :not_locked}`; `holder` `:any` releases whoever holds it.
+  def var_unlock(sid, var, holder), do: lock_command(sid, {:var_unlock, var, holder})
+
+  @doc false
+  # A waiter gives up: `:removed`, `{:granted, token}` or `:gone`.
+  def var_cancel(sid, var, ref), do: lock_command(sid, {:var_cancel, var, ref})
+
+  @doc false
+  # The lock on `var`, as `OptimizerCoordinator.get_lock_info/2` shows it, or nil.
+  def var_lock_info(sid, var) do
+    with {:ok, _name, ids, consistency} <- entry(sid),
+         do: query(ids, {Machine, :var_lock_info, [var]}, consistency)
+  end
+
+  defp lock_command(sid, cmd) do
+    with {:ok, _name, ids, _} <- entry(sid), do: append(ids, cmd)
   end
 
   ## Transport
@@ -445,11 +617,12 @@ defmodule DSPex.Bridge.Backend.Raft do
   end
 
   defp query(ids, kind, frame, consistency),
-    do: admitted(fn -> query_admitted(ids, kind, frame, consistency) end)
+    do: query(ids, {Machine, :query, [kind, frame]}, consistency)
 
-  defp query_admitted(ids, kind, frame, consistency) do
-    mfa = {Machine, :query, [kind, frame]}
+  defp query(ids, mfa, consistency),
+    do: admitted(fn -> query_admitted(ids, mfa, consistency) end)
 
+  defp query_admitted(ids, mfa, consistency) do
     targets =
       case consistency do
         :local -> Enum.sort_by(ids, fn {_, n} -> n != node() end)
@@ -482,11 +655,22 @@ defmodule DSPex.Bridge.Backend.Raft do
     if System.available?(), do: :ok, else: {:error, :ra_unavailable}
   end
 
+  # The engine checks ids too, but the group's name is made from it first.
+  defp check_sid(sid) when is_binary(sid) and byte_size(sid) in 1..255 do
+    if String.valid?(sid), do: :ok, else: {:error, {:invalid_argument, :bad_session_id}}
+  end
+
+  defp check_sid(_sid), do: {:error, {:invalid_argument, :bad_session_id}}
+
   defp check_replicas(n) when is_integer(n) and n >= 1 and n <= 7, do: :ok
   defp check_replicas(n), do: {:error, {:invalid_argument, {:replicas, n}}}
 
   defp check_consistency(c) when c in [:consistent, :leader, :local], do: :ok
   defp check_consistency(c), do: {:error, {:invalid_argument, {:consistency, c}}}
+
+  defp check_ttl(nil), do: {:ok, nil}
+  defp check_ttl(ms) when is_integer(ms) and ms > 0 and ms <= 0x7FFFFFFFFFFF, do: {:ok, ms}
+  defp check_ttl(ms), do: {:error, {:invalid_argument, {:ttl, ms}}}
 
   defp check_rate(nil), do: {:ok, nil}
 
@@ -500,7 +684,13 @@ defmodule DSPex.Bridge.Backend.Raft do
   ## Backend callbacks (session-scoped: through the log or a query)
 
   @impl true
-  def session_info(sid), do: run(:session_info, [sid])
+  def session_info(sid) do
+    with {:ok, _name, ids, consistency} <- entry(sid),
+         {:ok, _kind, frame} <- Command.encode(:session_info, [sid]) do
+      query(ids, {Machine, :session_info, [frame]}, consistency)
+    end
+  end
+
   @impl true
   def session_memory(sid), do: run(:session_memory, [sid])
   @impl true

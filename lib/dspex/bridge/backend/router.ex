@@ -48,14 +48,17 @@ defmodule DSPex.Bridge.Backend.Router do
   itself for a NIF session (the lock table moves its fence in the same
   critical section), or `{:port, server, sid, var_id}` for a port session
   (the table sends each move to the port server, which applies it in the
-  program as a `var_fence` command). `nil` when no backend holds `sid`.
+  program as a `var_fence` command). `nil` when no backend holds `sid`, and
+  for a replicated session, whose locks are commands in its Raft log (see
+  `DSPex.Bridge.Backend.Raft.var_lock/3`) that move the fence on every
+  member.
   """
   @spec fence(String.t(), String.t(), term) :: tuple | nil
   def fence(sid, var_id, principal) do
     case kind_of(sid) do
       :nif -> {sid, var_id, principal}
       :port -> with pid when is_pid(pid) <- Process.whereis(Port), do: {:port, pid, sid, var_id}
-      # Replicated sessions fence in their state machine (Backend.Raft.fenced/5).
+      # Replicated sessions lock and fence in their state machine.
       :raft -> nil
       nil -> nil
     end
@@ -80,13 +83,45 @@ defmodule DSPex.Bridge.Backend.Router do
     end
   end
 
-  @doc "Imports a snapshot into backend `kind` (`nil` for the default)."
-  @spec session_import(binary, String.t() | nil, kind | nil) :: {:ok, String.t()} | {:error, term}
-  def session_import(snapshot, new_id, kind) do
+  @doc """
+  Imports a snapshot into backend `kind` (`nil` for the default); `opts`
+  are a replicated session's (`replicas:`, `consistency:`) for `:raft`.
+  """
+  @spec session_import(binary, String.t() | nil, kind | nil, map) ::
+          {:ok, String.t()} | {:error, term}
+  def session_import(snapshot, new_id, kind, opts \\ %{}) do
     case kind || default_kind() do
-      :nif -> exclusive_import(Native, [Port, Raft], snapshot, new_id)
-      :port -> exclusive_import(Port, [Native, Raft], snapshot, new_id)
-      other -> {:error, {:invalid_argument, {:backend, other}}}
+      :nif ->
+        exclusive_import(Native, [Port, Raft], &Native.session_import(snapshot, &1), new_id)
+
+      :port ->
+        exclusive_import(Port, [Native, Raft], &Port.session_import(snapshot, &1), new_id)
+
+      :raft ->
+        exclusive_import(Raft, [Native, Port], &Raft.session_import(snapshot, &1, opts), new_id)
+
+      other ->
+        {:error, {:invalid_argument, {:backend, other}}}
+    end
+  end
+
+  @doc """
+  A read with an explicit consistency (`:consistent`, `:leader` or
+  `:local`; see `DSPex.Bridge.Backend.Raft`): `fun` (a read callback) with
+  `args`, the session id first. A session that is not replicated has one
+  copy, read as usual.
+  """
+  @spec read(:consistent | :leader | :local, atom, list) :: term
+  def read(consistency, fun, [sid | _] = args) do
+    cond do
+      consistency not in [:consistent, :leader, :local] ->
+        {:error, {:invalid_argument, {:consistency, consistency}}}
+
+      is_binary(sid) and Raft.owns?(sid) ->
+        Raft.read(sid, fun, args, consistency)
+
+      true ->
+        apply(__MODULE__, fun, args)
     end
   end
 
@@ -102,8 +137,8 @@ defmodule DSPex.Bridge.Backend.Router do
     end
   end
 
-  defp exclusive_import(mine, others, snapshot, new_id) do
-    with {:ok, sid} <- mine.session_import(snapshot, new_id) do
+  defp exclusive_import(mine, others, import, new_id) do
+    with {:ok, sid} <- import.(new_id) do
       if Enum.any?(others, &held_by?(&1, sid)) do
         mine.session_delete(sid)
         {:error, :already_exists}

@@ -5,16 +5,32 @@ defmodule DSPex.Bridge.SessionStore.Args do
   # and the engine's answers made the caller's (timestamps as DateTimes).
 
   alias DSPex.Bridge.AccessControl
+  alias DSPex.Bridge.Backend.Router
 
   @types [:float, :integer, :string, :boolean, :choice, :module, :embedding, :tensor]
   @read_opts [:principal, :context]
+  # Reads of variables also take `consistency:` (a replicated session's).
+  @query_opts [:principal, :context, :consistency]
   @write_opts [:principal, :context, :lock_token, :optimizer_id]
 
   @doc false
   def read_opts, do: @read_opts
 
   @doc false
+  def query_opts, do: @query_opts
+
+  @doc false
   def write_opts, do: @write_opts
+
+  @doc false
+  # A read (a Router callback and its arguments) at the call's
+  # `consistency:`, else at the session's own.
+  def read_at(opts, fun, args) do
+    case opts[:consistency] do
+      nil -> apply(Router, fun, args)
+      consistency -> Router.read(consistency, fun, args)
+    end
+  end
 
   @doc false
   def session_guard(session_id, permission, opts),

@@ -19,7 +19,7 @@ defmodule DSPex.Bridge.SessionStore.History do
   # the Router's default for new sessions).
   @backend Router
 
-  @read_opts DSPex.Bridge.SessionStore.Args.read_opts()
+  @query_opts DSPex.Bridge.SessionStore.Args.query_opts()
   @write_opts DSPex.Bridge.SessionStore.Args.write_opts()
 
   @spec get_variable_history(session_id, ident, non_neg_integer, keyword) ::
@@ -28,10 +28,10 @@ defmodule DSPex.Bridge.SessionStore.History do
 
   def get_variable_history(session_id, ident, limit, opts)
       when is_integer(limit) and limit >= 0 do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @query_opts) do
+      caller = AccessControl.caller(Keyword.delete(opts, :consistency))
 
-      case @backend.var_history(session_id, ident, limit, caller) do
+      case read_at(opts, :var_history, [session_id, ident, limit, caller]) do
         {:ok, entries} -> {:ok, Enum.map(entries, &%{&1 | updated_at: datetime(&1.updated_at)})}
         error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end

@@ -149,9 +149,11 @@ defmodule DSPex.Bridge.SessionStore.Sessions do
   def import_session(snapshot, opts \\ [])
 
   def import_session(snapshot, opts) when is_binary(snapshot) do
-    with {:ok, opts} <- Options.validate(opts, [:session_id, :backend]),
-         kind = opts[:backend] || Router.default_kind(),
-         {:ok, sid} <- Router.session_import(snapshot, opts[:session_id], kind) do
+    with {:ok, opts} <-
+           Options.validate(opts, [:session_id, :backend, :replicas, :consistency]),
+         kind = if(opts[:replicas], do: :raft, else: opts[:backend] || Router.default_kind()),
+         raft_opts = %{replicas: opts[:replicas], consistency: opts[:consistency]},
+         {:ok, sid} <- Router.session_import(snapshot, opts[:session_id], kind, raft_opts) do
       Telemetry.execute(
         [:dspex, :bridge, :session, :created],
         %{system_time: System.system_time()},

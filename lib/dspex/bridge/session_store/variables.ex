@@ -25,16 +25,17 @@ defmodule DSPex.Bridge.SessionStore.Variables do
   @backend Router
 
   @read_opts DSPex.Bridge.SessionStore.Args.read_opts()
+  @query_opts DSPex.Bridge.SessionStore.Args.query_opts()
   # What the engines answer for a name that cannot name a variable.
   @ident_errors [:name_must_be_atom_or_string, :bad_name_length]
   @write_opts DSPex.Bridge.SessionStore.Args.write_opts()
 
   @spec variable_exists?(session_id, ident, keyword) :: {:ok, boolean} | {:error, reason}
   def variable_exists?(session_id, ident, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @query_opts) do
+      caller = caller(opts)
 
-      case @backend.var_exists(session_id, ident, caller) do
+      case read_at(opts, :var_exists, [session_id, ident, caller]) do
         {:ok, _} = ok -> ok
         error -> AccessControl.refusal(error, session_id, ident, caller, :read)
       end
@@ -86,11 +87,11 @@ defmodule DSPex.Bridge.SessionStore.Variables do
 
   @spec get_variable(session_id, ident, keyword) :: {:ok, map} | {:error, reason}
   def get_variable(session_id, ident, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @query_opts) do
+      caller = caller(opts)
 
       timed_read(session_id, ident, fn ->
-        case @backend.var_get(session_id, ident, caller) do
+        case read_at(opts, :var_get, [session_id, ident, caller]) do
           {:ok, var} -> {:ok, variable(var)}
           error -> AccessControl.refusal(error, session_id, ident, caller, :read)
         end
@@ -100,11 +101,41 @@ defmodule DSPex.Bridge.SessionStore.Variables do
 
   @spec get_variable_value(session_id, ident, term, keyword) :: term
   def get_variable_value(session_id, ident, default \\ nil, opts \\ []) do
-    case Options.validate(opts, @read_opts) do
-      {:ok, opts} -> value(session_id, ident, default, AccessControl.caller(opts))
-      {:error, _} -> default
+    case Options.validate(opts, @query_opts) do
+      {:ok, []} ->
+        value(session_id, ident, default, nil)
+
+      {:ok, opts} ->
+        case opts[:consistency] do
+          nil -> value(session_id, ident, default, AccessControl.caller(opts))
+          _ -> value_at(opts, session_id, ident, default)
+        end
+
+      {:error, _} ->
+        default
     end
   end
+
+  defp value_at(opts, session_id, ident, default) do
+    principal = caller(opts)
+
+    result =
+      timed_read(session_id, ident, fn ->
+        read_at(opts, :var_get_value, [session_id, ident, principal])
+      end)
+
+    case result do
+      {:ok, value} ->
+        value
+
+      {:error, _} = error ->
+        AccessControl.refusal(error, session_id, ident, principal, :read)
+        default
+    end
+  end
+
+  # The engine's caller term: `consistency:` is the transport's, not the caller's.
+  defp caller(opts), do: AccessControl.caller(Keyword.delete(opts, :consistency))
 
   defp value(session_id, ident, default, principal) do
     result =
@@ -161,9 +192,9 @@ defmodule DSPex.Bridge.SessionStore.Variables do
   def get_variables(session_id, idents, opts \\ [])
 
   def get_variables(session_id, idents, opts) when is_list(idents) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts),
-         principal = AccessControl.caller(opts),
-         {:ok, acc} <- read_each(session_id, idents, principal) do
+    with {:ok, opts} <- Options.validate(opts, @query_opts),
+         principal = caller(opts),
+         {:ok, acc} <- read_each(session_id, idents, principal, opts) do
       {:ok, %{acc | missing: Enum.reverse(acc.missing)}}
     end
   end
@@ -172,13 +203,13 @@ defmodule DSPex.Bridge.SessionStore.Variables do
     do: {:error, {:invalid_argument, {:idents, idents}}}
 
   # With no name to read, the session is still checked.
-  defp read_each(session_id, [], _principal) do
+  defp read_each(session_id, [], _principal, _opts) do
     with {:ok, _} <- @backend.session_info(session_id), do: {:ok, %{found: %{}, missing: []}}
   end
 
-  defp read_each(session_id, idents, principal) do
+  defp read_each(session_id, idents, principal, opts) do
     Enum.reduce_while(idents, {:ok, %{found: %{}, missing: []}}, fn ident, {:ok, acc} ->
-      case @backend.var_get(session_id, ident, principal) do
+      case read_at(opts, :var_get, [session_id, ident, principal]) do
         {:ok, var} ->
           {:cont, {:ok, %{acc | found: Map.put(acc.found, ident, variable(var))}}}
 
@@ -201,10 +232,10 @@ defmodule DSPex.Bridge.SessionStore.Variables do
 
   @spec list_variables(session_id, String.t() | nil, keyword) :: {:ok, [map]} | {:error, reason}
   def list_variables(session_id, pattern \\ nil, opts \\ []) do
-    with {:ok, opts} <- Options.validate(opts, @read_opts) do
-      caller = AccessControl.caller(opts)
+    with {:ok, opts} <- Options.validate(opts, @query_opts) do
+      caller = caller(opts)
 
-      case @backend.var_list(session_id, pattern, caller) do
+      case read_at(opts, :var_list, [session_id, pattern, caller]) do
         {:ok, vars} -> {:ok, Enum.map(vars, &variable/1)}
         error -> AccessControl.refusal(error, session_id, nil, caller, :read)
       end

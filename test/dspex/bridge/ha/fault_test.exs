@@ -192,4 +192,67 @@ defmodule DSPex.Bridge.HA.FaultTest do
     solo_peer = Enum.find(restarted, &(&1.node == solo_node))
     assert C.check!(solo, [solo_peer], "solo", :x) == 20
   end
+
+  describe "batched writes (SessionStore, group commit)" do
+    defp index(peer, sid) do
+      {:ok, _, %{index: i}} =
+        C.call(peer, Raft, :write_with_position, [
+          sid,
+          :var_set,
+          [sid, :__pos__, 0, %{}, nil, nil]
+        ])
+
+      i
+    end
+
+    test "16 concurrent writers: every acknowledged write on every replica, " <>
+           "in fewer log entries than writes",
+         %{peers: [a | _] = peers} do
+      create!(a, "batch", 3)
+
+      for i <- 1..16 do
+        assert {:ok, _} =
+                 C.call(a, DSPex.Bridge.SessionStore, :register_variable, [
+                   "batch",
+                   :"w#{i}",
+                   :integer,
+                   0
+                 ])
+      end
+
+      before = index(a, "batch")
+      histories = a |> C.store_writers("batch", 16, 40) |> Task.await_many(120_000)
+      entries = index(a, "batch") - before - 1
+
+      assert C.check_store!(histories, peers, "batch") == 16 * 40
+      assert entries < 16 * 40
+    end
+
+    test "a partitioned leader acknowledges none of them", %{peers: [a | _] = peers} do
+      create!(a, "bpart", 3)
+
+      assert {:ok, _} =
+               C.call(a, DSPex.Bridge.SessionStore, :register_variable, [
+                 "bpart",
+                 :w1,
+                 :integer,
+                 0
+               ])
+
+      old = leader(a, "bpart")
+      {[cut], majority = [m1, _]} = split(peers, old)
+      C.partition(cut, majority)
+
+      minority = C.store_writers(cut, "bpart", 4, 3)
+      majority_writes = C.store_writers(m1, "bpart", 1, 20)
+      minority = Task.await_many(minority, 120_000)
+      majority_writes = Task.await_many(majority_writes, 120_000)
+      C.heal(cut, majority)
+
+      for {_var, history} <- minority,
+          do: assert(Enum.all?(history, fn {_, outcome, _} -> outcome in [:info, :fail] end))
+
+      assert C.check_store!(majority_writes, peers, "bpart") > 0
+    end
+  end
 end

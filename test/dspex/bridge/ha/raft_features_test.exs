@@ -107,6 +107,23 @@ defmodule DSPex.Bridge.HA.RaftFeaturesTest do
     end
   end
 
+  test "a group still at machine version 0 (an old leader) answers the newer commands as " <>
+         "version 0 did, so members running newer code do not diverge",
+       %{sid: sid} do
+    alias DSPex.Bridge.Backend.Raft.Machine
+    state = Machine.init(%{sid: sid})
+    v0 = %{index: 1, term: 1, machine_version: 0, system_time: 1}
+    v1 = %{v0 | machine_version: 1}
+
+    assert {_, {:error, :bad_command}, _} = Machine.apply(v0, {:batch, []}, state)
+    assert {_, [], _} = Machine.apply(v1, {:batch, []}, state)
+
+    lock = {:var_lock, 0, "v", %{holder: "a", pid: nil, lease_ms: nil, mode: :abort, ref: nil}}
+    assert {_, {:error, :bad_command}, _} = Machine.apply(v0, lock, state)
+    assert {_, {:ok, :granted, 1, true}, _} = Machine.apply(v1, lock, state)
+    assert 1 == Machine.version()
+  end
+
   test "health and metrics report replicated sessions", %{sid: sid} do
     assert {:ok, ^sid} = SessionStore.create_session(sid, replicas: 1)
     assert {:ok, %{raft: :ok}} = Health.ready()

@@ -46,6 +46,11 @@ defmodule DSPex.Bridge.HA.ReplicatedSessionTest do
 
     assert {:error, {:insufficient_nodes, 1, 3}} = SessionStore.create_session(sid, replicas: 3)
     assert {:error, :session_not_found} = SessionStore.backend(sid)
+
+    for bad <- [123, <<255>>, "", String.duplicate("a", 256)] do
+      assert {:error, {:invalid_argument, :bad_session_id}} =
+               SessionStore.create_session(bad, replicas: 1)
+    end
   end
 
   test "sessions without replicas: stay on the NIF", %{sid: sid} do

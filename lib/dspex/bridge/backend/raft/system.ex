@@ -28,6 +28,11 @@ defmodule DSPex.Bridge.Backend.Raft.System do
   @doc "The table of known replicated sessions: `{sid, cluster, members}`."
   def sessions_table, do: @sessions
 
+  @doc false
+  # The supervisor of this node's write batchers (`Raft.Batcher`), one per
+  # replicated session written from here, started on demand.
+  def batchers, do: DSPex.Bridge.Backend.Raft.Batchers
+
   @doc "Whether replicated sessions can be created on this node."
   @spec available?() :: boolean
   def available? do
@@ -55,6 +60,7 @@ defmodule DSPex.Bridge.Backend.Raft.System do
     :ok = DSPex.Bridge.Admission.ensure(:dspex_raft)
     :ets.new(@sessions, [:named_table, :public, :set, read_concurrency: true])
     :ets.new(Machine.engine_table(), [:named_table, :public, :set, write_concurrency: true])
+    :ok = start_batchers()
     # Synchronous: once the application has started, the members on disk
     # are back and `available?/0` is final.
     available =
@@ -71,6 +77,24 @@ defmodule DSPex.Bridge.Backend.Raft.System do
     if available, do: restart_members()
     :persistent_term.put({__MODULE__, :available}, available)
     {:ok, %{}}
+  end
+
+  # Linked: it stops with this process, and its batchers with it (after a
+  # crash of this process, the old one may still be stopping).
+  defp start_batchers do
+    case DynamicSupervisor.start_link(name: batchers(), strategy: :one_for_one) do
+      {:ok, _} ->
+        :ok
+
+      {:error, {:already_started, old}} ->
+        ref = Process.monitor(old)
+
+        receive do
+          {:DOWN, ^ref, _, _, _} -> start_batchers()
+        after
+          5_000 -> {:error, :batchers_still_running}
+        end
+    end
   end
 
   defp start_system do
