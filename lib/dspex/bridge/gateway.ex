@@ -33,7 +33,8 @@ defmodule DSPex.Bridge.Gateway do
     in flight per connection (64), `max_streams:` HTTP/2 streams per
     connection (128), `stream_window:` watch updates sent ahead of the
     client (16), `max_in_flight:` calls running at once over all connections
-    (1024; beyond it `RESOURCE_EXHAUSTED`), `max_watch_streams:` watch
+    (1024; beyond it `RESOURCE_EXHAUSTED`, refused by the program itself so
+    this server's mailbox never holds more), `max_watch_streams:` watch
     streams open at once (1024).
 
   ## Tokens
@@ -185,7 +186,11 @@ defmodule DSPex.Bridge.Gateway do
       for {key, n} <- config.limits,
           do: ["--" <> String.replace(Atom.to_string(key), "_", "-"), Integer.to_string(n)]
 
-    base ++ tls ++ List.flatten(limits)
+    # The program refuses calls past max_in_flight itself, before they reach
+    # this server's mailbox; the check in `frame_in/2` is the second line.
+    in_flight = ["--max-in-flight", Integer.to_string(config.max_in_flight)]
+
+    base ++ tls ++ List.flatten(limits) ++ in_flight
   end
 
   ## Server

@@ -14,7 +14,11 @@
 //! them, so nothing queues without bound here (the BEAM coalesces what waits).
 //!
 //! Limits: `--max-message-bytes` (each way), `--max-concurrency` (calls in
-//! flight per connection), `--max-streams` (HTTP/2 streams per connection).
+//! flight per connection), `--max-streams` (HTTP/2 streams per connection),
+//! `--max-in-flight` (unary calls sent to the BEAM and not yet answered, over
+//! all connections: past it a call is `RESOURCE_EXHAUSTED` here, at once, so
+//! the BEAM's gateway process never has more than that many calls waiting in
+//! its mailbox however many clients connect).
 
 // tonic's `Status` is the error of every gRPC path; boxing it would only add
 // conversions at each tonic boundary.
@@ -25,7 +29,7 @@ use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,7 +52,7 @@ use crate::link::{self, Inbound};
 
 pub const USAGE: &str = "usage: dspex_grpc [--ip A] [--port N] [--tls-cert PEM --tls-key PEM] \
     [--max-message-bytes N] [--max-concurrency N] [--max-streams N] [--stream-window N] \
-    [--max-frame-bytes N]";
+    [--max-in-flight N] [--max-frame-bytes N]";
 
 /// The process's options.
 #[derive(Debug, Clone)]
@@ -61,6 +65,7 @@ pub struct Config {
     pub max_concurrency: usize,
     pub max_streams: u32,
     pub stream_window: usize,
+    pub max_in_flight: usize,
     pub max_frame_bytes: usize,
 }
 
@@ -75,6 +80,7 @@ impl Default for Config {
             max_concurrency: 64,
             max_streams: 128,
             stream_window: 16,
+            max_in_flight: 1024,
             max_frame_bytes: link::DEFAULT_MAX_FRAME,
         }
     }
@@ -111,6 +117,7 @@ impl Config {
                     c.max_streams = u32::try_from(num()?).map_err(|_| "--max-streams too big")?
                 }
                 "--stream-window" => c.stream_window = num()?,
+                "--max-in-flight" => c.max_in_flight = num()?,
                 "--max-frame-bytes" => c.max_frame_bytes = num()?,
                 _ => return Err(format!("unknown option {flag}")),
             }
@@ -143,6 +150,41 @@ struct Shared {
     out: mpsc::UnboundedSender<Vec<u8>>,
     max_message_bytes: usize,
     stream_window: usize,
+    in_flight: InFlight,
+}
+
+/// Unary calls sent to the BEAM and not yet answered, bounded.
+struct InFlight {
+    count: AtomicUsize,
+    max: usize,
+}
+
+/// One place in [`InFlight`], given back when dropped (answered, failed or
+/// abandoned by its client).
+struct Slot<'a>(&'a InFlight);
+
+impl InFlight {
+    fn new(max: usize) -> Self {
+        InFlight {
+            count: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&self) -> Option<Slot<'_>> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            None
+        } else {
+            Some(Slot(self))
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -194,6 +236,7 @@ async fn serve(config: Config) -> Result<(), String> {
         out: out_tx,
         max_message_bytes: config.max_message_bytes,
         stream_window: config.stream_window,
+        in_flight: InFlight::new(config.max_in_flight),
     });
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(config.ip, config.port))
@@ -396,6 +439,14 @@ async fn unary(
     request: tonic::Request<Bytes>,
 ) -> Result<tonic::Response<Bytes>, Status> {
     let (value, meta) = decode_request(&method, request)?;
+    let Some(_slot) = shared.in_flight.take() else {
+        let mut status = Status::resource_exhausted("too many calls in flight");
+        status.metadata_mut().insert(
+            "x-dspex-error",
+            tonic::metadata::MetadataValue::from_static("busy"),
+        );
+        return Err(status);
+    };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
     shared
@@ -595,8 +646,25 @@ mod tests {
         assert!(args(&["--port"]).is_err());
         assert!(args(&["--port", "70000"]).is_err());
         assert!(args(&["--max-concurrency", "0"]).is_err());
+        assert_eq!(args(&[]).unwrap().max_in_flight, 1024);
+        assert_eq!(args(&["--max-in-flight", "8"]).unwrap().max_in_flight, 8);
+        assert!(args(&["--max-in-flight", "0"]).is_err());
         assert!(args(&["--tls-cert", "x"]).is_err());
         assert!(args(&["--bogus", "1"]).is_err());
+    }
+
+    #[test]
+    fn in_flight_places_are_bounded_and_come_back() {
+        let gate = InFlight::new(2);
+        let a = gate.take().unwrap();
+        let b = gate.take().unwrap();
+        assert!(gate.take().is_none());
+        assert!(gate.take().is_none());
+        drop(a);
+        let c = gate.take().unwrap();
+        assert!(gate.take().is_none());
+        drop((b, c));
+        assert_eq!(gate.count.load(Ordering::Acquire), 0);
     }
 
     #[test]

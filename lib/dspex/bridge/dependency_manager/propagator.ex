@@ -47,6 +47,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   @supervisor DSPex.Bridge.DependencyManager.Supervisor
   # Writes named in a derived write's metadata, at most.
   @max_causes 16
+  @overload_patience 5_000
   @missing {__MODULE__, :missing}
   # Set when the first worker starts, never cleared: a boolean is an
   # immediate, so reading it is cheaper than the per-session lookup.
@@ -474,7 +475,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   # The engine's order for the changed variables that still exist.
   defp update_order(sid, changed) do
-    case DSPex.Bridge.Backend.Router.graph_update_order(sid, changed, nil) do
+    case patiently(fn -> DSPex.Bridge.Backend.Router.graph_update_order(sid, changed, nil) end) do
       {:ok, order} ->
         {:ok, order}
 
@@ -581,7 +582,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   defp write(sid, d, value, causes) do
     meta = %{derived: true, caused_by: causes}
 
-    case SessionStore.update_variable(sid, d.name, value, meta, d.access) do
+    case patiently(fn -> SessionStore.update_variable(sid, d.name, value, meta, d.access) end) do
       :ok -> :ok
       {:error, :not_found} -> :gone
       {:error, reason} -> {:error, {:write_rejected, reason}}
@@ -591,10 +592,35 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   defp read_inputs(sid, inputs, access) do
     Enum.reduce_while(inputs, {:ok, %{}}, fn input, {:ok, acc} ->
       case SessionStore.get_variable_value(sid, input, @missing, access) do
-        @missing -> {:halt, {:error, {:missing_input, input}}}
-        value -> {:cont, {:ok, Map.put(acc, input, value)}}
+        @missing ->
+          # Missing, or refused for now: only a variable's read says which.
+          case patiently(fn -> SessionStore.get_variable(sid, input, access) end) do
+            {:ok, %{value: value}} -> {:cont, {:ok, Map.put(acc, input, value)}}
+            _ -> {:halt, {:error, {:missing_input, input}}}
+          end
+
+        value ->
+          {:cont, {:ok, Map.put(acc, input, value)}}
       end
     end)
+  end
+
+  # A backend at its admission limit (the port program's pipe, a Raft node;
+  # see `DSPex.Bridge.Backend.Port`) refuses a call with `:overloaded`, and
+  # nothing happened: the worker tries again after a pause growing to 50 ms,
+  # for up to @overload_patience ms in all, rather than skip a recomputation
+  # (or leave its variable stale) for a moment's overload. Writes arriving
+  # meanwhile coalesce as usual.
+  defp patiently(fun, waited \\ 0) do
+    case fun.() do
+      {:error, :overloaded} when waited < @overload_patience ->
+        pause = min(50, 1 + div(waited, 10))
+        Process.sleep(pause)
+        patiently(fun, waited + pause)
+
+      other ->
+        other
+    end
   end
 
   @doc false
