@@ -78,7 +78,6 @@ defmodule DSPex.Chaos.Runner do
 
     Logger.configure(level: :error)
     log("chaos #{profile}: faults #{Enum.join(faults, ", ")}")
-    started_us = System.os_time(:microsecond)
     load_before = loadavg()
 
     Application.put_env(:dspex_bridge, :port_timeout, cfg.port_timeout)
@@ -110,6 +109,8 @@ defmodule DSPex.Chaos.Runner do
         start_python(grpc, p, cfg, id, trace_dir)
       end
 
+    # The load runs from here: throughput and the baseline count from now.
+    load_started_us = System.os_time(:microsecond)
     log("warm-up #{p.warmup_s} s")
     Process.sleep(p.warmup_s * 1_000)
 
@@ -150,7 +151,7 @@ defmodule DSPex.Chaos.Runner do
         replicas: replicas,
         derived: derived,
         faults_failed: unmet(injected),
-        started_us: started_us,
+        started_us: load_started_us,
         stopped_us: stopped_us
       )
 
