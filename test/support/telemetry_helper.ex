@@ -21,6 +21,20 @@ defmodule DSPex.TelemetryHelper do
     ref
   end
 
+  @doc """
+  Waits (5 s at most) until handler `id` is no longer attached to `event`:
+  a handler that raised is detached by a process of its own, and no event
+  tells when it is done, so this polls, 10 ms apart. True once detached.
+  """
+  @spec await_detached(Telemetry.event(), term, non_neg_integer) :: boolean
+  def await_detached(event, id, tries \\ 500) do
+    cond do
+      not List.keymember?(Telemetry.handlers(event), id, 0) -> true
+      tries == 0 -> false
+      true -> Process.sleep(10) && await_detached(event, id, tries - 1)
+    end
+  end
+
   @doc false
   def forward(event, measurements, metadata, {pid, ref}) do
     send(pid, {event, ref, measurements, metadata})

@@ -83,6 +83,7 @@ defmodule DSPex.Chaos.Checker do
       ops: h.ops,
       events_dropped: h.dropped,
       faults: Enum.map(faults, &fault_report(&1, events, h)),
+      baseline_slowest_ms: baseline(h, Keyword.get(extra, :started_us), faults),
       paths: path_report(h, Keyword.get(extra, :started_us), Keyword.get(extra, :stopped_us))
     }
   end
@@ -241,6 +242,20 @@ defmodule DSPex.Chaos.Checker do
       slowest_call_ms: ms(slowest),
       collateral_errors: count_by(collateral, &"#{&1.path}:#{&1.op}:#{&1.class}:#{&1.reason}")
     }
+  end
+
+  # The slowest call of each path before the first fault: what the fault
+  # windows' slowest calls compare with.
+  defp baseline(_h, nil, _faults), do: %{}
+  defp baseline(_h, _started, []), do: %{}
+
+  defp baseline(h, started_us, [first | _]) do
+    for {{p, sec}, us} <- h.slowest,
+        sec > div(started_us, 1_000_000),
+        (sec + 1) * 1_000_000 <= first.at_us,
+        reduce: %{} do
+      acc -> Map.update(acc, p, ms(us), &max(&1, ms(us)))
+    end
   end
 
   defp count_by(list, key_fun) do

@@ -66,6 +66,8 @@ defmodule DSPex.Chaos.Report do
     #{config_line(config)}
 
     #{render(["fault", "paths", "healed ms", "sessions hit", "errors", "first err ms", "recovery ms", "all sessions ms", "last err ms", "unrecovered", "slowest call ms", "errors by reason", "collateral"], faults)}
+    slowest call before the first fault (ms): #{top(result.baseline_slowest_ms, 4)}
+
     #{render(["path", "ops", "ops/s", "ok", "refused", "failed", "unknown", "from cache", "p50", "p99", "max", "errors by reason"], paths)}
     #{render(["check", "count"], Enum.map(checks, fn [a, b] -> [a, Integer.to_string(b)] end))}
     acknowledged writes that ended with a port session the kill destroyed (by design): \

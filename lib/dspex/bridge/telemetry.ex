@@ -7,8 +7,9 @@ defmodule DSPex.Bridge.Telemetry do
   `:telemetry.attach/4`, `telemetry_metrics` and friends see them. Without
   `:telemetry`, a compatible built-in dispatcher is used: `attach/4`,
   `attach_many/4`, `detach/1`, `execute/3` and `span/3` here behave as their
-  `:telemetry` namesakes (a handler that raises is detached and logged, and
-  never breaks the caller).
+  `:telemetry` namesakes (a handler that raises is logged once and
+  detached, by a process of its own, moments later; it never breaks nor
+  holds up the caller).
 
   Which one dispatches is decided when dspex_bridge starts: it starts
   `:telemetry` first when the application is present (whatever the boot
@@ -51,6 +52,8 @@ defmodule DSPex.Bridge.Telemetry do
   @type handler :: (event, map, map, term -> any)
 
   @handlers_key {__MODULE__, :handlers}
+  # The process detaching a failed handler (see `failed/3`).
+  @detacher DSPex.Bridge.Telemetry.Detacher
   # What `enabled?/1` reads: `:all` when `:telemetry` dispatches, else a map
   # of the events that have a handler. One lookup under a literal key.
   @enabled_key DSPex.Bridge.Telemetry.Enabled
@@ -348,18 +351,34 @@ defmodule DSPex.Bridge.Telemetry do
     kind, reason -> failed(id, event, inspect({kind, reason}))
   end
 
-  # A failed handler is detached by the caller that takes the lock first;
-  # callers failing in it at the same moment (a hot event under load) do
-  # not queue for the lock behind it, whose retries sleep, nor log it
-  # again. Should the lock be busy with another attach, the handler's next
-  # failure detaches it.
+  # A failed handler is detached by a process of its own, not by the
+  # caller that only emitted an event: any write of a persistent term (the
+  # handler table is in them) holds the writing process until every
+  # process has been scanned, which took up to seconds under load. One
+  # detacher at a time: it registers a name (atomic, and no persistent
+  # term written), then logs and detaches the handler if it is still
+  # attached. Callers failing in it meanwhile find the name taken, or the
+  # handler gone; a handler failing while another is being detached is
+  # detached on one of its next failures.
   defp failed(id, event, why) do
-    if update_handlers(&remove_handler(&1, id), 0) == :ok do
+    if Process.whereis(@detacher) == nil, do: spawn(fn -> detach_failed(id, event, why) end)
+    :ok
+  end
+
+  defp detach_failed(id, event, why) do
+    Process.register(self(), @detacher)
+
+    if List.keymember?(handlers(event), id, 0) do
       Logger.error(
         "DSPex.Bridge.Telemetry handler #{inspect(id)} failed on #{inspect(event)} and was detached: " <>
           why
       )
+
+      detach(id)
     end
+  rescue
+    # Another detacher runs.
+    ArgumentError -> :ok
   end
 
   # Attach and detach are rare; :global.trans serialises them without a process.
@@ -399,9 +418,7 @@ defmodule DSPex.Bridge.Telemetry do
     end
   end
 
-  # `retries`: as `:global.trans/4` (0: one attempt, `:aborted` if the
-  # lock is busy).
-  defp update_handlers(fun, retries \\ :infinity) do
+  defp update_handlers(fun) do
     # The lock id is {resource, requester}: the requester must be this
     # process, or every caller shares one lock holder and nothing is serialised.
     :global.trans(
@@ -418,8 +435,7 @@ defmodule DSPex.Bridge.Telemetry do
 
         reply
       end,
-      [node()],
-      retries
+      [node()]
     )
   end
 end
