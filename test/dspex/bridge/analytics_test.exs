@@ -189,8 +189,11 @@ defmodule DSPex.Bridge.AnalyticsTest do
       assert last_hour(:variable_write, :sum) == 9.0
       assert last_hour(:cache_miss, :count) == 1
       assert Analytics.get_dashboard().last_minute.variable_writes == 1
+      # The 1024 types of one's own, the three built-in types above, and any
+      # built-in type another part of the running application recorded
+      # meanwhile (a built-in type is never refused).
       assert {:ok, %{metrics: n}} = Analytics.stats()
-      assert n == 1024 + 3
+      assert n >= 1024 + 3
 
       # A reset empties the store; the built-in types keep their room.
       :ok = Analytics.reset()

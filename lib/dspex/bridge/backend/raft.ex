@@ -470,7 +470,9 @@ defmodule DSPex.Bridge.Backend.Raft do
 
       _ ->
         :ets.update_counter(@sessions, key, {2, -1})
-        Batcher.write(sid, name, cmd, timeout())
+        # A caller waiting in the batch is in flight as much as one waiting
+        # at the leader: it takes a place under `raft_max_in_flight` too.
+        admitted(fn -> Batcher.write(sid, name, cmd, timeout()) end)
     end
   end
 
