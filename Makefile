@@ -5,7 +5,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export LC_ALL ?= C.UTF-8
 
-.PHONY: setup demo test rust-checks elixir-checks python-checks ops-checks chaos-checks bench
+.PHONY: setup demo test rust-checks elixir-checks python-checks ops-checks chaos-checks load-checks bench
 
 setup:
 	@scripts/setup.sh
@@ -14,7 +14,7 @@ demo: setup
 	mix run examples/demo.exs
 	mix run examples/python_demo.exs
 
-test: setup rust-checks elixir-checks python-checks ops-checks chaos-checks
+test: setup rust-checks elixir-checks python-checks ops-checks chaos-checks load-checks
 
 rust-checks:
 	cargo fmt --all -- --check
@@ -64,6 +64,20 @@ chaos-checks:
 	MIX_ENV=test mix compile
 	.venv/bin/python python/dspex_bridge/_generate.py
 	MIX_ENV=test mix run --no-start bench/chaos/run.exs --profile short
+
+# Short versions of the load profiles (bench/load/, docs/performance.md):
+# ramp, sustained, spike and soak in-VM, overload at 2x the measured
+# capacity of the port backend, and the gRPC and replicated-session paths.
+# Each run checks itself (errors other than clear refusals, lost
+# acknowledged writes, callers not answered within their timeout, library
+# mailboxes, memory) and fails the target when a check fails.
+LOAD := MIX_ENV=prod mix run bench/load/run.exs --check --report-every 5
+load-checks:
+	MIX_ENV=prod mix compile
+	$(LOAD) --path vm --profile ramp:8,sustained:8,spike:9,soak:8 --rate 2000 --max-history 10 --memory-tolerance 0.3
+	$(LOAD) --path vm --backend port --profile overload:8 --sessions 200 --port-max-in-flight 64 --memory-tolerance 0.3
+	$(LOAD) --path grpc --profile sustained:8 --rate 100 --sessions 100 --max-history 10 --memory-tolerance 0.3
+	$(LOAD) --path raft --profile sustained:8 --rate 100 --sessions 30 --max-history 10 --memory-tolerance 0.3
 
 bench: setup
 	@for f in bench/*_bench.exs; do MIX_ENV=prod mix run $$f || exit 1; done

@@ -50,6 +50,13 @@ if ! "$venv/bin/python" -c "import grpc, grpc_tools, google.protobuf, pytest, py
   echo "setup: installing grpcio grpcio-tools protobuf pytest pytest-timeout into $venv"
   "$venv/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools protobuf pytest pytest-timeout
 fi
+# matplotlib draws the load driver's memory plot (bench/load/plot.py);
+# without it a load run still runs and checks, and only skips the plot.
+if ! "$venv/bin/python" -c "import matplotlib" >/dev/null 2>&1; then
+  echo "setup: installing matplotlib into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check matplotlib ||
+    echo "setup: matplotlib not installed; load runs skip the plot" >&2
+fi
 
 # ra (Raft) and its dependencies for replicated sessions, from Debian's
 # rabbitmq-server package: downloaded and unpacked into .cache/ra (git-ignored),
