@@ -22,12 +22,12 @@ defmodule DSPex.Bridge.DependencyManager.Compute do
   - an empty mailbox (what arrived since the previous call is dropped) and
     the process dictionary of a fresh process (`:"$callers"` only);
   - when the previous call ended in any other way than returning a value
-    (a raise, throw or exit, a crash of the process, its deadline), or
-    left the process changed where a call can see it (a link or a port, a
-    monitor, `trap_exit`, a registered name, another group leader,
-    priority or maximum heap size), the process is
-    not used again: it exits with the result, as `run/4`'s does, taking its
-    links with it, and the next call gets a new one.
+    (a raise, throw or exit, a crash of the process, its deadline), or left
+    the process changed where a call can see it (a link or a port, a
+    monitor, `trap_exit`, a registered name, another group leader, priority
+    or maximum heap size), the process is not used again: it exits with the
+    result, as `run/4`'s does, taking its links with it, and the next call
+    gets a new one.
 
   What a call can leave that the process cannot see in itself (an ETS table
   it owns, a timer that has not fired, its pid handed to another process)
@@ -156,24 +156,30 @@ defmodule DSPex.Bridge.DependencyManager.Compute do
     owner_ref = Process.monitor(owner)
     Process.put(:"$callers", callers)
     fresh = Process.info(self(), @probe)
-    loop(owner, owner_ref, callers, fresh)
-  end
-
-  defp loop(owner, owner_ref, callers, fresh) do
+    # The owner's monitor reference tags its calls (the first call brings
+    # it): nobody else can make this process run a function.
     receive do
-      {ref, fun, arg} when is_reference(ref) ->
-        drain(owner_ref)
-        result = call(fun, arg)
-
-        if match?({:ok, _}, result) and reusable?(callers, fresh) do
-          send(owner, {ref, result})
-          loop(owner, owner_ref, callers, fresh)
-        else
-          exit({@done, result})
-        end
+      {ref, _fun, _arg} = call when is_reference(ref) ->
+        handle(call, {owner, ref, owner_ref, callers, fresh})
 
       {:DOWN, ^owner_ref, :process, _, _} ->
         exit(:shutdown)
+    end
+  end
+
+  defp handle({ref, fun, arg}, {owner, ref, owner_ref, callers, fresh} = its) do
+    drain(owner_ref)
+    result = call(fun, arg)
+
+    if match?({:ok, _}, result) and reusable?(callers, fresh) do
+      send(owner, {ref, result})
+
+      receive do
+        {^ref, _fun, _arg} = call -> handle(call, its)
+        {:DOWN, ^owner_ref, :process, _, _} -> exit(:shutdown)
+      end
+    else
+      exit({@done, result})
     end
   end
 
