@@ -256,8 +256,8 @@ defmodule DSPex.Bridge.Backend.Raft do
               error
           end
 
-        _ ->
-          {:error, :already_exists}
+        error ->
+          error
       end
     end
   end
@@ -289,23 +289,32 @@ defmodule DSPex.Bridge.Backend.Raft do
             System,
             :start_member,
             [server_config(name, machine, id, ids)],
-            timeout()
+            # Starting a member writes to disk twice (fsynced): on a busy
+            # machine it may take longer than a write.
+            max(timeout(), 10_000)
           )
         catch
           kind, reason -> {:error, {kind, reason}}
         end
       end)
 
-    if Enum.all?(results, &(&1 == :ok)) do
-      _ = :ra.trigger_election(hd(ids))
-      :ok
-    else
-      for {{_, node} = id, :ok} <- Enum.zip(ids, results) do
-        :erpc.call(node, :ra, :force_delete_server, [System.name(), id])
-        :erpc.call(node, System, :forget_member, [name])
-      end
+    case Enum.reject(results, &(&1 == :ok)) do
+      [] ->
+        _ = :ra.trigger_election(hd(ids))
+        :ok
 
-      {:error, :already_exists}
+      [failure | _] = failures ->
+        for {{_, node} = id, :ok} <- Enum.zip(ids, results) do
+          :erpc.call(node, :ra, :force_delete_server, [System.name(), id])
+          :erpc.call(node, System, :forget_member, [name])
+        end
+
+        if Enum.any?(
+             failures,
+             &match?({:error, e} when e in [:already_exists, :name_in_use], &1)
+           ),
+           do: {:error, :already_exists},
+           else: {:error, {:member_start_failed, failure}}
     end
   end
 
@@ -817,7 +826,9 @@ defmodule DSPex.Bridge.Backend.Raft.Membership do
          {:ok, _, _} <- :ra.add_member(leader, id, timeout()) |> ok3(),
          {:ok, {_, goal}, _} <- :ra.local_query(leader, & &1.applied) do
       await(fn ->
-        match?({:ok, {_, n}, _} when n >= goal, :ra.local_query(id, & &1.applied))
+        # Short: a member receiving a snapshot does not answer queries
+        # until it has it (the next try will).
+        match?({:ok, {_, n}, _} when n >= goal, :ra.local_query(id, & &1.applied, 250))
       end)
     else
       {:error, reason} -> {:error, {:transfer_failed, reason}}
