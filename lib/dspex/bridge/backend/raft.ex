@@ -89,7 +89,7 @@ defmodule DSPex.Bridge.Backend.Raft do
     case :ets.lookup(@sessions, sid) do
       [{_, name, _, _}] ->
         Batcher.stop(name)
-        :ets.delete(@sessions, {:direct, name})
+        :ets.delete(@sessions, {:writing, name})
         :ets.delete(@sessions, {:leader, name})
 
       [] ->
@@ -449,23 +449,19 @@ defmodule DSPex.Bridge.Backend.Raft do
   # Writes go to the log in batches with the other writes made meanwhile
   # from this node (`Raft.Batcher`). A write made while no other write of
   # this node to the session is in flight goes straight to the leader (one
-  # hop less: a lone writer waits as long as with one entry per write);
-  # the count is per node and session, and a caller killed mid-write leaves
-  # it high, which only sends later writes through the batcher.
+  # hop less: a lone writer waits as long as with one entry per write).
+  # The count is per node and session; a caller killed mid-write leaves it
+  # high, which only sends later writes through the batcher.
   defp batched(sid, [{name, _} | _] = ids, cmd) do
-    key = {:direct, name}
+    key = {:writing, name}
 
-    case :ets.update_counter(@sessions, key, {2, 1}, {key, 0}) do
-      1 ->
-        try do
-          append(ids, cmd)
-        after
-          :ets.update_counter(@sessions, key, {2, -1})
-        end
-
-      _ ->
-        :ets.update_counter(@sessions, key, {2, -1})
-        Batcher.write(sid, name, cmd, timeout())
+    try do
+      case :ets.update_counter(@sessions, key, {2, 1}, {key, 0}) do
+        1 -> append(ids, cmd)
+        _ -> Batcher.write(sid, name, cmd, timeout())
+      end
+    after
+      :ets.update_counter(@sessions, key, {2, -1}, {key, 1})
     end
   end
 
