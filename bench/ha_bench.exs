@@ -146,16 +146,28 @@ IO.puts(
     "floor machine #{rate.(k * div(per_writer, 4), floor16)}/s"
 )
 
-# Migration: a 10,000-variable session (2 members) to the third node.
+# Migration: a 10,000-variable session (2 members) to the node that is
+# not a member, 3 times (each round moves it on).
 {:ok, _} = C.call(a, DSPex.Bridge.SessionStore, :create_session, ["big", [replicas: 2]])
 :ok = C.call(a, HABench.Work, :fill, ["big", 10_000], 600_000)
-{:ok, %{members: members}} = C.call(a, Raft, :members, ["big"])
-[target] = Enum.map(peers, & &1.node) -- Enum.map(members, &elem(&1, 1))
 
-{mig_us, :ok} =
-  :timer.tc(fn -> C.call(a, DSPex.Bridge.HAManager, :migrate_session, ["big", target], 60_000) end)
+migrations =
+  for _ <- 1..3 do
+    {:ok, %{members: members}} = C.call(a, Raft, :members, ["big"])
+    [target] = Enum.map(peers, & &1.node) -- Enum.map(members, &elem(&1, 1))
 
-IO.puts("migrating a 10,000-variable session: #{div(mig_us, 1000)} ms (target <= 2000)")
+    {us, :ok} =
+      :timer.tc(fn ->
+        C.call(a, DSPex.Bridge.HAManager, :migrate_session, ["big", target], 60_000)
+      end)
+
+    us
+  end
+
+IO.puts(
+  "migrating a 10,000-variable session: p50 #{div(median.(migrations), 1000)} ms " <>
+    "(#{inspect(Enum.map(migrations, &div(&1, 1000)))}) (target <= 2000)"
+)
 
 {store_w, nif_w, store_r, nif_r} = C.call(a, HABench.Work, :local, [100_000], 600_000)
 

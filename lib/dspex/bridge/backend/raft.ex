@@ -103,7 +103,7 @@ defmodule DSPex.Bridge.Backend.Raft do
     case :ets.lookup(@sessions, sid) do
       [{_, name, _, _}] ->
         Batcher.stop(name)
-        :ets.delete(@sessions, {:direct, name})
+        :ets.delete(@sessions, {:writing, name})
         :ets.delete(@sessions, {:leader, name})
 
       [] ->
@@ -270,8 +270,8 @@ defmodule DSPex.Bridge.Backend.Raft do
               error
           end
 
-        _ ->
-          {:error, :already_exists}
+        error ->
+          error
       end
     end
   end
@@ -303,23 +303,32 @@ defmodule DSPex.Bridge.Backend.Raft do
             System,
             :start_member,
             [server_config(name, machine, id, ids)],
-            timeout()
+            # Starting a member writes to disk twice (fsynced): on a busy
+            # machine it may take longer than a write.
+            max(timeout(), 10_000)
           )
         catch
           kind, reason -> {:error, {kind, reason}}
         end
       end)
 
-    if Enum.all?(results, &(&1 == :ok)) do
-      _ = :ra.trigger_election(hd(ids))
-      :ok
-    else
-      for {{_, node} = id, :ok} <- Enum.zip(ids, results) do
-        :erpc.call(node, :ra, :force_delete_server, [System.name(), id])
-        :erpc.call(node, System, :forget_member, [name])
-      end
+    case Enum.reject(results, &(&1 == :ok)) do
+      [] ->
+        _ = :ra.trigger_election(hd(ids))
+        :ok
 
-      {:error, :already_exists}
+      [failure | _] = failures ->
+        for {{_, node} = id, :ok} <- Enum.zip(ids, results) do
+          :erpc.call(node, :ra, :force_delete_server, [System.name(), id])
+          :erpc.call(node, System, :forget_member, [name])
+        end
+
+        if Enum.any?(
+             failures,
+             &match?({:error, e} when e in [:already_exists, :name_in_use], &1)
+           ),
+           do: {:error, :already_exists},
+           else: {:error, {:member_start_failed, failure}}
     end
   end
 
@@ -454,25 +463,25 @@ defmodule DSPex.Bridge.Backend.Raft do
   # Writes go to the log in batches with the other writes made meanwhile
   # from this node (`Raft.Batcher`). A write made while no other write of
   # this node to the session is in flight goes straight to the leader (one
-  # hop less: a lone writer waits as long as with one entry per write);
-  # the count is per node and session, and a caller killed mid-write leaves
-  # it high, which only sends later writes through the batcher.
+  # hop less: a lone writer waits as long as with one entry per write).
+  # The count is per node and session; a caller killed mid-write leaves it
+  # high, which only sends later writes through the batcher.
   defp batched(sid, [{name, _} | _] = ids, cmd) do
-    key = {:direct, name}
+    key = {:writing, name}
 
-    case :ets.update_counter(@sessions, key, {2, 1}, {key, 0}) do
-      1 ->
-        try do
+    try do
+      case :ets.update_counter(@sessions, key, {2, 1}, {key, 0}) do
+        1 ->
           append(ids, cmd)
-        after
-          :ets.update_counter(@sessions, key, {2, -1})
-        end
 
-      _ ->
-        :ets.update_counter(@sessions, key, {2, -1})
-        # A caller waiting in the batch is in flight as much as one waiting
-        # at the leader: it takes a place under `raft_max_in_flight` too.
-        admitted(fn -> Batcher.write(sid, name, cmd, timeout()) end)
+        _ ->
+          # A caller waiting in the batch is in flight as much as one
+          # waiting at the leader: it takes a place under
+          # `raft_max_in_flight` too.
+          admitted(fn -> Batcher.write(sid, name, cmd, timeout()) end)
+      end
+    after
+      :ets.update_counter(@sessions, key, {2, -1}, {key, 1})
     end
   end
 
@@ -855,7 +864,9 @@ defmodule DSPex.Bridge.Backend.Raft.Membership do
          {:ok, _, _} <- :ra.add_member(leader, id, timeout()) |> ok3(),
          {:ok, {_, goal}, _} <- :ra.local_query(leader, & &1.applied) do
       await(fn ->
-        match?({:ok, {_, n}, _} when n >= goal, :ra.local_query(id, & &1.applied))
+        # Short: a member receiving a snapshot does not answer queries
+        # until it has it (the next try will).
+        match?({:ok, {_, n}, _} when n >= goal, :ra.local_query(id, & &1.applied, 250))
       end)
     else
       {:error, reason} -> {:error, {:transfer_failed, reason}}
