@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -81,10 +82,19 @@ impl Hash for Owner {
     }
 }
 
+/// One fence move: to the port server, of its session's variable.
+type FenceMove = (LocalPid, Arc<str>, Arc<str>, FenceChange);
+
 /// Fence moves of variables held by an engine in another process, queued
 /// inside the table's critical section (where no term can be sent) and sent
 /// by [`LockTableRef::announce`] of the same call.
-type FenceQueue = Mutex<Vec<(LocalPid, Arc<str>, Arc<str>, FenceChange)>>;
+#[derive(Default)]
+struct FenceQueue {
+    moves: Mutex<Vec<FenceMove>>,
+    /// Set with a push, under `moves`' lock: lets the lock NIFs of a VM
+    /// without fenced `:port` variables skip the mutex.
+    pending: AtomicBool,
+}
 
 /// The fence of a variable of a `:port` session: each grant and release is
 /// sent to the port server as `{:dspex_fence, sid, var_id, change}`, which
@@ -99,8 +109,9 @@ struct RemoteFence {
 
 impl RemoteFence {
     fn push(&self, change: FenceChange) {
-        if let Ok(mut q) = self.queue.lock() {
+        if let Ok(mut q) = self.queue.moves.lock() {
             q.push((self.to, self.session.clone(), self.ident.clone(), change));
+            self.queue.pending.store(true, Ordering::Release);
         }
     }
 }
@@ -162,11 +173,20 @@ impl LockTableRef {
     /// Sends the grants of `fx` to their waiters and the holders that died or
     /// expired to the listener.
     fn announce(&self, env: Env, fx: &Effects) {
-        let moved = self
-            .fences
-            .lock()
-            .map(|mut q| std::mem::take(&mut *q))
-            .unwrap_or_default();
+        // A push of this call happened before, on this thread; another
+        // thread's pushes are announced by that thread's call.
+        let moved = if self.fences.pending.load(Ordering::Acquire) {
+            self.fences
+                .moves
+                .lock()
+                .map(|mut q| {
+                    self.fences.pending.store(false, Ordering::Release);
+                    std::mem::take(&mut *q)
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for (to, session, ident, change) in moved {
             let change = match change {
                 FenceChange::Granted {

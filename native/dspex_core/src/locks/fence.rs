@@ -35,6 +35,11 @@ pub struct VarLock {
     pub holder: Option<(OptimizerId, u64)>,
     /// The largest token ever granted on the variable.
     pub fence: u64,
+    /// The largest token whose grant has ended. A key's grants follow one
+    /// another, so every grant up to it has ended too: a grant reported
+    /// after its own release (two [`FenceChange`]s sent by different
+    /// threads may arrive in either order) is not taken for a live one.
+    pub released: u64,
     /// The optimizer the current holder preempted.
     pub preempted: Option<OptimizerId>,
 }
@@ -72,6 +77,11 @@ impl VarLock {
     ) {
         if token >= self.fence {
             self.fence = token;
+            if token <= self.released {
+                // Released already: only the fence moves.
+                self.holder = None;
+                return;
+            }
             self.holder = Some((optimizer.clone(), token));
             match preempted {
                 Some(p) => self.preempted = Some(p.clone()),
@@ -81,8 +91,11 @@ impl VarLock {
         }
     }
 
+    /// The grant with `token` ended; so did any older one still held here
+    /// (its release may be on its way).
     pub(crate) fn release(&mut self, token: u64) {
-        if self.holder.as_ref().is_some_and(|(_, t)| *t == token) {
+        self.released = self.released.max(token);
+        if self.holder.as_ref().is_some_and(|(_, t)| *t <= token) {
             self.holder = None;
         }
     }
@@ -107,7 +120,8 @@ pub enum FenceChange {
 
 impl VarLock {
     /// Applies a change the lock table reported; an older token than the
-    /// fence changes nothing, so changes may arrive more than once.
+    /// fence changes nothing, so changes may arrive more than once, and a
+    /// grant's release may arrive before the grant itself.
     pub fn apply(&mut self, change: &FenceChange) {
         match change {
             FenceChange::Granted {
@@ -123,6 +137,77 @@ impl VarLock {
                 )
             }
             FenceChange::Released { token } => self.release(*token),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn granted(token: u64) -> FenceChange {
+        FenceChange::Granted {
+            optimizer: format!("opt-{token}"),
+            token,
+            preempted: None,
+        }
+    }
+
+    /// A key's grants one after another (tokens increasing), each released
+    /// but perhaps the last: what the lock table reports, in its order.
+    fn history(grants: usize, last_held: bool) -> Vec<FenceChange> {
+        let mut out = Vec::new();
+        for i in 1..=grants as u64 {
+            out.push(granted(i * 3));
+            if i < grants as u64 || !last_held {
+                out.push(FenceChange::Released { token: i * 3 });
+            }
+        }
+        out
+    }
+
+    fn applied<'a>(changes: impl IntoIterator<Item = &'a FenceChange>) -> VarLock {
+        let mut lock = VarLock::default();
+        for c in changes {
+            lock.apply(c);
+        }
+        lock
+    }
+
+    #[test]
+    fn a_release_before_its_grant_leaves_the_variable_unlocked() {
+        let lock = applied(&[FenceChange::Released { token: 7 }, granted(7)]);
+        assert_eq!(lock.holder, None);
+        assert_eq!(lock.fence, 7);
+        // The fence still stops the older token.
+        assert_eq!(
+            lock.admit(&LockClaim {
+                token: Some(6),
+                optimizer: None
+            }),
+            Err(Error::StaleLockToken)
+        );
+        assert_eq!(lock.admit(&LockClaim::default()), Ok(()));
+    }
+
+    proptest! {
+        /// Changes sent by different threads may arrive in any order; the
+        /// variable ends as if they had come in the table's order.
+        #[test]
+        fn any_arrival_order_ends_as_the_table_order(
+            grants in 1usize..6,
+            last_held in any::<bool>(),
+            order in prop::collection::vec(any::<u32>(), 12),
+        ) {
+            let changes = history(grants, last_held);
+            let in_order = applied(&changes);
+            let mut shuffled: Vec<(u32, &FenceChange)> =
+                order.iter().copied().zip(changes.iter()).collect();
+            shuffled.sort_by_key(|(k, _)| *k);
+            let any_order = applied(shuffled.iter().map(|(_, c)| *c));
+            prop_assert_eq!(&any_order.holder, &in_order.holder);
+            prop_assert_eq!(any_order.fence, in_order.fence);
         }
     }
 }
