@@ -8,6 +8,19 @@ defmodule DSPex.Bridge.Admission do
   # `{:error, :overloaded}`, so what waits is bounded and what is refused
   # learns so in microseconds instead of joining a queue it would time
   # out in.
+  #
+  # Every refusal, here or in the gRPC gateway's program, goes through
+  # `refused/4`: one `[:dspex, :bridge, :admission, :refused]` event (only
+  # built when a handler listens) and one increment of a per-path counter
+  # that `DSPex.Bridge.Analytics.prometheus_text/0` exports as
+  # `dspex_admission_refused_total{path}`, whether Analytics runs or not.
+
+  alias DSPex.Bridge.Telemetry
+
+  @refused_event [:dspex, :bridge, :admission, :refused]
+  @refused_key {__MODULE__, :refused}
+  # Counter slots, by path.
+  @paths [port: 1, raft: 2, grpc: 3]
 
   @doc "Creates the gate's counter if it does not exist (at a server's start)."
   @spec ensure(atom) :: :ok
@@ -59,5 +72,55 @@ defmodule DSPex.Bridge.Admission do
       nil -> 0
       ref -> :atomics.get(ref, 1)
     end
+  end
+
+  @doc """
+  Creates the refusal counters if they do not exist (at the application's
+  start, before any gate can refuse).
+  """
+  @spec ensure_counters() :: :ok
+  def ensure_counters do
+    case :persistent_term.get(@refused_key, nil) do
+      nil ->
+        :persistent_term.put(@refused_key, :counters.new(length(@paths), [:write_concurrency]))
+
+      _ ->
+        :ok
+    end
+  end
+
+  @doc """
+  Reports `count` refusals on `path` (`:port`, `:raft` or `:grpc`) whose
+  gate admits `limit`: counts them and emits
+  `[:dspex, :bridge, :admission, :refused]` with `%{count: count}` and
+  `%{path: path, limit: limit, session_id: id}`. `session_id` is a session
+  id, `nil` when unknown, or a function computing it, called only when a
+  handler listens. Costs a counter increment and a lookup when none does.
+  """
+  @spec refused(:port | :raft | :grpc, pos_integer, term, pos_integer) :: :ok
+  def refused(path, limit, session_id, count \\ 1) do
+    case :persistent_term.get(@refused_key, nil) do
+      nil -> :ok
+      ref -> :counters.add(ref, Keyword.fetch!(@paths, path), count)
+    end
+
+    if Telemetry.enabled?(@refused_event) do
+      session_id = if is_function(session_id, 0), do: session_id.(), else: session_id
+
+      Telemetry.execute(@refused_event, %{count: count}, %{
+        path: path,
+        limit: limit,
+        session_id: session_id
+      })
+    end
+
+    :ok
+  end
+
+  @doc "Refusals counted since the application started, by path."
+  @spec refused_counts() :: %{port: non_neg_integer, raft: non_neg_integer, grpc: non_neg_integer}
+  def refused_counts do
+    ref = :persistent_term.get(@refused_key, nil)
+    Map.new(@paths, fn {path, i} -> {path, if(ref, do: :counters.get(ref, i), else: 0)} end)
   end
 end

@@ -44,7 +44,7 @@ defmodule DSPex.Bridge.Analytics do
   | `[:dspex, :bridge, :propagation, :stop \\| :failed]` | `:propagation`, `:propagation_error` | `duration` in µs |
   | `[:dspex, :bridge, :circuit_breaker, :state_change \\| :rejected]` | `:circuit_breaker_state_change`, `:circuit_breaker_rejected` | 1 |
   | `[:dspex, :optimization, :started \\| :completed \\| :failed]` | `:optimization_started`, `:optimization_completed`, `:optimization_failed` | 1 |
-  | `[:dspex, :optimization, :completed]` | `:optimization_duration` | `duration_ms` |
+  | `[:dspex, :optimization, :completed]` | `:optimization_duration` | `duration_us` (from the optimizer's first lock to its last release) |
   | `[:dspex, :optimization, :lock_conflict \\| :preempted]` | `:lock_conflict`, `:lock_preempted` | 1 |
 
   Cache events come from `DSPex.Bridge.State.Bridged` (reads refused by
@@ -98,7 +98,7 @@ defmodule DSPex.Bridge.Analytics do
     [:dspex, :optimization, :started] => [optimization_started: :one],
     [:dspex, :optimization, :completed] => [
       optimization_completed: :one,
-      optimization_duration: :duration_ms
+      optimization_duration: :duration_us
     ],
     [:dspex, :optimization, :failed] => [optimization_failed: :one],
     [:dspex, :optimization, :lock_conflict] => [lock_conflict: :one],
@@ -283,7 +283,8 @@ defmodule DSPex.Bridge.Analytics do
   each analytics metric type as a summary named `dspex_analytics_<type>`
   (quantiles over the last minute, lifetime `_sum` and `_count`), the Rust
   engine's own counters and histograms (`dspex_core_*`), the BEAM side
-  (`dspex_*`: live sessions, VM memory, processes, run queue) and the
+  (`dspex_*`: live sessions, VM memory, processes, run queue, overload
+  refusals by path as `dspex_admission_refused_total{path}`) and the
   dead-letter queue's gauges (`dspex_dlq_*`, `DSPex.Bridge.DeadLetterQueue`). Works without
   Analytics started (then without the `dspex_analytics_*` families).
   """
@@ -323,7 +324,24 @@ defmodule DSPex.Bridge.Analytics do
       "# HELP dspex_native_log_dropped_total Engine log records dropped on a full queue.\n",
       "# TYPE dspex_native_log_dropped_total counter\n",
       "dspex_native_log_dropped_total #{native_log_dropped()}\n",
+      refused_text(),
       DSPex.Bridge.DeadLetterQueue.prometheus_text()
+    ]
+  end
+
+  # Refusals of every admission gate (`DSPex.Bridge.Admission`), counted
+  # whether Analytics runs or not.
+  defp refused_text do
+    counts = DSPex.Bridge.Admission.refused_counts()
+
+    [
+      "# HELP dspex_admission_refused_total Calls refused for overload " <>
+        "({:error, :overloaded}; RESOURCE_EXHAUSTED on gRPC), by path.\n",
+      "# TYPE dspex_admission_refused_total counter\n"
+      | for(
+          path <- [:port, :raft, :grpc],
+          do: sample_line("dspex_admission_refused_total", ~s(path="#{path}"), counts[path])
+        )
     ]
   end
 

@@ -16,6 +16,7 @@ defmodule DSPex.Bridge.Application do
     # the boot order of the release; then the dispatcher is chosen.
     :ok = start_telemetry()
     :ok = DSPex.Bridge.Telemetry.refresh()
+    :ok = DSPex.Bridge.Admission.ensure_counters()
 
     children = [
       DSPex.Context.Registry,

@@ -50,7 +50,7 @@ defmodule DSPex.Bridge.Gateway do
   use GenServer
   require Logger
 
-  alias DSPex.Bridge.{MsgPack, Telemetry}
+  alias DSPex.Bridge.{Admission, MsgPack, Telemetry}
   alias DSPex.Bridge.Gateway.{Handler, Tokens, WatchStream}
 
   @capture_handler "dspex_bridge-gateway-capture"
@@ -362,6 +362,7 @@ defmodule DSPex.Bridge.Gateway do
        when is_integer(id) and is_binary(method) and is_map(meta) do
     if map_size(state.calls) >= state.config.max_in_flight do
       reply(state.port, id, {:status, :resource_exhausted, "too many calls in flight", "busy"})
+      Admission.refused(:grpc, state.config.max_in_flight, nil)
       state
     else
       port = state.port
@@ -392,6 +393,12 @@ defmodule DSPex.Bridge.Gateway do
           monitors: Map.put(state.monitors, mon, {:streams, id})
       }
     end
+  end
+
+  # The calls the program refused past max_in_flight since its last report.
+  defp frame_in(["refused", n], state) when is_integer(n) and n > 0 do
+    Admission.refused(:grpc, state.config.max_in_flight, nil, n)
+    state
   end
 
   defp frame_in(["credit", id, n], state) when is_integer(n) do

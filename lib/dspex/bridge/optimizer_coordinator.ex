@@ -237,9 +237,11 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   end
 
   defp raft_release(key, sid, id, optimizer_id) do
+    started_at = started_at(optimizer_id)
+
     case Raft.var_unlock(sid, id, optimizer_id) do
       {:ok, token, _holder, finished} ->
-        ended(key, optimizer_id, token, finished, :released)
+        ended(key, optimizer_id, token, finished, :released, started_at)
         :ok
 
       {:error, :not_locked} ->
@@ -251,9 +253,11 @@ defmodule DSPex.Bridge.OptimizerCoordinator do
   end
 
   defp native_release(key, optimizer_id) do
+    started_at = started_at(optimizer_id)
+
     case Native.lock_release(key, optimizer_id) do
       {:ok, token, finished} ->
-        ended(key, optimizer_id, token, finished, :released)
+        ended(key, optimizer_id, token, finished, :released, started_at)
         :ok
 
       error ->

@@ -6,7 +6,9 @@
 //! - `["call", id, method, request, meta]` a unary call;
 //! - `["stream", id, method, request, meta]` a server-streaming call;
 //! - `["credit", id, n]` the client took `n` more items of a stream;
-//! - `["cancel", id]` the client went away (or its call was dropped).
+//! - `["cancel", id]` the client went away (or its call was dropped);
+//! - `["refused", n]` `n` calls were refused past `--max-in-flight`
+//!   (`RESOURCE_EXHAUSTED`) since the last such frame.
 //!
 //! BEAM -> gateway:
 //! - `["reply", id, response]` ends a unary call;
@@ -81,6 +83,11 @@ pub fn credit(id: u64, n: u64) -> Vec<u8> {
 /// `["cancel", id]`.
 pub fn cancel(id: u64) -> Vec<u8> {
     frame(vec![Mp::from("cancel"), Mp::from(id)])
+}
+
+/// `["refused", n]`.
+pub fn refused(n: u64) -> Vec<u8> {
+    frame(vec![Mp::from("refused"), Mp::from(n)])
 }
 
 /// Decodes the body of a frame from the BEAM. The error says what was wrong

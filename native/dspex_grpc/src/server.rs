@@ -18,7 +18,10 @@
 //! `--max-in-flight` (unary calls sent to the BEAM and not yet answered, over
 //! all connections: past it a call is `RESOURCE_EXHAUSTED` here, at once, so
 //! the BEAM's gateway process never has more than that many calls waiting in
-//! its mailbox however many clients connect).
+//! its mailbox however many clients connect). Those refusals are counted
+//! and reported to the BEAM as `["refused", n]` at most every
+//! [`REFUSED_REPORT_EVERY`], so the bridge counts them without a frame per
+//! refusal.
 
 // tonic's `Status` is the error of every gRPC path; boxing it would only add
 // conversions at each tonic boundary.
@@ -153,10 +156,15 @@ struct Shared {
     in_flight: InFlight,
 }
 
+/// How often refusals past `--max-in-flight` are reported (when there were any).
+pub const REFUSED_REPORT_EVERY: Duration = Duration::from_millis(250);
+
 /// Unary calls sent to the BEAM and not yet answered, bounded.
 struct InFlight {
     count: AtomicUsize,
     max: usize,
+    /// Calls refused since the last report.
+    refused: AtomicU64,
 }
 
 /// One place in [`InFlight`], given back when dropped (answered, failed or
@@ -168,15 +176,37 @@ impl InFlight {
         InFlight {
             count: AtomicUsize::new(0),
             max,
+            refused: AtomicU64::new(0),
         }
     }
 
     fn take(&self) -> Option<Slot<'_>> {
         if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.count.fetch_sub(1, Ordering::AcqRel);
+            self.refused.fetch_add(1, Ordering::Relaxed);
             None
         } else {
             Some(Slot(self))
+        }
+    }
+}
+
+impl InFlight {
+    /// The refusals since the last call, and zero from now.
+    fn take_refused(&self) -> u64 {
+        self.refused.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Sends `["refused", n]` every [`REFUSED_REPORT_EVERY`] there were refusals.
+async fn report_refusals(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(REFUSED_REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let n = shared.in_flight.take_refused();
+        if n > 0 && shared.send(link::refused(n)).is_err() {
+            return;
         }
     }
 }
@@ -275,6 +305,7 @@ async fn serve(config: Config) -> Result<(), String> {
     shared
         .send(link::hello(port))
         .map_err(|e| e.message().to_owned())?;
+    tokio::spawn(report_refusals(shared.clone()));
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     builder
@@ -665,6 +696,9 @@ mod tests {
         assert!(gate.take().is_none());
         drop((b, c));
         assert_eq!(gate.count.load(Ordering::Acquire), 0);
+        // Three refusals, reported once.
+        assert_eq!(gate.take_refused(), 3);
+        assert_eq!(gate.take_refused(), 0);
     }
 
     #[test]

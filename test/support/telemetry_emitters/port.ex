@@ -2,6 +2,7 @@ defmodule DSPex.TelemetryEmitters.Port do
   @moduledoc false
   @behaviour DSPex.TelemetryEmitters
 
+  alias DSPex.Bridge.{Admission, SessionStore}
   alias DSPex.Bridge.Backend.Port
 
   # Killing the port program makes it exit (`:exited`) and its supervisor
@@ -11,8 +12,44 @@ defmodule DSPex.TelemetryEmitters.Port do
   def emitters do
     %{
       [:dspex, :bridge, :port, :exited] => &kill_and_wait/0,
-      [:dspex, :bridge, :port, :started] => &kill_and_wait/0
+      [:dspex, :bridge, :port, :started] => &kill_and_wait/0,
+      [:dspex, :bridge, :admission, :refused] => &refuse/0
     }
+  end
+
+  # With `max_in_flight: 1` and the program stopped, one read holds the
+  # only place and the next is refused; the program resumed answers the
+  # first, which gives the place back.
+  defp refuse do
+    env = Application.fetch_env(:dspex_bridge, :port)
+    port_env = Application.get_env(:dspex_bridge, :port, [])
+    sid = DSPex.TelemetryEmitters.sid("emit-refused")
+    {:ok, _} = SessionStore.create_session(sid, backend: :port)
+    {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 0)
+    os_pid = Port.os_pid()
+    Application.put_env(:dspex_bridge, :port, Keyword.put(port_env, :max_in_flight, 1))
+    {_, 0} = System.cmd("kill", ["-STOP", to_string(os_pid)])
+
+    try do
+      holder = Task.async(fn -> SessionStore.get_variable(sid, :x) end)
+
+      try do
+        true = DSPex.Wait.until(fn -> Admission.in_flight(:dspex_port) >= 1 end)
+        {:error, :overloaded} = SessionStore.get_variable(sid, :x)
+      after
+        System.cmd("kill", ["-CONT", to_string(os_pid)])
+        Task.await(holder, 10_000)
+      end
+    after
+      System.cmd("kill", ["-CONT", to_string(os_pid)])
+
+      case env do
+        {:ok, value} -> Application.put_env(:dspex_bridge, :port, value)
+        :error -> Application.delete_env(:dspex_bridge, :port)
+      end
+
+      SessionStore.delete_session(sid)
+    end
   end
 
   defp kill_and_wait do

@@ -616,17 +616,24 @@ defmodule DSPex.Bridge.Backend.Port do
   defp send_raw(command, args, timeout) do
     frame = [0x81, str(command), named(args)]
 
-    with :ok <- Admission.admit(@gate, max_in_flight()) do
-      case GenServer.call(__MODULE__, {:request, frame}, timeout) do
-        {:reply, bytes} ->
-          case MsgPack.decode(bytes) do
-            {:ok, result} -> result
-            {:error, _} -> {:error, {:internal_error, "undecodable reply"}}
-          end
+    max = max_in_flight()
 
-        {:error, _} = error ->
-          error
-      end
+    case Admission.admit(@gate, max) do
+      :ok ->
+        case GenServer.call(__MODULE__, {:request, frame}, timeout) do
+          {:reply, bytes} ->
+            case MsgPack.decode(bytes) do
+              {:ok, result} -> result
+              {:error, _} -> {:error, {:internal_error, "undecodable reply"}}
+            end
+
+          {:error, _} = error ->
+            error
+        end
+
+      {:error, :overloaded} = refused ->
+        Admission.refused(:port, max, fn -> session_of(args) end)
+        refused
     end
   catch
     :exit, {:timeout, _} ->
@@ -638,6 +645,19 @@ defmodule DSPex.Bridge.Backend.Port do
 
     :exit, _ ->
       {:error, :backend_unavailable}
+  end
+
+  # The session a request names (its `session:` argument, encoded), for
+  # the refusal event; nil for requests that name none.
+  defp session_of(args) do
+    with {:session, encoded} <- List.keyfind(args, :session, 0),
+         {:ok, sid} when is_binary(sid) <- MsgPack.decode(IO.iodata_to_binary(encoded)) do
+      sid
+    else
+      _ -> nil
+    end
+  rescue
+    ArgumentError -> nil
   end
 
   defp max_in_flight do

@@ -255,7 +255,7 @@ defmodule DSPex.Bridge.Backend.Raft do
 
       case start_members(name, machine(sid, consistency), ids) do
         :ok ->
-          case append(ids, first) do
+          case append(sid, ids, first) do
             reply when reply == :ok or elem(reply, 0) == :ok ->
               broadcast(:register_local, [sid, name, ids, consistency])
               {:ok, reply}
@@ -429,7 +429,7 @@ defmodule DSPex.Bridge.Backend.Raft do
          {:ok, kind, frame} <- Command.encode(fun, args) do
       # A write is never run as a query (it would change one copy only).
       if kind in [:read, :heavy_read],
-        do: query(ids, kind, frame, consistency),
+        do: query(sid, ids, kind, frame, consistency),
         else: {:error, {:invalid_argument, {:not_a_read, fun}}}
     end
   end
@@ -444,7 +444,7 @@ defmodule DSPex.Bridge.Backend.Raft do
   def write_with_position(sid, fun, args) do
     with {:ok, _name, ids, _} <- entry(sid),
          {:ok, kind, frame} <- Command.encode(fun, args) do
-      case send_command(ids, {:exec_meta, now_us(), kind, frame}) do
+      case send_command(sid, ids, {:exec_meta, now_us(), kind, frame}) do
         {:ok, {reply, pos}, {_, leader}} -> {:ok, reply, Map.put(pos, :leader, leader)}
         error -> error
       end
@@ -456,7 +456,7 @@ defmodule DSPex.Bridge.Backend.Raft do
          {:ok, kind, frame} <- Command.encode(fun, args) do
       if kind in [:write, :heavy_write],
         do: batched(sid, ids, {:exec, now_us(), kind, frame}),
-        else: query(ids, kind, frame, consistency)
+        else: query(sid, ids, kind, frame, consistency)
     end
   end
 
@@ -472,13 +472,13 @@ defmodule DSPex.Bridge.Backend.Raft do
     try do
       case :ets.update_counter(@sessions, key, {2, 1}, {key, 0}) do
         1 ->
-          append(ids, cmd)
+          append(sid, ids, cmd)
 
         _ ->
           # A caller waiting in the batch is in flight as much as one
           # waiting at the leader: it takes a place under
           # `raft_max_in_flight` too.
-          admitted(fn -> Batcher.write(sid, name, cmd, timeout()) end)
+          admitted(sid, fn -> Batcher.write(sid, name, cmd, timeout()) end)
       end
     after
       :ets.update_counter(@sessions, key, {2, -1}, {key, 1})
@@ -498,13 +498,13 @@ defmodule DSPex.Bridge.Backend.Raft do
           {:ok, pos_integer} | {:error, term}
   def lock_acquire(sid, lock, holder, lease_ms \\ 30_000) do
     with {:ok, _name, ids, _} <- entry(sid),
-         do: append(ids, {:lock_acquire, now_us(), lock, holder, lease_ms})
+         do: append(sid, ids, {:lock_acquire, now_us(), lock, holder, lease_ms})
   end
 
   @doc "Releases `lock` if `token` is still its grant: `:ok` or `{:error, :stale_fencing_token}`."
   @spec lock_release(String.t(), term, pos_integer) :: :ok | {:error, term}
   def lock_release(sid, lock, token) do
-    with {:ok, _name, ids, _} <- entry(sid), do: append(ids, {:lock_release, lock, token})
+    with {:ok, _name, ids, _} <- entry(sid), do: append(sid, ids, {:lock_release, lock, token})
   end
 
   @doc """
@@ -550,11 +550,11 @@ defmodule DSPex.Bridge.Backend.Raft do
   # The lock on `var`, as `OptimizerCoordinator.get_lock_info/2` shows it, or nil.
   def var_lock_info(sid, var) do
     with {:ok, _name, ids, consistency} <- entry(sid),
-         do: query(ids, {Machine, :var_lock_info, [var]}, consistency)
+         do: query(sid, ids, {Machine, :var_lock_info, [var]}, consistency)
   end
 
   defp lock_command(sid, cmd) do
-    with {:ok, _name, ids, _} <- entry(sid), do: append(ids, cmd)
+    with {:ok, _name, ids, _} <- entry(sid), do: append(sid, ids, cmd)
   end
 
   ## Transport
@@ -566,22 +566,29 @@ defmodule DSPex.Bridge.Backend.Raft do
   # One server at a time, the last known leader first: on a timeout the
   # outcome is unknown and the command is not sent again elsewhere (the
   # next call starts with another member).
-  defp append(ids, cmd) do
-    case send_command(ids, cmd) do
+  defp append(sid, ids, cmd) do
+    case send_command(sid, ids, cmd) do
       {:ok, reply, _pos} -> reply
       error -> error
     end
   end
 
-  defp send_command(ids, cmd), do: admitted(fn -> send_admitted(ids, cmd) end)
+  defp send_command(sid, ids, cmd), do: admitted(sid, fn -> send_admitted(ids, cmd) end)
 
-  defp admitted(fun) do
-    with :ok <- Admission.admit(@gate, max_in_flight()) do
-      try do
-        fun.()
-      after
-        Admission.release(@gate)
-      end
+  defp admitted(sid, fun) do
+    max = max_in_flight()
+
+    case Admission.admit(@gate, max) do
+      :ok ->
+        try do
+          fun.()
+        after
+          Admission.release(@gate)
+        end
+
+      {:error, :overloaded} = refused ->
+        Admission.refused(:raft, max, sid)
+        refused
     end
   end
 
@@ -627,11 +634,11 @@ defmodule DSPex.Bridge.Backend.Raft do
     end
   end
 
-  defp query(ids, kind, frame, consistency),
-    do: query(ids, {Machine, :query, [kind, frame]}, consistency)
+  defp query(sid, ids, kind, frame, consistency),
+    do: query(sid, ids, {Machine, :query, [kind, frame]}, consistency)
 
-  defp query(ids, mfa, consistency),
-    do: admitted(fn -> query_admitted(ids, mfa, consistency) end)
+  defp query(sid, ids, mfa, consistency),
+    do: admitted(sid, fn -> query_admitted(ids, mfa, consistency) end)
 
   defp query_admitted(ids, mfa, consistency) do
     targets =
@@ -698,7 +705,7 @@ defmodule DSPex.Bridge.Backend.Raft do
   def session_info(sid) do
     with {:ok, _name, ids, consistency} <- entry(sid),
          {:ok, _kind, frame} <- Command.encode(:session_info, [sid]) do
-      query(ids, {Machine, :session_info, [frame]}, consistency)
+      query(sid, ids, {Machine, :session_info, [frame]}, consistency)
     end
   end
 

@@ -69,9 +69,25 @@ defmodule DSPex.Bridge.OptimizerCoordinator.Events do
     ended(key, previous, token, finished, :preempted)
   end
 
+  # When the optimization `optimizer_id` started (µs since the epoch, from
+  # the lock table), asked before a release that may end it, so that
+  # `:completed` can carry its `duration_us`; nil when `:completed` is not
+  # observed (no NIF call then) or the optimizer holds no lock here.
+  def started_at(optimizer_id) do
+    if Telemetry.observed?(@completed) do
+      case DSPex.Bridge.Native.lock_status(optimizer_id) do
+        %{started_at: us} when is_integer(us) -> us
+        _ -> nil
+      end
+    end
+  rescue
+    _ -> nil
+  end
+
   # A holder lost its lock: `:lock_released`, and when it held no other
-  # lock `:completed` (released) or `:failed` (anything else).
-  def ended(key, optimizer_id, token, finished, reason) do
+  # lock `:completed` (released) or `:failed` (anything else). `started_at`
+  # (see `started_at/1`) adds `duration_us` to `:completed`.
+  def ended(key, optimizer_id, token, finished, reason, started_at \\ nil) do
     {over, over?} =
       if reason == :released,
         do: {@completed, Telemetry.observed?(@completed)},
@@ -93,12 +109,23 @@ defmodule DSPex.Bridge.OptimizerCoordinator.Events do
         :ok
 
       reason == :released ->
-        Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key})
+        Telemetry.execute(over, completed_measurements(started_at), %{
+          optimizer_id: optimizer_id,
+          key: key
+        })
 
       true ->
         Telemetry.execute(over, now(), %{optimizer_id: optimizer_id, key: key, reason: reason})
     end
 
     :ok
+  end
+
+  defp completed_measurements(nil), do: now()
+
+  defp completed_measurements(started_at) do
+    now = System.system_time()
+    us = System.convert_time_unit(now, :native, :microsecond)
+    %{system_time: now, duration_us: max(us - started_at, 0)}
   end
 end

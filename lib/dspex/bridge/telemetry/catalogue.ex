@@ -41,6 +41,23 @@ defmodule DSPex.Bridge.Telemetry.Catalogue do
   | `[:dspex, :bridge, :port, :started]` | `system_time` | `os_pid` |
   | `[:dspex, :bridge, :port, :exited]` | `system_time`, `in_flight` (calls answered `{:error, :backend_unavailable}`) | `os_pid`, `status` (exit status; 137 for `kill -9`; `nil` when a write found the pipe closed before the status was reaped) |
 
+  ### Overload refusals (`DSPex.Bridge.Backend.Port`, `DSPex.Bridge.Backend.Raft`, `DSPex.Bridge.Gateway`)
+
+  | event | measurements | metadata |
+  | --- | --- | --- |
+  | `[:dspex, :bridge, :admission, :refused]` | `count` (calls refused) | `path` (`:port`, `:raft`, `:grpc`), `limit` (the limit that refused them), `session_id` (`nil` when unknown) |
+
+  One event per refusal (`count: 1`) on the port backend (past `port:
+  [max_in_flight: n]`) and on Raft (past `raft_max_in_flight`, or a
+  session's write batcher past its 20,000 waiting commands), emitted by
+  the refused caller (the batcher's process for the latter) before it gets
+  `{:error, :overloaded}`. On `:grpc` the gateway program refuses past the
+  gateway's `max_in_flight` itself (`RESOURCE_EXHAUSTED`) and reports the
+  refusals every 250 ms at most: one event per report, `count` the
+  refusals since the last, `session_id` `nil`. The same counts are the
+  `dspex_admission_refused_total{path}` counter of the Prometheus text,
+  with or without a handler.
+
   ### Dependencies (`DSPex.Bridge.DependencyManager`)
 
   | event | measurements | metadata |
@@ -84,7 +101,7 @@ defmodule DSPex.Bridge.Telemetry.Catalogue do
   | `[:dspex, :optimization, :lock_expired]` | `system_time` | `key`, `optimizer_id`, `pid`, `token` |
   | `[:dspex, :optimization, :started]` | `system_time` | `optimizer_id`, `key`, `pid` (its first lock) |
   | `[:dspex, :optimization, :progress]` | `iteration` | `optimizer_id`, `best` (this report is the best so far), `value`, `metrics` |
-  | `[:dspex, :optimization, :completed]` | `system_time` | `optimizer_id`, `key` (it released its last lock) |
+  | `[:dspex, :optimization, :completed]` | `system_time` (and `duration_us`, from its first lock, when it released its last lock with `release_lock/3` and held it in this node's lock table) | `optimizer_id`, `key` (it released its last lock) |
   | `[:dspex, :optimization, :failed]` | `system_time` | `optimizer_id`, `key`, `reason` (`:owner_down`, `:expired`, `:preempted`: it lost its last lock) |
 
   `:lock_acquired`, `:lock_conflict`, `:preempted`, `:started` and

@@ -253,6 +253,7 @@ defmodule DSPex.Bridge.Backend.Raft.Batcher do
 
   defp enqueue(%{n: n} = state, ref, _cmd) when n >= @max_queued do
     send(ref, {ref, {:error, :overloaded}})
+    DSPex.Bridge.Admission.refused(:raft, @max_queued, state.sid)
     state
   end
 
