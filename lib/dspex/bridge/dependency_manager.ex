@@ -71,9 +71,13 @@ defmodule DSPex.Bridge.DependencyManager do
   `[:dspex, :bridge, :propagation, :failed]` event with `variable: nil`,
   and counts in the `restarts` of `derived_status/3`.
 
-  Writing to a variable with no dependents costs nothing extra: sessions
-  without derived variables have no worker, and the write path checks for
-  one with a single `:persistent_term` lookup.
+  Writing to a variable that is no derived variable's input costs nothing
+  extra: sessions without derived variables have no worker, and the write
+  path checks for one with a single `:persistent_term` lookup; in a session
+  with derived variables it then checks, with one more lookup, whether the
+  variable is an input of one, and only then tells the worker. (Edges added
+  with `add_dependency/5` order the recomputations; a derived variable is
+  recomputed when one of its `inputs` changed.)
 
   Compute functions are code, not data, so they are not part of snapshots:
   an imported session has its edges but must `defderived/6` again to

@@ -32,7 +32,10 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   Writers find the worker through `:persistent_term` (`whereis/1`), so a
   write to a session without derived variables does one lookup and nothing
   else; until the VM starts its first worker, a write looks up only a
-  boolean. The worker's own writes do not notify it: their effects are already
+  boolean. In a session with derived variables, a write to a variable that
+  is no definition's input adds one table lookup (`Table.feeds?/2`) and
+  tells the worker nothing: only a changed input makes a derived variable
+  recompute. A batch tells the worker once, however many inputs it wrote. The worker's own writes do not notify it: their effects are already
   part of the pass that made them.
   """
   use GenServer, restart: :transient
@@ -93,7 +96,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     inputs = Enum.uniq_by(inputs, &to_string/1)
 
     with {:ok, _} <- ensure(sid),
-         {:ok, read} <- read_versions(sid, inputs, access),
+         {:ok, read, vars} <- read_versions(sid, inputs, access),
          values = Map.new(read, fn {input, {value, _}} -> {input, value} end),
          {:ok, value} <- Compute.run(fun, values, timeout) |> failed_as_compute_failed(),
          {:ok, id} <- register(sid, name, type, inputs, value, opts),
@@ -103,12 +106,22 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         id: id,
         name: name,
         inputs: inputs,
-        input_keys: Enum.map(inputs, &to_string/1),
+        # The inputs' names, as the pass's dirty keys are (an input given
+        # by its id included).
+        input_keys: Enum.map(vars, fn {name, _id} -> name end),
+        # Every form a write may name an input by: its name, its id.
+        feeds: Enum.uniq(Enum.flat_map(vars, &Tuple.to_list/1)),
         fun: fun,
         compute_timeout: timeout,
         access: access
       }
 
+      # The order matters. A write checks the `:feeds` rows after the engine
+      # accepted it (notify_write/3); put_def/2 writes them before catch_up/3
+      # reads the inputs again. A write that found no row for its variable
+      # therefore was accepted before that read, which sees its version and
+      # propagates it; a write that found one is propagated by the worker.
+      # Either way no write to an input is missed, whenever it happens.
       Table.put_def(sid, d)
       catch_up(sid, read, access)
       {:ok, id}
@@ -135,14 +148,27 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     :ok
   end
 
+  # `{:ok, %{input => {value, version}}, vars}`: `vars` are the inputs'
+  # `{name, id}`, as strings, in the order of `inputs`.
   defp read_versions(sid, inputs, access) do
-    Enum.reduce_while(inputs, {:ok, %{}}, fn input, {:ok, acc} ->
-      case read_version(sid, input, access) do
-        {:ok, read} -> {:cont, {:ok, Map.put(acc, input, read)}}
-        {:error, :not_found} -> {:halt, {:error, {:not_found, input}}}
-        {:error, _} = error -> {:halt, error}
+    inputs
+    |> Enum.reduce_while({:ok, %{}, []}, fn input, {:ok, acc, vars} ->
+      case SessionStore.get_variable(sid, input, access) do
+        {:ok, var} ->
+          vars = [{to_string(var.name), to_string(var.id)} | vars]
+          {:cont, {:ok, Map.put(acc, input, {var.value, var.version}), vars}}
+
+        {:error, :not_found} ->
+          {:halt, {:error, {:not_found, input}}}
+
+        {:error, _} = error ->
+          {:halt, error}
       end
     end)
+    |> case do
+      {:ok, read, vars} -> {:ok, read, Enum.reverse(vars)}
+      error -> error
+    end
   end
 
   defp read_version(sid, input, access) do
@@ -237,12 +263,32 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   end
 
   @doc false
-  # Called by SessionStore after every accepted write.
+  # Called by SessionStore after every accepted write. Only a write to an
+  # input of a definition (`Table.feeds?/2`) can cause a recomputation; any
+  # other costs one more table lookup and nothing else. See define/6 for why
+  # a definition added concurrently misses no write.
   @spec notify_write(String.t(), term, pos_integer) :: :ok
   def notify_write(session_id, ident, version) do
     with true <- :persistent_term.get(@any_key, false),
-         pid when is_pid(pid) and pid != self() <- whereis(session_id) do
+         pid when is_pid(pid) and pid != self() <- whereis(session_id),
+         true <- Table.feeds?(session_id, to_string(ident)) do
       Table.mark_changed(session_id, ident, version)
+      wake(session_id)
+    end
+
+    :ok
+  end
+
+  @doc false
+  # notify_write/3 of a batch's accepted writes (`[{ident, version}]`): the
+  # inputs among them are marked in one table operation, and one wake-up.
+  @spec notify_writes(String.t(), [{term, pos_integer}]) :: :ok
+  def notify_writes(session_id, writes) do
+    with true <- :persistent_term.get(@any_key, false),
+         pid when is_pid(pid) and pid != self() <- whereis(session_id),
+         [_ | _] = changes <-
+           Enum.filter(writes, fn {ident, _} -> Table.feeds?(session_id, to_string(ident)) end) do
+      Table.mark_all_changed(session_id, changes)
       wake(session_id)
     end
 

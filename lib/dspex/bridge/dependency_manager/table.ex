@@ -22,6 +22,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :id, id}` | the key of the definition whose variable has id `id` |
   | `{sid, :status, key}` | `status, error, computed_at` (three fields; the time in µs since the epoch) |
   | `{sid, :gen}` | bumped by every change to the definitions |
+  | `{sid, :feeds, input, id}` | `true`: `input` (an input's name or id, as a string) is an input of the definition whose variable has id `id` |
   | `{sid, :changed, ident}` | the latest version written to `ident`, not yet propagated |
   | `{sid, :wake}` | set while a wake-up message is on its way to the worker |
   | `{sid, :waiter, alias}` | `:sync` or `:replay`: a caller waiting for the worker |
@@ -30,6 +31,13 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :computing}` | the worker's latest computation, killed if the worker dies |
   | `{sid, :pass}` | `{worker, telemetry_span_context}` of the pass running now |
   | `{sid, :closed}` | the session is gone; its worker stops |
+
+  The `:feeds` rows are what a write checks before it tells the worker
+  anything (`feeds?/2`): a write to a variable that is no definition's input
+  cannot cause a recomputation (a derived variable is recomputed only when
+  one of its declared inputs changed), so it costs what a write in a session
+  without derived variables costs. They are written by `put_def/2` before
+  the definition is visible, and removed by `delete_def/2` with it.
 
   Writers coalesce: a write overwrites its variable's `:changed` entry and
   sends a wake-up only when none is on its way, so a worker's mailbox holds
@@ -78,9 +86,21 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     end
   end
 
-  @doc "Records the definition `d`, fresh now."
+  @doc """
+  Records the definition `d`, fresh now, with its `:feeds` rows (one per
+  key in `d.feeds`: the name and the id of each input, as strings).
+  """
   @spec put_def(String.t(), map) :: :ok
   def put_def(sid, d) do
+    # A definition this one replaces (its variable deleted and registered
+    # again before the deletion reached delete_def/2): its rows go, it is
+    # gone. Rows are keyed by the variable's id, so this removes nothing of
+    # `d`'s own.
+    with %{id: old_id} = old when old_id != d.id <- lookup({sid, :def, d.key}, nil),
+         do: delete_feeds(sid, old)
+
+    :ets.insert(@table, for(key <- feeds(d), do: {{sid, :feeds, key, d.id}, true}))
+
     :ets.insert(@table, [
       {{sid, :def, d.key}, d},
       {{sid, :id, d.id}, d.key},
@@ -96,10 +116,32 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     if :ets.select_delete(@table, [{{{sid, :def, d.key}, %{id: d.id}}, [], [true]}]) > 0 do
       :ets.delete(@table, {sid, :id, d.id})
       :ets.delete(@table, {sid, :status, d.key})
+      delete_feeds(sid, d)
       bump(sid)
     end
 
     :ok
+  end
+
+  defp feeds(d), do: Map.get(d, :feeds, d.input_keys)
+
+  defp delete_feeds(sid, d) do
+    for key <- feeds(d), do: :ets.delete(@table, {sid, :feeds, key, d.id})
+    :ok
+  end
+
+  @doc """
+  Whether a write to `key` (a variable's name or id, as a string) can cause
+  a recomputation: `key` is an input of a definition. One step in the
+  ordered table: the first key after `{sid, :feeds, key, 0}` (a number sorts
+  before every id, a binary) is one of `key`'s rows if it has any.
+  """
+  @spec feeds?(String.t(), String.t()) :: boolean
+  def feeds?(sid, key) do
+    case :ets.next(@table, {sid, :feeds, key, 0}) do
+      {^sid, :feeds, ^key, _} -> true
+      _ -> false
+    end
   end
 
   defp bump(sid) do
@@ -146,6 +188,14 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   @spec mark_changed(String.t(), term, term) :: true
   def mark_changed(sid, ident, version),
     do: :ets.insert(@table, {{sid, :changed, ident}, version})
+
+  @doc "`mark_changed/3` of several `{ident, version}` writes, in one table operation."
+  @spec mark_all_changed(String.t(), [{term, term}]) :: true
+  # A batch names a variable once (the engine refuses it twice), so no two
+  # objects inserted here share a key.
+  def mark_all_changed(sid, changes),
+    do:
+      :ets.insert(@table, for({ident, version} <- changes, do: {{sid, :changed, ident}, version}))
 
   @doc "The changes waiting, `[{ident, version}]`, taken out of the table."
   @spec take_changes(String.t()) :: [{term, term}]
@@ -283,6 +333,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     :ets.select_delete(@table, [
       {{{sid, :_}, :_}, [], [true]},
       {{{sid, :_, :_}, :_}, [], [true]},
+      {{{sid, :_, :_, :_}, :_}, [], [true]},
       {{{sid, :status, :_}, :_, :_, :_}, [], [true]}
     ])
 

@@ -33,31 +33,30 @@ defmodule DSPex.Bridge.SessionStore.Batch do
         {:ok, results} when atomic ->
           us = Telemetry.since_us(start)
 
-          Enum.zip(normalized, results)
-          |> Enum.each(fn {{ident, _, meta, _}, version} ->
-            emit_write(session_id, ident, meta, version, us)
-            Propagator.notify_write(session_id, ident, version)
-          end)
+          writes =
+            Enum.zip_with(normalized, results, fn {ident, _, meta, _}, version ->
+              emit_write(session_id, ident, meta, version, us)
+              {ident, version}
+            end)
 
-          :ok
+          Propagator.notify_writes(session_id, writes)
 
         {:ok, results} ->
           us = Telemetry.since_us(start)
 
-          map =
-            Enum.zip(normalized, results)
-            |> Map.new(fn
-              {{ident, _, meta, _}, {:ok, version}} ->
+          pairs =
+            Enum.zip_with(normalized, results, fn
+              {ident, _, meta, _}, {:ok, version} ->
                 emit_write(session_id, ident, meta, version, us)
-                Propagator.notify_write(session_id, ident, version)
-                {ident, :ok}
+                {ident, {:ok, version}}
 
-              {{ident, _, _, _}, {:error, _} = error} ->
+              {ident, _, _, _}, {:error, _} = error ->
                 AccessControl.refusal(error, session_id, ident, caller, :write)
                 {ident, error}
             end)
 
-          {:ok, map}
+          Propagator.notify_writes(session_id, for({ident, {:ok, v}} <- pairs, do: {ident, v}))
+          {:ok, Map.new(pairs, fn {ident, result} -> {ident, ok_or_error(result)} end)}
 
         {:error, {:validation_failed, errors}} ->
           errors = restore_keys(errors, normalized)
@@ -73,6 +72,9 @@ defmodule DSPex.Bridge.SessionStore.Batch do
       end
     end
   end
+
+  defp ok_or_error({:ok, _version}), do: :ok
+  defp ok_or_error(error), do: error
 
   @doc false
   # The one reading of a batch, shared with `DSPex.Context`'s local state:
