@@ -44,7 +44,7 @@ defmodule DSPex.Bridge.Analytics do
   | `[:dspex, :bridge, :propagation, :stop \\| :failed]` | `:propagation`, `:propagation_error` | `duration` in µs |
   | `[:dspex, :bridge, :circuit_breaker, :state_change \\| :rejected]` | `:circuit_breaker_state_change`, `:circuit_breaker_rejected` | 1 |
   | `[:dspex, :optimization, :started \\| :completed \\| :failed]` | `:optimization_started`, `:optimization_completed`, `:optimization_failed` | 1 |
-  | `[:dspex, :optimization, :completed]` | `:optimization_duration` | `duration_us` (from the optimizer's first lock to its last release) |
+  | `[:dspex, :optimization, :completed]` | `:optimization_duration` (ms) | `duration_ms`, or `duration_us` / 1000 (the coordinator's: from the optimizer's first lock to its last release) |
   | `[:dspex, :optimization, :lock_conflict \\| :preempted]` | `:lock_conflict`, `:lock_preempted` | 1 |
 
   Cache events come from `DSPex.Bridge.State.Bridged` (reads refused by
@@ -98,7 +98,7 @@ defmodule DSPex.Bridge.Analytics do
     [:dspex, :optimization, :started] => [optimization_started: :one],
     [:dspex, :optimization, :completed] => [
       optimization_completed: :one,
-      optimization_duration: :duration_us
+      optimization_duration: :duration_ms
     ],
     [:dspex, :optimization, :failed] => [optimization_failed: :one],
     [:dspex, :optimization, :lock_conflict] => [lock_conflict: :one],
@@ -399,12 +399,19 @@ defmodule DSPex.Bridge.Analytics do
       case key do
         :one -> record(ref, metric, 1)
         :duration -> record(ref, metric, native_to_us(measurements[:duration]))
+        :duration_ms -> record(ref, metric, milliseconds(measurements))
         key -> record(ref, metric, measurements[key])
       end
     end
 
     :ok
   end
+
+  # An optimization's duration in ms: the seed's `duration_ms`, or the
+  # coordinator's `duration_us`.
+  defp milliseconds(%{duration_ms: ms}), do: ms
+  defp milliseconds(%{duration_us: us}) when is_number(us), do: us / 1000
+  defp milliseconds(_), do: nil
 
   defp record(ref, metric, value) when is_number(value) do
     Native.metrics_record(ref, metric, value)

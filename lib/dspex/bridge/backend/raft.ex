@@ -49,11 +49,18 @@ defmodule DSPex.Bridge.Backend.Raft do
 
   A group's leader is one process: commands past what it can apply wait in
   its mailbox, and their callers until `raft_timeout`. So each node admits
-  at most `config :dspex_bridge, raft_max_in_flight: n` (default 1024, read
+  at most `config :dspex_bridge, raft_max_in_flight: n` (default 64, read
   at each call) commands and queries at once, over all its replicated
   sessions; past that a call returns `{:error, :overloaded}` at once,
   having sent nothing (a write refused so did not happen). What waits at a
   leader is then bounded by the number of nodes times that.
+
+  The limit is the queue a call may find ahead of it: choose it as the
+  node's replicated throughput times the latency you accept. The default
+  suits a small machine: 2-3.5k replicated ops/s a node on 2 shared cores
+  (docs/performance.md) and tens of milliseconds make 64. With 1,024 and
+  300 groups, 333 callers a node never reached the limit, calls queued for
+  seconds and their callers timed out while the commands still waited.
 
   Errors: `{:error, :ra_unavailable}` when ra is not on this node's code
   path (see `scripts/setup.sh`); `{:error, {:insufficient_nodes, have, want}}`
@@ -68,7 +75,7 @@ defmodule DSPex.Bridge.Backend.Raft do
   @sessions :dspex_raft_sessions
   # Commands and queries this node has in flight at once (see "Overload").
   @gate :dspex_raft
-  @default_max_in_flight 1024
+  @default_max_in_flight 64
 
   @typedoc "A ra server id: `{cluster_name, node}`."
   @type server_id :: {atom, node}
