@@ -116,7 +116,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         access: access
       }
 
-      # The order matters. A write checks the `:feeds` rows after the engine
+      # The order matters. A write checks the feeds rows (Table.feeds?/2) after the engine
       # accepted it (notify_write/3); put_def/2 writes them before catch_up/3
       # reads the inputs again. A write that found no row for its variable
       # therefore was accepted before that read, which sees its version and
@@ -271,7 +271,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   def notify_write(session_id, ident, version) do
     with true <- :persistent_term.get(@any_key, false),
          pid when is_pid(pid) and pid != self() <- whereis(session_id),
-         true <- Table.feeds?(session_id, to_string(ident)) do
+         true <- Table.feeds?(session_id, ident) do
       Table.mark_changed(session_id, ident, version)
       wake(session_id)
     end
@@ -287,7 +287,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     with true <- :persistent_term.get(@any_key, false),
          pid when is_pid(pid) and pid != self() <- whereis(session_id),
          [_ | _] = changes <-
-           Enum.filter(writes, fn {ident, _} -> Table.feeds?(session_id, to_string(ident)) end) do
+           Enum.filter(writes, fn {ident, _} -> Table.feeds?(session_id, ident) end) do
       Table.mark_all_changed(session_id, changes)
       wake(session_id)
     end

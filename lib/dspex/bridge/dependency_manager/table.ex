@@ -22,7 +22,6 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :id, id}` | the key of the definition whose variable has id `id` |
   | `{sid, :status, key}` | `status, error, computed_at` (three fields; the time in µs since the epoch) |
   | `{sid, :gen}` | bumped by every change to the definitions |
-  | `{sid, :feeds, input, id}` | `true`: `input` (an input's name or id, as a string) is an input of the definition whose variable has id `id` |
   | `{sid, :changed, ident}` | the latest version written to `ident`, not yet propagated |
   | `{sid, :wake}` | set while a wake-up message is on its way to the worker |
   | `{sid, :waiter, alias}` | `:sync` or `:replay`: a caller waiting for the worker |
@@ -32,12 +31,15 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   | `{sid, :pass}` | `{worker, telemetry_span_context}` of the pass running now |
   | `{sid, :closed}` | the session is gone; its worker stops |
 
-  The `:feeds` rows are what a write checks before it tells the worker
-  anything (`feeds?/2`): a write to a variable that is no definition's input
-  cannot cause a recomputation (a derived variable is recomputed only when
-  one of its declared inputs changed), so it costs what a write in a session
-  without derived variables costs. They are written by `put_def/2` before
-  the definition is visible, and removed by `delete_def/2` with it.
+  A second table, a bag (hashed: one lookup is cheaper than in the ordered
+  set), holds `{{sid, input}, id}`: `input` (an input's name or id, as a
+  string) is an input of the definition whose variable has id `id`. It is
+  what a write checks before it tells the worker anything (`feeds?/2`): a
+  write to a variable that is no definition's input cannot cause a
+  recomputation (a derived variable is recomputed only when one of its
+  declared inputs changed), so it costs what a write in a session without
+  derived variables costs. The rows are written by `put_def/2` before the
+  definition is visible, and removed by `delete_def/2` with it.
 
   Writers coalesce: a write overwrites its variable's `:changed` entry and
   sends a wake-up only when none is on its way, so a worker's mailbox holds
@@ -51,6 +53,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   alias DSPex.Bridge.DependencyManager.Propagator
 
   @table __MODULE__
+  @feeds DSPex.Bridge.DependencyManager.Table.Feeds
 
   @doc false
   def start_link(_opts \\ []), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
@@ -87,8 +90,8 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   end
 
   @doc """
-  Records the definition `d`, fresh now, with its `:feeds` rows (one per
-  key in `d.feeds`: the name and the id of each input, as strings).
+  Records the definition `d`, fresh now, with its rows in the feeds table
+  (one per key in `d.feeds`: the name and the id of each input, as strings).
   """
   @spec put_def(String.t(), map) :: :ok
   def put_def(sid, d) do
@@ -99,7 +102,7 @@ defmodule DSPex.Bridge.DependencyManager.Table do
     with %{id: old_id} = old when old_id != d.id <- lookup({sid, :def, d.key}, nil),
          do: delete_feeds(sid, old)
 
-    :ets.insert(@table, for(key <- feeds(d), do: {{sid, :feeds, key, d.id}, true}))
+    :ets.insert(@feeds, for(key <- feeds(d), do: {{sid, key}, d.id}))
 
     :ets.insert(@table, [
       {{sid, :def, d.key}, d},
@@ -126,23 +129,20 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   defp feeds(d), do: Map.get(d, :feeds, d.input_keys)
 
   defp delete_feeds(sid, d) do
-    for key <- feeds(d), do: :ets.delete(@table, {sid, :feeds, key, d.id})
+    for key <- feeds(d), do: :ets.delete_object(@feeds, {{sid, key}, d.id})
     :ok
   end
 
   @doc """
-  Whether a write to `key` (a variable's name or id, as a string) can cause
-  a recomputation: `key` is an input of a definition. One step in the
-  ordered table: the first key after `{sid, :feeds, key, 0}` (a number sorts
-  before every id, a binary) is one of `key`'s rows if it has any.
+  Whether a write to `ident` (a variable's name or id) can cause a
+  recomputation: `ident` is an input of a definition. One hashed lookup.
   """
-  @spec feeds?(String.t(), String.t()) :: boolean
-  def feeds?(sid, key) do
-    case :ets.next(@table, {sid, :feeds, key, 0}) do
-      {^sid, :feeds, ^key, _} -> true
-      _ -> false
-    end
-  end
+  @spec feeds?(String.t(), atom | String.t()) :: boolean
+  def feeds?(sid, ident) when is_atom(ident),
+    do: :ets.member(@feeds, {sid, :erlang.atom_to_binary(ident, :utf8)})
+
+  def feeds?(sid, ident) when is_binary(ident), do: :ets.member(@feeds, {sid, ident})
+  def feeds?(sid, ident), do: :ets.member(@feeds, {sid, to_string(ident)})
 
   defp bump(sid) do
     :ets.update_counter(@table, {sid, :gen}, 1, {{sid, :gen}, 0})
@@ -330,10 +330,13 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   @doc "Forgets everything about the session."
   @spec drop(String.t()) :: :ok
   def drop(sid) do
+    # Every row of the feeds table is a definition's (put_def/2 removes
+    # those of a definition it replaces), so these are all the session's.
+    for d <- defs(sid), key <- feeds(d), do: :ets.delete(@feeds, {sid, key})
+
     :ets.select_delete(@table, [
       {{{sid, :_}, :_}, [], [true]},
       {{{sid, :_, :_}, :_}, [], [true]},
-      {{{sid, :_, :_, :_}, :_}, [], [true]},
       {{{sid, :status, :_}, :_, :_, :_}, [], [true]}
     ])
 
@@ -361,6 +364,14 @@ defmodule DSPex.Bridge.DependencyManager.Table do
   def init([]) do
     :ets.new(@table, [
       :ordered_set,
+      :public,
+      :named_table,
+      read_concurrency: true,
+      write_concurrency: true
+    ])
+
+    :ets.new(@feeds, [
+      :bag,
       :public,
       :named_table,
       read_concurrency: true,
