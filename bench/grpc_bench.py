@@ -121,17 +121,42 @@ def throughput(address, md, sid):
 def watch_latency(server, token, sid, n=300):
     from dspex_bridge import SessionContext
 
+    import queue
+
     ctx = SessionContext(server.address, sid, token=token)
-    it = iter(ctx.watch_variables(["x"]))
+    updates = queue.Queue()
+
+    def consume():
+        try:
+            for u in ctx.watch_variables(["x"]):
+                updates.put(u.value)
+        except Exception as err:  # the stream ended: the waits below time out
+            updates.put(err)
+
+    threading.Thread(target=consume, daemon=True).start()
+
+    def wait_for(value, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = updates.get(timeout=max(deadline - time.monotonic(), 0.001))
+            if got == value:
+                return
+
+    # The stream is registered on the server some time after the call
+    # starts: write until a write is seen, so no measured write is missed.
+    for attempt in range(100):
+        assert server.command("set", sid, "x", f"{attempt}.5") == "ok"
+        try:
+            wait_for(attempt + 0.5, 0.1)
+            break
+        except queue.Empty:
+            continue
     lat = []
     for i in range(n):
         value = 1000 + i
         t0 = time.perf_counter_ns()
         assert server.command("set", sid, "x", f"{value}.0") == "ok"
-        while True:
-            u = next(it)
-            if u.value == float(value):
-                break
+        wait_for(float(value), 10)
         lat.append((time.perf_counter_ns() - t0) / 1000)
     ctx.close()
     return statistics.median(lat), p(lat, 0.99)
@@ -167,6 +192,7 @@ def main():
     t_floor = throughput(floor_address, md, sid)
     results["throughput_4_clients"] = {"bridge_ops_s": round(t_ours), "floor_ops_s": round(t_floor),
                                        "ratio": round(t_ours / t_floor, 2), "target": ">= 0.7"}
+    print(json.dumps(results), file=sys.stderr, flush=True)
     p50, p99 = watch_latency(server, token, sid)
     results["WatchVariables_latency"] = {"p50_us": round(p50, 1), "p99_us": round(p99, 1),
                                          "note": "Elixir write (via the control pipe) to Python receipt"}

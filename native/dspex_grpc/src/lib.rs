@@ -4,10 +4,12 @@
 //! shapes (from the compiled `.proto`), not their meaning.
 //!
 //! - `codec`: protobuf messages <-> MessagePack values.
+//! - `etf`: Erlang's external term format, the frames' encoding.
 //! - `link`: the frames exchanged with the BEAM.
 //! - `server`: the tonic service, the frame loop, the process's options.
 
 pub mod codec;
+pub mod etf;
 pub mod link;
 pub mod server;
 

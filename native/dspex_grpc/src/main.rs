@@ -4,7 +4,7 @@
 //!
 //! Usage: `dspex_grpc [--ip A] [--port N] [--tls-cert PEM --tls-key PEM]
 //! [--max-message-bytes N] [--max-concurrency N] [--max-streams N]
-//! [--stream-window N] [--max-frame-bytes N]`
+//! [--stream-window N] [--max-in-flight N] [--max-frame-bytes N] [--threads N]`
 
 use std::process::ExitCode;
 

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::body::BoxBody;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{empty_body, http, BoxFuture, Service};
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{KeyAndValueRef, MetadataMap};
 use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Code, Status};
@@ -55,7 +55,7 @@ use crate::link::{self, Inbound};
 
 pub const USAGE: &str = "usage: dspex_grpc [--ip A] [--port N] [--tls-cert PEM --tls-key PEM] \
     [--max-message-bytes N] [--max-concurrency N] [--max-streams N] [--stream-window N] \
-    [--max-in-flight N] [--max-frame-bytes N]";
+    [--max-in-flight N] [--max-frame-bytes N] [--threads N]";
 
 /// The process's options.
 #[derive(Debug, Clone)]
@@ -70,6 +70,7 @@ pub struct Config {
     pub stream_window: usize,
     pub max_in_flight: usize,
     pub max_frame_bytes: usize,
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -85,6 +86,7 @@ impl Default for Config {
             stream_window: 16,
             max_in_flight: 1024,
             max_frame_bytes: link::DEFAULT_MAX_FRAME,
+            threads: 1,
         }
     }
 }
@@ -122,6 +124,7 @@ impl Config {
                 "--stream-window" => c.stream_window = num()?,
                 "--max-in-flight" => c.max_in_flight = num()?,
                 "--max-frame-bytes" => c.max_frame_bytes = num()?,
+                "--threads" => c.threads = num()?,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -230,12 +233,24 @@ impl Shared {
 }
 
 /// Runs the gateway until stdin closes.
+///
+/// `--threads 1` (the default) runs everything on one thread: the gRPC
+/// connections, the codec and the two pipe loops, so a call costs no wakeup
+/// of another thread between its request and its answer (at a few thousand
+/// calls a second the gateway needs a fraction of one core; crossing threads
+/// was most of its cost). More threads use tokio's multi-thread runtime.
 pub fn run(config: Config) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
+    let runtime = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads)
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("runtime: {e}"))?;
     runtime.block_on(serve(config))
 }
 
@@ -287,20 +302,7 @@ async fn serve(config: Config) -> Result<(), String> {
             .map_err(|e| format!("tls: {e}"))?;
     }
 
-    std::thread::Builder::new()
-        .name("dspex_grpc-out".into())
-        .spawn(move || write_loop(out_rx))
-        .map_err(|e| e.to_string())?;
-    let reader_shared = shared.clone();
-    let max_frame = config.max_frame_bytes;
-    std::thread::Builder::new()
-        .name("dspex_grpc-in".into())
-        .spawn(move || {
-            read_loop(&reader_shared, max_frame);
-            // The BEAM closed the port (or died): nothing left to serve.
-            std::process::exit(0);
-        })
-        .map_err(|e| e.to_string())?;
+    start_link_loops(shared.clone(), out_rx, config.max_frame_bytes)?;
 
     shared
         .send(link::hello(port))
@@ -313,6 +315,98 @@ async fn serve(config: Config) -> Result<(), String> {
         .serve_with_incoming(incoming)
         .await
         .map_err(|e| format!("server: {e}"))
+}
+
+/// The two loops over stdin/stdout. Pipes (what an Erlang port gives) are
+/// read and written by tasks of the runtime itself; anything else (a file,
+/// a terminal) by two threads of their own.
+fn start_link_loops(
+    shared: Arc<Shared>,
+    out_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    max_frame: usize,
+) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| e.to_string());
+    let pipes = (
+        tokio::net::unix::pipe::Receiver::from_owned_fd(dup(std::io::stdin().as_fd())?),
+        tokio::net::unix::pipe::Sender::from_owned_fd(dup(std::io::stdout().as_fd())?),
+    );
+    if let (Ok(input), Ok(output)) = pipes {
+        tokio::spawn(write_pipe(out_rx, output));
+        tokio::spawn(async move {
+            read_pipe(&shared, input, max_frame).await;
+            // The BEAM closed the port (or died): nothing left to serve.
+            std::process::exit(0);
+        });
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("dspex_grpc-out".into())
+        .spawn(move || write_loop(out_rx))
+        .map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("dspex_grpc-in".into())
+        .spawn(move || {
+            read_loop(&shared, max_frame);
+            std::process::exit(0);
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Writes every frame ready with one `write` (each still its own
+/// `{:packet, 4}` frame), up to 1 MiB at a time.
+async fn write_pipe(
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut out: tokio::net::unix::pipe::Sender,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut frames = Vec::with_capacity(256);
+    let mut buf = Vec::with_capacity(64 << 10);
+    while rx.recv_many(&mut frames, 256).await > 0 {
+        for frame in frames.drain(..) {
+            buf.extend_from_slice(&frame);
+        }
+        while buf.len() < 1 << 20 {
+            match rx.try_recv() {
+                Ok(frame) => buf.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        if out.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+}
+
+/// Reads what the pipe holds in one `read` and dispatches every whole
+/// frame in it.
+async fn read_pipe(shared: &Shared, mut input: tokio::net::unix::pipe::Receiver, max_frame: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(256 << 10);
+    loop {
+        while buf.len() >= 4 {
+            let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if n > max_frame {
+                eprintln!("dspex_grpc: frame of {n} bytes over the limit; stopping");
+                return;
+            }
+            if buf.len() < 4 + n {
+                buf.reserve(4 + n - buf.len());
+                break;
+            }
+            let frame = buf.split_to(4 + n);
+            inbound(shared, &frame[4..]);
+        }
+        if buf.capacity() - buf.len() < 16 << 10 {
+            buf.reserve(64 << 10);
+        }
+        match input.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn write_loop(mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -352,13 +446,17 @@ fn read_loop(shared: &Shared, max_frame: usize) {
         if input.read_exact(&mut body).is_err() {
             return;
         }
-        match link::decode(&body) {
-            Ok(frame) => dispatch(shared, frame),
-            Err((id, why)) => {
-                eprintln!("dspex_grpc: bad frame from the BEAM: {why}");
-                if let Some(id) = id {
-                    fail(shared, id, Status::internal(format!("bad reply: {why}")));
-                }
+        inbound(shared, &body);
+    }
+}
+
+fn inbound(shared: &Shared, body: &[u8]) {
+    match link::decode(body) {
+        Ok(frame) => dispatch(shared, frame),
+        Err((id, why)) => {
+            eprintln!("dspex_grpc: bad frame from the BEAM: {why}");
+            if let Some(id) = id {
+                fail(shared, id, Status::internal(format!("bad reply: {why}")));
             }
         }
     }
@@ -423,7 +521,11 @@ fn dispatch(shared: &Shared, frame: Inbound) {
 /// `x-dspex-*` keys and the peer's address.
 fn metadata_to_mp(meta: &MetadataMap, peer: Option<SocketAddr>) -> Mp {
     let mut out = Vec::new();
-    for (key, value) in meta.clone().into_headers().iter() {
+    for entry in meta.iter() {
+        // Binary (`-bin`) keys carry nothing the BEAM reads.
+        let KeyAndValueRef::Ascii(key, value) = entry else {
+            continue;
+        };
         let key = key.as_str();
         if matches!(key, "authorization" | "traceparent" | "tracestate")
             || key.starts_with("x-dspex-")
@@ -488,7 +590,9 @@ async fn unary(
         id,
         armed: true,
     };
-    shared.send(link::call(false, id, &method.name, value, meta))?;
+    shared.send(
+        link::call(false, id, &method.name, value, meta).map_err(Status::invalid_argument)?,
+    )?;
     let result = rx.await;
     guard.armed = false;
     match result {
@@ -514,7 +618,8 @@ async fn stream(
         id,
         armed: true,
     };
-    shared.send(link::call(true, id, &method.name, value, meta))?;
+    shared
+        .send(link::call(true, id, &method.name, value, meta).map_err(Status::invalid_argument)?)?;
     Ok(tonic::Response::new(CreditStream { rx, guard }))
 }
 
@@ -680,6 +785,9 @@ mod tests {
         assert_eq!(args(&[]).unwrap().max_in_flight, 1024);
         assert_eq!(args(&["--max-in-flight", "8"]).unwrap().max_in_flight, 8);
         assert!(args(&["--max-in-flight", "0"]).is_err());
+        assert_eq!(args(&[]).unwrap().threads, 1);
+        assert_eq!(args(&["--threads", "2"]).unwrap().threads, 2);
+        assert!(args(&["--threads", "0"]).is_err());
         assert!(args(&["--tls-cert", "x"]).is_err());
         assert!(args(&["--bogus", "1"]).is_err());
     }

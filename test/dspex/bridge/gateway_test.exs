@@ -97,8 +97,12 @@ defmodule DSPex.Bridge.GatewayTest do
         for frame <- [
               <<0xC1>>,
               <<0x91, 0x01>>,
-              IO.iodata_to_binary(elem(DSPex.Bridge.MsgPack.encode(["call", "x"]), 1)),
-              IO.iodata_to_binary(elem(DSPex.Bridge.MsgPack.encode(["credit", 99, 1]), 1))
+              <<131, 104, 1>>,
+              # A new atom is refused (binary_to_term/2 with :safe).
+              <<131, 119, 9, "never_atm">>,
+              :erlang.term_to_binary(["call", "x"]),
+              :erlang.term_to_binary(["credit", 99, 1]),
+              :erlang.term_to_binary({:call, 1})
             ] do
           send(pid, {state.port, {:data, frame}})
         end
