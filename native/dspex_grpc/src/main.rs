@@ -1,5 +1,5 @@
 //! `dspex_grpc`: the gateway process. Started by `DSPex.Bridge.Gateway`
-//! (an Erlang port: `{:packet, 4}` MessagePack frames on stdin/stdout, see
+//! (an Erlang port: `{:packet, 4}` frames of Erlang terms on stdin/stdout, see
 //! `dspex_grpc::link`); exits when its stdin closes.
 //!
 //! Usage: `dspex_grpc [--ip A] [--port N] [--tls-cert PEM --tls-key PEM]
