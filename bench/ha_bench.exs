@@ -172,7 +172,7 @@ migrations =
 
 IO.puts(
   "migrating a 10,000-variable session: p50 #{div(median.(migrations), 1000)} ms " <>
-    "(#{inspect(Enum.map(migrations, &div(&1, 1000)))}) (target <= 2000)"
+    "(#{inspect(Enum.map(migrations, &div(&1, 1000)), charlists: :as_lists)}) (target <= 2000)"
 )
 
 {store_w, nif_w, store_r, nif_r} = C.call(a, HABench.Work, :local, [100_000], 600_000)
@@ -205,7 +205,7 @@ IO.puts(
 
 IO.puts(
   "failover after kill -9: p50 #{div(median.(failovers), 1000)} ms " <>
-    "(#{inspect(Enum.map(failovers, &div(&1, 1000)))}) (target <= 1000)"
+    "(#{inspect(Enum.map(failovers, &div(&1, 1000)), charlists: :as_lists)}) (target <= 1000)"
 )
 
 IO.puts("load average after: #{load_avg.()}")
