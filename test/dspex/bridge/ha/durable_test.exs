@@ -34,6 +34,8 @@ defmodule DSPex.Bridge.HA.DurableTest do
              C.call(peer, SessionStore, :create_session, [sid, [replicas: 1, max_history: 500]])
 
     assert C.call(peer, SessionStore, :backend, [sid]) == {:ok, :raft}
+    # What is durable here is written through a WAL opened with O_SYNC (the default).
+    assert %{wal_write_strategy: :o_sync} = C.call(peer, :ra_system, :fetch, [:dspex])
     assert {:ok, _} = C.call(peer, SessionStore, :register_variable, [sid, :x, :integer, 0])
 
     acked =

@@ -101,8 +101,18 @@ defmodule DSPex.Bridge.Backend.Raft.System do
     dir = String.to_charlist(data_dir())
     File.mkdir_p!(data_dir())
 
+    # `config :dspex_bridge, ra_system: %{...}` tunes ra's own system
+    # settings (`wal_write_strategy`, `wal_max_batch_size`, ...); the name
+    # and the directories are ours. The WAL is opened with O_SYNC: each of
+    # its batched write(2) calls returns once the data is on disk, as
+    # durable as ra's default write-then-fdatasync and one system call and
+    # one dirty-scheduler wake-up fewer per batch (16 writers on 3 local
+    # nodes: 10.8k writes/s against 8.3k, medians of 6, bench/ha_bench.exs).
     config =
-      Map.merge(:ra_system.default_config(), %{
+      :ra_system.default_config()
+      |> Map.put(:wal_write_strategy, :o_sync)
+      |> Map.merge(Map.new(Application.get_env(:dspex_bridge, :ra_system, %{})))
+      |> Map.merge(%{
         name: @system,
         names: :ra_system.derive_names(@system),
         data_dir: dir,
