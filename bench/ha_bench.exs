@@ -115,6 +115,28 @@ floor_ids = for p <- peers, do: {:bench_floor, p.node}
 {:ok, _} = C.call(a, DSPex.Bridge.SessionStore, :create_session, ["bench", [replicas: 3]])
 {:ok, _} = C.call(a, DSPex.Bridge.SessionStore, :register_variable, ["bench", :x, :integer, 0])
 
+# Both leaders on the calling node, so that the two cases differ only in
+# the machine (a remote leader costs a round trip more).
+lead_here = fn server_ids ->
+  target = Enum.find(server_ids, fn {_, n} -> n == a.node end)
+
+  Enum.reduce_while(1..100, nil, fn _, _ ->
+    case C.call(a, :ra, :members, [target]) do
+      {:ok, _, ^target} ->
+        {:halt, :ok}
+
+      {:ok, _, leader} ->
+        _ = C.call(a, :ra, :transfer_leadership, [leader, target])
+        Process.sleep(50)
+        {:cont, nil}
+    end
+  end)
+end
+
+{:ok, %{members: bench_ids}} = C.call(a, Raft, :members, ["bench"])
+:ok = lead_here.(floor_ids)
+:ok = lead_here.(bench_ids)
+
 # Warm-up, then the floor and the replicated write interleaved (3 rounds
 # each), so a change of the machine's load hits both.
 _ = C.call(a, HABench.Work, :floor, [floor_ids, 200], 120_000)
