@@ -51,7 +51,16 @@ defmodule DSPex.Bridge.DependencyManager do
     leaves its last value in place, emits
     `[:dspex, :bridge, :propagation, :failed]` and is recorded in the
     session's dead letters (`dead_letters/1`, `replay_dead_letters/2`);
-    nothing else stops.
+    nothing else stops;
+  - a recomputation the backend refuses for now (`:overloaded` at a port
+    program's or a Raft node's admission limit, `:rate_limited`) is tried
+    again for up to `overload_patience` ms (`config :dspex_bridge,
+    DSPex.Bridge.DependencyManager, overload_patience: ms`, 5,000 unless
+    set); still refused, it is reported once as above and recomputed again
+    from its inputs' values after a pause doubling from 50 ms to 1 s, until
+    admitted. So a derived variable equals f of its inputs once the backend
+    admits its writes again, with no further write to its inputs, and the
+    refusal's dead letters are removed then.
 
   Every call of a compute function runs apart from the worker, in a process
   unlinked and monitored, under a deadline: the `compute_timeout:` of

@@ -51,6 +51,8 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # Writes named in a derived write's metadata, at most.
   @max_causes 16
   @overload_patience 5_000
+  @retry_first 50
+  @retry_max 1_000
   @missing {__MODULE__, :missing}
   # Set when the first worker starts, never cleared: a boolean is an
   # immediate, so reading it is cheaper than the per-session lookup.
@@ -345,7 +347,22 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
       Table.watch(self(), session_id)
       # Definitions already there: a worker before this one died.
       restarted? = Table.defs(session_id) != []
-      {:ok, %{session_id: session_id, gen: -1, derived: %{}}, {:continue, {:start, restarted?}}}
+
+      state = %{
+        session_id: session_id,
+        gen: -1,
+        derived: %{},
+        # Refused for now (see "Refusals" in retry/1): derived keys to
+        # recompute and roots whose update order was refused, each with
+        # its causes; one timer, whose pause doubles while refusals last.
+        refused: %{},
+        refused_roots: %{},
+        retrying: %{},
+        retry_timer: nil,
+        retry_pause: @retry_first
+      }
+
+      {:ok, state, {:continue, {:start, restarted?}}}
     end
   end
 
@@ -365,8 +382,77 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
     cycle(state)
   end
 
+  ## Refusals
+  #
+  # A backend at its admission limit refuses with `:overloaded` (a session's
+  # rate limit with `:rate_limited`), and nothing happened. `patiently/1`
+  # retries such a call for a while; a recomputation still refused after
+  # that is reported once (the `:failed` event and a dead letter), marked
+  # stale, and kept here to be recomputed again, after a pause that doubles
+  # from @retry_first ms up to @retry_max ms while the refusals last,
+  # from the inputs' values at that time. So a derived variable equals f of
+  # its inputs once the backend admits its writes again, even when no input
+  # is written after the overload; its dead letters for the refusal are
+  # then removed, as a replay would. What waits is one entry per derived
+  # variable (and per refused root), coalesced, and one timer.
+
+  defp retry(state) do
+    state = refresh(state)
+
+    keys = state.refused |> Map.keys() |> Enum.filter(&Map.has_key?(state.derived, &1))
+
+    roots =
+      Enum.map(keys, fn key -> {state.derived[key].name, state.refused[key]} end) ++
+        Map.to_list(state.refused_roots)
+
+    # `retrying`: reported already, not again if refused again.
+    state = %{state | refused: %{}, refused_roots: %{}, retrying: state.refused}
+
+    state =
+      if roots == [],
+        do: state,
+        else: propagate(state, Enum.uniq_by(roots, &elem(&1, 0)), MapSet.new(keys))
+
+    state = %{state | retrying: %{}}
+
+    # Recomputed now: what the refusals left in the dead letters is done.
+    done = Enum.reject(keys, &Map.has_key?(state.refused, &1))
+    clear_refusal_letters(state.session_id, done)
+
+    pause =
+      if state.refused == %{} and state.refused_roots == %{},
+        do: @retry_first,
+        else: min(state.retry_pause * 2, @retry_max)
+
+    schedule_retry(%{state | retry_pause: pause})
+  end
+
+  defp schedule_retry(%{retry_timer: nil} = state)
+       when state.refused != %{} or state.refused_roots != %{},
+       do: %{state | retry_timer: Process.send_after(self(), :retry, state.retry_pause)}
+
+  defp schedule_retry(state), do: state
+
+  defp refused?(reason),
+    do:
+      reason in [:overloaded, :rate_limited] or
+        match?({:write_rejected, r} when r in [:overloaded, :rate_limited], reason)
+
+  defp clear_refusal_letters(_sid, []), do: :ok
+
+  defp clear_refusal_letters(sid, keys) do
+    ids =
+      for letter <- Table.letters(sid),
+          to_string(letter.variable) in keys,
+          refused?(letter.reason),
+          do: letter.id
+
+    Table.delete_letters(sid, ids)
+  end
+
   @impl true
   def handle_info(:wake, state), do: cycle(state)
+  def handle_info(:retry, state), do: {:noreply, retry(%{state | retry_timer: nil})}
 
   # A link other than the supervisor (the registry): stop with its reason,
   # to be restarted. A normal exit of a linked process is no reason to stop.
@@ -411,7 +497,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
       for {alias, kind} <- waiters,
           do: send(alias, {alias, if(kind == :replay, do: {:ok, replayed}, else: :ok)})
 
-      {:noreply, state}
+      {:noreply, schedule_retry(state)}
     end
   end
 
@@ -486,8 +572,16 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         Table.close(sid)
         wake(sid)
         state
+
+      {:error, :refused} ->
+        refused_roots = Enum.reduce(roots, state.refused_roots, &keep_causes/2)
+        forced = Map.new(forced, &{&1, Map.get(state.refused, &1, [%{retry: true}])})
+        %{state | refused_roots: refused_roots, refused: Map.merge(state.refused, forced)}
     end
   end
+
+  defp keep_causes({ident, causes}, acc),
+    do: Map.update(acc, ident, causes, &Enum.take(Enum.uniq(&1 ++ causes), @max_causes))
 
   # The pass is a span (`:start`, then `:stop`, or `:exception` should the
   # pass itself crash); its failures are `:failed` events carrying its
@@ -530,6 +624,9 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
       {:error, :session_not_found} = error ->
         error
+
+      {:error, reason} when reason in [:overloaded, :rate_limited] ->
+        {:error, :refused}
 
       {:error, reason} ->
         Logger.warning("propagation in #{sid}: update order failed: #{inspect(reason)}")
@@ -620,8 +717,17 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
       {:error, reason} ->
         Table.stale(sid, d.key, dead_reason(reason))
-        report(sid, d.name, reason, causes, start, context)
-        {:error, state, worker}
+
+        if refused?(reason) do
+          # Reported once, however many retries it takes (see retry/1).
+          unless Map.has_key?(state.refused, d.key) or Map.has_key?(state.retrying, d.key),
+            do: report(sid, d.name, reason, causes, start, context)
+
+          {:error, %{state | refused: Map.update(state.refused, d.key, causes, & &1)}, worker}
+        else
+          report(sid, d.name, reason, causes, start, context)
+          {:error, state, worker}
+        end
     end
   end
 
@@ -641,8 +747,14 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
         @missing ->
           # Missing, or refused for now: only a variable's read says which.
           case patiently(fn -> SessionStore.get_variable(sid, input, access) end) do
-            {:ok, %{value: value}} -> {:cont, {:ok, Map.put(acc, input, value)}}
-            _ -> {:halt, {:error, {:missing_input, input}}}
+            {:ok, %{value: value}} ->
+              {:cont, {:ok, Map.put(acc, input, value)}}
+
+            {:error, reason} when reason in [:overloaded, :rate_limited] ->
+              {:halt, {:error, reason}}
+
+            _ ->
+              {:halt, {:error, {:missing_input, input}}}
           end
 
         value ->
@@ -654,15 +766,27 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # A backend at its admission limit (the port program's pipe, a Raft node;
   # see `DSPex.Bridge.Backend.Port`) refuses a call with `:overloaded`, and
   # nothing happened: the worker tries again after a pause growing to 50 ms,
-  # for up to @overload_patience ms in all, rather than skip a recomputation
-  # (or leave its variable stale) for a moment's overload. Writes arriving
-  # meanwhile coalesce as usual.
-  defp patiently(fun, waited \\ 0) do
+  # for up to `overload_patience` ms in all (5,000 unless configured), so a
+  # moment's overload costs no stale variable. Writes arriving meanwhile
+  # coalesce as usual. Past that, see "Refusals" above retry/1.
+  defp patiently(fun), do: patiently(fun, 0, overload_patience())
+
+  # `config :dspex_bridge, DSPex.Bridge.DependencyManager, overload_patience: ms`
+  defp overload_patience do
+    case Application.get_env(:dspex_bridge, DSPex.Bridge.DependencyManager, [])[
+           :overload_patience
+         ] do
+      ms when is_integer(ms) and ms >= 0 -> ms
+      _ -> @overload_patience
+    end
+  end
+
+  defp patiently(fun, waited, patience) do
     case fun.() do
-      {:error, :overloaded} when waited < @overload_patience ->
+      {:error, :overloaded} when waited < patience ->
         pause = min(50, 1 + div(waited, 10))
         Process.sleep(pause)
-        patiently(fun, waited + pause)
+        patiently(fun, waited + pause, patience)
 
       other ->
         other
