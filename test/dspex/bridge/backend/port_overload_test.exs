@@ -9,6 +9,8 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
   alias DSPex.Bridge.State.Bridged
   alias DSPex.TelemetryHelper
 
+  @refused [:dspex, :bridge, :admission, :refused]
+
   setup do
     wait_for_port()
     port = Application.fetch_env(:dspex_bridge, :port)
@@ -39,22 +41,33 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
       sid = session()
       {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 0)
       os_pid = stop_program()
+      attach_refusals()
 
       # Forty callers at once: four are admitted and wait for the stopped
       # program (until their timeout), the rest are refused without waiting.
-      results =
-        1..40
-        |> Enum.map(fn _ -> Task.async(fn -> SessionStore.get_variable(sid, :x) end) end)
-        |> Task.await_many(10_000)
+      tasks =
+        Enum.map(1..40, fn _ -> Task.async(fn -> SessionStore.get_variable(sid, :x) end) end)
+
+      results = Task.await_many(tasks, 10_000)
 
       assert Enum.count(results, &(&1 == {:error, :timeout})) == 4
       assert Enum.count(results, &(&1 == {:error, :overloaded})) == 36
+
+      # One event per refusal, naming the path, the limit and the session.
+      events = refusals(Enum.map(tasks, & &1.pid))
+      assert length(events) == 36
+      assert Enum.uniq(events) == [{%{count: 1}, %{path: :port, limit: 4, session_id: sid}}]
 
       # The four requests timed out for their callers but still sit in the
       # pipe: until the program answers them, nothing more is admitted, and
       # a refused write was never sent.
       assert {:error, :overloaded} = SessionStore.update_variable(sid, :x, 1)
       assert {:error, :overloaded} = PortBackend.request("session_list", [])
+
+      assert refusals([self()]) == [
+               {%{count: 1}, %{path: :port, limit: 4, session_id: sid}},
+               {%{count: 1}, %{path: :port, limit: 4, session_id: nil}}
+             ]
 
       # The program's death answers whatever it held: the places come back.
       ref = TelemetryHelper.attach([[:dspex, :bridge, :port, :started]])
@@ -185,4 +198,33 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
 
   defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)
   defp restore_env(key, :error), do: Application.delete_env(:dspex_bridge, key)
+
+  # Forwards the refusal events with the process that emitted them (a
+  # handler runs in the caller), so that the test counts its own callers'
+  # and nothing that other processes of the VM happened to do.
+  defp attach_refusals do
+    test = self()
+    id = {__MODULE__, make_ref()}
+
+    DSPex.Bridge.Telemetry.attach_many(
+      id,
+      [@refused],
+      fn _, measurements, metadata, _ ->
+        send(test, {:refused, self(), measurements, metadata})
+      end,
+      nil
+    )
+
+    on_exit(fn -> DSPex.Bridge.Telemetry.detach(id) end)
+  end
+
+  # `{measurements, metadata}` of the refusals emitted so far by `pids`.
+  defp refusals(pids, acc \\ []) do
+    receive do
+      {:refused, pid, measurements, metadata} ->
+        refusals(pids, if(pid in pids, do: [{measurements, metadata} | acc], else: acc))
+    after
+      100 -> Enum.reverse(acc)
+    end
+  end
 end
