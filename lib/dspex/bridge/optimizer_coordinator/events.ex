@@ -72,7 +72,8 @@ defmodule DSPex.Bridge.OptimizerCoordinator.Events do
   # When the optimization `optimizer_id` started (µs since the epoch, from
   # the lock table), asked before a release that may end it, so that
   # `:completed` can carry its `duration_us`; nil when `:completed` is not
-  # observed (no NIF call then) or the optimizer holds no lock here.
+  # observed (no NIF call then) or the optimizer holds no lock here. The
+  # NIF answers nil for any term it holds no lock for, and raises nothing.
   def started_at(optimizer_id) do
     if Telemetry.observed?(@completed) do
       case DSPex.Bridge.Native.lock_status(optimizer_id) do
@@ -80,8 +81,6 @@ defmodule DSPex.Bridge.OptimizerCoordinator.Events do
         _ -> nil
       end
     end
-  rescue
-    _ -> nil
   end
 
   # A holder lost its lock: `:lock_released`, and when it held no other
