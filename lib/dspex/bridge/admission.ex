@@ -58,6 +58,70 @@ defmodule DSPex.Bridge.Admission do
     end
   end
 
+  ## Places held by their caller
+  #
+  # Where the caller itself gives its place back (a Raft call: no server
+  # answers on its behalf), a caller killed while admitted would keep its
+  # place for good, and a gate that leaks places ends up refusing
+  # everything. So such a place is also written down with its holder, and
+  # `sweep/1` (run periodically by the gate's owner) gives back the places
+  # of dead holders. Whoever takes the row out of the table gives the place
+  # back, so it is given back exactly once.
+
+  @doc "Creates the table of held places of `gate` (by the gate's owner process)."
+  @spec ensure_holders(atom) :: :ok
+  def ensure_holders(gate) do
+    ensure(gate)
+
+    case :ets.whereis(holders(gate)) do
+      :undefined ->
+        :ets.new(holders(gate), [:named_table, :public, :set, write_concurrency: true])
+        # A new table (the owner restarted) knows no holder: places taken
+        # before it could never be given back, so the count starts again.
+        reset(gate)
+
+      _ ->
+        :ok
+    end
+  end
+
+  @doc """
+  `admit/2` for a place the calling process holds until `release_held/2`
+  (or its death: see `sweep/1`): `{:ok, key}` or `{:error, :overloaded}`.
+  """
+  @spec admit_held(atom, pos_integer) :: {:ok, reference} | {:error, :overloaded}
+  def admit_held(gate, max) do
+    with :ok <- admit(gate, max) do
+      key = make_ref()
+      :ets.insert(holders(gate), {key, self()})
+      {:ok, key}
+    end
+  end
+
+  @doc "Gives back the place `key` of `admit_held/2`, unless `sweep/1` did."
+  @spec release_held(atom, reference) :: :ok
+  def release_held(gate, key) do
+    if :ets.take(holders(gate), key) != [], do: release(gate)
+    :ok
+  end
+
+  @doc "Gives back the places whose holders are dead; how many."
+  @spec sweep(atom) :: non_neg_integer
+  def sweep(gate) do
+    tab = holders(gate)
+
+    dead =
+      for {key, pid} <- :ets.tab2list(tab),
+          not Process.alive?(pid),
+          :ets.take(tab, key) != [],
+          do: key
+
+    if dead != [], do: release(gate, length(dead))
+    length(dead)
+  end
+
+  defp holders(gate), do: :"#{gate}_holders"
+
   @doc "Sets the count to zero (a server that lost its queue with its process)."
   @spec reset(atom) :: :ok
   def reset(gate) do

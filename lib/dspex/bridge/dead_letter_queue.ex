@@ -47,6 +47,14 @@ defmodule DSPex.Bridge.DeadLetterQueue do
   that cannot be opened is logged, and the queue then refuses entries with
   `{:error, {:unavailable, reason}}`.
 
+  One VM at a time uses a directory: `dead_letters.lock` there names its
+  OS process (DETS has no locking, and two VMs writing one file corrupt
+  it). A configured directory in use by another live VM is unavailable
+  (`{:unavailable, {:in_use, os_pid}}`); the default one gives way to a
+  subdirectory of the second VM's own (`vm-<os pid>`, logged), as happens
+  when non-distributed VMs (all `nonode@nohost`) start in one project
+  directory. A lock whose process is gone (a VM killed) is taken over.
+
   ## Replay
 
   `replay/2` re-runs entries in the calling process, one at a time, at most
@@ -383,7 +391,8 @@ defmodule DSPex.Bridge.DeadLetterQueue do
   def init(opts) do
     config = config(opts)
     name = Keyword.get(opts, :name, __MODULE__)
-    dir = Keyword.get(config, :dir) || default_dir()
+    configured = Keyword.get(config, :dir)
+    dir = configured || default_dir()
 
     with :ok <- check_bounds(config) do
       index = :ets.new(index_name(name), [:ordered_set, :protected, :named_table])
@@ -391,6 +400,9 @@ defmodule DSPex.Bridge.DeadLetterQueue do
       state = %{
         name: name,
         dir: dir,
+        # The default directory, in use by another VM, gives way to one of
+        # this VM's own (see open/1); a configured one does not.
+        default_dir?: configured == nil,
         table: nil,
         index: index,
         max_entries: config[:max_entries],
@@ -437,6 +449,7 @@ defmodule DSPex.Bridge.DeadLetterQueue do
     # directory that is not ours to change keeps its mode).
     with :ok <- File.mkdir_p(state.dir),
          _ <- File.chmod(state.dir, 0o700),
+         :ok <- lock(state.dir),
          {:ok, table} <-
            :dets.open_file({__MODULE__, make_ref()},
              file: String.to_charlist(file),
@@ -446,6 +459,18 @@ defmodule DSPex.Bridge.DeadLetterQueue do
       state = %{state | table: table}
       load(state)
     else
+      # Two VMs started in one directory (non-distributed nodes share the
+      # default's `<node>`): the second gets a queue of its own there.
+      {:error, {:in_use, os_pid}} when state.default_dir? ->
+        dir = Path.join(state.dir, "vm-" <> System.pid())
+
+        Logger.warning(
+          "dspex_bridge: dead-letter queue in #{state.dir} is in use by OS process " <>
+            "#{os_pid}; this VM's is #{dir}"
+        )
+
+        open(%{state | dir: dir, default_dir?: false})
+
       {:error, reason} ->
         Logger.error(
           "dspex_bridge: dead-letter queue in #{state.dir} unavailable: #{inspect(reason)}"
@@ -762,8 +787,82 @@ defmodule DSPex.Bridge.DeadLetterQueue do
   def handle_info(_msg, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, %{table: table}) when table != nil, do: :dets.close(table)
+  def terminate(_reason, %{table: table} = state) when table != nil do
+    :dets.close(table)
+    unlock(state.dir)
+  end
+
   def terminate(_reason, _state), do: :ok
+
+  ## The directory's lock
+  #
+  # DETS has no locking of its own, and a second VM writing the same file
+  # corrupts it (seen: two non-distributed VMs in one project directory
+  # share the default directory, and the first got `premature_eof` on its
+  # next insert). So `dead_letters.lock` names the OS process using the
+  # directory, created exclusively; one naming a process that is gone (a VM
+  # killed with kill -9) is taken over.
+
+  defp lock(dir, tries \\ 2) do
+    path = Path.join(dir, "dead_letters.lock")
+    me = System.pid()
+
+    case File.open(path, [:write, :exclusive]) do
+      {:ok, io} ->
+        IO.binwrite(io, me)
+        File.close(io)
+
+      {:error, :eexist} when tries > 0 ->
+        case File.read(path) do
+          {:ok, ^me} ->
+            :ok
+
+          {:ok, other} ->
+            if os_alive?(other),
+              do: {:error, {:in_use, other}},
+              else: retake(path, dir, tries)
+
+          {:error, _} ->
+            retake(path, dir, tries)
+        end
+
+      {:error, :eexist} ->
+        {:error, {:in_use, :unknown}}
+
+      {:error, _} = error ->
+        error
+    end
+  end
+
+  defp retake(path, dir, tries) do
+    _ = File.rm(path)
+    lock(dir, tries - 1)
+  end
+
+  defp unlock(dir) do
+    path = Path.join(dir, "dead_letters.lock")
+    me = System.pid()
+
+    case File.read(path) do
+      {:ok, ^me} -> _ = File.rm(path)
+      _ -> :ok
+    end
+
+    :ok
+  end
+
+  defp os_alive?(os_pid) do
+    case Integer.parse(String.trim(os_pid)) do
+      {n, ""} when n > 0 ->
+        if File.dir?("/proc/self"),
+          do: File.dir?("/proc/#{n}"),
+          else: match?({_, 0}, System.cmd("kill", ["-0", "#{n}"], stderr_to_stdout: true))
+
+      # Not a pid: not a lock this code wrote.
+      _ ->
+        false
+    end
+  end
 
   ## Server helpers
 

@@ -585,12 +585,14 @@ defmodule DSPex.Bridge.Backend.Raft do
   defp admitted(sid, fun) do
     max = max_in_flight()
 
-    case Admission.admit(@gate, max) do
-      :ok ->
+    # Held by this process: given back here, or by `Raft.System`'s sweep
+    # should this process be killed while it waits.
+    case Admission.admit_held(@gate, max) do
+      {:ok, place} ->
         try do
           fun.()
         after
-          Admission.release(@gate)
+          Admission.release_held(@gate, place)
         end
 
       {:error, :overloaded} = refused ->

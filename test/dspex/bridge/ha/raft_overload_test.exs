@@ -76,6 +76,44 @@ defmodule DSPex.Bridge.HA.RaftOverloadTest do
     assert [{:ok, %{version: 3}}] = Enum.uniq(results)
   end
 
+  test "a caller killed while admitted gives its place back", %{sid: sid, member: member} do
+    :ok = :sys.suspend(member)
+    on_exit(fn -> if Process.alive?(member), do: :sys.resume(member) end)
+
+    # Three admitted callers wait at the suspended member; killed there,
+    # they never reach their own release.
+    test = self()
+
+    waiting =
+      for i <- 1..3,
+          do: spawn(fn -> send(test, {:done, SessionStore.update_variable(sid, :x, i)}) end)
+
+    refute_receive {:done, _}, 300
+    assert {:error, :overloaded} = SessionStore.update_variable(sid, :x, 4)
+    for pid <- waiting, do: Process.exit(pid, :kill)
+
+    # Their places come back: a new caller is admitted (it waits at the
+    # member instead of being refused at once).
+    assert eventually(fn ->
+             task = Task.async(fn -> SessionStore.update_variable(sid, :x, 9) end)
+
+             case Task.yield(task, 200) do
+               nil -> true
+               {:ok, {:error, :overloaded}} -> false
+             end
+           end)
+
+    :ok = :sys.resume(member)
+  end
+
+  defp eventually(fun, deadline \\ 10_000) do
+    cond do
+      fun.() -> true
+      deadline <= 0 -> false
+      true -> Process.sleep(50) && eventually(fun, deadline - 50)
+    end
+  end
+
   defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)
   defp restore_env(key, :error), do: Application.delete_env(:dspex_bridge, key)
 

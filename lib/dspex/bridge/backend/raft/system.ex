@@ -21,6 +21,7 @@ defmodule DSPex.Bridge.Backend.Raft.System do
 
   @system :dspex
   @sessions :dspex_raft_sessions
+  @sweep_every 1_000
 
   @doc "The ra system name."
   def name, do: @system
@@ -57,7 +58,8 @@ defmodule DSPex.Bridge.Backend.Raft.System do
   @impl true
   def init(_opts) do
     # The node's admission counter for Raft calls (`Backend.Raft`, "Overload").
-    :ok = DSPex.Bridge.Admission.ensure(:dspex_raft)
+    :ok = DSPex.Bridge.Admission.ensure_holders(:dspex_raft)
+    schedule_sweep()
     :ets.new(@sessions, [:named_table, :public, :set, read_concurrency: true])
     :ets.new(Machine.engine_table(), [:named_table, :public, :set, write_concurrency: true])
     :ok = start_batchers()
@@ -78,6 +80,18 @@ defmodule DSPex.Bridge.Backend.Raft.System do
     :persistent_term.put({__MODULE__, :available}, available)
     {:ok, %{}}
   end
+
+  # The places of callers killed while admitted come back (`Admission.sweep/1`).
+  @impl true
+  def handle_info(:sweep, state) do
+    _ = DSPex.Bridge.Admission.sweep(:dspex_raft)
+    schedule_sweep()
+    {:noreply, state}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  defp schedule_sweep, do: Process.send_after(self(), :sweep, @sweep_every)
 
   # Linked: it stops with this process, and its batchers with it (after a
   # crash of this process, the old one may still be stopping).
