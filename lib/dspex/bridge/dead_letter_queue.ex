@@ -449,7 +449,7 @@ defmodule DSPex.Bridge.DeadLetterQueue do
     # directory that is not ours to change keeps its mode).
     with :ok <- File.mkdir_p(state.dir),
          _ <- File.chmod(state.dir, 0o700),
-         :ok <- lock(state.dir),
+         :ok <- DSPex.Bridge.DirLock.acquire(state.dir, "dead_letters.lock"),
          {:ok, table} <-
            :dets.open_file({__MODULE__, make_ref()},
              file: String.to_charlist(file),
@@ -789,80 +789,10 @@ defmodule DSPex.Bridge.DeadLetterQueue do
   @impl true
   def terminate(_reason, %{table: table} = state) when table != nil do
     :dets.close(table)
-    unlock(state.dir)
+    DSPex.Bridge.DirLock.release(state.dir, "dead_letters.lock")
   end
 
   def terminate(_reason, _state), do: :ok
-
-  ## The directory's lock
-  #
-  # DETS has no locking of its own, and a second VM writing the same file
-  # corrupts it (seen: two non-distributed VMs in one project directory
-  # share the default directory, and the first got `premature_eof` on its
-  # next insert). So `dead_letters.lock` names the OS process using the
-  # directory, created exclusively; one naming a process that is gone (a VM
-  # killed with kill -9) is taken over.
-
-  defp lock(dir, tries \\ 2) do
-    path = Path.join(dir, "dead_letters.lock")
-    me = System.pid()
-
-    case File.open(path, [:write, :exclusive]) do
-      {:ok, io} ->
-        IO.binwrite(io, me)
-        File.close(io)
-
-      {:error, :eexist} when tries > 0 ->
-        case File.read(path) do
-          {:ok, ^me} ->
-            :ok
-
-          {:ok, other} ->
-            if os_alive?(other),
-              do: {:error, {:in_use, other}},
-              else: retake(path, dir, tries)
-
-          {:error, _} ->
-            retake(path, dir, tries)
-        end
-
-      {:error, :eexist} ->
-        {:error, {:in_use, :unknown}}
-
-      {:error, _} = error ->
-        error
-    end
-  end
-
-  defp retake(path, dir, tries) do
-    _ = File.rm(path)
-    lock(dir, tries - 1)
-  end
-
-  defp unlock(dir) do
-    path = Path.join(dir, "dead_letters.lock")
-    me = System.pid()
-
-    case File.read(path) do
-      {:ok, ^me} -> _ = File.rm(path)
-      _ -> :ok
-    end
-
-    :ok
-  end
-
-  defp os_alive?(os_pid) do
-    case Integer.parse(String.trim(os_pid)) do
-      {n, ""} when n > 0 ->
-        if File.dir?("/proc/self"),
-          do: File.dir?("/proc/#{n}"),
-          else: match?({_, 0}, System.cmd("kill", ["-0", "#{n}"], stderr_to_stdout: true))
-
-      # Not a pid: not a lock this code wrote.
-      _ ->
-        false
-    end
-  end
 
   ## Server helpers
 

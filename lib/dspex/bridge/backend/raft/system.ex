@@ -42,7 +42,9 @@ defmodule DSPex.Bridge.Backend.Raft.System do
 
   @doc "The ra data directory of this node."
   @spec data_dir() :: String.t()
-  def data_dir do
+  def data_dir, do: :persistent_term.get({__MODULE__, :data_dir}, nil) || configured_dir()
+
+  defp configured_dir do
     case Application.get_env(:dspex_bridge, :ra_data_dir) do
       nil -> Path.join([System.tmp_dir!(), "dspex_ra", cwd_hash(), Atom.to_string(node())])
       dir -> Path.join(dir, Atom.to_string(node()))
@@ -112,8 +114,47 @@ defmodule DSPex.Bridge.Backend.Raft.System do
   end
 
   defp start_system do
-    dir = String.to_charlist(data_dir())
-    File.mkdir_p!(data_dir())
+    with {:ok, path} <- claim_dir() do
+      :persistent_term.put({__MODULE__, :data_dir}, path)
+      start_system(path)
+    end
+  end
+
+  # One VM at a time writes a data directory (`DSPex.Bridge.DirLock`):
+  # the default, in use by another VM (non-distributed VMs in one project
+  # directory are all `nonode@nohost`), gives way to a subdirectory of this
+  # VM's own; a configured one in use leaves replicated sessions
+  # unavailable here.
+  defp claim_dir do
+    base = configured_dir()
+    File.mkdir_p!(base)
+
+    case DSPex.Bridge.DirLock.acquire(base, "dspex.lock") do
+      :ok ->
+        {:ok, base}
+
+      {:error, {:in_use, os_pid}} = error ->
+        if Application.get_env(:dspex_bridge, :ra_data_dir) do
+          Logger.error("dspex: ra data directory #{base} is in use by OS process #{os_pid}")
+          error
+        else
+          own = Path.join(base, "vm-" <> System.pid())
+          File.mkdir_p!(own)
+
+          Logger.warning(
+            "dspex: ra data directory #{base} is in use by OS process #{os_pid}; this VM's is #{own}"
+          )
+
+          with :ok <- DSPex.Bridge.DirLock.acquire(own, "dspex.lock"), do: {:ok, own}
+        end
+
+      error ->
+        error
+    end
+  end
+
+  defp start_system(path) do
+    dir = String.to_charlist(path)
 
     # `config :dspex_bridge, ra_system: %{...}` tunes ra's own system
     # settings (`wal_write_strategy`, `wal_max_batch_size`, ...); the name

@@ -1,6 +1,6 @@
-defmodule DSPex.Bridge.DeadLetterQueueLockTest do
-  # Two VMs must never write one queue file: DETS has no locking, and a
-  # second writer corrupts it. A real second VM (a `:peer` OS process, not
+defmodule DSPex.Bridge.DirLockTest do
+  # Two VMs must never write one queue file (DETS has no locking, and a
+  # second writer corrupts it), nor one ra data directory. A real second VM (a `:peer` OS process, not
   # distributed, started in this project's directory as `iex -S mix` beside
   # `mix test` would be) is pointed at this VM's queue directory.
   use ExUnit.Case, async: false
@@ -70,6 +70,28 @@ defmodule DSPex.Bridge.DeadLetterQueueLockTest do
 
     assert %{available: true} = DeadLetterQueue.stats(server: name)
     assert File.read!(Path.join(sub, "dead_letters.lock")) == System.pid()
+  end
+
+  test "a ra data directory in use by this VM leaves replicated sessions unavailable in another",
+       %{peer: peer} do
+    if DSPex.Bridge.Backend.Raft.System.available?() do
+      # The same configured directory and the same node name (both
+      # `nonode@nohost`): the same folder, and ours.
+      :ok = OpsPeer.boot(peer, [], Application.fetch_env!(:dspex_bridge, :ra_data_dir))
+      refute OpsPeer.call(peer, DSPex.Bridge.Backend.Raft.System, :available?, [])
+
+      assert {:error, :ra_unavailable} =
+               OpsPeer.call(peer, DSPex.Bridge.SessionStore, :create_session, [
+                 "in-use",
+                 [replicas: 1]
+               ])
+
+      # Ours still works.
+      sid = "dir-lock-#{System.unique_integer([:positive])}"
+      assert {:ok, ^sid} = DSPex.Bridge.SessionStore.create_session(sid, replicas: 1)
+      assert {:ok, _} = DSPex.Bridge.SessionStore.register_variable(sid, :x, :integer, 1)
+      DSPex.Bridge.SessionStore.delete_session(sid)
+    end
   end
 
   defp entry(n) do
