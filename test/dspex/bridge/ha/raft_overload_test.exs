@@ -34,6 +34,7 @@ defmodule DSPex.Bridge.HA.RaftOverloadTest do
     end)
 
     {:ok, [{name, _node}]} = Raft.known_members(sid)
+    :ok = DSPex.Test.RaftGate.await_idle()
     %{sid: sid, member: Process.whereis(name)}
   end
 
@@ -94,24 +95,19 @@ defmodule DSPex.Bridge.HA.RaftOverloadTest do
 
     # Their places come back: a new caller is admitted (it waits at the
     # member instead of being refused at once).
-    assert eventually(fn ->
-             task = Task.async(fn -> SessionStore.update_variable(sid, :x, 9) end)
+    probe =
+      Enum.find_value(1..100, fn _ ->
+        task = Task.async(fn -> SessionStore.update_variable(sid, :x, 9) end)
 
-             case Task.yield(task, 200) do
-               nil -> true
-               {:ok, {:error, :overloaded}} -> false
-             end
-           end)
+        case Task.yield(task, 200) do
+          nil -> task
+          {:ok, {:error, :overloaded}} -> Process.sleep(50) && nil
+        end
+      end)
 
+    assert probe, "the killed callers' places never came back"
     :ok = :sys.resume(member)
-  end
-
-  defp eventually(fun, deadline \\ 10_000) do
-    cond do
-      fun.() -> true
-      deadline <= 0 -> false
-      true -> Process.sleep(50) && eventually(fun, deadline - 50)
-    end
+    assert Task.await(probe, 15_000) == :ok
   end
 
   defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)

@@ -38,6 +38,7 @@ defmodule DSPex.Bridge.HA.RaftPropagationRefusedTest do
     end)
 
     {:ok, [{name, _node}]} = Raft.known_members(blocker)
+    :ok = DSPex.Test.RaftGate.await_idle()
     %{sid: sid, blocker: blocker, member: Process.whereis(name)}
   end
 
