@@ -28,7 +28,7 @@ defmodule DSPexLoad.Run do
     port_max_in_flight: nil,
     raft_max_in_flight: nil,
     grpc_procs: 2,
-    grpc_channels: 1,
+    grpc_channels: 4,
     grpc_max_in_flight: nil,
     check: false,
     plot: nil,
