@@ -37,6 +37,7 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
 import grpc  # noqa: E402
+from google.protobuf import any_pb2  # noqa: E402
 
 from dspex_bridge._generate import generate  # noqa: E402
 
@@ -48,6 +49,30 @@ from dspex_bridge._proto import bridge_service_pb2_grpc as pb_grpc  # noqa: E402
 OPS = ["read", "write", "write_cas", "batch", "lock_cycle", "dep_change"]
 REFUSALS = {"overloaded", "rate_limited", "busy", "circuit_open"}
 VARS = [f"x{i}" for i in range(10)]
+# The driver's own values are integers: their wire form (shared/wire/
+# bridge_service.md, the JSON of the value) built and read here directly,
+# the same bytes as values.encode/decode without their general dispatch.
+INT_URL = values.PREFIX + "integer"
+# No retries (the driver counts every refusal itself) and no per-call retry
+# buffering in the channel.
+CHANNEL_OPTIONS = [("grpc.enable_retries", 0)]
+METHODS = ["GetVariable", "SetVariable", "SetVariables", "StartOptimization",
+           "StopOptimization", "AddDependency"]
+
+
+def int_any(v):
+    return any_pb2.Any(type_url=INT_URL, value=str(v).encode())
+
+
+def value_of(var):
+    """A variable's value: integers directly, anything else by values.decode."""
+    v = var.value
+    if v.type_url == INT_URL:
+        try:
+            return int(v.value)
+        except ValueError:
+            pass
+    return values.decode(v, var.binary_value)
 
 # -------------------------------------------------------------- histograms
 # The Elixir driver's layout (bench/load/lib/hist.ex): ns, 64 linear
@@ -191,7 +216,8 @@ class Client:
         self.args = args
         self.sessions = sessions
         self.queue = queue
-        self.md = [("authorization", f"Bearer {args.token}")]
+        self.md_list = [("authorization", f"Bearer {args.token}")]
+        self.md = grpc.aio.Metadata(*self.md_list)
         self.timeout = args.timeout / 1000
         # per session: [value, version, certain] per variable; edge type
         self.expect = {s: [[0, args.prefill, True] for _ in VARS] for s in sessions}
@@ -202,35 +228,44 @@ class Client:
         self.stats = new_stats()
         self.reasons = {}
         self.tasks = set()
+        self.nsessions = len(sessions)
 
-    def stub(self):
-        return self.stubs[random.randrange(len(self.stubs))]
+    def connect(self):
+        """The channels and, per method, its multicallable on each channel."""
+        channels = [grpc.aio.insecure_channel(self.args.address, options=CHANNEL_OPTIONS)
+                    for _ in range(self.args.channels)]
+        stubs = [pb_grpc.BridgeServiceStub(c) for c in channels]
+        self.rpcs = {m: [getattr(s, m) for s in stubs] for m in METHODS}
+        self.nch = len(channels)
+        return channels
 
     def note(self, op, cls, reason):
         key = f"{op}/{cls}/{reason}"
         self.reasons[key] = self.reasons.get(key, 0) + 1
 
     async def call(self, method, req, md=None):
-        return await getattr(self.stub(), method)(req, timeout=self.timeout, metadata=md or self.md)
+        fns = self.rpcs[method]
+        fn = fns[0] if self.nch == 1 else fns[int(random.random() * self.nch)]
+        return await fn(req, timeout=self.timeout, metadata=md or self.md)
 
     # Each op returns (class, reason).
     async def op_read(self, sid):
-        i = random.randrange(10)
+        i = int(random.random() * 10)
         resp = await self.call("GetVariable", pb.GetVariableRequest(
             session_id=sid, variable_identifier=VARS[i]))
-        value = values.decode(resp.variable.value, resp.variable.binary_value)
+        value = value_of(resp.variable)
         want, _, certain = self.expect[sid][i]
         if certain and value != want:
             return "error", "stale_read"
         return "ok", None
 
     async def op_write(self, sid, cas):
-        i = random.randrange(9)
+        i = int(random.random() * 9)
         self.counter += 1
         value = self.counter * 10
         _, version, certain = self.expect[sid][i]
         req = pb.SetVariableRequest(session_id=sid, variable_identifier=VARS[i],
-                                    value=values.encode("integer", value, False)[0])
+                                    value=int_any(value))
         if cas and certain:
             req.expected_version = version
             req.has_expected_version = True
@@ -252,7 +287,7 @@ class Client:
         base = self.counter * 10
         req = pb.BatchSetVariablesRequest(session_id=sid, atomic=True)
         for i in range(5):
-            req.updates[VARS[i]].CopyFrom(values.encode("integer", base + i, False)[0])
+            req.updates[VARS[i]].CopyFrom(int_any(base + i))
         try:
             resp = await self.call("SetVariables", req)
         except grpc.aio.AioRpcError as err:
@@ -276,15 +311,15 @@ class Client:
         if not resp.success:
             reason = reason_of(resp.error_message)
             return ("refused" if reason in REFUSALS else "error"), reason
-        md = self.md + [("x-dspex-lock-token", str(resp.lock_token)),
-                        ("x-dspex-optimizer-id", resp.optimization_id)]
+        md = grpc.aio.Metadata(*self.md_list, ("x-dspex-lock-token", str(resp.lock_token)),
+                               ("x-dspex-optimizer-id", resp.optimization_id))
         self.counter += 1
         value = self.counter * 10
         _, version, certain = self.expect[sid][9]
         try:
             set_resp = await self.call("SetVariable", pb.SetVariableRequest(
                 session_id=sid, variable_identifier="x9",
-                value=values.encode("integer", value, False)[0]), md)
+                value=int_any(value)), md)
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.expect[sid][9] = [None, None, False]
@@ -367,8 +402,8 @@ class Client:
         self.busy.discard(sid)
 
     def dispatch(self, intended):
-        sid = self.sessions[random.randrange(len(self.sessions))]
-        self.pending[sid].append((intended, pick(random.randint(1, 100))))
+        sid = self.sessions[int(random.random() * self.nsessions)]
+        self.pending[sid].append((intended, pick(int(random.random() * 100) + 1)))
         if sid not in self.busy:
             self.busy.add(sid)
             task = asyncio.ensure_future(self.session_loop(sid))
@@ -378,8 +413,7 @@ class Client:
     async def closed(self, seconds, start_at):
         """Every session's loop calls as fast as it is answered, for
         ``seconds``: what the path can serve (ops answered, refused)."""
-        channels = [grpc.aio.insecure_channel(self.args.address) for _ in range(self.args.channels)]
-        self.stubs = [pb_grpc.BridgeServiceStub(c) for c in channels]
+        channels = self.connect()
         await asyncio.gather(*(c.channel_ready() for c in channels))
         await asyncio.sleep(max(0.0, start_at - time.time()))
         end = time.perf_counter() + seconds
@@ -409,8 +443,7 @@ class Client:
             try:
                 resp = await self.call("GetVariable", pb.GetVariableRequest(
                     session_id=sid, variable_identifier=name))
-                return (values.decode(resp.variable.value, resp.variable.binary_value),
-                        resp.variable.version)
+                return (value_of(resp.variable), resp.variable.version)
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     return (None, err.code().name)
@@ -425,7 +458,7 @@ class Client:
                 try:
                     resp = await self.call("GetVariable", pb.GetVariableRequest(
                         session_id=sid, variable_identifier=name))
-                    value = values.decode(resp.variable.value, resp.variable.binary_value)
+                    value = value_of(resp.variable)
                     self.expect[sid][i] = [value, resp.variable.version, True]
                     break
                 except grpc.aio.AioRpcError as err:
@@ -434,8 +467,7 @@ class Client:
                     await asyncio.sleep(0.01)
 
     async def run(self, segments, start_at):
-        channels = [grpc.aio.insecure_channel(self.args.address) for _ in range(self.args.channels)]
-        self.stubs = [pb_grpc.BridgeServiceStub(c) for c in channels]
+        channels = self.connect()
         await asyncio.gather(*(c.channel_ready() for c in channels))
         await asyncio.gather(*(self.learn(sid) for sid in self.sessions))
         end_ms = max(b for _, b, _, _ in segments)
@@ -511,6 +543,12 @@ class Client:
 def proc_main(n, args, sessions, segments, start_at, queue):
     random.seed(os.getpid())
     client = Client(n, args, sessions, queue)
+    # DSPEX_LOAD_PROFILE=DIR: each process writes its cProfile to DIR.
+    prof_dir = os.environ.get("DSPEX_LOAD_PROFILE")
+    if prof_dir:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     try:
         if args.closed:
             asyncio.run(client.closed(args.closed, start_at))
@@ -518,6 +556,9 @@ def proc_main(n, args, sessions, segments, start_at, queue):
             asyncio.run(client.run(segments, start_at))
     except Exception as err:  # reported, so the controller's checks fail
         queue.put(("crash", n, repr(err)))
+    if prof_dir:
+        prof.disable()
+        prof.dump_stats(os.path.join(prof_dir, f"grpc_load.{n}.prof"))
 
 
 # ------------------------------------------------------------------ parent

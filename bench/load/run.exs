@@ -23,7 +23,8 @@
 # --memory-tolerance F (0.10), --max-queue N (1000), --offered N (overload
 # at this rate instead of 2x the measured capacity), --rate-limit N (per
 # session), --port-max-in-flight N, --raft-max-in-flight N,
-# --grpc-max-in-flight N, --grpc-procs N (2), --analytics, --check,
+# --grpc-max-in-flight N, --grpc-procs N (2), --grpc-channels N (4 HTTP/2
+# connections per client process), --analytics, --check,
 # --plot PNG, --out NAME. See docs/performance.md.
 lib = Path.join(__DIR__, "lib")
 
