@@ -82,6 +82,24 @@ defmodule DSPex.OpsMetricsTest do
     end
   end
 
+  test "admission refusals are exported by path (DSPexAdmissionRefusing, its panel)",
+       %{scrape: scrape} do
+    # The rule and the panel aggregate `by (path)`, which check_all/3 does
+    # not read as a matcher: the label is checked here.
+    assert MapSet.member?(Map.get(scrape, "dspex_admission_refused_total", MapSet.new()), "path"),
+           "dspex_admission_refused_total{path} not scraped"
+
+    assert Enum.any?(
+             yaml_values(File.read!(@alerts), "expr"),
+             &(&1 =~ "dspex_admission_refused_total")
+           )
+
+    assert Enum.any?(
+             json_strings(File.read!(@dashboard), "expr"),
+             &(&1 =~ "dspex_admission_refused_total")
+           )
+  end
+
   test "every metric in the alerting rules is exported", %{scrape: scrape} do
     exprs = yaml_values(File.read!(@alerts), "expr")
     assert length(exprs) >= 20

@@ -54,7 +54,7 @@ defmodule DSPex.Bridge.DependencyManager do
     nothing else stops;
   - a recomputation the backend refuses for now (`:overloaded` at a port
     program's or a Raft node's admission limit, `:rate_limited`) is tried
-    again for up to `overload_patience` ms (`config :dspex_bridge,
+    again for up to `overload_patience` ms, a budget per pass (`config :dspex_bridge,
     DSPex.Bridge.DependencyManager, overload_patience: ms`, 5,000 unless
     set); still refused, it is reported once as above and recomputed again
     from its inputs' values after a pause doubling from 50 ms to 1 s, until

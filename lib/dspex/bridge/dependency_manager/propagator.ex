@@ -52,6 +52,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   @max_causes 16
   @overload_patience 5_000
   @retry_first 50
+  @impatient {__MODULE__, :impatient}
   @retry_max 1_000
   @missing {__MODULE__, :missing}
   # Set when the first worker starts, never cleared: a boolean is an
@@ -433,10 +434,9 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
 
   defp schedule_retry(state), do: state
 
-  defp refused?(reason),
-    do:
-      reason in [:overloaded, :rate_limited] or
-        match?({:write_rejected, r} when r in [:overloaded, :rate_limited], reason)
+  defp refused?(reason) when reason in [:overloaded, :rate_limited], do: true
+  defp refused?({tag, reason}) when tag in [:write_rejected, :read_rejected], do: refused?(reason)
+  defp refused?(_reason), do: false
 
   defp clear_refusal_letters(_sid, []), do: :ok
 
@@ -559,6 +559,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # A pass: the update order of the changed variables, walked once. Writes
   # that reach no derived variable end here, without events.
   defp propagate(state, roots, forced) do
+    Process.delete(@impatient)
     changed = Enum.map(roots, &elem(&1, 0))
     sid = state.session_id
 
@@ -751,7 +752,7 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
               {:cont, {:ok, Map.put(acc, input, value)}}
 
             {:error, reason} when reason in [:overloaded, :rate_limited] ->
-              {:halt, {:error, reason}}
+              {:halt, {:error, {:read_rejected, reason}}}
 
             _ ->
               {:halt, {:error, {:missing_input, input}}}
@@ -769,7 +770,26 @@ defmodule DSPex.Bridge.DependencyManager.Propagator do
   # for up to `overload_patience` ms in all (5,000 unless configured), so a
   # moment's overload costs no stale variable. Writes arriving meanwhile
   # coalesce as usual. Past that, see "Refusals" above retry/1.
-  defp patiently(fun), do: patiently(fun, 0, overload_patience())
+  # The patience is the pass's, not each call's: once a call has been
+  # refused past it, the rest of the pass does not wait again (what is
+  # refused now waits for the retry), so a pass over N derived variables
+  # holds the worker (and its waiting callers) for one patience, not N.
+  # The mark lives in the worker's process dictionary, cleared by
+  # propagate/3 at each pass.
+  defp patiently(fun) do
+    if Process.get(@impatient, false) do
+      fun.()
+    else
+      case patiently(fun, 0, overload_patience()) do
+        {:error, :overloaded} = refused ->
+          Process.put(@impatient, true)
+          refused
+
+        other ->
+          other
+      end
+    end
+  end
 
   # `config :dspex_bridge, DSPex.Bridge.DependencyManager, overload_patience: ms`
   defp overload_patience do
