@@ -56,12 +56,6 @@ defmodule DSPexLoad.Stats do
   def record(i, :ok, ns), do: add(i, 1 + Hist.index(ns), @ok_sum, 1, ns)
   def record(i, :refused, ns), do: add(i, 1 + @nb + Hist.index(ns), @ref_sum, 2, ns)
 
-  # The refusal's cost inside the library, without the caller's backlog.
-  def refusal_service(i, ns) do
-    {c, _} = current(i)
-    :counters.add(c, 1 + @svc + Hist.index(ns), 1)
-  end
-
   def record(i, :error, _ns) do
     {c, _} = current(i)
     :counters.add(c, @errors, 1)
@@ -70,6 +64,12 @@ defmodule DSPexLoad.Stats do
   def record(i, :unanswered, _ns) do
     {c, _} = current(i)
     :counters.add(c, @unanswered, 1)
+  end
+
+  # The refusal's cost inside the library, without the caller's backlog.
+  def refusal_service(i, ns) do
+    {c, _} = current(i)
+    :counters.add(c, 1 + @svc + Hist.index(ns), 1)
   end
 
   def reason(i, class, reason) do

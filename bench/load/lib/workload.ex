@@ -135,21 +135,6 @@ defmodule DSPexLoad.Workload do
     end
   end
 
-  defp check_read(st, sid, i, var, value) do
-    case elem(st.expect[sid], i) do
-      {^value, _, _} -> {:ok, nil, st}
-      {_, _, false} -> {:ok, nil, st}
-      {want, _, true} -> {:error, {:stale_read, {var, value, want}}, st}
-    end
-  end
-
-  # The driver without the library: the session and variable picked as a
-  # read picks them, nothing called.
-  def null(_op, st) do
-    _ = {session(st), elem(@vars, :rand.uniform(10) - 1)}
-    {:ok, nil, st}
-  end
-
   def run(:write, st), do: write(st, false)
   def run(:write_cas, st), do: write(st, true)
 
@@ -346,4 +331,19 @@ defmodule DSPexLoad.Workload do
 
   defp short({:ok, %{value: v, version: n}}), do: {v, n}
   defp short(other), do: other
+
+  defp check_read(st, sid, i, var, value) do
+    case elem(st.expect[sid], i) do
+      {^value, _, _} -> {:ok, nil, st}
+      {_, _, false} -> {:ok, nil, st}
+      {want, _, true} -> {:error, {:stale_read, {var, value, want}}, st}
+    end
+  end
+
+  # The driver without the library: the session and variable picked as a
+  # read picks them, nothing called.
+  def null(_op, st) do
+    _ = {session(st), elem(@vars, :rand.uniform(10) - 1)}
+    {:ok, nil, st}
+  end
 end
