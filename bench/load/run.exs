@@ -23,7 +23,10 @@
 # --memory-tolerance F (0.10), --max-queue N (1000), --offered N (overload
 # at this rate instead of 2x the measured capacity), --rate-limit N (per
 # session), --port-max-in-flight N, --raft-max-in-flight N,
-# --grpc-max-in-flight N, --grpc-procs N (2), --analytics, --check,
+# --grpc-max-in-flight N, --grpc-procs N (2), --analytics, --msacc (where
+# the time goes: microstate accounting, VM CPU per operation, reductions
+# per process group), --null (the driver alone: arrivals picked, timed
+# and recorded, nothing called), --check,
 # --plot PNG, --out NAME. See docs/performance.md.
 lib = Path.join(__DIR__, "lib")
 
