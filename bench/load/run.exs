@@ -24,7 +24,10 @@
 # at this rate instead of 2x the measured capacity), --rate-limit N (per
 # session), --port-max-in-flight N, --raft-max-in-flight N,
 # --grpc-max-in-flight N, --grpc-procs N (2), --grpc-channels N (4 HTTP/2
-# connections per client process), --analytics, --check,
+# connections per client process), --analytics, --msacc (where the time
+# goes: microstate accounting, VM CPU per operation, reductions per
+# process group), --null (the driver alone: arrivals picked, timed and
+# recorded, nothing called), --check,
 # --plot PNG, --out NAME. See docs/performance.md.
 lib = Path.join(__DIR__, "lib")
 

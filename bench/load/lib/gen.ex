@@ -43,11 +43,12 @@ defmodule DSPexLoad.Gen do
   end
 
   # Runs `profile` on every caller, starting at monotonic ms `t0_ms`, with
-  # `timeout_ms` as the answer deadline. Returns when all are done.
-  def run(pids, profile, t0_ms, timeout_ms) do
+  # `timeout_ms` as the answer deadline. Returns when all are done. `null`:
+  # the same arrivals, picked, timed and recorded but not called.
+  def run(pids, profile, t0_ms, timeout_ms, null \\ false) do
     w = length(pids)
     ref = make_ref()
-    for pid <- pids, do: send(pid, {:run, self(), ref, profile, w, t0_ms, timeout_ms})
+    for pid <- pids, do: send(pid, {:run, self(), ref, profile, w, t0_ms, timeout_ms, null})
     for _ <- pids, do: receive(do: ({^ref, :done} -> :ok))
     :ok
   end
@@ -84,7 +85,7 @@ defmodule DSPexLoad.Gen do
 
   defp caller(st) do
     receive do
-      {:run, from, ref, profile, w, t0_ms, timeout_ms} ->
+      {:run, from, ref, profile, w, t0_ms, timeout_ms, null} ->
         indices = Map.new(Workload.ops(), &{&1, Stats.op_index(&1)})
 
         ctx = %{
@@ -94,7 +95,8 @@ defmodule DSPexLoad.Gen do
           t0: t0_ms * @ns_per_ms,
           end_ms: length_ms(profile),
           timeout: timeout_ms * @ns_per_ms,
-          idx: indices
+          idx: indices,
+          null: null
         }
 
         # Callers start at different ticks within the first millisecond's
@@ -192,7 +194,7 @@ defmodule DSPexLoad.Gen do
         Stats.record(i, :unanswered, 0)
         st
       else
-        {class, reason, st} = Workload.run(op, st)
+        {class, reason, st} = if ctx.null, do: Workload.null(op, st), else: Workload.run(op, st)
         took = :erlang.monotonic_time(:nanosecond) - intended
 
         cond do

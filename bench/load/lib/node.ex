@@ -41,9 +41,9 @@ defmodule DSPexLoad.Node do
   defp callers, do: :ets.lookup_element(@table, :callers, 2)
 
   # Blocks until the profile is over; it starts `delay_ms` from now.
-  def run(profile, delay_ms, timeout_ms) do
+  def run(profile, delay_ms, timeout_ms, null \\ false) do
     t0 = :erlang.monotonic_time(:millisecond) + delay_ms
-    Gen.run(callers(), profile, t0, timeout_ms)
+    Gen.run(callers(), profile, t0, timeout_ms, null)
   end
 
   def run_closed(ms, null \\ false), do: Gen.run_closed(callers(), ms, null)
@@ -115,6 +115,104 @@ defmodule DSPexLoad.Node do
   end
 
   def verify, do: Gen.verify(callers())
+
+  ## Where the time goes (`--msacc`): microstate accounting of the
+  ## schedulers, and reductions per group of processes (the callers, each
+  ## registered or initial-call module), over the profile.
+
+  def prof_start do
+    :msacc.start()
+    :ets.insert(@table, {:prof, reductions(), elem(:erlang.statistics(:reductions), 0), cpu_ms()})
+    :ok
+  end
+
+  def prof_stop(top \\ 12) do
+    stats = :msacc.stats()
+    :msacc.stop()
+    [{:prof, before, total0, cpu0}] = :ets.lookup(@table, :prof)
+    cpu = cpu_ms() - cpu0
+    total = elem(:erlang.statistics(:reductions), 0) - total0
+    callers = MapSet.new(callers())
+
+    groups =
+      reductions()
+      |> Enum.map(fn {pid, r} -> {group(pid, callers), r - Map.get(before, pid, 0)} end)
+      |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+      |> Enum.map(fn {g, rs} -> {g, length(rs), Enum.sum(rs)} end)
+      |> Enum.sort_by(&elem(&1, 2), :desc)
+
+    seen = groups |> Enum.map(&elem(&1, 2)) |> Enum.sum()
+
+    %{
+      msacc: msacc(stats),
+      cpu_ms: cpu,
+      reductions_total: total,
+      # Processes that lived and died within the profile (or whose
+      # reductions were not seen at the start) are the difference.
+      reductions_unseen: total - seen,
+      groups: Enum.take(groups, top)
+    }
+  end
+
+  # This VM's CPU time (user + system, ms) from /proc.
+  defp cpu_ms do
+    with {:ok, stat} <- File.read("/proc/#{System.pid()}/stat"),
+         [_, rest] <- String.split(stat, ") ", parts: 2) do
+      fields = String.split(rest)
+      (String.to_integer(Enum.at(fields, 11)) + String.to_integer(Enum.at(fields, 12))) * 10
+    else
+      _ -> 0
+    end
+  end
+
+  defp reductions do
+    for pid <- Process.list(),
+        {:reductions, r} <- [Process.info(pid, :reductions)],
+        into: %{},
+        do: {pid, r}
+  end
+
+  defp group(pid, callers) do
+    cond do
+      MapSet.member?(callers, pid) ->
+        :driver_callers
+
+      true ->
+        case Process.info(pid, [:registered_name, :dictionary, :initial_call]) do
+          [{:registered_name, name} | _] when is_atom(name) and name != [] ->
+            name
+
+          [_, {:dictionary, d}, {:initial_call, ic}] ->
+            case Keyword.get(d, :"$initial_call") do
+              {m, f, a} -> {m, f, a}
+              nil -> ic
+            end
+
+          _ ->
+            :gone
+        end
+    end
+  end
+
+  # Per state, the share of all schedulers' time (normal, dirty CPU, dirty
+  # IO and aux threads summed by type).
+  defp msacc(stats) do
+    by_type =
+      stats
+      |> Enum.group_by(& &1.type, & &1.counters)
+      |> Map.new(fn {type, cs} ->
+        sum = Enum.reduce(cs, %{}, &Map.merge(&1, &2, fn _, a, b -> a + b end))
+        all = sum |> Map.values() |> Enum.sum() |> max(1)
+
+        {type,
+         sum
+         |> Enum.filter(fn {_, v} -> v * 1000 >= all end)
+         |> Enum.sort_by(&elem(&1, 1), :desc)
+         |> Map.new(fn {k, v} -> {k, Float.round(v / all, 3)} end)}
+      end)
+
+    Map.take(by_type, [:scheduler, :dirty_cpu_scheduler, :dirty_io_scheduler, :aux, :poll])
+  end
 
   def stop do
     Gen.stop(callers())

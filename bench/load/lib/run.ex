@@ -33,6 +33,8 @@ defmodule DSPexLoad.Run do
     check: false,
     plot: nil,
     analytics: false,
+    msacc: false,
+    null: false,
     out: nil
   }
 
@@ -117,6 +119,8 @@ defmodule DSPexLoad.Run do
       check: :boolean,
       plot: :string,
       analytics: :boolean,
+      msacc: :boolean,
+      null: :boolean,
       out: :string
     ]
 
@@ -427,6 +431,7 @@ defmodule DSPexLoad.Run do
     # Drain what an earlier profile left in the counters.
     _ = take_all(target)
     started = System.monotonic_time(:millisecond)
+    if opts.msacc, do: for(node <- target.nodes, do: call(node, Node, :prof_start, []))
     runner = start_runner(target, profile, segments)
     state = %{intervals: [], totals: %{}, reasons: %{}, memory: [], last_report: started}
     for node <- target.nodes, do: call(node, Node, :start_sampler, [round(sample_every * 1000)])
@@ -434,6 +439,10 @@ defmodule DSPexLoad.Run do
     state = %{state | memory: collect_samples(target)}
     elapsed_s = (System.monotonic_time(:millisecond) - started) / 1000
     extra = finish_runner(runner)
+
+    # Before the verification's reads.
+    prof =
+      if opts.msacc, do: for(node <- target.nodes, do: {node, call(node, Node, :prof_stop, [])})
 
     {summary, verify} =
       case extra do
@@ -446,6 +455,8 @@ defmodule DSPexLoad.Run do
         nil ->
           {summarize(state.totals, length_ms / 1000), verify_all(target)}
       end
+
+    if prof, do: print_prof(prof, summary)
 
     memory = state.memory
     flat = flat(memory, warmup_ms, opts.memory_tolerance, target)
@@ -474,6 +485,7 @@ defmodule DSPexLoad.Run do
       warmup_s: warmup_ms / 1000,
       checks: checks,
       client: extra,
+      prof: prof && Enum.map(prof, &prof_json/1),
       machine_at_end: Report.machine()
     }
   end
@@ -528,7 +540,9 @@ defmodule DSPexLoad.Run do
   defp start_runner(t, _profile, segments) do
     tasks =
       for node <- t.nodes do
-        Task.async(fn -> call(node, Node, :run, [segments, 300, t.opts.timeout], :infinity) end)
+        Task.async(fn ->
+          call(node, Node, :run, [segments, 300, t.opts.timeout, t.opts.null], :infinity)
+        end)
       end
 
     %{kind: :beam, tasks: tasks}
@@ -834,6 +848,35 @@ defmodule DSPexLoad.Run do
 
     for c <- checks.list,
         do: IO.puts("  [#{if c.passed, do: "ok", else: "FAIL"}] #{c.check}: #{inspect(c.value)}")
+  end
+
+  defp print_prof(prof, summary) do
+    ops = summary.all.ok + summary.all.refused + summary.all.errors + summary.all.unanswered
+
+    for {node, p} <- prof do
+      IO.puts("\n-- where the time went (#{inspect(node)})")
+      for {type, states} <- p.msacc, do: IO.puts("  msacc #{type}: #{inspect(states)}")
+
+      IO.puts(
+        "  VM CPU #{p.cpu_ms} ms, #{Float.round(p.cpu_ms * 1000 / max(ops, 1), 2)} us per operation"
+      )
+
+      IO.puts(
+        "  reductions #{p.reductions_total}, by processes gone or new: #{p.reductions_unseen}"
+      )
+
+      for {g, n, r} <- p.groups do
+        share = Float.round(100 * r / max(p.reductions_total, 1), 1)
+        IO.puts("  #{share}% #{inspect(g)} (#{n} processes)")
+      end
+    end
+  end
+
+  defp prof_json({node, p}) do
+    groups =
+      Enum.map(p.groups, fn {g, n, r} -> %{group: inspect(g), processes: n, reductions: r} end)
+
+    p |> Map.put(:groups, groups) |> Map.put(:node, inspect(node))
   end
 
   ## Overload: what can the path serve? Closed loop, every caller as fast
