@@ -41,7 +41,7 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
       sid = session()
       {:ok, _} = SessionStore.register_variable(sid, :x, :integer, 0)
       os_pid = stop_program()
-      attach_refusals()
+      refusals = DSPex.TelemetryHelper.attach_with_emitter([@refused])
 
       # Forty callers at once: four are admitted and wait for the stopped
       # program (until their timeout), the rest are refused without waiting.
@@ -54,7 +54,7 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
       assert Enum.count(results, &(&1 == {:error, :overloaded})) == 36
 
       # One event per refusal, naming the path, the limit and the session.
-      events = refusals(Enum.map(tasks, & &1.pid))
+      events = DSPex.TelemetryHelper.emitted_by(refusals, Enum.map(tasks, & &1.pid))
       assert length(events) == 36
       assert Enum.uniq(events) == [{%{count: 1}, %{path: :port, limit: 4, session_id: sid}}]
 
@@ -64,7 +64,7 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
       assert {:error, :overloaded} = SessionStore.update_variable(sid, :x, 1)
       assert {:error, :overloaded} = PortBackend.request("session_list", [])
 
-      assert refusals([self()]) == [
+      assert DSPex.TelemetryHelper.emitted_by(refusals, [self()]) == [
                {%{count: 1}, %{path: :port, limit: 4, session_id: sid}},
                {%{count: 1}, %{path: :port, limit: 4, session_id: nil}}
              ]
@@ -198,33 +198,4 @@ defmodule DSPex.Bridge.Backend.PortOverloadTest do
 
   defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)
   defp restore_env(key, :error), do: Application.delete_env(:dspex_bridge, key)
-
-  # Forwards the refusal events with the process that emitted them (a
-  # handler runs in the caller), so that the test counts its own callers'
-  # and nothing that other processes of the VM happened to do.
-  defp attach_refusals do
-    test = self()
-    id = {__MODULE__, make_ref()}
-
-    DSPex.Bridge.Telemetry.attach_many(
-      id,
-      [@refused],
-      fn _, measurements, metadata, _ ->
-        send(test, {:refused, self(), measurements, metadata})
-      end,
-      nil
-    )
-
-    on_exit(fn -> DSPex.Bridge.Telemetry.detach(id) end)
-  end
-
-  # `{measurements, metadata}` of the refusals emitted so far by `pids`.
-  defp refusals(pids, acc \\ []) do
-    receive do
-      {:refused, pid, measurements, metadata} ->
-        refusals(pids, if(pid in pids, do: [{measurements, metadata} | acc], else: acc))
-    after
-      100 -> Enum.reverse(acc)
-    end
-  end
 end

@@ -42,7 +42,7 @@ defmodule DSPex.Bridge.HA.RaftOverloadTest do
        %{sid: sid, member: member} do
     :ok = :sys.suspend(member)
     on_exit(fn -> if Process.alive?(member), do: :sys.resume(member) end)
-    attach_refusals()
+    refusals = DSPex.TelemetryHelper.attach_with_emitter([@refused])
 
     tasks =
       Enum.map(1..10, fn i -> Task.async(fn -> SessionStore.update_variable(sid, :x, i) end) end)
@@ -58,7 +58,7 @@ defmodule DSPex.Bridge.HA.RaftOverloadTest do
     assert {:error, :overloaded} = SessionStore.get_variable(sid, :x)
 
     # One event per refusal (seven writes, one read), none for the admitted.
-    events = refusals([self() | Enum.map(tasks, & &1.pid)])
+    events = DSPex.TelemetryHelper.emitted_by(refusals, [self() | Enum.map(tasks, & &1.pid)])
     assert length(events) == 8
     assert Enum.uniq(events) == [{%{count: 1}, %{path: :raft, limit: 3, session_id: sid}}]
 
@@ -112,33 +112,4 @@ defmodule DSPex.Bridge.HA.RaftOverloadTest do
 
   defp restore_env(key, {:ok, value}), do: Application.put_env(:dspex_bridge, key, value)
   defp restore_env(key, :error), do: Application.delete_env(:dspex_bridge, key)
-
-  # Forwards the refusal events with the process that emitted them (a
-  # handler runs in the caller), so that the test counts its own callers'
-  # and nothing that other processes of the VM happened to do.
-  defp attach_refusals do
-    test = self()
-    id = {__MODULE__, make_ref()}
-
-    DSPex.Bridge.Telemetry.attach_many(
-      id,
-      [@refused],
-      fn _, measurements, metadata, _ ->
-        send(test, {:refused, self(), measurements, metadata})
-      end,
-      nil
-    )
-
-    on_exit(fn -> DSPex.Bridge.Telemetry.detach(id) end)
-  end
-
-  # `{measurements, metadata}` of the refusals emitted so far by `pids`.
-  defp refusals(pids, acc \\ []) do
-    receive do
-      {:refused, pid, measurements, metadata} ->
-        refusals(pids, if(pid in pids, do: [{measurements, metadata} | acc], else: acc))
-    after
-      100 -> Enum.reverse(acc)
-    end
-  end
 end
