@@ -329,8 +329,16 @@ defmodule DSPexLoad.Run do
     Logger.configure(level: :error)
   end
 
+  # In this VM, by default a caller per 50 sessions (20 for the default
+  # 1,000): a caller wakes once per 1 ms tick for all its due arrivals, so
+  # at 100k ops/s 20 callers wake 20k times a second where one caller per
+  # session would wake 100k times, and the schedulers' run queue is not a
+  # thousand callers deep (docs/performance.md, "Where the latency at 100k/s
+  # comes from"). Replicated sessions keep one caller per session
+  # (`setup_path/1` divides the sessions among the nodes).
   defp start_callers(nodes, ids, opts, prefill) do
-    callers = min(opts.callers || length(ids), length(ids))
+    default = if nodes == [:local], do: div(length(ids) + 49, 50), else: length(ids)
+    callers = min(opts.callers || default, length(ids))
     groups = split(ids, callers)
 
     Enum.map(nodes, fn node -> call(node, Node, :start_callers, [groups, prefill]) end)

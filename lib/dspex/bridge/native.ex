@@ -94,6 +94,7 @@ defmodule DSPex.Bridge.Native do
   def graph_dependencies(_sid, _var, _transitive, _principal), do: err()
   def graph_dependents(_sid, _var, _transitive, _principal), do: err()
   def graph_update_order(_sid, _changed, _principal), do: err()
+  def graph_update_order_dirty(_sid, _changed, _principal), do: err()
   def graph_render(_sid, _format, _principal), do: err()
   def graph_info(_sid, _principal), do: err()
 

@@ -1,6 +1,7 @@
 //! Dependency-graph NIFs: edges between a session's variables, cycle
 //! detection, update order and rendering (see `dspex_core::graph`).
-//! Anything whose cost grows with the graph runs on a dirty CPU scheduler.
+//! Anything whose cost grows with the graph runs on a dirty CPU scheduler,
+//! or on a normal one when it fits a budget (an insert, an update order).
 
 use dspex_core::graph::{Direction, Format, Insert};
 use dspex_core::{Error, Value};
@@ -148,9 +149,34 @@ fn dependents<'a>(
     neighbours(env, sid, var, transitive, principal, Direction::Dependents)
 }
 
+/// Vertices and edges together an update order may walk on a normal
+/// scheduler (a propagation pass asks for one: a dirty call costs 10-25 us
+/// of scheduling for a walk of a small graph that takes well under one);
+/// a larger graph's is redone by `graph_update_order_dirty`.
+/// (4,000 keeps the walk and the encoding of the answer well under a
+/// millisecond.) The list of changed variables counts against it too.
+const ORDER_BUDGET: usize = 4_000;
+
+/// The changed variables' names, or `None` past `limit` of them (read no
+/// further: the caller asks again on a dirty scheduler).
+fn changed_names(changed: Term, limit: usize) -> Result<Option<Vec<Value>>, Error> {
+    let mut out = Vec::new();
+    for t in changed
+        .into_list_iterator()
+        .map_err(|_| Error::invalid_arg("expected_a_list"))?
+    {
+        if out.len() == limit {
+            return Ok(None);
+        }
+        out.push(name(t)?);
+    }
+    Ok(Some(out))
+}
+
 /// `[changed.., dependents..]` in update order, from a list of idents:
-/// `{:ok, [name]}`.
-#[rustler::nif(name = "graph_update_order", schedule = "DirtyCpu")]
+/// `{:ok, [name]}`; `:over_budget` when the graph is too large to walk on
+/// a normal scheduler (call the dirty variant).
+#[rustler::nif(name = "graph_update_order")]
 fn update_order<'a>(
     env: Env<'a>,
     sid: Term<'a>,
@@ -158,11 +184,28 @@ fn update_order<'a>(
     principal: Term<'a>,
 ) -> Term<'a> {
     let r = with_session(sid, principal, |s, caller| {
-        let changed = changed
-            .into_list_iterator()
-            .map_err(|_| Error::invalid_arg("expected_a_list"))?
-            .map(|t| name(t))
-            .collect::<Result<Vec<_>, _>>()?;
+        match changed_names(changed, ORDER_BUDGET)? {
+            Some(changed) => s.update_order_within(&changed, ORDER_BUDGET, caller),
+            None => Ok(None),
+        }
+    });
+    match r {
+        Ok(Some(order)) => names(env, Ok(order)),
+        Ok(None) => atoms::over_budget().encode(env),
+        Err(e) => error(env, &e),
+    }
+}
+
+/// `graph_update_order` without a budget, on a dirty scheduler.
+#[rustler::nif(name = "graph_update_order_dirty", schedule = "DirtyCpu")]
+fn update_order_dirty<'a>(
+    env: Env<'a>,
+    sid: Term<'a>,
+    changed: Term<'a>,
+    principal: Term<'a>,
+) -> Term<'a> {
+    let r = with_session(sid, principal, |s, caller| {
+        let changed = changed_names(changed, usize::MAX)?.unwrap_or_default();
         s.update_order(&changed, caller)
     });
     names(env, r)

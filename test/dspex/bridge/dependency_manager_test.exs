@@ -59,6 +59,44 @@ defmodule DSPex.Bridge.DependencyManagerTest do
     end
   end
 
+  describe "get_update_order/3 on either side of the normal-scheduler budget" do
+    # A small graph's order is walked on the caller's scheduler, a large
+    # one's (or a long list of changed variables) on a dirty one: the
+    # answers are the same.
+    test "a chain of 5,000 (over the budget) and of 5 (within it)", %{sid: sid} do
+      names = for i <- 1..5_000, do: "c#{i}"
+      :ok = vars(sid, names)
+
+      for [a, b] <- Enum.chunk_every(names, 2, 1, :discard),
+          do: :ok = DependencyManager.add_dependency(sid, a, b)
+
+      assert {:ok, order} = DependencyManager.get_update_order(sid, "c1")
+      assert order == names
+
+      assert {:ok, ["c4996", "c4997", "c4998", "c4999", "c5000"]} =
+               DependencyManager.get_update_order(sid, "c4996")
+
+      small = "dep_small_#{System.unique_integer([:positive])}"
+      {:ok, ^small} = SessionStore.create_session(small)
+      on_exit(fn -> SessionStore.delete_session(small) end)
+      :ok = vars(small, ~w(a b c d e))
+
+      for [a, b] <- Enum.chunk_every(~w(a b c d e), 2, 1, :discard),
+          do: :ok = DependencyManager.add_dependency(small, a, b)
+
+      assert {:ok, ~w(a b c d e)} = DependencyManager.get_update_order(small, "a")
+      # 5,000 changed names (over the budget) of a small graph: the same
+      # order, from the dirty variant; unknown ones are refused either way.
+      assert {:ok, ~w(a b c d e)} =
+               DependencyManager.get_update_order(small, List.duplicate("a", 5_000))
+
+      assert {:error, _} = DependencyManager.get_update_order(small, ["a", "nope"])
+
+      assert {:error, _} =
+               DependencyManager.get_update_order(small, ["a" | List.duplicate("nope", 5_000)])
+    end
+  end
+
   describe "property: the engine agrees with an acyclic :digraph" do
     test "random edge sequences are accepted iff :digraph accepts them", %{sid: sid} do
       names = for i <- 1..8, do: :"p#{i}"

@@ -129,9 +129,15 @@ defmodule DSPex.Bridge.Backend.Native do
   def graph_dependents(sid, var, transitive, principal),
     do: Native.graph_dependents(sid, var, transitive, principal)
 
+  # The same for an update order: a small graph's is walked here (a
+  # propagation pass asks for one), a large one's on a dirty scheduler.
   @impl true
-  def graph_update_order(sid, changed, principal),
-    do: Native.graph_update_order(sid, changed, principal)
+  def graph_update_order(sid, changed, principal) do
+    case Native.graph_update_order(sid, changed, principal) do
+      :over_budget -> Native.graph_update_order_dirty(sid, changed, principal)
+      result -> result
+    end
+  end
 
   @impl true
   def graph_render(sid, format, principal),

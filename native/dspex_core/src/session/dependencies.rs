@@ -91,6 +91,27 @@ impl Session {
         Ok(self.dependencies().read().update_order(&names))
     }
 
+    /// `update_order` when the graph has at most `budget` vertices and
+    /// edges together (the walk is linear in them at worst), `Ok(None)`
+    /// without walking when it has more: a caller on a scheduler that must
+    /// not be held long asks elsewhere.
+    pub fn update_order_within(
+        &self,
+        changed: &[Value],
+        budget: usize,
+        caller: &Caller,
+    ) -> Result<Option<Vec<Value>>> {
+        let names = changed
+            .iter()
+            .map(|c| self.dependency_name(c, caller, Permission::Read))
+            .collect::<Result<Vec<_>>>()?;
+        let graph = self.dependencies().read();
+        if graph.vertex_count() + graph.edge_count() > budget {
+            return Ok(None);
+        }
+        Ok(Some(graph.update_order(&names)))
+    }
+
     /// The whole graph as text; only the session itself may see it.
     pub fn render_dependencies(&self, format: Format, caller: &Caller) -> Result<String> {
         self.owner_only(caller)?;
@@ -200,6 +221,32 @@ mod tests {
         assert_eq!(
             s.update_order(&[Value::atom("a")], owner),
             Ok(vec![Value::atom("a")])
+        );
+    }
+
+    #[test]
+    fn update_order_within_a_budget() {
+        let s = session_with(&["a", "b", "c"]);
+        let owner = &Caller::owner(0);
+        s.add_dependency(&Value::atom("a"), &Value::atom("b"), "data", owner)
+            .unwrap();
+        s.add_dependency(&Value::atom("b"), &Value::atom("c"), "data", owner)
+            .unwrap();
+        let order = vec![Value::atom("a"), Value::atom("b"), Value::atom("c")];
+        // Three vertices and two edges.
+        assert_eq!(
+            s.update_order_within(&[Value::atom("a")], 5, owner),
+            Ok(Some(order.clone()))
+        );
+        assert_eq!(
+            s.update_order_within(&[Value::atom("a")], 4, owner),
+            Ok(None)
+        );
+        assert_eq!(s.update_order(&[Value::atom("a")], owner), Ok(order));
+        let stranger = Caller::principal("other", 0);
+        assert_eq!(
+            s.update_order_within(&[Value::atom("a")], 5, &stranger),
+            Err(Error::AccessDenied)
         );
     }
 
