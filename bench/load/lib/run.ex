@@ -334,10 +334,18 @@ defmodule DSPexLoad.Run do
   # at 100k ops/s 20 callers wake 20k times a second where one caller per
   # session would wake 100k times, and the schedulers' run queue is not a
   # thousand callers deep (docs/performance.md, "Where the latency at 100k/s
-  # comes from"). Replicated sessions keep one caller per session
+  # comes from"). Sessions on the port program keep one caller per session:
+  # each call waits for a round trip to another OS process, so a few callers
+  # could neither offer the load nor fill the pipe's admission limit (the
+  # overload profile would measure the driver's backlog, not the library's
+  # refusals). Replicated sessions keep one caller per session too
   # (`setup_path/1` divides the sessions among the nodes).
   defp start_callers(nodes, ids, opts, prefill) do
-    default = if nodes == [:local], do: div(length(ids) + 49, 50), else: length(ids)
+    default =
+      if nodes == [:local] and opts.backend != "port",
+        do: div(length(ids) + 49, 50),
+        else: length(ids)
+
     callers = min(opts.callers || default, length(ids))
     groups = split(ids, callers)
 
