@@ -18,8 +18,8 @@
 # Options: --path vm|grpc|raft, --backend nif|port (vm, grpc), --profile
 # LIST (name or name:seconds), --rate N (ops/s; default the issue's target
 # of the path), --duration S / --scale F, --sessions N (1000), --callers N
-# (vm: one per 50 sessions, each woken once per 1 ms tick for its due
-# arrivals; raft: one per session), --max-history N (50), --prefill N (histories filled),
+# (vm with NIF sessions: one per 50 sessions, each woken once per 1 ms
+# tick for its due arrivals; port backend and raft: one per session), --max-history N (50), --prefill N (histories filled),
 # --timeout MS (5000), --report-every S (10), --sample-every S, --warmup S,
 # --memory-tolerance F (0.10), --max-queue N (1000), --offered N (overload
 # at this rate instead of 2x the measured capacity), --rate-limit N (per

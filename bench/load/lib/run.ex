@@ -332,10 +332,16 @@ defmodule DSPexLoad.Run do
   # at 100k ops/s 20 callers wake 20k times a second where one caller per
   # session would wake 100k times, and the schedulers' run queue is not a
   # thousand callers deep (docs/performance.md, "Where the latency at 100k/s
-  # comes from"). Replicated sessions keep one caller per session
-  # (`setup_path/1` divides the sessions among the nodes).
+  # comes from"). The port backend (a call is a round trip to another
+  # program: its admission limit is on calls in flight, which only that
+  # many callers reach) and replicated sessions (`setup_path/1` divides the
+  # sessions among the nodes) keep one caller per session.
   defp start_callers(nodes, ids, opts, prefill) do
-    default = if nodes == [:local], do: div(length(ids) + 49, 50), else: length(ids)
+    default =
+      if nodes == [:local] and opts.backend == "nif",
+        do: div(length(ids) + 49, 50),
+        else: length(ids)
+
     callers = min(opts.callers || default, length(ids))
     groups = split(ids, callers)
 
