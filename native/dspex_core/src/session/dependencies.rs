@@ -84,11 +84,9 @@ impl Session {
 
     /// `[changed.., dependents..]` in the order updates must happen.
     pub fn update_order(&self, changed: &[Value], caller: &Caller) -> Result<Vec<Value>> {
-        let names = changed
-            .iter()
-            .map(|c| self.dependency_name(c, caller, Permission::Read))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(self.dependencies().read().update_order(&names))
+        // No graph is larger than `usize::MAX`: always `Some`.
+        self.update_order_within(changed, usize::MAX, caller)
+            .map(Option::unwrap_or_default)
     }
 
     /// `update_order` when the graph has at most `budget` vertices and
@@ -106,7 +104,7 @@ impl Session {
             .map(|c| self.dependency_name(c, caller, Permission::Read))
             .collect::<Result<Vec<_>>>()?;
         let graph = self.dependencies().read();
-        if graph.vertex_count() + graph.edge_count() > budget {
+        if graph.vertex_count().saturating_add(graph.edge_count()) > budget {
             return Ok(None);
         }
         Ok(Some(graph.update_order(&names)))
