@@ -357,16 +357,12 @@ defmodule DSPex.Bridge.BackupTest do
 
       on_exit(fn -> DSPex.Bridge.Telemetry.detach({__MODULE__, ref}) end)
 
-      {:ok, pid} =
-        Backup.start_link(
-          dir: dir,
-          interval: 20,
-          sessions: [chosen],
-          keep: 2,
-          name: :"backup_test_#{tag}"
+      pid =
+        start_supervised!(
+          {Backup,
+           dir: dir, interval: 20, sessions: [chosen], keep: 2, name: :"backup_test_#{tag}"},
+          restart: :temporary
         )
-
-      on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
 
       counts =
         for _ <- 1..6 do
@@ -383,8 +379,7 @@ defmodule DSPex.Bridge.BackupTest do
       sid = session("bk-status")
       ref = TelemetryHelper.attach([[:dspex, :bridge, :backup, :snapshot_taken]])
       name = :"backup_status_#{System.unique_integer([:positive])}"
-      {:ok, pid} = Backup.start_link(dir: dir, interval: 20, sessions: [sid], name: name)
-      on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
+      start_supervised!({Backup, dir: dir, interval: 20, sessions: [sid], name: name})
 
       assert_receive {[:dspex, :bridge, :backup, :snapshot_taken], ^ref, _, %{session_id: ^sid}},
                      5_000
@@ -408,8 +403,7 @@ defmodule DSPex.Bridge.BackupTest do
         Process.exit(self(), :kill)
       end
 
-      {:ok, pid} = Backup.start_link(dir: dir, interval: 20, sessions: selector, name: name)
-      on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
+      pid = start_supervised!({Backup, dir: dir, interval: 20, sessions: selector, name: name})
 
       # A second round starts only once the first one's end is recorded.
       assert_receive :selecting, 5_000

@@ -9,8 +9,7 @@ defmodule DSPex.Bridge.DeadLetterQueueTest do
   defp start(ctx, opts \\ []) do
     name = :"dlq_test_#{System.unique_integer([:positive])}"
     opts = Keyword.merge([name: name, dir: ctx.tmp_dir], opts)
-    {:ok, pid} = DeadLetterQueue.start_link(opts)
-    on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
+    pid = start_supervised!({DeadLetterQueue, opts}, id: name, restart: :temporary)
     {name, pid}
   end
 

@@ -12,8 +12,7 @@ defmodule DSPex.Bridge.DirLockTest do
 
   setup ctx do
     name = :"dlq_lock_#{System.unique_integer([:positive])}"
-    {:ok, pid} = DeadLetterQueue.start_link(name: name, dir: ctx.tmp_dir)
-    on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
+    start_supervised!({DeadLetterQueue, name: name, dir: ctx.tmp_dir}, id: name)
 
     peer = OpsPeer.start()
     on_exit(fn -> OpsPeer.stop(peer) end)
@@ -65,8 +64,7 @@ defmodule DSPex.Bridge.DirLockTest do
     File.write!(Path.join(sub, "dead_letters.lock"), dead)
 
     name = :"dlq_stale_#{System.unique_integer([:positive])}"
-    {:ok, pid} = DeadLetterQueue.start_link(name: name, dir: sub)
-    on_exit(fn -> if Process.alive?(pid), do: GenServer.stop(pid) end)
+    start_supervised!({DeadLetterQueue, name: name, dir: sub}, id: name)
 
     assert %{available: true} = DeadLetterQueue.stats(server: name)
     assert File.read!(Path.join(sub, "dead_letters.lock")) == System.pid()
