@@ -158,11 +158,22 @@ defmodule DSPex.Bridge.HAManager do
 
   @doc """
   The readiness check of replicated sessions (see `DSPex.Bridge.Health`):
-  `:not_configured`, `:ok` or `{:error, {:raft_no_leader, session_ids}}`.
-  Local lookups only (ra's leaderboard), no message.
+  `:not_configured`, `:ok`, `{:error, {:raft_no_leader, session_ids}}`, or
+  `{:error, :ra_unavailable}` when this node is configured for them
+  (`config :dspex_bridge, ra_data_dir:`) and ra could not start here (its
+  directory in use by another VM, a bad `ra_system:` setting): its
+  durable sessions are not being served. Local lookups only (ra's
+  leaderboard), no message.
   """
   @spec health() :: :ok | :not_configured | {:error, term}
   def health do
+    if Application.get_env(:dspex_bridge, :ra_data_dir) != nil and Code.ensure_loaded?(:ra) and
+         not DSPex.Bridge.Backend.Raft.System.available?(),
+       do: {:error, :ra_unavailable},
+       else: group_health()
+  end
+
+  defp group_health do
     case local_groups() do
       [] ->
         :not_configured

@@ -13,7 +13,9 @@ defmodule DSPex.Bridge.Health do
   - *raft*: `:not_configured` while this node holds no replicated-session
     member; else `:ok` when ra runs and every group with a member here has
     a leader, `{:error, {:raft_no_leader, session_ids}}` otherwise (the
-    group cannot take writes: a majority of its members is down or cut off).
+    group cannot take writes: a majority of its members is down or cut off),
+    and `{:error, :ra_unavailable}` when `ra_data_dir` is configured and ra
+    could not start on this node.
 
       {:ok, %{nif: :ok, store: :ok, port: :not_configured}} = DSPex.Bridge.Health.ready()
   """

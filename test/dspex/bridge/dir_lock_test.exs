@@ -78,6 +78,9 @@ defmodule DSPex.Bridge.DirLockTest do
       :ok = OpsPeer.boot(peer, [], Application.fetch_env!(:dspex_bridge, :ra_data_dir))
       refute OpsPeer.call(peer, DSPex.Bridge.Backend.Raft.System, :available?, [])
 
+      assert {:error, %{raft: {:error, :ra_unavailable}}} =
+               OpsPeer.call(peer, DSPex.Bridge.Health, :ready, [])
+
       assert {:error, :ra_unavailable} =
                OpsPeer.call(peer, DSPex.Bridge.SessionStore, :create_session, [
                  "in-use",

@@ -154,32 +154,87 @@ defmodule DSPex.Bridge.Backend.Raft.System do
   end
 
   defp start_system(path) do
-    dir = String.to_charlist(path)
+    with {:ok, settings} <- ra_settings(Application.get_env(:dspex_bridge, :ra_system, %{})) do
+      dir = String.to_charlist(path)
 
-    # `config :dspex_bridge, ra_system: %{...}` tunes ra's own system
-    # settings (`wal_write_strategy`, `wal_max_batch_size`, ...); the name
-    # and the directories are ours. The WAL is opened with O_SYNC: each of
-    # its batched write(2) calls returns once the data is on disk, as
-    # durable as ra's default write-then-fdatasync and one system call and
-    # one dirty-scheduler wake-up fewer per batch (16 writers on 3 local
-    # nodes: 10.8k writes/s against 8.3k, medians of 6, bench/ha_bench.exs).
-    config =
-      :ra_system.default_config()
-      |> Map.put(:wal_write_strategy, :o_sync)
-      |> Map.merge(Map.new(Application.get_env(:dspex_bridge, :ra_system, %{})))
-      |> Map.merge(%{
-        name: @system,
-        names: :ra_system.derive_names(@system),
-        data_dir: dir,
-        wal_data_dir: dir
-      })
+      # The WAL is opened with O_SYNC unless configured otherwise: each of
+      # its batched write(2) calls returns once the data is on disk, as
+      # durable as ra's default write-then-fdatasync and one system call and
+      # one dirty-scheduler wake-up fewer per batch (16 writers on 3 local
+      # nodes: 10.8k writes/s against 8.3k, medians of 6, bench/ha_bench.exs).
+      config =
+        :ra_system.default_config()
+        |> Map.put(:wal_write_strategy, :o_sync)
+        |> Map.merge(settings)
+        |> Map.merge(%{
+          name: @system,
+          names: :ra_system.derive_names(@system),
+          data_dir: dir,
+          wal_data_dir: dir
+        })
 
-    case :ra_system.start(config) do
-      {:ok, _} -> :ok
-      {:error, {:already_started, _}} -> :ok
-      other -> other
+      case :ra_system.start(config) do
+        {:ok, _} -> :ok
+        {:error, {:already_started, _}} -> :ok
+        other -> other
+      end
+    else
+      {:error, {:bad_ra_system, why}} = error ->
+        Logger.error("dspex: config :dspex_bridge, ra_system: #{why}")
+        error
     end
   end
+
+  # ra's system settings (ra 2.2: the keys of `:ra_system.default_config/0`)
+  # and what each one takes. The name and the directories are this node's.
+  @ra_settings %{
+    wal_write_strategy: [:default, :o_sync, :sync_after_notify],
+    wal_sync_method: [:datasync, :sync],
+    wal_compute_checksums: :boolean,
+    wal_garbage_collect: :boolean,
+    wal_pre_allocate: :boolean,
+    segment_compute_checksums: :boolean,
+    wal_max_batch_size: :pos_integer,
+    wal_max_entries: :pos_integer_or_undefined,
+    wal_max_size_bytes: :pos_integer,
+    segment_max_entries: :pos_integer
+  }
+
+  @doc false
+  # `config :dspex_bridge, ra_system: %{...}` (or a keyword list), checked
+  # before ra sees it: a bad setting leaves replicated sessions unavailable
+  # on this node with an error naming it, instead of crashing the
+  # application at boot inside ra.
+  @spec ra_settings(term) :: {:ok, map} | {:error, {:bad_ra_system, String.t()}}
+  def ra_settings(settings) when is_map(settings), do: ra_settings(Map.to_list(settings))
+
+  def ra_settings(settings) when is_list(settings) do
+    Enum.reduce_while(settings, {:ok, %{}}, fn
+      {key, value}, {:ok, acc} when is_map_key(@ra_settings, key) ->
+        if ra_setting?(Map.fetch!(@ra_settings, key), value),
+          do: {:cont, {:ok, Map.put(acc, key, value)}},
+          else: {:halt, bad_ra_system("#{inspect(key)} cannot be #{inspect(value)}")}
+
+      {key, _}, _ when key in [:name, :names, :data_dir, :wal_data_dir] ->
+        {:halt, bad_ra_system("#{inspect(key)} is set by dspex (see :ra_data_dir)")}
+
+      {key, _}, _ when is_atom(key) ->
+        {:halt, bad_ra_system("unknown setting #{inspect(key)}")}
+
+      other, _ ->
+        {:halt, bad_ra_system("not a {setting, value} pair: #{inspect(other)}")}
+    end)
+  end
+
+  def ra_settings(other), do: bad_ra_system("not a map or keyword list: #{inspect(other)}")
+
+  defp bad_ra_system(why), do: {:error, {:bad_ra_system, why}}
+
+  defp ra_setting?(choices, value) when is_list(choices), do: value in choices
+  defp ra_setting?(:boolean, value), do: is_boolean(value)
+  defp ra_setting?(:pos_integer, value), do: is_integer(value) and value > 0
+  defp ra_setting?(:pos_integer_or_undefined, :undefined), do: true
+  defp ra_setting?(:pos_integer_or_undefined, value), do: ra_setting?(:pos_integer, value)
 
   @doc """
   Starts a member on this node from its ra server config, after writing
