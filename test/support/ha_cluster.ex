@@ -153,6 +153,31 @@ defmodule DSPex.Test.HACluster do
     end)
   end
 
+  @doc """
+  The node `peer` knows as the leader of `sid` once it is not `old` (the
+  group elected one after `old` was killed, stopped or cut off), waiting
+  up to `timeout` ms: calls made meanwhile may fail, as they would for a
+  user during a failover.
+  """
+  def await_new_leader(peer, sid, old, timeout \\ 30_000) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+    await_new_leader_until(peer, sid, old, deadline)
+  end
+
+  defp await_new_leader_until(peer, sid, old, deadline) do
+    case call(peer, DSPex.Bridge.Backend.Raft, :leader_node, [sid]) do
+      {:ok, n} when n != old ->
+        n
+
+      other ->
+        if System.monotonic_time(:millisecond) >= deadline,
+          do: raise("no new leader of #{sid} on #{peer.node}: #{inspect(other)}")
+
+        Process.sleep(25)
+        await_new_leader_until(peer, sid, old, deadline)
+    end
+  end
+
   @doc "Values of `var` this replica's history holds (a local read)."
   def local_values(peer, sid, var) do
     {:ok, entries} =

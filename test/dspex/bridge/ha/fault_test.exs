@@ -50,17 +50,6 @@ defmodule DSPex.Bridge.HA.FaultTest do
 
   defp split(peers, node), do: Enum.split_with(peers, &(&1.node == node))
 
-  defp await_new_leader(peer, sid, old, tries \\ 200) do
-    case C.call(peer, Raft, :leader_node, [sid]) do
-      {:ok, n} when n != old ->
-        n
-
-      _ when tries > 0 ->
-        Process.sleep(25)
-        await_new_leader(peer, sid, old, tries - 1)
-    end
-  end
-
   # A restarted member tells the other nodes about its session once it
   # has recovered.
   defp await_members(peer, sid, tries) do
@@ -82,7 +71,7 @@ defmodule DSPex.Bridge.HA.FaultTest do
     C.kill9(dead)
     history = Task.await(w, 60_000)
 
-    assert await_new_leader(p2, "k9", old) in [p1.node, p2.node]
+    assert C.await_new_leader(p2, "k9", old) in [p1.node, p2.node]
     assert C.check!(history, [p1, p2], "k9", :x) > 20
     # The lock outlives the leader; a new grant gets a larger token and the
     # old token is fenced off inside the state machine.
@@ -169,7 +158,7 @@ defmodule DSPex.Bridge.HA.FaultTest do
     w = C.writer(p1, "stop", :x, 120)
     assert_receive {:acked, :x, 10}, 10_000
     C.sigstop(stopped)
-    assert await_new_leader(p2, "stop", old) != old
+    assert C.await_new_leader(p2, "stop", old) != old
     history = Task.await(w, 60_000)
     C.sigcont(stopped)
 

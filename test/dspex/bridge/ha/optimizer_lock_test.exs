@@ -186,6 +186,7 @@ defmodule DSPex.Bridge.HA.OptimizerLockTest do
       assert :ok = C.call(p1, SessionStore, :update_variable, [sid, :t, 1, %{}, [lock_token: t1]])
 
       C.kill9(dead)
+      assert C.await_new_leader(p2, sid, old) in [p1.node, p2.node]
 
       # The new leader has the grant: the lock is still held with t1, and
       # a write without it is refused on the new leader.
